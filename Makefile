@@ -1,0 +1,25 @@
+# make demo: train the tiny OneGen model on the synthetic entity-linking task (CPU, ~1 minute).
+# make test: the test suite on an emulated 8-device CPU mesh.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+MESH_FLAGS := XLA_FLAGS=--xla_force_host_platform_device_count=8
+
+.PHONY: demo test install clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install -q --upgrade pip
+	$(VENV)/bin/pip install -q -e '.[test]'
+	touch $@
+
+demo: install
+	$(MESH_FLAGS) $(PY) -m launch.train --config=configs/el.py:demo
+
+test: install
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+clean:
+	rm -rf $(VENV) .pytest_cache

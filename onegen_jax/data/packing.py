@@ -1,0 +1,219 @@
+"""Packing of tokenised examples and their documents into the static batch contract.
+
+An example and the documents its queries need (positive and negatives) go into rows of length S as
+separate segments: segment ids per row, positions restarting at 0. Documents already in the batch
+are shared. An example that does not fit (rows, Q or K exhausted) is refused whole and goes into
+the next batch; nothing is ever cut.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterable, Iterator, Mapping
+
+import numpy as np
+
+ROW_FIELDS = ("tokens", "targets", "loss_weight", "segment_ids", "positions")
+
+
+@dataclasses.dataclass(frozen=True)
+class Query:
+  """A query-side RET token: its position in the sequence and the key uids it is trained against."""
+
+  position: int
+  positive: str
+  negatives: tuple[str, ...] = ()
+
+
+@dataclasses.dataclass(frozen=True)
+class Key:
+  """A document-side RET token: its position and its uid ("doc" first key, "doc-k" k-th key)."""
+
+  position: int
+  uid: str
+
+
+@dataclasses.dataclass(frozen=True)
+class Sequence:
+  """One tokenised example or document.
+
+  tokens: int32 [n]. is_target: bool [n], True where the token is a GEN target, i.e. its
+  prediction from the previous position is trained (is_target[0] is never used).
+  """
+
+  tokens: np.ndarray
+  is_target: np.ndarray
+  queries: tuple[Query, ...] = ()
+  keys: tuple[Key, ...] = ()
+
+  def __post_init__(self):
+    if self.tokens.shape != self.is_target.shape:
+      raise ValueError(f"tokens {self.tokens.shape} and is_target {self.is_target.shape} differ")
+    for item in self.queries + self.keys:
+      if not 0 <= item.position < len(self.tokens):
+        raise ValueError(f"{item} points outside a sequence of {len(self.tokens)} tokens")
+
+  def __len__(self) -> int:
+    return len(self.tokens)
+
+
+class Corpus:
+  """Documents by id, and which document owns each key uid."""
+
+  def __init__(self, documents: Mapping[str, Sequence]):
+    self.documents = dict(documents)
+    self.key_owner = {key.uid: doc_id for doc_id, doc in self.documents.items() for key in doc.keys}
+
+
+@dataclasses.dataclass(frozen=True)
+class BatchShape:
+  """Static sizes of one batch: rows B, row length S, queries Q, keys K, negatives per query N."""
+
+  rows: int
+  seq_len: int
+  num_queries: int
+  num_keys: int
+  num_negatives: int
+
+
+class BatchPacker:
+  """Accumulates examples (with their documents) into one batch of fixed shape.
+
+  `try_add` is all-or-nothing; `emit` returns the numpy batch and starts an empty one.
+  """
+
+  def __init__(self, corpus: Corpus, shape: BatchShape):
+    self.corpus = corpus
+    self.shape = shape
+    self._reset()
+
+  def _reset(self):
+    self._rows: list[list[Sequence]] = [[] for _ in range(self.shape.rows)]
+    self._fill = [0] * self.shape.rows
+    self._queries: list[tuple[int, int, Query]] = []  # (row, offset, query)
+    self._doc_place: dict[str, tuple[int, int]] = {}  # doc id -> (row, offset)
+    self._num_keys = 0
+
+  @property
+  def empty(self) -> bool:
+    return not any(self._fill)
+
+  def _check_fits_alone(self, example: Sequence, docs: list[str]):
+    s = self.shape
+    for seq in [example] + [self.corpus.documents[d] for d in docs]:
+      if len(seq) > s.seq_len:
+        raise ValueError(f"a sequence of {len(seq)} tokens exceeds the row length {s.seq_len}; "
+                         "truncate it when tokenising or raise seq_len")
+    if len(example.queries) > s.num_queries:
+      raise ValueError(f"an example with {len(example.queries)} queries exceeds num_queries={s.num_queries}")
+    for q in example.queries:
+      if len(q.negatives) > s.num_negatives:
+        raise ValueError(f"a query with {len(q.negatives)} negatives exceeds num_negatives={s.num_negatives}")
+
+  def try_add(self, example: Sequence) -> bool:
+    """Adds the example and its missing documents if all fit; returns whether it did."""
+    needed = []
+    for query in example.queries:
+      for uid in (query.positive, *query.negatives):
+        doc_id = self.corpus.key_owner.get(uid)
+        if doc_id is not None and doc_id not in self._doc_place and doc_id not in needed:
+          needed.append(doc_id)
+    if self.empty:
+      self._check_fits_alone(example, needed)
+    new_keys = sum(len(self.corpus.documents[d].keys) for d in needed)
+    items = [example] + [self.corpus.documents[d] for d in needed]
+    placed = self._first_fit(items)
+    if (placed is None or len(self._queries) + len(example.queries) > self.shape.num_queries
+        or self._num_keys + new_keys > self.shape.num_keys):
+      if self.empty:
+        raise ValueError(f"an example with {len(needed)} documents ({new_keys} keys) does not fit "
+                         f"into an empty batch of {self.shape}; raise rows, seq_len or num_keys")
+      return False
+    places, self._fill = placed
+    for seq, (row, _) in zip(items, places):
+      self._rows[row].append(seq)
+    self._queries += [(places[0][0], places[0][1], q) for q in example.queries]
+    for doc_id, place in zip(needed, places[1:]):
+      self._doc_place[doc_id] = place
+    self._num_keys += new_keys
+    return True
+
+  def _first_fit(self, items: list[Sequence]):
+    """((row, offset) of each item, new row fills), placed first-fit after what the batch holds;
+    None if they do not all fit."""
+    fill = list(self._fill)
+    places = []
+    for seq in items:
+      row = next((r for r, used in enumerate(fill) if used + len(seq) <= self.shape.seq_len), None)
+      if row is None:
+        return None
+      places.append((row, fill[row]))
+      fill[row] += len(seq)
+    return places, fill
+
+  def emit(self) -> dict[str, np.ndarray]:
+    """The batch in the contract of docs/architecture.md; resets the packer."""
+    s = self.shape
+    batch = {
+        "tokens": np.zeros((s.rows, s.seq_len), np.int32),
+        "targets": np.zeros((s.rows, s.seq_len), np.int32),
+        "loss_weight": np.zeros((s.rows, s.seq_len), np.float32),
+        "segment_ids": np.zeros((s.rows, s.seq_len), np.int32),
+        "positions": np.zeros((s.rows, s.seq_len), np.int32),
+        "query_index": np.zeros((s.num_queries, 2), np.int32),
+        "query_valid": np.zeros((s.num_queries,), bool),
+        "key_index": np.zeros((s.num_keys, 2), np.int32),
+        "key_valid": np.zeros((s.num_keys,), bool),
+        "positive": np.full((s.num_queries,), -1, np.int32),
+        "negatives": np.full((s.num_queries, s.num_negatives), -1, np.int32),
+        "key_group": np.full((s.num_keys,), -1, np.int32),
+    }
+    for row, seqs in enumerate(self._rows):
+      offset = 0
+      for segment, seq in enumerate(seqs, start=1):
+        n = len(seq)
+        span = slice(offset, offset + n)
+        batch["tokens"][row, span] = seq.tokens
+        batch["targets"][row, offset:offset + n - 1] = seq.tokens[1:]
+        batch["loss_weight"][row, offset:offset + n - 1] = seq.is_target[1:]
+        batch["segment_ids"][row, span] = segment
+        batch["positions"][row, span] = np.arange(n)
+        offset += n
+    key_slot: dict[str, int] = {}
+    for group, (doc_id, (row, offset)) in enumerate(self._doc_place.items()):
+      for key in self.corpus.documents[doc_id].keys:
+        slot = len(key_slot)
+        key_slot[key.uid] = slot
+        batch["key_index"][slot] = (row, offset + key.position)
+        batch["key_valid"][slot] = True
+        batch["key_group"][slot] = group
+    for slot, (row, offset, query) in enumerate(self._queries):
+      batch["query_index"][slot] = (row, offset + query.position)
+      batch["positive"][slot] = key_slot.get(query.positive, -1)
+      batch["query_valid"][slot] = query.positive in key_slot
+      negatives = [key_slot[u] for u in query.negatives if u in key_slot]
+      batch["negatives"][slot, :len(negatives)] = negatives
+    self._reset()
+    return batch
+
+
+def pack_batches(examples: Iterable[Sequence], corpus: Corpus,
+                 shape: BatchShape) -> Iterator[dict[str, np.ndarray]]:
+  """Packs examples in order into full batches; the last partial batch is emitted too."""
+  packer = BatchPacker(corpus, shape)
+  for example in examples:
+    if not packer.try_add(example):
+      yield packer.emit()
+      packer.try_add(example)  # an empty batch takes it or raises
+  if not packer.empty:
+    yield packer.emit()
+
+
+def stack_micro_batches(batches: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+  """M batches -> one batch whose every field has a leading micro-batch axis of size M."""
+  return {name: np.stack([b[name] for b in batches]) for name in batches[0]}
+
+
+def packing_efficiency(batch: Mapping[str, np.ndarray]) -> float:
+  """Fraction of the batch's token slots that hold real (non-padding) tokens."""
+  return float(np.mean(np.asarray(batch["segment_ids"]) > 0))

@@ -1,0 +1,149 @@
+"""OneGen losses as pure functions of arrays.
+
+Each loss returns a (sum, count) pair rather than a mean, so that a batch split into micro-batches
+can be normalised by the counts of the whole batch: gradient accumulation then equals one large
+batch exactly. `combine` turns the sums into lambda_g * L_gen + lambda_r * L_ret.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+NEG_INF = -1e9
+
+
+class LossSums(NamedTuple):
+  """Summed losses and their normalisers over (part of) a batch; all float32 scalars."""
+
+  gen_sum: jnp.ndarray  # sum over GEN targets of the cross-entropy
+  gen_count: jnp.ndarray  # number of GEN targets (sum of loss weights)
+  ret_sum: jnp.ndarray  # sum over valid queries of the contrastive loss
+  ret_count: jnp.ndarray  # number of valid queries
+  ret_correct: jnp.ndarray  # valid queries whose positive ranks first among the in-batch keys
+
+
+def cross_entropy_sum(logits: jnp.ndarray, targets: jnp.ndarray, weights: jnp.ndarray):
+  """logits [B, S, V], targets int32 [B, S], weights float32 [B, S] -> (sum of w * CE, sum of w)."""
+  logits = logits.astype(jnp.float32)
+  log_z = jax.nn.logsumexp(logits, axis=-1)
+  target_logit = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+  return jnp.sum((log_z - target_logit) * weights), jnp.sum(weights)
+
+
+def l2_normalize(x: jnp.ndarray, eps: float = 1e-12) -> jnp.ndarray:
+  """Each row of x [..., D] scaled to unit L2 norm, in float32."""
+  x = x.astype(jnp.float32)
+  return x * jax.lax.rsqrt(jnp.maximum(jnp.sum(x * x, axis=-1, keepdims=True), eps))
+
+
+def gather_vectors(hidden: jnp.ndarray, index: jnp.ndarray) -> jnp.ndarray:
+  """hidden [B, S, D], index int32 [M, 2] of (row, col) -> [M, D]."""
+  return hidden[index[:, 0], index[:, 1]]
+
+
+def valid_queries(query_valid: jnp.ndarray, positive: jnp.ndarray, key_valid: jnp.ndarray):
+  """bool [Q]: the query slot is used and its positive key exists."""
+  return query_valid & key_valid[jnp.clip(positive, 0)] & (positive >= 0)
+
+
+def in_batch_scores(queries: jnp.ndarray, keys: jnp.ndarray, positive: jnp.ndarray,
+                    key_valid: jnp.ndarray, key_group: jnp.ndarray) -> jnp.ndarray:
+  """Cosine scores [Q, K] with invalid keys and false negatives set to NEG_INF.
+
+  A false negative is a key of the same document group as the query's positive, other than the
+  positive itself (e.g. another sentence key of the gold paragraph, or a duplicate document).
+  """
+  scores = l2_normalize(queries) @ l2_normalize(keys).T
+  num_keys = keys.shape[0]
+  positive = jnp.clip(positive, 0)
+  same_group = key_group[None, :] == key_group[positive][:, None]
+  is_positive = jnp.arange(num_keys)[None, :] == positive[:, None]
+  allowed = key_valid[None, :] & (~same_group | is_positive)
+  return jnp.where(allowed, scores, NEG_INF)
+
+
+def info_nce_sum(scores: jnp.ndarray, positive: jnp.ndarray, valid: jnp.ndarray,
+                 temperature: float):
+  """InfoNCE over in-batch keys. scores [Q, K] (masked), positive int32 [Q], valid bool [Q].
+
+  Returns (sum over valid queries of -log softmax(scores / t)[positive], number valid).
+  """
+  log_probs = jax.nn.log_softmax(scores / temperature, axis=-1)
+  nll = -jnp.take_along_axis(log_probs, jnp.clip(positive, 0)[:, None], axis=-1)[:, 0]
+  return jnp.sum(jnp.where(valid, nll, 0.0)), jnp.sum(valid.astype(jnp.float32))
+
+
+def bpr_sum(queries: jnp.ndarray, keys: jnp.ndarray, positive: jnp.ndarray,
+            negatives: jnp.ndarray, key_valid: jnp.ndarray, valid: jnp.ndarray):
+  """BPR: mean over each query's own negatives of -log sigmoid(cos(q, pos) - cos(q, neg)).
+
+  queries [Q, D], keys [K, D], positive int32 [Q], negatives int32 [Q, N] (-1 = none),
+  valid bool [Q]. Every vector is L2-normalised on its own (the reference normalises over the
+  sequence axis, a bug). A valid query without any negative contributes 0 but still counts.
+  Returns (sum over valid queries, number valid).
+  """
+  q = l2_normalize(queries)
+  k = l2_normalize(keys)
+  s_pos = jnp.sum(q * k[jnp.clip(positive, 0)], axis=-1)  # [Q]
+  s_neg = jnp.einsum("qd,qnd->qn", q, k[jnp.clip(negatives, 0)])  # [Q, N]
+  neg_ok = (negatives >= 0) & key_valid[jnp.clip(negatives, 0)]
+  per_pair = -jax.nn.log_sigmoid(s_pos[:, None] - s_neg)
+  per_query = jnp.sum(jnp.where(neg_ok, per_pair, 0.0), axis=-1) / jnp.maximum(
+      jnp.sum(neg_ok, axis=-1), 1)
+  return jnp.sum(jnp.where(valid, per_query, 0.0)), jnp.sum(valid.astype(jnp.float32))
+
+
+def loss_sums(logits: jnp.ndarray, hidden: jnp.ndarray, batch: dict, loss_type: str,
+              temperature: float) -> LossSums:
+  """All OneGen loss sums of one (micro-)batch in the batch contract (see docs/architecture.md)."""
+  gen_sum, gen_count = cross_entropy_sum(logits, batch["targets"], batch["loss_weight"])
+  queries = gather_vectors(hidden, batch["query_index"])
+  keys = gather_vectors(hidden, batch["key_index"])
+  valid = valid_queries(batch["query_valid"], batch["positive"], batch["key_valid"])
+  scores = in_batch_scores(queries, keys, batch["positive"], batch["key_valid"], batch["key_group"])
+  if loss_type == "infonce":
+    ret_sum, ret_count = info_nce_sum(scores, batch["positive"], valid, temperature)
+  elif loss_type == "bpr":
+    ret_sum, ret_count = bpr_sum(queries, keys, batch["positive"], batch["negatives"],
+                                 batch["key_valid"], valid)
+  else:
+    raise ValueError(f"loss_type={loss_type!r}; expected 'infonce' or 'bpr'")
+  correct = jnp.argmax(scores, axis=-1) == batch["positive"]
+  return LossSums(gen_sum, gen_count, ret_sum, ret_count,
+                  jnp.sum((correct & valid).astype(jnp.float32)))
+
+
+def batch_totals(batch: dict) -> tuple[jnp.ndarray, jnp.ndarray]:
+  """(number of GEN targets, number of valid queries) of a batch, with or without a leading
+  micro-batch axis: the normalisers of the whole batch, known before any forward pass."""
+  valid = valid_queries(batch["query_valid"], batch["positive"], batch["key_valid"]) if (
+      batch["query_valid"].ndim == 1) else jax.vmap(valid_queries)(
+          batch["query_valid"], batch["positive"], batch["key_valid"])
+  return jnp.sum(batch["loss_weight"]), jnp.sum(valid.astype(jnp.float32))
+
+
+def combine(sums: LossSums, gen_total: jnp.ndarray, ret_total: jnp.ndarray, lambda_gen: float,
+            lambda_ret: float) -> jnp.ndarray:
+  """lambda_g * L_gen + lambda_r * L_ret of the part `sums`, normalised by the whole batch's totals.
+
+  Summing this over the micro-batches of a batch gives the loss of the whole batch. L_ret counts
+  only when the whole batch has at least one valid query.
+  """
+  loss_gen = sums.gen_sum / jnp.maximum(gen_total, 1.0)
+  loss_ret = jnp.where(ret_total > 0, sums.ret_sum / jnp.maximum(ret_total, 1.0), 0.0)
+  return lambda_gen * loss_gen + lambda_ret * loss_ret
+
+
+def metrics(totals: LossSums) -> dict[str, jnp.ndarray]:
+  """Per-batch metrics from the summed losses of the whole batch."""
+  count = jnp.maximum(totals.ret_count, 1.0)
+  return {
+      "loss_gen": totals.gen_sum / jnp.maximum(totals.gen_count, 1.0),
+      "loss_ret": totals.ret_sum / count,
+      "retrieval_accuracy": totals.ret_correct / count,
+      "num_valid_queries": totals.ret_count,
+      "num_gen_targets": totals.gen_count,
+  }

@@ -1,0 +1,1 @@
+"""Training: sharded state, the OneGen train step and the fit loop."""

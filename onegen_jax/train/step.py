@@ -1,0 +1,150 @@
+"""The OneGen train step: forward, L = lambda_g * L_gen + lambda_r * L_ret, AdamW update.
+
+The step is built once per (model, optimizer, mesh) and jitted with explicit shardings:
+  state  -> state_shardings (parameters and optimizer state sharded by the logical rules), donated
+  batch  -> rows over ('data', 'fsdp'); query/key index arrays replicated
+  output -> (state_shardings, replicated metrics)
+With `accum_steps` > 1 every batch field has a leading micro-batch axis [M, ...] and the
+gradients of the M micro-batches are summed in a `lax.scan`, each micro-batch normalised by the
+whole batch's counts, so accumulation equals one large batch exactly for L_gen. In-batch
+contrastive negatives then span one micro-batch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+
+import flax.linen as nn
+import flax.struct
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import Mesh
+
+from onegen_jax import losses, sharding
+from onegen_jax.data.packing import ROW_FIELDS
+from onegen_jax.model.decoder import Decoder
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jnp.ndarray  # int32 scalar
+  params: dict
+  opt_state: optax.OptState
+
+
+@dataclasses.dataclass(frozen=True)
+class LossConfig:
+  loss_type: str = "bpr"  # "bpr" or "infonce"
+  temperature: float = 0.02  # InfoNCE only
+  lambda_gen: float = 1.0
+  lambda_ret: float = 1.0
+
+
+def batch_shardings(mesh: Mesh, field_ndims: dict[str, int], micro: bool) -> dict:
+  """NamedSharding per batch field: row arrays over ('data', 'fsdp') (axis 1 under a leading
+  micro-batch axis), the small index arrays replicated."""
+  return {name: sharding.batch_sharding(mesh, ndim, micro) if name in ROW_FIELDS
+          else sharding.replicated(mesh) for name, ndim in field_ndims.items()}
+
+
+@dataclasses.dataclass
+class TrainProgram:
+  """The model, its optimizer and the compiled init / train / eval functions on one mesh."""
+
+  model: Decoder
+  tx: optax.GradientTransformation
+  mesh: Mesh
+  state_shardings: TrainState
+  init: Callable[[jax.Array], TrainState]
+  train_step: Callable[[TrainState, dict], tuple[TrainState, dict]]
+  eval_step: Callable[[dict, dict], dict]
+  schedule: optax.Schedule
+
+  def init_state(self, seed: int) -> TrainState:
+    with sharding.activate(self.mesh):
+      return self.init(jax.random.key(seed))
+
+  def step(self, state: TrainState, batch: dict) -> tuple[TrainState, dict]:
+    with sharding.activate(self.mesh):
+      return self.train_step(state, batch)
+
+  def evaluate(self, params: dict, batch: dict) -> dict:
+    """Loss and retrieval metrics of one batch without a micro-batch axis."""
+    with sharding.activate(self.mesh):
+      return self.eval_step(params, batch)
+
+
+def _loss_and_sums(model: Decoder, loss_cfg: LossConfig, params, batch: dict, gen_total, ret_total):
+  logits, hidden = model.apply({"params": params}, batch["tokens"], batch["segment_ids"],
+                               batch["positions"])
+  sums = losses.loss_sums(logits, hidden, batch, loss_cfg.loss_type, loss_cfg.temperature)
+  return losses.combine(sums, gen_total, ret_total, loss_cfg.lambda_gen, loss_cfg.lambda_ret), sums
+
+
+def _grads_and_sums(model, loss_cfg, params, batch, accum_steps: int):
+  """Gradient of the whole batch's loss and its summed losses, accumulating micro-batches."""
+  gen_total, ret_total = losses.batch_totals(batch)
+  grad_fn = jax.grad(lambda p, b: _loss_and_sums(model, loss_cfg, p, b, gen_total, ret_total),
+                     has_aux=True)
+  if accum_steps == 1:
+    return grad_fn(params, batch)
+
+  def accumulate(carry, micro):
+    grads, sums = carry
+    g, s = grad_fn(params, micro)
+    return (jax.tree.map(jnp.add, grads, g), jax.tree.map(jnp.add, sums, s)), None
+
+  zero_sums = losses.LossSums(*([jnp.zeros((), jnp.float32)] * len(losses.LossSums._fields)))
+  (grads, sums), _ = jax.lax.scan(accumulate, (jax.tree.map(jnp.zeros_like, params), zero_sums), batch)
+  return grads, sums
+
+
+def build_train_program(model: Decoder, tx: optax.GradientTransformation, schedule: optax.Schedule,
+                        loss_cfg: LossConfig, mesh: Mesh, batch_spec: dict,
+                        accum_steps: int = 1) -> TrainProgram:
+  """Builds the sharded init and the jitted train/eval steps.
+
+  batch_spec: one training batch (arrays or ShapeDtypeStructs), with the leading micro-batch axis
+  when accum_steps > 1; evaluation batches have no such axis.
+  """
+  probe = jnp.zeros((1, 8), jnp.int32)
+
+  def init_boxed(rng):
+    params = model.init(rng, probe, probe + 1, jnp.arange(8)[None])["params"]
+    return TrainState(jnp.zeros((), jnp.int32), params, tx.init(params))
+
+  with sharding.activate(mesh):
+    abstract = jax.eval_shape(init_boxed, jax.random.key(0))
+  state_shardings = sharding.logical_to_sharding(nn.get_partition_spec(abstract), mesh)
+  init = jax.jit(lambda rng: nn.unbox(init_boxed(rng)), out_shardings=state_shardings)
+
+  def train_step(state: TrainState, batch: dict):
+    grads, sums = _grads_and_sums(model, loss_cfg, state.params, batch, accum_steps)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    metrics = losses.metrics(sums)
+    metrics["loss"] = losses.combine(sums, sums.gen_count, sums.ret_count, loss_cfg.lambda_gen,
+                                     loss_cfg.lambda_ret)
+    metrics["grad_norm"] = optax.global_norm(grads)
+    metrics["learning_rate"] = schedule(state.step)
+    return TrainState(state.step + 1, params, opt_state), metrics
+
+  def eval_step(params: dict, batch: dict):
+    gen_total, ret_total = losses.batch_totals(batch)
+    _, sums = _loss_and_sums(model, loss_cfg, params, batch, gen_total, ret_total)
+    return losses.metrics(sums)
+
+  micro = accum_steps > 1
+  train_ndims = {name: value.ndim for name, value in batch_spec.items()}
+  in_batch = batch_shardings(mesh, train_ndims, micro)
+  eval_batch = batch_shardings(mesh, {name: n - micro for name, n in train_ndims.items()}, False)
+  repl = sharding.replicated(mesh)
+  return TrainProgram(
+      model=model, tx=tx, mesh=mesh, state_shardings=state_shardings, init=init,
+      train_step=jax.jit(train_step, in_shardings=(state_shardings, in_batch),
+                         out_shardings=(state_shardings, repl), donate_argnums=0),
+      eval_step=jax.jit(eval_step, in_shardings=(state_shardings.params, eval_batch),
+                        out_shardings=repl),
+      schedule=schedule)
