@@ -74,9 +74,11 @@ def evaluate(program: TrainProgram, params, batches: Iterable[dict]) -> dict[str
           "num_valid_queries": float(np.sum(ret))}
 
 
-def build_program(config: ml_collections.ConfigDict, example_batch: dict) -> TrainProgram:
-  """Mesh, model, optimizer and the compiled program for batches like `example_batch`."""
-  mesh = sharding.make_mesh(**config.mesh)
+def build_program(config: ml_collections.ConfigDict, example_batch: dict,
+                  devices: list[jax.Device] | None = None) -> TrainProgram:
+  """Mesh (over `devices`, default all), model, optimizer and the compiled program for batches
+  like `example_batch`."""
+  mesh = sharding.make_mesh(**config.mesh, devices=devices)
   rows = config.batch.rows // config.batch.accum_steps
   batch_axes = mesh.shape["data"] * mesh.shape["fsdp"]
   if rows % batch_axes:

@@ -83,7 +83,7 @@ def _loss_and_sums(model: Decoder, loss_cfg: LossConfig, params, batch: dict, ge
   return losses.combine(sums, gen_total, ret_total, loss_cfg.lambda_gen, loss_cfg.lambda_ret), sums
 
 
-def _grads_and_sums(model, loss_cfg, params, batch, accum_steps: int):
+def grads_and_sums(model, loss_cfg, params, batch, accum_steps: int):
   """Gradient of the whole batch's loss and its summed losses, accumulating micro-batches."""
   gen_total, ret_total = losses.batch_totals(batch)
   grad_fn = jax.grad(lambda p, b: _loss_and_sums(model, loss_cfg, p, b, gen_total, ret_total),
@@ -121,13 +121,13 @@ def build_train_program(model: Decoder, tx: optax.GradientTransformation, schedu
   init = jax.jit(lambda rng: nn.unbox(init_boxed(rng)), out_shardings=state_shardings)
 
   def train_step(state: TrainState, batch: dict):
-    grads, sums = _grads_and_sums(model, loss_cfg, state.params, batch, accum_steps)
+    grads, sums = grads_and_sums(model, loss_cfg, state.params, batch, accum_steps)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     metrics = losses.metrics(sums)
     metrics["loss"] = losses.combine(sums, sums.gen_count, sums.ret_count, loss_cfg.lambda_gen,
                                      loss_cfg.lambda_ret)
-    metrics["grad_norm"] = optax.global_norm(grads)
+    metrics["grad_norm"] = optax.tree.norm(grads)
     metrics["learning_rate"] = schedule(state.step)
     return TrainState(state.step + 1, params, opt_state), metrics
 
