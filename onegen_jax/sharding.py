@@ -79,6 +79,18 @@ def activate(mesh: Mesh):
     yield
 
 
+def wait_on_cpu(outputs):
+  """Blocks until `outputs` are computed when running on (emulated) CPU devices.
+
+  Two sharded programs in flight at once on the emulated CPU mesh can deadlock in XLA's CPU
+  collectives (each waits at a rendezvous the other's threads never reach; seen with jax 0.10.2
+  on 2 cores). Accelerators keep asynchronous dispatch.
+  """
+  if jax.default_backend() == "cpu":
+    jax.block_until_ready(outputs)
+  return outputs
+
+
 def batch_sharding(mesh: Mesh, ndim: int, leading_micro_axis: bool = False) -> NamedSharding:
   """Rows split over ('data', 'fsdp'); with a leading micro-batch axis the rows are axis 1."""
   if ndim == 0:

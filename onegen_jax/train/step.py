@@ -68,12 +68,12 @@ class TrainProgram:
 
   def step(self, state: TrainState, batch: dict) -> tuple[TrainState, dict]:
     with sharding.activate(self.mesh):
-      return self.train_step(state, batch)
+      return sharding.wait_on_cpu(self.train_step(state, batch))
 
   def evaluate(self, params: dict, batch: dict) -> dict:
     """Loss and retrieval metrics of one batch without a micro-batch axis."""
     with sharding.activate(self.mesh):
-      return self.eval_step(params, batch)
+      return sharding.wait_on_cpu(self.eval_step(params, batch))
 
 
 def _loss_and_sums(model: Decoder, loss_cfg: LossConfig, params, batch: dict, gen_total, ret_total):
