@@ -79,6 +79,12 @@ def activate(mesh: Mesh):
     yield
 
 
+def with_shardings(abstract_tree, shardings):
+  """ShapeDtypeStructs that carry their target shardings (restores place each array directly)."""
+  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                      abstract_tree, shardings)
+
+
 def wait_on_cpu(outputs):
   """Blocks until `outputs` are computed when running on (emulated) CPU devices.
 

@@ -57,6 +57,7 @@ class TrainProgram:
   tx: optax.GradientTransformation
   mesh: Mesh
   state_shardings: TrainState
+  abstract_state: TrainState  # ShapeDtypeStructs with the state shardings
   init: Callable[[jax.Array], TrainState]
   train_step: Callable[[TrainState, dict], tuple[TrainState, dict]]
   eval_step: Callable[[dict, dict], dict]
@@ -118,6 +119,7 @@ def build_train_program(model: Decoder, tx: optax.GradientTransformation, schedu
   with sharding.activate(mesh):
     abstract = jax.eval_shape(init_boxed, jax.random.key(0))
   state_shardings = sharding.logical_to_sharding(nn.get_partition_spec(abstract), mesh)
+  abstract_state = sharding.with_shardings(nn.unbox(abstract), state_shardings)
   init = jax.jit(lambda rng: nn.unbox(init_boxed(rng)), out_shardings=state_shardings)
 
   def train_step(state: TrainState, batch: dict):
@@ -142,7 +144,8 @@ def build_train_program(model: Decoder, tx: optax.GradientTransformation, schedu
   eval_batch = batch_shardings(mesh, {name: n - micro for name, n in train_ndims.items()}, False)
   repl = sharding.replicated(mesh)
   return TrainProgram(
-      model=model, tx=tx, mesh=mesh, state_shardings=state_shardings, init=init,
+      model=model, tx=tx, mesh=mesh, state_shardings=state_shardings,
+      abstract_state=abstract_state, init=init,
       train_step=jax.jit(train_step, in_shardings=(state_shardings, in_batch),
                          out_shardings=(state_shardings, repl), donate_argnums=0),
       eval_step=jax.jit(eval_step, in_shardings=(state_shardings.params, eval_batch),

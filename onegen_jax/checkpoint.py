@@ -1,0 +1,112 @@
+"""Orbax checkpoints of a run directory (any path Orbax accepts: local, gs://...).
+
+A step directory holds these items:
+  params     the parameter tree (sharded arrays)
+  optimizer  {"step", "opt_state"} of the TrainState
+  data       the data iterator's state (JSON), so a resumed run sees the same batches
+  config     the run's full ml_collections config (JSON)
+  model      the ModelConfig (JSON): enough to rebuild the decoder without the task config
+An import (launch.import_hf) writes step 0 with params, model and config only. Saves are
+asynchronous; Orbax writes each step into a temporary directory and renames it when complete, so
+a crash during a save leaves the previous complete step as the latest.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import Any
+
+import orbax.checkpoint as ocp
+
+from onegen_jax.model.config import Llama3RopeScaling, ModelConfig
+
+
+def model_config_to_json(config: ModelConfig) -> dict:
+  return dataclasses.asdict(config)
+
+
+def model_config_from_json(data: dict) -> ModelConfig:
+  data = dict(data)
+  if data.get("rope_scaling"):
+    data["rope_scaling"] = Llama3RopeScaling(**data["rope_scaling"])
+  return ModelConfig(**data)
+
+
+class Checkpointer:
+  """Saves every `every_steps` steps, keeps the last `keep` (and the best by `best_metric`)."""
+
+  def __init__(self, workdir: str, every_steps: int = 1000, keep: int = 3,
+               best_metric: str | None = None, best_mode: str = "min", async_save: bool = True):
+    options = ocp.CheckpointManagerOptions(
+        save_interval_steps=every_steps, max_to_keep=keep, enable_async_checkpointing=async_save,
+        best_fn=(lambda m: m[best_metric]) if best_metric else None, best_mode=best_mode,
+        keep_checkpoints_without_metrics=True)
+    self.manager = ocp.CheckpointManager(
+        workdir, options=options,
+        item_names=("params", "optimizer", "data", "config", "model"))
+
+  def latest_step(self) -> int | None:
+    return self.manager.latest_step()
+
+  def all_steps(self) -> list[int]:
+    return list(self.manager.all_steps())
+
+  def save(self, step: int, state, data_state: dict | None, config: dict,
+           model_config: ModelConfig, metrics: dict | None = None, force: bool = False) -> bool:
+    """Starts saving `state` (a TrainState or {"params": ...}) at `step`; returns whether it did."""
+    items = {"params": ocp.args.StandardSave(state.params),
+             "config": ocp.args.JsonSave(config),
+             "model": ocp.args.JsonSave(model_config_to_json(model_config))}
+    if hasattr(state, "opt_state"):
+      items["optimizer"] = ocp.args.StandardSave({"step": state.step, "opt_state": state.opt_state})
+    if data_state is not None:
+      items["data"] = ocp.args.JsonSave(data_state)
+    return self.manager.save(step, args=ocp.args.Composite(**items), metrics=metrics, force=force)
+
+  def restore(self, step: int, abstract_state) -> tuple[Any, dict | None]:
+    """(TrainState-like restored onto the shardings in `abstract_state`, data state or None)."""
+    items = {"params": ocp.args.StandardRestore(abstract_state.params),
+             "optimizer": ocp.args.StandardRestore(
+                 {"step": abstract_state.step, "opt_state": abstract_state.opt_state})}
+    has_data = "data" in self._item_names(step)
+    if has_data:
+      items["data"] = ocp.args.JsonRestore()
+    restored = self.manager.restore(step, args=ocp.args.Composite(**items))
+    state = abstract_state.replace(params=restored["params"], step=restored["optimizer"]["step"],
+                                   opt_state=restored["optimizer"]["opt_state"])
+    return state, (restored["data"] if has_data else None)
+
+  def restore_params(self, step: int, abstract_params):
+    """Only the parameters (e.g. `init_from` a pretrained import), onto `abstract_params`' shardings."""
+    return self.manager.restore(
+        step, args=ocp.args.Composite(params=ocp.args.StandardRestore(abstract_params)))["params"]
+
+  def restore_json(self, step: int, item: str) -> dict:
+    """A JSON item ("config", "model", "data") of a step."""
+    return self.manager.restore(step, args=ocp.args.Composite(**{item: ocp.args.JsonRestore()}))[item]
+
+  def _item_names(self, step: int) -> set[str]:
+    return {p.name for p in (self.manager.directory / str(step)).iterdir()}
+
+  def wait(self):
+    self.manager.wait_until_finished()
+
+  def close(self):
+    self.manager.close()
+
+
+def read_model_config(workdir: str, step: int | None = None) -> tuple[ModelConfig, int]:
+  """The ModelConfig stored in a run directory, and the step read (default: the latest)."""
+  ckpt = Checkpointer(workdir)
+  step = ckpt.latest_step() if step is None else step
+  if step is None:
+    raise FileNotFoundError(f"no complete checkpoint in {workdir}")
+  config = model_config_from_json(ckpt.restore_json(step, "model"))
+  ckpt.close()
+  return config, step
+
+
+def dumps_config(config) -> dict:
+  """An ml_collections ConfigDict as a JSON-ready dict."""
+  return json.loads(config.to_json_best_effort())
