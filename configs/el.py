@@ -18,8 +18,10 @@ def get_config(arg: str = "demo") -> ConfigDict:
   c = ConfigDict()
   c.task = "el"
   # Decoder: a preset plus overrides of any field of onegen_jax.model.config.ModelConfig.
+  # init_from: a run directory (e.g. written by launch.import_hf) whose parameters start training.
   c.model = ConfigDict(dict(preset="tiny", dtype="float32", param_dtype="float32",
-                            remat_policy="full", scan_layers=True, attention_impl="xla"))
+                            remat_policy="full", scan_layers=True, attention_impl="xla",
+                            init_from=""))
   # Mesh axis sizes; -1 fills the remaining devices.
   c.mesh = ConfigDict(dict(data=-1, fsdp=1, tensor=1))
   # Loss: lambda_gen * L_gen + lambda_ret * L_ret; loss_type "bpr" (the reference's shipped
@@ -33,7 +35,10 @@ def get_config(arg: str = "demo") -> ConfigDict:
   # negatives per query. In-batch contrastive negatives span one micro-batch.
   c.batch = ConfigDict(dict(rows=8, seq_len=64, num_queries=16, num_keys=64, num_negatives=3,
                             accum_steps=1))
-  c.train = ConfigDict(dict(steps=600, seed=0, log_every=100, eval_every=300))
+  # nan_policy: "stop" (exit with a message, last good checkpoint kept) or "skip" the step.
+  c.train = ConfigDict(dict(steps=600, seed=0, log_every=100, eval_every=300, nan_policy="stop"))
+  # Orbax checkpoints in --workdir: every `every_steps` steps, the last `keep` kept.
+  c.checkpoint = ConfigDict(dict(every_steps=200, keep=3))
   # Data: the synthetic task (onegen_jax.data.synthetic), held-out examples for evaluation.
   c.data = ConfigDict(dict(kind="synthetic", seed=0, num_train=4000, num_heldout=256))
   return c

@@ -41,11 +41,7 @@ def _program(mesh=(8, 1, 1), accum_steps=1, rows=8, loss_type="bpr", lambda_ret=
                        batch=dict(accum_steps=accum_steps, rows=rows),
                        loss=dict(loss_type=loss_type, lambda_ret=lambda_ret),
                        optim=dict(schedule="constant", lr=1e-3))
-  shape = loop.batch_shape(config)
-  example = next(iter(pack_batches(synthetic_task().train[:50], synthetic_task().corpus, shape)))
-  if accum_steps > 1:
-    example = {k: v[None].repeat(accum_steps, 0) for k, v in example.items()}
-  return loop.build_program(config, example, devices=jax.devices()[:math.prod(mesh)])
+  return loop.build_program(config, devices=jax.devices()[:math.prod(mesh)])
 
 
 @functools.lru_cache(maxsize=None)

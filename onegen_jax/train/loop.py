@@ -1,31 +1,47 @@
-"""The fit loop: config -> mesh, model, optimizer, compiled program -> trained state and metrics."""
+"""The fit loop: config -> mesh, model, optimizer, compiled program -> trained state and metrics.
+
+Checkpoints (when a workdir is given) hold the train state, the data iterator state and the
+config: a restarted run resumes from the latest complete step with the same batches. SIGTERM
+saves at the next step boundary and returns normally; a non-finite loss stops the run (the last
+good checkpoint untouched) or, with `train.nan_policy="skip"`, drops that step's update.
+"""
 
 from __future__ import annotations
 
 import dataclasses
-import itertools
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 
 import jax
 import ml_collections
 import numpy as np
 import tqdm
+from absl import logging
 
 from onegen_jax import sharding
-from onegen_jax.data import synthetic
-from onegen_jax.data.packing import BatchShape, pack_batches, packing_efficiency, stack_micro_batches
+from onegen_jax.checkpoint import Checkpointer, dumps_config, read_model_config
+from onegen_jax.data.packing import BatchPacker, BatchShape, Corpus, packing_efficiency
 from onegen_jax.model.config import ModelConfig, preset
 from onegen_jax.model.decoder import Decoder
+from onegen_jax.train import metrics as metrics_lib
+from onegen_jax.train.data import TrainData, make_train_data
 from onegen_jax.train.optimizer import adamw, learning_rate_schedule
+from onegen_jax.train.preemption import PreemptionWatcher
 from onegen_jax.train.step import LossConfig, TrainProgram, TrainState, build_train_program
+
+# Fields of ModelConfig that change numerics or speed but not shapes: a config may override them
+# on top of a checkpoint's model (init_from).
+_NUMERIC_FIELDS = ("param_dtype", "dtype", "scan_layers", "remat_policy", "attention_impl")
 
 
 def model_config(model: ml_collections.ConfigDict) -> ModelConfig:
-  """`config.model`: a preset name plus overrides of any ModelConfig field."""
+  """`config.model`: a preset name plus overrides of any ModelConfig field; with `init_from`, the
+  shapes come from that run's checkpoint and only numeric fields are overridden."""
   fields = {f.name for f in dataclasses.fields(ModelConfig)}
-  overrides = {k: v for k, v in model.items() if k in fields}
-  return preset(model.preset, **overrides)
+  if model.get("init_from"):
+    base, _ = read_model_config(model.init_from)
+    return base.replace(**{k: model[k] for k in _NUMERIC_FIELDS if k in model})
+  return preset(model.preset, **{k: v for k, v in model.items() if k in fields})
 
 
 def batch_shape(config: ml_collections.ConfigDict) -> BatchShape:
@@ -36,31 +52,27 @@ def batch_shape(config: ml_collections.ConfigDict) -> BatchShape:
   return BatchShape(b.rows // b.accum_steps, b.seq_len, b.num_queries, b.num_keys, b.num_negatives)
 
 
-def synthetic_batches(config: ml_collections.ConfigDict):
-  """(endless shuffled train batches, held-out batches) of the synthetic task."""
-  d = config.data
-  task = synthetic.make_task(seed=d.seed, num_train=d.num_train, num_heldout=d.num_heldout,
-                             num_negatives=config.batch.num_negatives)
-  if task.vocab_size > model_config(config.model).vocab_size:
-    raise ValueError(f"the synthetic task needs vocab_size >= {task.vocab_size}")
-  shape = batch_shape(config)
-
-  def train() -> Iterator[dict]:
-    for epoch in itertools.count():
-      order = np.random.default_rng((d.seed, epoch)).permutation(len(task.train))
-      yield from pack_batches((task.train[i] for i in order), task.corpus, shape)
-
-  return train(), list(pack_batches(task.heldout, task.corpus, shape))
+def example_batch(config: ml_collections.ConfigDict) -> dict:
+  """An empty batch with the run's static shapes (leading micro-batch axis when accumulating)."""
+  batch = BatchPacker(Corpus({}), batch_shape(config)).emit()
+  m = config.batch.accum_steps
+  return {k: np.repeat(v[None], m, axis=0) for k, v in batch.items()} if m > 1 else batch
 
 
-def group_micro_batches(batches: Iterator[dict], accum_steps: int) -> Iterator[dict]:
-  """Stacks every `accum_steps` consecutive batches on a leading micro-batch axis (1: as is)."""
-  if accum_steps == 1:
-    yield from batches
-    return
-  while group := list(itertools.islice(batches, accum_steps)):
-    if len(group) == accum_steps:
-      yield stack_micro_batches(group)
+def build_program(config: ml_collections.ConfigDict, devices: list[jax.Device] | None = None,
+                  model: ModelConfig | None = None) -> TrainProgram:
+  """Mesh (over `devices`, default all), model, optimizer and the compiled program."""
+  mesh = sharding.make_mesh(**config.mesh, devices=devices)
+  rows = config.batch.rows // config.batch.accum_steps
+  batch_axes = mesh.shape["data"] * mesh.shape["fsdp"]
+  if rows % batch_axes:
+    raise ValueError(f"{rows} rows per micro-batch do not split over data x fsdp = {batch_axes} devices")
+  o = config.optim
+  schedule = learning_rate_schedule(o.lr, config.train.steps, o.schedule, o.warmup_steps)
+  tx = adamw(schedule, o.b1, o.b2, o.eps, o.weight_decay, o.clip_norm)
+  return build_train_program(Decoder(model or model_config(config.model)), tx, schedule,
+                             LossConfig(**config.loss), mesh, example_batch(config),
+                             config.batch.accum_steps, config.train.nan_policy)
 
 
 def evaluate(program: TrainProgram, params, batches: Iterable[dict]) -> dict[str, float]:
@@ -74,54 +86,97 @@ def evaluate(program: TrainProgram, params, batches: Iterable[dict]) -> dict[str
           "num_valid_queries": float(np.sum(ret))}
 
 
-def build_program(config: ml_collections.ConfigDict, example_batch: dict,
-                  devices: list[jax.Device] | None = None) -> TrainProgram:
-  """Mesh (over `devices`, default all), model, optimizer and the compiled program for batches
-  like `example_batch`."""
-  mesh = sharding.make_mesh(**config.mesh, devices=devices)
-  rows = config.batch.rows // config.batch.accum_steps
-  batch_axes = mesh.shape["data"] * mesh.shape["fsdp"]
-  if rows % batch_axes:
-    raise ValueError(f"{rows} rows per micro-batch do not split over data x fsdp = {batch_axes} devices")
-  o = config.optim
-  schedule = learning_rate_schedule(o.lr, config.train.steps, o.schedule, o.warmup_steps)
-  tx = adamw(schedule, o.b1, o.b2, o.eps, o.weight_decay, o.clip_norm)
-  return build_train_program(Decoder(model_config(config.model)), tx, schedule,
-                             LossConfig(**config.loss), mesh, example_batch,
-                             config.batch.accum_steps)
-
-
-def fit(config: ml_collections.ConfigDict, log=print) -> tuple[TrainState, dict[str, float]]:
-  """Trains for `config.train.steps` steps; returns the final state and final metrics.
-
-  Logs train metrics every `train.log_every` steps and held-out metrics every `train.eval_every`.
-  """
-  train_batches, heldout = synthetic_batches(config)
-  batches = group_micro_batches(train_batches, config.batch.accum_steps)
-  first = next(batches)
-  program = build_program(config, first)
+def _initial_state(config, program: TrainProgram, ckpt: Checkpointer | None, data: TrainData):
+  """The latest checkpoint of this run, else `init_from`'s parameters, else a fresh init."""
+  latest = ckpt.latest_step() if ckpt else None
+  if latest is not None:
+    state, data_state = ckpt.restore(latest, program.abstract_state)
+    if data_state is not None:
+      data.set_state(data_state)
+    logging.info("resumed from step %d", latest)
+    return state
   state = program.init_state(config.train.seed)
-  log(f"mesh {dict(program.mesh.shape)}, {sum(x.size for x in jax.tree.leaves(state.params)):,} "
-      f"parameters, {len(heldout)} held-out batches")
+  if config.model.get("init_from"):
+    source = Checkpointer(config.model.init_from)
+    params = source.restore_params(source.latest_step(), program.abstract_state.params)
+    source.close()
+    state = state.replace(params=params)  # fresh optimizer state (Adam moments are zeros)
+  return state
+
+
+def fit(config: ml_collections.ConfigDict, workdir: str | None = None,
+        data: TrainData | None = None) -> tuple[TrainState, dict[str, float]]:
+  """Trains until `config.train.steps`; returns the final state and final metrics.
+
+  data: overrides the config's data (tests inject batches through it).
+  """
+  data = data or make_train_data(config, batch_shape(config))
+  model = model_config(config.model)
+  program = build_program(config, model=model)
+  ckpt = workdir and Checkpointer(workdir, config.checkpoint.every_steps, config.checkpoint.keep)
+  state = _initial_state(config, program, ckpt, data)
+  writer = metrics_lib.MetricsWriter(workdir)
+  preemption = PreemptionWatcher()
+  flops = metrics_lib.flops_per_token(model, config.batch.seq_len)
+  peak = metrics_lib.peak_flops_per_device()
+  first_step = int(state.step)
+  logging.info("mesh %s, %s parameters, start at step %d", dict(program.mesh.shape),
+               f"{sum(x.size for x in jax.tree.leaves(state.params)):,}", first_step)
+  saved_config = dumps_config(config)
+  final: dict[str, float] = {}
+  last_saved = first_step
+
+  def save(step, force=False):
+    nonlocal last_saved
+    if ckpt and step != last_saved and ckpt.save(step, state, data.get_state(), saved_config,
+                                                 model, force=force):
+      last_saved = step
+
+  progress = tqdm.tqdm(range(first_step, config.train.steps), initial=first_step,
+                       total=config.train.steps, disable=jax.process_index() != 0, mininterval=2)
   start, tokens = time.time(), 0
-  progress = tqdm.tqdm(range(config.train.steps), disable=jax.process_index() != 0, mininterval=2)
-  batch = first
   for step in progress:
+    batch = next(data)
     state, metrics = program.step(state, batch)
-    metrics = jax.device_get(metrics)  # waits for the step: one program in flight at a time
+    metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+    if not np.isfinite(metrics["loss"]) and config.train.nan_policy == "stop":
+      if ckpt:
+        ckpt.wait()
+      raise FloatingPointError(
+          f"step {step + 1}: loss is {metrics['loss']}, grad norm {metrics['grad_norm']}; stopped "
+          f"(the last checkpoint is step {ckpt.latest_step() if ckpt else None}). "
+          "Set train.nan_policy='skip' to drop such steps instead.")
+    done = step + 1
+    save(done)
     tokens += int(np.sum(batch["segment_ids"] > 0))
-    if not np.isfinite(metrics["loss"]):
-      raise FloatingPointError(f"step {step}: loss is {metrics['loss']}")
-    if (step + 1) % config.train.log_every == 0 or step + 1 == config.train.steps:
-      metrics.update(packing_efficiency=packing_efficiency(batch),
-                     tokens_per_s=tokens / (time.time() - start))
-      progress.write(f"step {step + 1}: " + " ".join(f"{k}={float(v):.4g}" for k, v in sorted(metrics.items())))
-    if config.train.eval_every and (step + 1) % config.train.eval_every == 0:
-      progress.write(f"step {step + 1} held-out: {evaluate(program, state.params, heldout)}")
-    if step + 1 < config.train.steps:
-      batch = next(batches)
-  final = {f"train_{k}": float(v) for k, v in metrics.items()}
-  final.update({f"heldout_{k}": v for k, v in evaluate(program, state.params, heldout).items()})
-  final["steps"] = config.train.steps
+    if done % config.train.log_every == 0 or done == config.train.steps:
+      elapsed = time.time() - start
+      metrics.update(packing_efficiency=packing_efficiency(batch), tokens_per_s=tokens / elapsed,
+                     model_tflops_per_s=tokens * flops / elapsed / 1e12)
+      if peak:
+        metrics["mfu"] = tokens * flops / elapsed / (peak * len(program.mesh.devices.flat))
+      writer.write(done, metrics)
+      progress.write(f"step {done}: " + " ".join(f"{k}={v:.4g}" for k, v in sorted(metrics.items())))
+      final = {f"train_{k}": v for k, v in metrics.items()}
+    if config.train.eval_every and done % config.train.eval_every == 0 and done < config.train.steps:
+      heldout = evaluate(program, state.params, data.eval_batches())
+      writer.write(done, heldout, prefix="eval")
+      progress.write(f"step {done} eval: {heldout}")
+    if preemption.should_stop(done):
+      save(done, force=True)
+      final["preempted_at_step"] = done
+      logging.warning("preempted: saved step %d, exiting", done)
+      break
+  else:
+    heldout = evaluate(program, state.params, data.eval_batches())
+    writer.write(int(state.step), heldout, prefix="eval")
+    final.update({f"eval_{k}": v for k, v in heldout.items()})
+    save(int(state.step), force=True)
+  if ckpt:
+    ckpt.wait()
+    ckpt.close()
+  preemption.close()
+  writer.close()
+  final["step"] = int(state.step)
   final["wall_s"] = time.time() - start
   return state, final

@@ -104,12 +104,16 @@ def grads_and_sums(model, loss_cfg, params, batch, accum_steps: int):
 
 def build_train_program(model: Decoder, tx: optax.GradientTransformation, schedule: optax.Schedule,
                         loss_cfg: LossConfig, mesh: Mesh, batch_spec: dict,
-                        accum_steps: int = 1) -> TrainProgram:
+                        accum_steps: int = 1, nan_policy: str = "stop") -> TrainProgram:
   """Builds the sharded init and the jitted train/eval steps.
 
   batch_spec: one training batch (arrays or ShapeDtypeStructs), with the leading micro-batch axis
   when accum_steps > 1; evaluation batches have no such axis.
+  nan_policy: "stop" (the caller stops on a non-finite loss) or "skip" (a step whose loss or
+  gradient is not finite leaves parameters and optimizer state unchanged; metric `skipped` = 1).
   """
+  if nan_policy not in ("stop", "skip"):
+    raise ValueError(f"nan_policy={nan_policy!r}; expected 'stop' or 'skip'")
   probe = jnp.zeros((1, 8), jnp.int32)
 
   def init_boxed(rng):
@@ -131,7 +135,13 @@ def build_train_program(model: Decoder, tx: optax.GradientTransformation, schedu
                                      loss_cfg.lambda_ret)
     metrics["grad_norm"] = optax.tree.norm(grads)
     metrics["learning_rate"] = schedule(state.step)
-    return TrainState(state.step + 1, params, opt_state), metrics
+    new_state = TrainState(state.step + 1, params, opt_state)
+    if nan_policy == "skip":
+      finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(metrics["grad_norm"])
+      new_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), new_state,
+                               state.replace(step=state.step + 1))
+      metrics["skipped"] = 1.0 - finite.astype(jnp.float32)
+    return new_state, metrics
 
   def eval_step(params: dict, batch: dict):
     gen_total, ret_total = losses.batch_totals(batch)
