@@ -77,8 +77,9 @@ class Checkpointer:
                                    opt_state=restored["optimizer"]["opt_state"])
     return state, (restored["data"] if has_data else None)
 
-  def restore_params(self, step: int, abstract_params):
-    """Only the parameters (e.g. `init_from` a pretrained import), onto `abstract_params`' shardings."""
+  def restore_params(self, step: int, abstract_params=None):
+    """Only the parameters (e.g. `init_from` a pretrained import), onto `abstract_params`'
+    shardings (None: the shardings they were saved with)."""
     return self.manager.restore(
         step, args=ocp.args.Composite(params=ocp.args.StandardRestore(abstract_params)))["params"]
 

@@ -1,0 +1,112 @@
+"""Fault tolerance of the training launcher: SIGKILL + restart, SIGTERM, NaN, incomplete saves."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from conftest import demo_config
+from onegen_jax.checkpoint import Checkpointer
+from onegen_jax.train.data import SyntheticData
+from onegen_jax.train.loop import batch_shape, fit
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+STEPS = 240
+
+
+def _launch(workdir, *flags, wait=True):
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8")
+  cmd = [sys.executable, "-m", "launch.train", "--config=configs/el.py:demo", f"--workdir={workdir}",
+         f"--config.train.steps={STEPS}", "--config.checkpoint.every_steps=20",
+         "--config.train.eval_every=0", *flags]
+  proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          text=True)
+  if wait:
+    out, err = proc.communicate(timeout=600)
+    assert proc.returncode == 0, err[-3000:]
+    return json.loads(out.strip().splitlines()[-1])
+  return proc
+
+
+def _wait_for_checkpoint(workdir, proc, min_step):
+  while True:
+    steps = [int(p) for p in os.listdir(workdir) if p.isdigit()] if os.path.isdir(workdir) else []
+    if steps and max(steps) >= min_step:
+      return
+    assert proc.poll() is None, proc.communicate()[1][-3000:]
+    time.sleep(0.02)
+
+
+def _params(workdir, step):
+  ckpt = Checkpointer(str(workdir))
+  params = jax.device_get(ckpt.restore_params(step))
+  ckpt.close()
+  return jax.tree.leaves(params)
+
+
+def test_sigkill_then_restart_reaches_the_same_parameters(tmp_path):
+  _launch(tmp_path / "straight")
+  killed = tmp_path / "killed"
+  proc = _launch(killed, wait=False)
+  _wait_for_checkpoint(killed, proc, 40)
+  proc.kill()  # SIGKILL: no handler runs
+  proc.wait()
+  assert max(int(p) for p in os.listdir(killed) if p.isdigit()) < STEPS
+  final = _launch(killed)
+  assert final["step"] == STEPS
+  for a, b in zip(_params(tmp_path / "straight", STEPS), _params(killed, STEPS)):
+    np.testing.assert_array_equal(a, b)  # bitwise, data order included
+
+
+def test_sigterm_saves_at_the_next_step_and_exits_zero(tmp_path):
+  proc = _launch(tmp_path, "--config.train.steps=100000", wait=False)
+  _wait_for_checkpoint(tmp_path, proc, 20)
+  proc.send_signal(signal.SIGTERM)
+  out, err = proc.communicate(timeout=120)
+  assert proc.returncode == 0, err[-3000:]
+  stopped = json.loads(out.strip().splitlines()[-1])["preempted_at_step"]
+  assert Checkpointer(str(tmp_path)).latest_step() == stopped >= 20
+  resumed = _launch(tmp_path, f"--config.train.steps={stopped + 5}")
+  assert resumed["step"] == stopped + 5
+
+
+class _NaNAt(SyntheticData):
+  """The synthetic data with a NaN loss weight in the batch of one step."""
+
+  def __init__(self, config, nan_step):
+    super().__init__(config, batch_shape(config))
+    self.nan_step, self.served = nan_step, 0
+
+  def __next__(self):
+    batch = dict(super().__next__())
+    self.served += 1
+    if self.served == self.nan_step:
+      batch["loss_weight"] = batch["loss_weight"] * np.nan
+    return batch
+
+
+def test_nan_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path):
+  config = demo_config(train=dict(steps=20, eval_every=0), checkpoint=dict(every_steps=2))
+  with pytest.raises(FloatingPointError, match="step 7: loss is nan"):
+    fit(config, str(tmp_path), data=_NaNAt(config, nan_step=7))
+  assert Checkpointer(str(tmp_path)).latest_step() == 6
+  assert all(np.all(np.isfinite(x)) for x in _params(tmp_path, 6))
+
+
+def test_nan_skip_policy_drops_the_step(tmp_path):
+  config = demo_config(train=dict(steps=8, eval_every=0, log_every=1, nan_policy="skip"),
+                       checkpoint=dict(every_steps=100))
+  state, _ = fit(config, str(tmp_path), data=_NaNAt(config, nan_step=3))
+  assert int(state.step) == 8
+  assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(jax.device_get(state.params)))
+  lines = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+  skipped = {line["step"]: line["skipped"] for line in lines if line["split"] == "train"}
+  assert skipped == {s: float(s == 3) for s in range(1, 9)}
+  assert any(line["split"] == "eval" for line in lines)
+  assert os.listdir(tmp_path / "tensorboard")
