@@ -1,0 +1,217 @@
+"""Small datasets the project makes itself, in the reference format, plus a tokenizer trained on them.
+
+Entity linking: a knowledge base of invented entities whose names are shared by two or three
+entities of different types and places, so linking a mention needs its context. An example asks
+to annotate a text; the answer rewrites each mention as `<MENTION>m</MENTION>[LK][_CONTINUE_]`
+(positive: the entity, negatives: its namesakes and entities of the same type). A few mentions
+name no entity of the KB (positive null).
+
+Multi-hop RAG: invented people, companies and cities; each has a paragraph of two sentences, each
+sentence ending with a document RET token (keys "doc" and "doc-1"). A question needs one or two
+hops; the answer asks a sub-question, emits [Question Representation], reads the retrieved
+`<paragraph>...</paragraph>` and continues (positive: the sentence holding the fact, negatives:
+the same sentence of similar documents).
+
+Everything is a deterministic function of the seed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+
+from onegen_jax.data.tasks import EL, MULTIHOP, Task
+
+EOS, PAD = "</s>", "<pad>"
+_SYLLABLES = ("ka", "lo", "mi", "ren", "dor", "sa", "vel", "tin", "bra", "mor", "quen", "zar",
+              "li", "tho", "ne", "gal", "ur", "fen", "is", "pa", "ost", "cre", "wyn", "ad")
+
+
+def _words(rng: np.random.Generator, n: int, syllables: int) -> list[str]:
+  """n distinct capitalised pseudo-words."""
+  out: dict[str, None] = {}
+  while len(out) < n:
+    out["".join(rng.choice(_SYLLABLES, syllables)).capitalize()] = None
+  return list(out)
+
+
+def conversation(user: str, assistant: str, positive=None, negative=None) -> dict:
+  reply = {"role": "assistant", "content": assistant}
+  if positive is not None:
+    reply.update(positive=positive, negative=negative)
+  return {"messages": [{"role": "user", "content": user}, reply]}
+
+
+def db_entry(task: Task, uid: str, title: str, body: str) -> dict:
+  return {"uid": uid, **conversation(task.doc_instruction.format(title=title), body)}
+
+
+_TYPES = (("river", "flows through"), ("painter", "worked in"), ("city", "lies in"),
+          ("band", "toured"), ("ship", "sailed to"), ("mountain", "rises above"),
+          ("company", "opened an office in"), ("festival", "is held in"))
+_TRAITS = ("granite bridges", "bright colours", "old harbour", "loud songs", "long voyages",
+           "snowy peaks", "glass towers", "night markets", "quiet lakes", "wooden boats")
+
+
+def make_el(seed: int = 0, num_names: int = 40, num_train: int = 800,
+            num_dev: int = 80) -> tuple[list[dict], list[dict], list[dict]]:
+  """(train, dev, db) of the entity-linking task."""
+  rng = np.random.default_rng([seed, 1])
+  firsts, lasts, places = _words(rng, 12, 2), _words(rng, 12, 2), _words(rng, 10, 2)
+  names = list(dict.fromkeys(f"{rng.choice(firsts)} {rng.choice(lasts)}" for _ in range(200)))
+  names = names[:num_names]
+  entities = []  # (uid, name, type index, place)
+  for name in names:
+    for t in rng.choice(len(_TYPES), rng.integers(2, 4), replace=False):
+      entities.append((f"ent{len(entities)}", name, int(t), str(rng.choice(places))))
+  db = []
+  for uid, name, t, place in entities:
+    body = (f"{name} is a {_TYPES[t][0]} in {place}, first recorded in {rng.integers(1700, 2000)}."
+            f" It is known for its {rng.choice(_TRAITS)}.{EL.doc_token}")
+    db.append(db_entry(EL, uid, name, body))
+  unknown = [f"{a} {b}" for a, b in zip(_words(rng, 6, 3), _words(rng, 6, 3))]
+
+  def example(rng):
+    texts, annotated, positive, negative = [], [], [], []
+    for _ in range(rng.integers(1, 4)):
+      uid, name, t, place = entities[rng.integers(len(entities))]
+      if rng.random() < 0.05:
+        uid, name = None, str(rng.choice(unknown))
+      kind, verb = _TYPES[t]
+      sentence = (f"The {kind} {{}} {verb} {place}." if rng.random() < 0.5 else
+                  f"Near {place}, the {kind} {{}} was seen.")
+      texts.append(sentence.format(name))
+      annotated.append(sentence.format(f"<MENTION>{name}</MENTION>{EL.query_token}[_CONTINUE_]"))
+      positive.append(uid)
+      if uid is None:
+        negative.append([])
+      else:
+        namesakes = [e[0] for e in entities if e[1] == name and e[0] != uid]
+        same_type = [e[0] for e in entities if e[2] == t and e[0] != uid]
+        negative.append(namesakes + [str(u) for u in rng.choice(same_type, 3, replace=False)])
+    return conversation(EL.query_template.format(input=" ".join(texts)),
+                         " ".join(annotated) + f" {EOS}", positive, negative)
+
+  examples = [example(rng) for _ in range(num_train + num_dev)]
+  return examples[:num_train], examples[num_train:], db
+
+
+_INDUSTRIES = ("shipping", "software", "textile", "mining", "brewing", "railway", "publishing")
+
+
+def make_multihop(seed: int = 0, num_people: int = 60, num_companies: int = 60,
+                  num_cities: int = 20, num_train: int = 800,
+                  num_dev: int = 80) -> tuple[list[dict], list[dict], list[dict]]:
+  """(train, dev, db) of the multi-hop RAG task."""
+  rng = np.random.default_rng([seed, 2])
+  rd, rq = MULTIHOP.doc_token, MULTIHOP.query_token
+  cities, countries = _words(rng, num_cities, 2), _words(rng, 6, 2)
+  people = [f"{a} {b}" for a, b in zip(_words(rng, num_people, 2), _words(rng, num_people, 2))]
+  companies = [f"{w} Works" for w in _words(rng, num_companies, 3)]
+  country_of = {c: str(rng.choice(countries)) for c in cities}
+  born_in = {p: str(rng.choice(cities)) for p in people}
+  founder = {c: str(rng.choice(people)) for c in companies}
+  sentences = {}  # uid -> (title, [sentence 0, sentence 1])
+  for i, c in enumerate(cities):
+    sentences[f"city{i}"] = (c, [f"{c} is a city with {rng.integers(2, 90)} bridges.",
+                                 f"{c} is located in {country_of[c]}."])
+  for i, p in enumerate(people):
+    sentences[f"person{i}"] = (p, [f"{p} is a writer of {rng.integers(2, 40)} books.",
+                                   f"{p} was born in {born_in[p]}."])
+  for i, c in enumerate(companies):
+    sentences[f"company{i}"] = (c, [f"{c} is a {rng.choice(_INDUSTRIES)} company.",
+                                    f"{c} was founded by {founder[c]}."])
+  uid_of = {title: uid for uid, (title, _) in sentences.items()}
+  db = [db_entry(MULTIHOP, uid, title, f"wiki title: {title}\ncontent: " +
+                  "".join(s + rd for s in sents)) for uid, (title, sents) in sentences.items()]
+
+  def paragraph(title: str) -> str:
+    return f"<paragraph>wiki title: {title}\ncontent: {' '.join(sentences[uid_of[title]][1])}</paragraph>"
+
+  def negatives(uid: str, rng) -> list[str]:
+    kind = uid.rstrip("0123456789")
+    others = [u for u in sentences if u.rstrip("0123456789") == kind and u != uid]
+    return [f"{u}-1" for u in rng.choice(others, 6, replace=False)]
+
+  def hop(question: str, title: str, fact: str, rng) -> tuple[str, str, list[str]]:
+    uid = uid_of[title]
+    return f"{question}{rq}{paragraph(title)}{fact} ", f"{uid}-1", negatives(uid, rng)
+
+  def example(rng):
+    kind = rng.integers(3)
+    if kind == 0:
+      c = str(rng.choice(companies))
+      p = founder[c]
+      question = f"Where was the founder of {c} born?"
+      hops = [hop(f"Who founded {c}?", c, f"{c} was founded by {p}.", rng),
+              hop(f"Where was {p} born?", p, f"{p} was born in {born_in[p]}.", rng)]
+      answer = born_in[p]
+    elif kind == 1:
+      p = str(rng.choice(people))
+      question = f"In which country was {p} born?"
+      hops = [hop(f"Where was {p} born?", p, f"{p} was born in {born_in[p]}.", rng),
+              hop(f"Where is {born_in[p]}?", born_in[p],
+                  f"{born_in[p]} is located in {country_of[born_in[p]]}.", rng)]
+      answer = country_of[born_in[p]]
+    else:
+      c = str(rng.choice(companies))
+      question = f"Who founded {c}?"
+      hops = [hop(f"Who founded {c}?", c, f"{c} was founded by {founder[c]}.", rng)]
+      answer = founder[c]
+    reply = "".join(h[0] for h in hops) + f"<FINAL-ANSWER>{answer}</FINAL-ANSWER>{EOS}"
+    return conversation(MULTIHOP.query_template.format(input=question), reply,
+                         [h[1] for h in hops], [h[2] for h in hops])
+
+  examples = [example(rng) for _ in range(num_train + num_dev)]
+  return examples[:num_train], examples[num_train:], db
+
+
+def texts(*files: list[dict]) -> list[str]:
+  """Every message content of the given records."""
+  return [m["content"] for records in files for r in records for m in r["messages"]]
+
+
+def train_tokenizer(corpus: list[str], task: Task, out_dir: str, vocab_size: int = 512):
+  """A byte-level BPE trained on `corpus`, saved as a Hugging Face fast tokenizer directory.
+
+  Id 0 is <pad> (the packer pads with 0), then the EOS </s> and the task's special tokens.
+  """
+  from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+  from transformers import PreTrainedTokenizerFast
+
+  tokenizer = Tokenizer(models.BPE())
+  tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+  tokenizer.decoder = decoders.ByteLevel()
+  specials = [PAD, EOS, *task.special_tokens]
+  trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials, show_progress=False,
+                                initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+  tokenizer.train_from_iterator(corpus, trainer)
+  fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token=PAD, eos_token=EOS,
+                                 additional_special_tokens=list(task.special_tokens))
+  fast.save_pretrained(out_dir)
+
+
+def write_jsonl(path: str, records: list[dict]):
+  with open(path, "w", encoding="utf-8") as f:
+    for r in records:
+      f.write(json.dumps(r, ensure_ascii=False) + "\n")
+
+
+def write_dataset(out_dir: str, task: Task, train: list[dict], dev: list[dict], db: list[dict],
+                  vocab_size: int = 512):
+  """Writes train.jsonl, dev.jsonl, db.jsonl and tokenizer/ (BPE trained on all their text)."""
+  os.makedirs(out_dir, exist_ok=True)
+  for name, records in (("train", train), ("dev", dev), ("db", db)):
+    write_jsonl(os.path.join(out_dir, f"{name}.jsonl"), records)
+  train_tokenizer(texts(train, dev, db), task, os.path.join(out_dir, "tokenizer"), vocab_size)
+
+
+GENERATORS = {"el": (EL, make_el), "multihop": (MULTIHOP, make_multihop)}
+
+
+def make_dataset(task_name: str, out_dir: str, seed: int = 0, vocab_size: int = 512, **sizes):
+  """Generates the named task's dataset into out_dir."""
+  task, make = GENERATORS[task_name]
+  write_dataset(out_dir, task, *make(seed, **sizes), vocab_size=vocab_size)

@@ -1,0 +1,91 @@
+"""The one entry point for training: config.data -> (train iterator, held-out batches, stats).
+
+config.data keys:
+  train_path, db_path   reference-format jsonl files (required)
+  dev_path              held-out examples (optional; "" or None: none)
+  tokenizer_path        Hugging Face tokenizer directory (required)
+  task                  "el", "multihop" or "selfrag" (tasks.py) unless a Task is passed
+  max_len               truncation length (default: the batch's seq_len)
+  max_bad_lines         bad lines per file that may be skipped instead of failing (default 0)
+  prepared_dir          TFDS data_dir: prepare once in array_record and read from it; "" or None
+                        tokenises in memory (tests, demos)
+  n_pos_per_sent, n_neg_per_pos   override the task's sampling
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+
+from onegen_jax.data.builder import Source, prepare
+from onegen_jax.data.encoding import TaskTokenizer
+from onegen_jax.data.loader import Host, TrainIterator, heldout_batches, mean_efficiency
+from onegen_jax.data.packing import BatchShape
+from onegen_jax.data.prepare import Database, document_records, example_records, key_ids
+from onegen_jax.data.records import load_records
+from onegen_jax.data.sampling import Sampling
+from onegen_jax.data.tasks import Task, get_task
+
+_DEV_STREAM = 1 << 20  # sampling stream of held-out batches (train streams are host indices)
+
+
+def _get(config: Mapping, name: str, default=None):
+  value = config.get(name, default)
+  return default if value in (None, "") else value
+
+
+def source_from_config(config: Mapping, seq_len: int, task: Task | None = None) -> Source:
+  return Source(task=task or get_task(config["task"]), train_path=config["train_path"],
+                db_path=config["db_path"], tokenizer_path=config["tokenizer_path"],
+                max_len=int(_get(config, "max_len", seq_len)), dev_path=_get(config, "dev_path"),
+                max_bad_lines=int(_get(config, "max_bad_lines", 0)))
+
+
+def load_in_memory(source: Source) -> tuple[dict, dict]:
+  """The records of every split tokenised in memory; (records by split, metadata) as `prepare`."""
+  start = time.time()
+  train, dev, docs, report = load_records(source.task, source.train_path, source.db_path,
+                                          source.dev_path, source.max_bad_lines)
+  tokenizer = TaskTokenizer(source.tokenizer_path, source.task)
+  db = document_records(docs, tokenizer, source.max_len, report)
+  keys = key_ids(db)
+  splits = {"train": example_records(train, tokenizer, keys, source.max_len, report),
+            "dev": example_records(dev, tokenizer, keys, source.max_len, report, prefix="dev_"),
+            "db": db}
+  return splits, {"counts": report.counts, "warnings": report.warnings, "skipped": report.skipped,
+                  "vocab_size": tokenizer.vocab_size, "special_ids": tokenizer.ids,
+                  "prepare_s": time.time() - start}
+
+
+def build_data(config: Mapping, shape: BatchShape, seed: int = 0, process_index: int = 0,
+               process_count: int = 1, task: Task | None = None
+               ) -> tuple[TrainIterator, list[dict], dict]:
+  """(endless train iterator of host-local batches, this host's held-out batches, stats).
+
+  shape: the global micro-batch shape; each host packs rows/P rows, Q/P queries, K/P keys.
+  Raises records.DataError (every bad line as FILE:LINE: field: problem) before anything else.
+  stats: counts (examples, tokens, anchors, truncation, ...), warnings, vocab_size, special_ids,
+  prepare_s, dev_packing_efficiency.
+  """
+  source = source_from_config(config, shape.seq_len, task)
+  prepared_dir = _get(config, "prepared_dir")
+  if prepared_dir:
+    splits, metadata = prepare(source, prepared_dir)
+    db_records = [splits["db"][i] for i in range(len(splits["db"]))]
+    dev_records = [splits["dev"][i] for i in range(len(splits["dev"]))] if "dev" in splits else []
+  else:
+    splits, metadata = load_in_memory(source)
+    db_records, dev_records = splits["db"], splits["dev"]
+  t = source.task
+  sampling = Sampling(int(_get(config, "n_pos_per_sent", t.n_pos_per_sent)),
+                      int(_get(config, "n_neg_per_pos", t.n_neg_per_pos)), seed, process_index)
+  if sampling.n_neg_per_pos > shape.num_negatives:
+    raise ValueError(f"n_neg_per_pos={sampling.n_neg_per_pos} exceeds batch num_negatives="
+                     f"{shape.num_negatives}")
+  host = Host(process_index, process_count)
+  db = Database(db_records)
+  train = TrainIterator(splits["train"], db, shape, sampling, host, seed)
+  dev_sampling = Sampling(sampling.n_pos_per_sent, sampling.n_neg_per_pos, seed, _DEV_STREAM)
+  dev = heldout_batches(dev_records, db, shape, dev_sampling, host)
+  stats = dict(metadata, dev_packing_efficiency=mean_efficiency(dev), dev_batches=len(dev))
+  return train, dev, stats

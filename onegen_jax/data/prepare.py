@@ -1,0 +1,118 @@
+"""Validated records + tokenizer -> tokenised records (numpy dicts), the form stored by the TFDS
+builder and served by the in-memory path; and the in-memory `Database` of documents and keys.
+
+A record (one flat dict for examples and documents, so one TFDS feature spec serves both):
+  tokens        int32 [n]   token ids, cut to max_len
+  is_target     bool  [n]   GEN targets (see encoding.py)
+  positions     int32 [a]   examples: the RET position of each valid anchor; documents: each key
+  positive_keys int32 [p]   examples: key ids of the anchors' positives, anchor after anchor
+  positive_counts int32 [a] how many of positive_keys belong to each anchor
+  negative_keys, negative_counts   the same for the listed negatives found in the db
+  uid           str         documents: the uid; examples: ""
+  index         int64       examples: the line number in their file; documents: the position
+Key ids number the keys of the db: document after document (in file order), key after key.
+An anchor is valid (the reference's rule) when it has a positive in the db and lists negatives;
+other anchors keep their labels but are not queries (generation-only).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from onegen_jax.data.encoding import TaskTokenizer
+from onegen_jax.data.packing import Corpus, Key, Sequence
+from onegen_jax.data.records import Document, Example, Report, key_uid
+
+
+def _ints(values) -> np.ndarray:
+  return np.asarray(values, np.int32).reshape(-1)
+
+
+def _record(enc, positions, positives=(), negatives=(), uid="", index=0) -> dict:
+  return {"tokens": enc.tokens, "is_target": enc.is_target, "positions": _ints(positions),
+          "positive_keys": _ints([k for p in positives for k in p]),
+          "positive_counts": _ints([len(p) for p in positives]),
+          "negative_keys": _ints([k for n in negatives for k in n]),
+          "negative_counts": _ints([len(n) for n in negatives]), "uid": uid,
+          "index": np.int64(index)}
+
+
+def document_records(docs: list[Document], tokenizer: TaskTokenizer, max_len: int,
+                     report: Report) -> list[dict]:
+  """Tokenised documents; a document whose keys were all cut away by truncation is dropped."""
+  encoded = tokenizer.encode([d.messages for d in docs], tokenizer.task.doc_token, max_len)
+  records = []
+  for doc, enc in zip(docs, encoded):
+    if len(enc.rets) != doc.num_keys and not enc.cut:
+      raise ValueError(f"{doc.path}:{doc.line}: {doc.num_keys} RET tokens in the text but "
+                       f"{len(enc.rets)} after tokenisation")
+    report.count("db_tokens", len(enc.tokens))
+    if enc.cut:
+      report.count("documents_truncated")
+      report.count("keys_lost_to_truncation", doc.num_keys - len(enc.rets))
+    if len(enc.rets) == 0:
+      report.warnings.append(f"{doc.path}:{doc.line}: messages: truncation to {max_len} tokens "
+                             "left no key; the document is dropped")
+      continue
+    records.append(_record(enc, enc.rets, uid=doc.uid, index=len(records)))
+  report.counts["documents"] = len(records)
+  report.counts["keys"] = sum(len(r["positions"]) for r in records)
+  return records
+
+
+def key_ids(doc_records: list[dict]) -> dict[str, int]:
+  """Key uid -> key id."""
+  uids = [key_uid(r["uid"], k) for r in doc_records for k in range(len(r["positions"]))]
+  return {uid: i for i, uid in enumerate(uids)}
+
+
+def example_records(examples: list[Example], tokenizer: TaskTokenizer, keys: dict[str, int],
+                    max_len: int, report: Report, prefix: str = "") -> list[dict]:
+  """Tokenised examples with their valid anchors; counts go to report under `prefix`."""
+  encoded = tokenizer.encode([e.messages for e in examples], tokenizer.task.query_token, max_len)
+  records = []
+  for ex, enc in zip(examples, encoded):
+    if not enc.cut and len(enc.rets) != len(ex.anchors):
+      raise ValueError(f"{ex.path}:{ex.line}: {len(ex.anchors)} RET tokens in the text but "
+                       f"{len(enc.rets)} after tokenisation")
+    report.count(prefix + "examples")
+    report.count(prefix + "tokens", len(enc.tokens))
+    report.count(prefix + "anchors", len(ex.anchors))
+    if enc.cut:
+      report.count(prefix + "examples_truncated")
+      report.count(prefix + "tokens_cut", enc.cut)
+      report.count(prefix + "anchors_lost_to_truncation", len(ex.anchors) - len(enc.rets))
+    positions, positives, negatives = [], [], []
+    for position, anchor in zip(enc.rets, ex.anchors):
+      pos = [keys[u] for u in anchor.positives if u in keys]
+      if pos and anchor.negatives:
+        positions.append(position)
+        positives.append(pos)
+        negatives.append([keys[u] for u in anchor.negatives if u in keys])
+    report.count(prefix + "valid_anchors", len(positions))
+    report.count(prefix + "generation_only_examples", not positions)
+    records.append(_record(enc, positions, positives, negatives, index=ex.line))
+  return records
+
+
+class Database:
+  """The documents in memory: a packing.Corpus plus key tables for sampling.
+
+  key_uids[i]: uid of key id i; doc_first_key / doc_num_keys int [D]: each document's key ids.
+  """
+
+  def __init__(self, doc_records: list[dict]):
+    docs = {}
+    self.key_uids: list[str] = []
+    for r in doc_records:
+      uid = str(r["uid"].decode() if isinstance(r["uid"], bytes) else r["uid"])
+      keys = tuple(Key(int(p), key_uid(uid, k)) for k, p in enumerate(r["positions"]))
+      docs[uid] = Sequence(np.asarray(r["tokens"]), np.asarray(r["is_target"]), keys=keys)
+      self.key_uids += [k.uid for k in keys]
+    self.corpus = Corpus(docs)
+    counts = np.array([len(d.keys) for d in docs.values()], np.int64)
+    self.doc_num_keys = counts
+    self.doc_first_key = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64)
+
+  def __len__(self) -> int:
+    return len(self.key_uids)

@@ -1,0 +1,110 @@
+"""The special tokens and sampling settings of each OneGen task (values of the reference workflows).
+
+A `Task` names its tokens by string; ids come from the tokenizer by name (never by list position).
+`descriptions` holds the text whose mean token embedding initialises each new token's embedding
+and LM-head rows.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+
+@dataclasses.dataclass(frozen=True)
+class Task:
+  """Tokens and sampling of one task.
+
+  query_token: the RET token of examples (query side); doc_token: the RET token of documents.
+  ctx_spans: (open, close) tags; assistant text from open to close inclusive is CTX (no loss).
+  force_after: RET token -> the token inference forces right after it (the reference never trains
+    the token after a RET token, so the model cannot learn it).
+  gen_tokens: further special tokens the model generates (trained as ordinary GEN tokens).
+  descriptions: token -> description string for initialising its embedding.
+  n_pos_per_sent: RET anchors sampled per example; n_neg_per_pos: negatives per anchor.
+  query_template, doc_instruction: the reference prompts ({input}: the question or text;
+    {title}: the entity); the instruction holds one literal RET token, in the user segment.
+  """
+
+  name: str
+  query_token: str
+  doc_token: str
+  ctx_spans: tuple[tuple[str, str], ...] = ()
+  force_after: tuple[tuple[str, str], ...] = ()
+  gen_tokens: tuple[str, ...] = ()
+  descriptions: tuple[tuple[str, str], ...] = ()
+  n_pos_per_sent: int = 1
+  n_neg_per_pos: int = 1
+  query_template: str = "{input}"
+  doc_instruction: str = ""
+
+  @property
+  def special_tokens(self) -> tuple[str, ...]:
+    """Every token the tokenizer must hold as one unsplittable token."""
+    tokens = [self.query_token, self.doc_token, *self.gen_tokens]
+    tokens += [t for span in self.ctx_spans for t in span]
+    return tuple(dict.fromkeys(tokens))
+
+  def description(self, token: str) -> str:
+    return dict(self.descriptions)[token]
+
+
+_RAG_RET = (("[Question Representation]", "infomation of question"),
+            ("[Document Fragment Representation]", "information of document fragment"))
+_PARAGRAPH = (("<paragraph>", "a tag to indicate the start of the retrieved document begins here"),
+              ("</paragraph>", "a tag to indicate the end of the retrieved document starts here"))
+_SELF_RAG_GEN = (
+    ("[No Retrieval]", "a tag indicating no need for retrieval"),
+    ("[Retrieval]", "a tag indicating need for retrieval"),
+    ("[Continue to Use Evidence]", "a tag indicating continue to use evidence"),
+    ("[Irrelevant]", "a tag to denote content irrelevant to the query"),
+    ("[Relevant]", "a tag to denote content relevant to the query"),
+    ("[Utility:1]", "a tag to denote the current generated result is poor"),
+    ("[Utility:2]", "a tag to denote the current generated result is fair"),
+    ("[Utility:3]", "a tag to denote the current generated result is good"),
+    ("[Utility:4]", "a tag to denote the current generated result is great"),
+    ("[Utility:5]", "a tag to denote the current generated result is excellent"),
+    ("[Fully supported]", "a tag to indicate that the current generated results are all "
+                          "supported by the retrieved documents"),
+    ("[Partially supported]", "a tag to indicate that the current generated result has received "
+                              "partial support from the retrieved documents"),
+    ("[No support / Contradictory]", "a tag to indicate that the current generated result has not "
+                                     "received support from the retrieved documents"),
+)
+_RAG_QUERY_TEMPLATE = (
+    "You are good at multi-step reasoning in QA. For complex questions, break down the process. "
+    "Generate and answer sub-questions step-by-step, using retrieved documents at each stage. "
+    "Output the final answer wrapped by <FINAL-ANSWER></FINAL-ANSWER>. Here is a question: {input}")
+_RAG_DOC_INSTRUCTION = ("Represent the following document fragment and output it after the "
+                        "'[Document Fragment Representation]' token. \nHere are document fragment:\n")
+
+EL = Task(
+    name="el", query_token="[LK]", doc_token="[SE]",
+    force_after=(("[LK]", "[_CONTINUE_]"),), gen_tokens=("[_CONTINUE_]",),
+    descriptions=(("[_CONTINUE_]", "continue to output"), ("[SE]", "description of entity"),
+                  ("[LK]", "information of subject or object")),
+    n_pos_per_sent=1, n_neg_per_pos=4,
+    query_template=(
+        "[INST] You are good at mention detection. Identify and extract mentions of entities from "
+        "the text. Please output the original text with annotations. Here, the annotation for each "
+        "mention should be formatted as `<MENTION>{{mention in text}}</MENTION>` when displayed. "
+        "\n\nTEST TEXT:\n{input} [/INST]"),
+    doc_instruction=("Represent the entity based on its description and output it after the "
+                     "'[SE]' token.\nThe description of {title} is as follows:\n"))
+
+MULTIHOP = Task(
+    name="multihop", query_token="[Question Representation]",
+    doc_token="[Document Fragment Representation]", ctx_spans=(("<paragraph>", "</paragraph>"),),
+    descriptions=_RAG_RET + _PARAGRAPH, n_pos_per_sent=2, n_neg_per_pos=6,
+    query_template=_RAG_QUERY_TEMPLATE, doc_instruction=_RAG_DOC_INSTRUCTION)
+
+SELFRAG = dataclasses.replace(
+    MULTIHOP, name="selfrag", gen_tokens=tuple(t for t, _ in _SELF_RAG_GEN),
+    descriptions=_SELF_RAG_GEN + _RAG_RET + _PARAGRAPH, n_pos_per_sent=1, n_neg_per_pos=2)
+
+TASKS = {task.name: task for task in (EL, MULTIHOP, SELFRAG)}
+
+
+def get_task(name: str) -> Task:
+  if name not in TASKS:
+    raise ValueError(f"unknown task {name!r}; known: {sorted(TASKS)}")
+  return TASKS[name]
