@@ -1,30 +1,69 @@
-"""Trains a OneGen model: python -m launch.train --config=configs/el.py:demo [--workdir=RUN]
+"""Trains a OneGen model.
 
-Dotted overrides work (`--config.optim.lr=1e-3`); the last line printed is one JSON object with
-the final metrics.
+  python -m launch.train --config=configs/el.py:demo [--workdir=RUN]
+  python -m launch.train --config=configs/el.py:llama2-7b --compile_only --topology=v5p-64
+
+Dotted overrides work (`--config.optim.lr=1e-5`); a misspelled key fails before anything runs.
+A restart with the same --workdir resumes from its latest checkpoint. The last line printed is one
+JSON object: the final metrics, or with --compile_only the per-device memory and FLOPs of the
+compiled train step.
 """
 
+import dataclasses
 import json
+import sys
 
 import jax
 from absl import app, flags
 from ml_collections import config_flags
 
-from onegen_jax.train.loop import fit
-
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Task config file[:variant].",
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (any path Orbax accepts) for "
                                "checkpoints and metrics; a restart resumes from its latest step.")
+_COMPILE_ONLY = flags.DEFINE_bool("compile_only", False, "Compile the train step for --topology "
+                                  "ahead of time and report its memory, without training.")
+_TOPOLOGY = flags.DEFINE_string("topology", None, "TPU slice for --compile_only, e.g. v5p-64, "
+                                "v5e-256, v4-32, v6e-64.")
+_DISTRIBUTED = flags.DEFINE_bool("distributed", False, "Multi-process run: call "
+                                  "jax.distributed.initialize() (auto-detects TPU pods and SLURM; "
+                                  "elsewhere give the three flags below).")
+_COORDINATOR = flags.DEFINE_string("coordinator_address", None, "host:port of process 0.")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index.")
 flags.mark_flag_as_required("config")
+
+
+def _compile_only(config) -> int:
+  from onegen_jax.train.aot import compile_train_step  # noqa: PLC0415 (needs libtpu)
+
+  if not _TOPOLOGY.value:
+    raise app.UsageError("--compile_only needs --topology (e.g. v5p-64)")
+  try:
+    report = compile_train_step(config, _TOPOLOGY.value)
+  except jax.errors.JaxRuntimeError as e:
+    if "RESOURCE_EXHAUSTED" not in str(e):
+      raise
+    detail = str(e).split("RESOURCE_EXHAUSTED:", 1)[-1].strip().splitlines()[0]
+    print(f"does not fit on {_TOPOLOGY.value}: RESOURCE_EXHAUSTED: {detail}", file=sys.stderr)
+    return 1
+  print(json.dumps(dataclasses.asdict(report), sort_keys=True))
+  return 0
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  if _COMPILE_ONLY.value:
+    return _compile_only(_CONFIG.value)
+  if _DISTRIBUTED.value:
+    jax.distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+  from onegen_jax.train.loop import fit  # noqa: PLC0415
+
   _, final = fit(_CONFIG.value, _WORKDIR.value)
   if jax.process_index() == 0:
     print(json.dumps(final, sort_keys=True))
+  return 0
 
 
 if __name__ == "__main__":

@@ -121,7 +121,7 @@ def build_train_program(model: Decoder, tx: optax.GradientTransformation, schedu
     return TrainState(jnp.zeros((), jnp.int32), params, tx.init(params))
 
   with sharding.activate(mesh):
-    abstract = jax.eval_shape(init_boxed, jax.random.key(0))
+    abstract = jax.eval_shape(lambda: init_boxed(jax.random.key(0)))
   state_shardings = sharding.logical_to_sharding(nn.get_partition_spec(abstract), mesh)
   abstract_state = sharding.with_shardings(nn.unbox(abstract), state_shardings)
   init = jax.jit(lambda rng: nn.unbox(init_boxed(rng)), out_shardings=state_shardings)

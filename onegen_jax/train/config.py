@@ -1,0 +1,80 @@
+"""Building blocks of the task configs in configs/: one base, the paper's settings, the demo.
+
+The paper's settings (docs of the reference: 8 GPUs, global batch = per-device x accum x 8):
+  task      model          max_len  per-dev x accum  lr     epochs  n_pos/n_neg
+  el        llama2-7b      1300     5 x 2            5e-6   6       1/4
+  multihop  llama2-7b      1200     2 x 4            2e-5   3       2/6
+  multihop  llama3.1-8b    1200     2 x 4            2e-5   3       2/2
+  multihop  qwen2-1.5b     1100     2 x 4            2e-5   3       2/6
+  multihop  qwen2-7b       1100     2 x 4            2e-5   3       2/2
+  selfrag   llama2-7b      2048     3 x 4            2e-5   3       1/2
+AdamW (0.9, 0.999, 1e-8), no weight decay, linear decay to 0 without warmup, clip 1.0, BPR with
+lambda_g = lambda_r = 1, bf16 compute, full fine-tuning with rematerialisation, ZeRO-3 (= fsdp).
+Our batches are packed: each micro-batch is 64 rows of 2048 tokens (131k tokens), which holds the
+paper's examples per micro-batch with the documents their queries need (at about 128 tokens a
+document). 64 rows split over data x fsdp of up to 64 devices; beyond that use `mesh.tensor`.
+"""
+
+from __future__ import annotations
+
+from ml_collections import ConfigDict
+
+# (task, preset) -> (max_len, global examples per step, accum, lr, epochs, n_pos, n_neg)
+PAPER = {
+    ("el", "llama2-7b"): (1300, 80, 2, 5e-6, 6, 1, 4),
+    ("multihop", "llama2-7b"): (1200, 64, 4, 2e-5, 3, 2, 6),
+    ("multihop", "llama3.1-8b"): (1200, 64, 4, 2e-5, 3, 2, 2),
+    ("multihop", "qwen2-1.5b"): (1100, 64, 4, 2e-5, 3, 2, 6),
+    ("multihop", "qwen2-7b"): (1100, 64, 4, 2e-5, 3, 2, 2),
+    ("selfrag", "llama2-7b"): (2048, 96, 4, 2e-5, 3, 1, 2),
+}
+
+
+def base_config(task: str) -> ConfigDict:
+  """Every key a run reads, with neutral defaults; variants override sections."""
+  c = ConfigDict()
+  c.task = task
+  # Decoder: a preset plus overrides of any field of onegen_jax.model.config.ModelConfig;
+  # init_from: a run directory (e.g. from launch.import_hf) whose parameters start training.
+  c.model = ConfigDict(dict(preset="tiny", dtype="bfloat16", param_dtype="float32",
+                            remat_policy="full", scan_layers=True, attention_impl="xla",
+                            init_from=""))
+  # Mesh axis sizes; -1 fills the remaining devices.
+  c.mesh = ConfigDict(dict(data=1, fsdp=-1, tensor=1))
+  # lambda_gen * L_gen + lambda_ret * L_ret; "bpr" (the reference's setting) or "infonce"
+  # (temperature applies to InfoNCE only).
+  c.loss = ConfigDict(dict(loss_type="bpr", temperature=0.02, lambda_gen=1.0, lambda_ret=1.0))
+  # AdamW after global-norm clipping; schedule "linear" (reference), "warmup_cosine", "constant".
+  c.optim = ConfigDict(dict(lr=2e-5, schedule="linear", warmup_steps=0, b1=0.9, b2=0.999,
+                            eps=1e-8, weight_decay=0.0, clip_norm=1.0))
+  # Static batch per optimizer step: `rows` rows of `seq_len` tokens, split into `accum_steps`
+  # micro-batches; per micro-batch at most num_queries queries, num_keys keys, num_negatives
+  # negatives per query. In-batch contrastive negatives span one micro-batch.
+  c.batch = ConfigDict(dict(rows=8, seq_len=64, num_queries=16, num_keys=64, num_negatives=4,
+                            accum_steps=1))
+  # nan_policy: "stop" (exit with a message, last good checkpoint kept) or "skip" the step.
+  c.train = ConfigDict(dict(steps=1000, seed=0, log_every=100, eval_every=500, nan_policy="stop"))
+  # Orbax checkpoints in --workdir: every `every_steps` steps, the last `keep` kept.
+  c.checkpoint = ConfigDict(dict(every_steps=500, keep=3))
+  c.data = ConfigDict(dict(kind="jsonl", train_path="", db_path="", dev_path="", tokenizer_path="",
+                           max_bad_lines=0, seed=0, n_pos_per_sent=1, n_neg_per_pos=1, max_len=0,
+                           num_train=0, num_heldout=0))
+  return c
+
+
+def paper_config(task: str, preset: str) -> ConfigDict:
+  """The paper's setting for (task, model preset); data paths are set on the command line."""
+  if (task, preset) not in PAPER:
+    known = sorted(p for t, p in PAPER if t == task)
+    raise ValueError(f"no paper setting for {task} with {preset!r}; known: {known}")
+  max_len, examples, accum, lr, epochs, n_pos, n_neg = PAPER[(task, preset)]
+  c = base_config(task)
+  c.model.preset = preset
+  c.optim.lr = lr
+  c.train.epochs = epochs
+  c.data.update(n_pos_per_sent=n_pos, n_neg_per_pos=n_neg, max_len=max_len)
+  per_micro = examples // accum
+  c.batch.update(rows=64 * accum, seq_len=-(-max(2048, max_len) // 256) * 256, accum_steps=accum,
+                 num_queries=per_micro * n_pos, num_keys=per_micro * n_pos * (1 + n_neg),
+                 num_negatives=n_neg)
+  return c
