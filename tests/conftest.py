@@ -5,6 +5,7 @@ XLA_FLAGS must be set before jax is imported anywhere.
 
 import os
 
+os.environ.setdefault("JAX_PLATFORMS", "cpu")  # libtpu (the tpu extra) is installed for AOT only
 os.environ["XLA_FLAGS"] = ("--xla_force_host_platform_device_count=8 " +
                            os.environ.get("XLA_FLAGS", "")).strip()
 
