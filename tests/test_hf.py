@@ -152,6 +152,16 @@ def test_export_round_trip(checkpoint, kind, architecture, tmp_path):
   assert _max_diff(hidden, hf_hidden, mask) < 1e-4
 
 
+def test_unscanned_layout(checkpoint, tmp_path):
+  path, _, config, scanned = _import(checkpoint, "qwen2_tied")
+  unscanned = hf.load_hf_params(path, config.replace(scan_layers=False))
+  for layer in range(config.num_layers):
+    jax.tree.map(lambda stacked, one, i=layer: np.testing.assert_array_equal(stacked[i], one),
+                 scanned["layers"], unscanned[f"layers_{layer}"])
+  hf.save_hf_checkpoint(unscanned, config.replace(scan_layers=False), tmp_path, dtype="float32")
+  jax.tree.map(np.testing.assert_array_equal, hf.load_hf_params(tmp_path, config), scanned)
+
+
 def _tokenizer(size):
   vocab = {f"w{i}": i for i in range(size)}
   backend = Tokenizer(models.WordLevel(vocab, unk_token="w0"))
