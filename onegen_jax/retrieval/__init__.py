@@ -1,0 +1,1 @@
+"""Retrieval: encoding sequences into vectors with the model, and searching them."""
