@@ -90,7 +90,8 @@ def make_el(seed: int = 0, num_names: int = 40, num_train: int = 800,
       else:
         namesakes = [e[0] for e in entities if e[1] == name and e[0] != uid]
         same_type = [e[0] for e in entities if e[2] == t and e[0] != uid]
-        negative.append(namesakes + [str(u) for u in rng.choice(same_type, 3, replace=False)])
+        picked = rng.choice(same_type, min(3, len(same_type)), replace=False)
+        negative.append(namesakes + [str(u) for u in picked])
     return conversation(EL.query_template.format(input=" ".join(texts)),
                          " ".join(annotated) + f" {EOS}", positive, negative)
 
