@@ -122,13 +122,16 @@ def test_unsupported_configs_raise(hf_config, message):
     hf.config_from_hf(hf_config)
 
 
-def test_missing_and_misshapen_tensors_raise(checkpoint, tmp_path):
+def test_missing_misshapen_and_unexpected_tensors_raise(checkpoint):
   path, _ = checkpoint("llama")
   config = hf.config_from_hf(path)
   with pytest.raises(ValueError, match=r"model\.layers\.2\.input_layernorm\.weight.*missing"):
     hf.load_hf_params(path, config.replace(num_layers=3))
   with pytest.raises(ValueError, match=r"model\.embed_tokens\.weight in .*model\.safetensors"):
     hf.load_hf_params(path, config.replace(vocab_size=VOCAB + 8))
+  qwen2_path, _ = checkpoint("qwen2_tied")
+  with pytest.raises(ValueError, match=r"no place for.*model\.layers\.0\.self_attn\.k_proj\.bias"):
+    hf.load_hf_params(qwen2_path, hf.config_from_hf(qwen2_path).replace(qkv_bias=False))
 
 
 @pytest.mark.parametrize("kind, architecture", [
