@@ -55,8 +55,14 @@ class Attention(nn.Module):
   config: ModelConfig
 
   @nn.compact
-  def __call__(self, x: jnp.ndarray, mask: jnp.ndarray, positions: jnp.ndarray) -> jnp.ndarray:
-    """x: [B, S, D]; mask: bool [B, 1, S, S]; positions: int32 [B, S]. Returns [B, S, D]."""
+  def __call__(self, x: jnp.ndarray, mask: jnp.ndarray, positions: jnp.ndarray,
+               write_index: jnp.ndarray | None = None, cache: tuple = ()):
+    """x: [B, T, D]; positions: int32 [B, T]. Returns (out [B, T, D], new cache).
+
+    Without a cache (training), mask is bool [B, 1, T, T] over these tokens. With a cache
+    (k, v), each [B, C, K, H], the new keys and values are written at `write_index` int32 [B]
+    (per row) and mask is bool [B, 1, T, C] over the updated cache.
+    """
     cfg = self.config
     batch, seq_len, _ = x.shape
     head_dim = cfg.dim_per_head
@@ -72,10 +78,15 @@ class Attention(nn.Module):
     inv_freq = inverse_frequencies(head_dim, cfg.rope_theta, cfg.rope_scaling)
     q = apply_rope(q, positions, inv_freq)
     k = apply_rope(k, positions, inv_freq)
+    if cache:
+      write = jax.vmap(lambda buf, new, i: jax.lax.dynamic_update_slice(buf, new, (i, 0, 0)))
+      k, v = write(cache[0], k.astype(cache[0].dtype), write_index), write(
+          cache[1], v.astype(cache[1].dtype), write_index)
+      cache = (k, v)
     out = jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=cfg.attention_impl)
     out = nn.with_logical_constraint(out, ("batch", "length", "act_heads", None))
     out = out.reshape(batch, seq_len, cfg.num_heads * head_dim)
-    return _dense(cfg.hidden_size, ("heads", "embed"), cfg, "o_proj")(out)
+    return _dense(cfg.hidden_size, ("heads", "embed"), cfg, "o_proj")(out), cache
 
 
 class MLP(nn.Module):
@@ -93,17 +104,20 @@ class MLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-  """Pre-norm transformer block. The (carry, None) return makes it usable under nn.scan."""
+  """Pre-norm transformer block; returns (x, new cache), the (carry, output) shape of nn.scan."""
 
   config: ModelConfig
 
   @nn.compact
-  def __call__(self, x: jnp.ndarray, mask: jnp.ndarray, positions: jnp.ndarray):
+  def __call__(self, x: jnp.ndarray, mask: jnp.ndarray, positions: jnp.ndarray,
+               write_index: jnp.ndarray | None = None, cache: tuple = ()):
     cfg = self.config
     norm = functools.partial(RMSNorm, cfg.rms_norm_eps, cfg.dtype, cfg.param_dtype)
-    x = x + Attention(cfg, name="self_attn")(norm(name="input_layernorm")(x), mask, positions)
+    attended, cache = Attention(cfg, name="self_attn")(
+        norm(name="input_layernorm")(x), mask, positions, write_index, cache)
+    x = x + attended
     x = x + MLP(cfg, name="mlp")(norm(name="post_attention_layernorm")(x))
-    return nn.with_logical_constraint(x, ("batch", "length", "act_embed")), None
+    return nn.with_logical_constraint(x, ("batch", "length", "act_embed")), cache
 
 
 class Decoder(nn.Module):
@@ -125,7 +139,7 @@ class Decoder(nn.Module):
     if cfg.scan_layers:
       self.layers = nn.scan(
           layer, variable_axes={"params": 0}, split_rngs={"params": True},
-          in_axes=(nn.broadcast, nn.broadcast), length=cfg.num_layers,
+          in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, 0), length=cfg.num_layers,
           metadata_params={nn.PARTITION_NAME: "layers"})(cfg, name="layers")
     else:
       self.layers = [layer(cfg, name=f"layers_{i}") for i in range(cfg.num_layers)]
@@ -133,21 +147,42 @@ class Decoder(nn.Module):
     if not cfg.tie_embeddings:
       self.lm_head = _dense(cfg.vocab_size, ("embed", "vocab"), cfg, "lm_head")
 
-  def hidden_states(self, tokens: jnp.ndarray, segment_ids: jnp.ndarray,
-                    positions: jnp.ndarray) -> jnp.ndarray:
-    """tokens, segment_ids, positions: int32 [B, S] -> hidden [B, S, D] after the final norm."""
+  def _embed(self, tokens: jnp.ndarray) -> jnp.ndarray:
     # Gather from a table replicated over 'embed': with the batch on fsdp, a lookup into an
     # fsdp-sharded embed dim forces an involuntary full rematerialisation.
     table = nn.with_logical_constraint(self.embed_tokens.embedding, ("vocab", None))
     x = jnp.take(table, tokens, axis=0).astype(self.config.dtype)
-    x = nn.with_logical_constraint(x, ("batch", "length", "act_embed"))
-    mask = packed_causal_mask(segment_ids)
+    return nn.with_logical_constraint(x, ("batch", "length", "act_embed"))
+
+  def _layers(self, x, mask, positions, write_index=None, cache=()):
+    """Runs every layer; cache (k, v) is stacked per layer: each [L, B, C, K, H]."""
     if self.config.scan_layers:
-      x, _ = self.layers(x, mask, positions)
-    else:
-      for layer in self.layers:
-        x, _ = layer(x, mask, positions)
+      return self.layers(x, mask, positions, write_index, cache)
+    new_cache = []
+    for i, layer in enumerate(self.layers):
+      x, layer_cache = layer(x, mask, positions, write_index, tuple(c[i] for c in cache))
+      new_cache.append(layer_cache)
+    return x, tuple(jnp.stack(c) for c in zip(*new_cache))
+
+  def hidden_states(self, tokens: jnp.ndarray, segment_ids: jnp.ndarray,
+                    positions: jnp.ndarray) -> jnp.ndarray:
+    """tokens, segment_ids, positions: int32 [B, S] -> hidden [B, S, D] after the final norm."""
+    x, _ = self._layers(self._embed(tokens), packed_causal_mask(segment_ids), positions)
     return self.norm(x)
+
+  def extend(self, tokens: jnp.ndarray, cache_len: jnp.ndarray, cache: tuple):
+    """Feeds tokens [B, T] after each row's `cache_len` [B] cached tokens (prefill or decode).
+
+    cache: (k, v), each [L, B, C, K, H]. Row b's token t sits at position cache_len[b] + t and
+    sees cache entries 0..cache_len[b] + t. Rows may use fewer than T tokens: the extra ones are
+    written past the row's length and overwritten by the next call. Returns (hidden [B, T, D]
+    after the final norm, new cache).
+    """
+    num_tokens, capacity = tokens.shape[1], cache[0].shape[2]
+    positions = cache_len[:, None] + jnp.arange(num_tokens)[None, :]
+    mask = jnp.arange(capacity)[None, None, :] <= positions[:, :, None]  # [B, T, C]
+    x, cache = self._layers(self._embed(tokens), mask[:, None], positions, cache_len, cache)
+    return self.norm(x), cache
 
   def logits(self, hidden: jnp.ndarray) -> jnp.ndarray:
     """hidden [B, S, D] -> logits [B, S, V] in the compute dtype."""
@@ -161,3 +196,9 @@ class Decoder(nn.Module):
     """Returns (logits [B, S, V], hidden [B, S, D])."""
     hidden = self.hidden_states(tokens, segment_ids, positions)
     return self.logits(hidden), hidden
+
+
+def init_cache(config: ModelConfig, batch: int, capacity: int) -> tuple[jnp.ndarray, jnp.ndarray]:
+  """Empty (k, v) caches, each [L, B, capacity, K, H] in the compute dtype."""
+  shape = (config.num_layers, batch, capacity, config.num_kv_heads, config.dim_per_head)
+  return jnp.zeros(shape, config.dtype), jnp.zeros(shape, config.dtype)
