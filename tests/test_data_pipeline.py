@@ -137,3 +137,10 @@ def test_train_step_runs_on_pipeline_batches():
     assert np.isfinite(metrics["loss"]) and metrics["loss_ret"] > 0
   held_out = jax.device_get(program.evaluate(state.params, dev[0]))
   assert held_out["num_valid_queries"] > 0
+
+
+def test_without_dev_set(tmp_path):
+  for prepared in ("", str(tmp_path)):
+    train, dev, stats = build_data(data_config("el", dev_path="", prepared_dir=prepared), SHAPE)
+    assert dev == [] and "dev_examples" not in stats["counts"]
+    assert next(train)["query_valid"].any()

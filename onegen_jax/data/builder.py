@@ -1,6 +1,6 @@
 """The TFDS builder: tokenised examples and db, prepared once in array_record (no TensorFlow).
 
-Splits `train`, `dev` (possibly empty) and `db`, all with the record features of prepare.py, in
+Splits `train`, `dev` and `db` (an empty one is left out: TFDS writes no empty split), all with the record features of prepare.py, in
 file order (shuffling happens per epoch in the grain loader). The builder config's name is a
 fingerprint of everything the records depend on (files, tokenizer, task, max_len, max_bad_lines),
 so changed inputs are prepared again instead of silently reused. The validation and truncation
@@ -88,7 +88,7 @@ class OneGenData(tfds.core.GeneratorBasedBuilder):
     self.info.metadata.update(counts=report.counts, warnings=report.warnings,
                               skipped=report.skipped, tokenize_s=time.time() - start,
                               vocab_size=tokenizer.vocab_size, special_ids=tokenizer.ids)
-    return {name: self._generate_examples(records) for name, records in splits.items()}
+    return {name: self._generate_examples(records) for name, records in splits.items() if records}
 
   def _generate_examples(self, records):
     for i, record in enumerate(records):

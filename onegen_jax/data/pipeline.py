@@ -71,8 +71,8 @@ def build_data(config: Mapping, shape: BatchShape, seed: int = 0, process_index:
   prepared_dir = _get(config, "prepared_dir")
   if prepared_dir:
     splits, metadata = prepare(source, prepared_dir)
-    db_records = [splits["db"][i] for i in range(len(splits["db"]))]
-    dev_records = [splits["dev"][i] for i in range(len(splits["dev"]))] if "dev" in splits else []
+    db_records, dev_records = ([s[i] for i in range(len(s))] if (s := splits.get(name)) else []
+                               for name in ("db", "dev"))
   else:
     splits, metadata = load_in_memory(source)
     db_records, dev_records = splits["db"], splits["dev"]
@@ -84,7 +84,7 @@ def build_data(config: Mapping, shape: BatchShape, seed: int = 0, process_index:
                      f"{shape.num_negatives}")
   host = Host(process_index, process_count)
   db = Database(db_records)
-  train = TrainIterator(splits["train"], db, shape, sampling, host, seed)
+  train = TrainIterator(splits.get("train", []), db, shape, sampling, host, seed)
   dev_sampling = Sampling(sampling.n_pos_per_sent, sampling.n_neg_per_pos, seed, _DEV_STREAM)
   dev = heldout_batches(dev_records, db, shape, dev_sampling, host)
   stats = dict(metadata, dev_packing_efficiency=mean_efficiency(dev), dev_batches=len(dev))
