@@ -1,0 +1,1 @@
+"""Evaluation: the metrics the paper reports (metrics.py)."""
