@@ -7,8 +7,9 @@ Launch:
       --config.data.train_path=... --config.data.db_path=... --config.data.tokenizer_path=...
   python -m launch.train --config=configs/el.py:llama2-7b --compile_only --topology=v5p-64
 
-Variants: `demo` (the tiny decoder on the synthetic entity-linking task, CPU, under a minute) and
-`llama2-7b` (the paper's setting, see onegen_jax/train/config.py).
+Variants: `demo` (the tiny decoder on the project's generated entity-linking data, written to
+runs/demo-data/el on first use; CPU, about a minute) and `llama2-7b` (the paper's setting, see
+onegen_jax/train/config.py).
 """
 
 from onegen_jax.train.config import base_config, paper_config
@@ -21,8 +22,10 @@ def get_config(arg: str = "demo"):
   c.model.update(preset="tiny", dtype="float32")
   c.mesh.update(data=-1, fsdp=1)
   c.optim.update(lr=3e-3, schedule="warmup_cosine", warmup_steps=50)
-  c.batch.update(rows=8, seq_len=64, num_queries=16, num_keys=64, num_negatives=3)
+  c.batch.update(rows=8, seq_len=256, num_queries=16, num_keys=64, num_negatives=4)
   c.train.update(steps=600, log_every=100, eval_every=300)
   c.checkpoint.update(every_steps=200)
-  c.data.update(kind="synthetic", num_train=4000, num_heldout=256)
+  data = "runs/demo-data/el"
+  c.data.update(generate="el", train_path=f"{data}/train.jsonl", db_path=f"{data}/db.jsonl",
+                dev_path=f"{data}/dev.jsonl", tokenizer_path=f"{data}/tokenizer")
   return c

@@ -45,7 +45,7 @@ def main(argv):
   shape = BatchShape(_ROWS.value, _SEQ_LEN.value, _QUERIES.value, _KEYS.value, _NEGATIVES.value)
   start = time.time()
   try:
-    train, _, stats = build_data(config, shape)
+    train, _, stats, *_ = build_data(config, shape)
   except DataError as e:
     sys.exit(str(e))
   built = time.time() - start

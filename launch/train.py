@@ -14,8 +14,10 @@ import json
 import sys
 
 import jax
-from absl import app, flags
+from absl import app, flags, logging
 from ml_collections import config_flags
+
+from onegen_jax.data.records import DataError
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Task config file[:variant].",
                                           lock_config=True)
@@ -54,13 +56,18 @@ def _compile_only(config) -> int:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  if not flags.FLAGS["verbosity"].present:
+    logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO
   if _COMPILE_ONLY.value:
     return _compile_only(_CONFIG.value)
   if _DISTRIBUTED.value:
     jax.distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
   from onegen_jax.train.loop import fit  # noqa: PLC0415
 
-  _, final = fit(_CONFIG.value, _WORKDIR.value)
+  try:
+    _, final = fit(_CONFIG.value, _WORKDIR.value)
+  except DataError as e:  # every bad line, as FILE:LINE: field: problem
+    sys.exit(str(e))
   if jax.process_index() == 0:
     print(json.dumps(final, sort_keys=True))
   return 0

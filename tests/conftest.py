@@ -29,8 +29,13 @@ BATCH_SHAPE = BatchShape(rows=8, seq_len=64, num_queries=16, num_keys=64, num_ne
 
 
 def demo_config(**sections):
-  """The el.py demo config with `sections` = {"mesh": {...}, "loss": {...}, ...} overridden."""
+  """The el.py demo config on the synthetic task (BATCH_SHAPE), with `sections` =
+  {"mesh": {...}, "loss": {...}, ...} overridden."""
   config = el.get_config("demo")
+  config.data.update(kind="synthetic", num_train=4000, num_heldout=256)
+  config.batch.update(rows=BATCH_SHAPE.rows, seq_len=BATCH_SHAPE.seq_len,
+                      num_queries=BATCH_SHAPE.num_queries, num_keys=BATCH_SHAPE.num_keys,
+                      num_negatives=BATCH_SHAPE.num_negatives)
   for section, values in sections.items():
     config[section].update(values)
   return config
@@ -59,6 +64,14 @@ def task():
 def batches(task):
   """Packed batches of BATCH_SHAPE from the synthetic task."""
   return list(pack_batches(task.train, task.corpus, BATCH_SHAPE))
+
+
+@pytest.fixture(scope="session")
+def trained_demo():
+  """(state, final metrics, config) of the tiny model trained 600 steps on the synthetic task."""
+  config = demo_config(train=dict(steps=600, log_every=600, eval_every=0))
+  state, final = loop.fit(config)
+  return state, final, config
 
 
 @pytest.fixture(scope="session")

@@ -38,7 +38,7 @@ def test_two_hosts_cover_every_example_once_per_epoch():
   config = data_config("el")
   hosts = [build_data(config, TWO_HOSTS, seed=3, process_index=p, process_count=2) for p in (0, 1)]
   epochs = []
-  for train, _, stats in hosts:
+  for train, _, stats, *_ in hosts:
     ids = _stream(train, 80)
     shard = len(set(ids))  # this host's examples
     assert len(ids) > 2 * shard and len(set(ids[:shard])) == shard  # an epoch has no repeats
@@ -51,7 +51,7 @@ def test_two_hosts_cover_every_example_once_per_epoch():
 def test_host_batches_concatenate_into_a_valid_global_batch():
   config = data_config("multihop")
   parts = [build_data(config, TWO_HOSTS, seed=0, process_index=p, process_count=2) for p in (0, 1)]
-  batch = _concat([next(train) for train, _, _ in parts])
+  batch = _concat([next(train) for train, *_ in parts])
   assert batch["tokens"].shape == (TWO_HOSTS.rows, TWO_HOSTS.seq_len)
   assert batch["query_index"].shape == (TWO_HOSTS.num_queries, 2)
   rq, rd = (parts[0][2]["special_ids"][t] for t in (MULTIHOP.query_token, MULTIHOP.doc_token))
@@ -70,12 +70,12 @@ def test_host_batches_concatenate_into_a_valid_global_batch():
 
 def test_iterator_state_restores_the_same_batches():
   config = data_config("el")
-  train, _, _ = build_data(config, SHAPE, seed=1)
+  train, _, _, *_ = build_data(config, SHAPE, seed=1)
   for _ in range(5):
     next(train)
   state = json.loads(json.dumps(train.get_state()))
   expected = [next(train) for _ in range(4)]
-  restored, _, _ = build_data(config, SHAPE, seed=1)
+  restored, _, _, *_ = build_data(config, SHAPE, seed=1)
   restored.set_state(state)
   for want in expected:
     got = next(restored)
@@ -100,8 +100,8 @@ def test_tfds_prepares_once_and_serves_the_in_memory_records(tmp_path):
   _, again = prepare(source, str(tmp_path))
   assert again["prepare_s"] == 0.0  # reused
   config = data_config("multihop", prepared_dir=str(tmp_path))
-  from_tfds, _, _ = build_data(config, SHAPE, seed=0)
-  from_memory, _, _ = build_data(data_config("multihop"), SHAPE, seed=0)
+  from_tfds, _, _, *_ = build_data(config, SHAPE, seed=0)
+  from_memory, _, _, *_ = build_data(data_config("multihop"), SHAPE, seed=0)
   for _ in range(3):
     a, b = next(from_tfds), next(from_memory)
     assert all(np.array_equal(a[k], b[k]) for k in a)
@@ -125,7 +125,7 @@ def test_train_step_runs_on_pipeline_batches():
   from onegen_jax.train import loop, step
 
   program = loop.build_program(config)
-  train, dev, stats = build_data(data_config("el"), SHAPE, seed=0)
+  train, dev, stats, *_ = build_data(data_config("el"), SHAPE, seed=0)
   assert stats["vocab_size"] <= program.model.config.vocab_size
   shardings = step.batch_shardings(program.mesh, {k: v.ndim for k, v in dev[0].items()}, False)
   state = program.init_state(seed=0)
@@ -141,6 +141,6 @@ def test_train_step_runs_on_pipeline_batches():
 
 def test_without_dev_set(tmp_path):
   for prepared in ("", str(tmp_path)):
-    train, dev, stats = build_data(data_config("el", dev_path="", prepared_dir=prepared), SHAPE)
+    train, dev, stats, *_ = build_data(data_config("el", dev_path="", prepared_dir=prepared), SHAPE)
     assert dev == [] and "dev_examples" not in stats["counts"]
     assert next(train)["query_valid"].any()

@@ -24,7 +24,7 @@ def test_convert_and_prepare(tmp_path, task, folder):
                 dev_path=f"{out}/dev.jsonl", tokenizer_path=f"{out}/tokenizer",
                 prepared_dir=str(tmp_path / "tfds"))
   shape = BatchShape(rows=8, seq_len=1024, num_queries=32, num_keys=256, num_negatives=6)
-  train, dev, stats = build_data(config, shape)
+  train, dev, stats, *_ = build_data(config, shape)
   assert stats["counts"]["examples"] == counts["train"]
   assert stats["counts"]["documents"] >= counts["db"] - 2  # a key may be truncated away
   assert stats["counts"]["valid_anchors"] > 0.4 * stats["counts"]["anchors"]

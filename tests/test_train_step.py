@@ -16,7 +16,6 @@ from conftest import demo_config
 from onegen_jax import sharding
 from onegen_jax.data.packing import BatchShape, pack_batches, stack_micro_batches
 from onegen_jax.data.synthetic import CONTINUE, RET_QUERY
-from onegen_jax.train.loop import fit
 from onegen_jax.train.step import LossConfig, grads_and_sums
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -101,9 +100,8 @@ def test_gradient_accumulation_equals_one_large_batch(program, task):
     assert np.linalg.norm(a - b) / np.linalg.norm(b) < 1e-5
 
 
-def test_tiny_model_learns_the_synthetic_task():
-  config = demo_config(train=dict(steps=600, log_every=600, eval_every=0))
-  _, final = fit(config)
+def test_tiny_model_learns_the_synthetic_task(trained_demo):
+  _, final, _ = trained_demo
   uniform = math.log(512)
   assert final["eval_loss_gen"] < 0.3 * uniform
   assert final["eval_retrieval_accuracy"] >= 0.9

@@ -47,6 +47,8 @@ class Sequence:
   keys: tuple[Key, ...] = ()
 
   def __post_init__(self):
+    if self.tokens.ndim != 1 or not len(self.tokens):
+      raise ValueError(f"a sequence needs a non-empty 1-D token array, got shape {self.tokens.shape}")
     if self.tokens.shape != self.is_target.shape:
       raise ValueError(f"tokens {self.tokens.shape} and is_target {self.is_target.shape} differ")
     for item in self.queries + self.keys:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Mapping
+from typing import NamedTuple
 
 from onegen_jax.data.builder import Source, prepare
 from onegen_jax.data.encoding import TaskTokenizer
@@ -37,7 +38,7 @@ def _get(config: Mapping, name: str, default=None):
 def source_from_config(config: Mapping, seq_len: int, task: Task | None = None) -> Source:
   return Source(task=task or get_task(config["task"]), train_path=config["train_path"],
                 db_path=config["db_path"], tokenizer_path=config["tokenizer_path"],
-                max_len=int(_get(config, "max_len", seq_len)), dev_path=_get(config, "dev_path"),
+                max_len=int(_get(config, "max_len") or seq_len), dev_path=_get(config, "dev_path"),
                 max_bad_lines=int(_get(config, "max_bad_lines", 0)))
 
 
@@ -57,10 +58,18 @@ def load_in_memory(source: Source) -> tuple[dict, dict]:
                   "prepare_s": time.time() - start}
 
 
+class BuiltData(NamedTuple):
+  train: TrainIterator  # endless host-local train batches
+  dev: list[dict]  # this host's held-out batches
+  stats: dict
+  database: Database  # every document, for encoding the db
+  dev_records: list[dict]  # held-out examples with their anchors (retrieval evaluation)
+
+
 def build_data(config: Mapping, shape: BatchShape, seed: int = 0, process_index: int = 0,
-               process_count: int = 1, task: Task | None = None
-               ) -> tuple[TrainIterator, list[dict], dict]:
-  """(endless train iterator of host-local batches, this host's held-out batches, stats).
+               process_count: int = 1, task: Task | None = None) -> BuiltData:
+  """(endless train iterator of host-local batches, this host's held-out batches, stats,
+  database, held-out records).
 
   shape: the global micro-batch shape; each host packs rows/P rows, Q/P queries, K/P keys.
   Raises records.DataError (every bad line as FILE:LINE: field: problem) before anything else.
@@ -88,4 +97,4 @@ def build_data(config: Mapping, shape: BatchShape, seed: int = 0, process_index:
   dev_sampling = Sampling(sampling.n_pos_per_sent, sampling.n_neg_per_pos, seed, _DEV_STREAM)
   dev = heldout_batches(dev_records, db, shape, dev_sampling, host)
   stats = dict(metadata, dev_packing_efficiency=mean_efficiency(dev), dev_batches=len(dev))
-  return train, dev, stats
+  return BuiltData(train, dev, stats, db, dev_records)

@@ -68,7 +68,8 @@ def pack_for_encoding(items: Sequence[EncodeItem], rows: int, seq_len: int,
 class Encoder:
   """A jitted forward over packed batches that returns [max_reads, D] normalised float32 vectors.
 
-  Parameters keep the shardings they have; batch rows are split over ('data', 'fsdp').
+  Parameters keep the shardings they have; batch rows are split over ('data', 'fsdp'). Works
+  across processes: each holds the same items and gets every vector.
   """
 
   def __init__(self, model: Decoder, mesh: Mesh, rows: int = 8, seq_len: int = 512,
@@ -83,7 +84,7 @@ class Encoder:
                            batch["positions"], method=Decoder.hidden_states)
       return l2_normalize(gather_vectors(hidden, batch["read_index"]))
 
-    self._forward = jax.jit(forward)
+    self._forward = jax.jit(forward, out_shardings=sharding.replicated(mesh))
     self._shardings = {"tokens": sharding.batch_sharding(mesh, 2),
                        "segment_ids": sharding.batch_sharding(mesh, 2),
                        "positions": sharding.batch_sharding(mesh, 2),
@@ -95,7 +96,9 @@ class Encoder:
     bar = tqdm.tqdm(total=len(items), disable=not progress, unit="seq", mininterval=2)
     with sharding.activate(self.mesh):
       for batch, reads, count in pack_for_encoding(items, self.rows, self.seq_len, self.max_reads):
-        placed = {k: jax.device_put(v, self._shardings[k]) for k, v in batch.items()}
+        # Every process holds the whole batch and supplies its devices' slices.
+        placed = {k: jax.make_array_from_callback(v.shape, self._shardings[k], v.__getitem__)
+                  for k, v in batch.items()}
         vectors = sharding.wait_on_cpu(self._forward(params, placed))
         out.append(np.asarray(jax.device_get(vectors))[:reads])
         bar.update(count)

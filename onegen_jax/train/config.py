@@ -17,7 +17,7 @@ document). 64 rows split over data x fsdp of up to 64 devices; beyond that use `
 
 from __future__ import annotations
 
-from ml_collections import ConfigDict
+from ml_collections import ConfigDict, config_dict
 
 # (task, preset) -> (max_len, global examples per step, accum, lr, epochs, n_pos, n_neg)
 PAPER = {
@@ -56,8 +56,15 @@ def base_config(task: str) -> ConfigDict:
   c.train = ConfigDict(dict(steps=1000, seed=0, log_every=100, eval_every=500, nan_policy="stop"))
   # Orbax checkpoints in --workdir: every `every_steps` steps, the last `keep` kept.
   c.checkpoint = ConfigDict(dict(every_steps=500, keep=3))
-  c.data = ConfigDict(dict(kind="jsonl", train_path="", db_path="", dev_path="", tokenizer_path="",
-                           max_bad_lines=0, seed=0, n_pos_per_sent=1, n_neg_per_pos=1, max_len=0,
+  # Data (onegen_jax.data.pipeline): reference-format jsonl files and an HF tokenizer directory;
+  # prepared_dir: prepare once into TFDS array_record files there (else tokenise in memory);
+  # max_len: truncation length of an example (0: batch.seq_len); n_pos_per_sent / n_neg_per_pos:
+  # None keeps the task's values; num_shards: data shards (0: one per process); generate: "el" or
+  # "multihop" writes the project's generated dataset to train_path's directory if missing.
+  c.data = ConfigDict(dict(kind="jsonl", task=task, train_path="", db_path="", dev_path="",
+                           tokenizer_path="", prepared_dir="", max_len=0, max_bad_lines=0, seed=0,
+                           n_pos_per_sent=config_dict.placeholder(int),
+                           n_neg_per_pos=config_dict.placeholder(int), num_shards=0, generate="",
                            num_train=0, num_heldout=0))
   return c
 

@@ -16,18 +16,21 @@ import jax
 import ml_collections
 import numpy as np
 import tqdm
-from absl import logging
 
 from onegen_jax import sharding
 from onegen_jax.checkpoint import Checkpointer, dumps_config, read_model_config
+from onegen_jax.data.loader import to_global
 from onegen_jax.data.packing import BatchPacker, BatchShape, Corpus, packing_efficiency
 from onegen_jax.model.config import ModelConfig, preset
 from onegen_jax.model.decoder import Decoder
+from onegen_jax.retrieval.encode import Encoder
 from onegen_jax.train import metrics as metrics_lib
 from onegen_jax.train.data import TrainData, make_train_data
 from onegen_jax.train.optimizer import adamw, learning_rate_schedule
 from onegen_jax.train.preemption import PreemptionWatcher
-from onegen_jax.train.step import LossConfig, TrainProgram, TrainState, build_train_program
+from onegen_jax.train.retrieval_eval import dev_recall
+from onegen_jax.train.step import (LossConfig, TrainProgram, TrainState, batch_shardings,
+                                   build_train_program)
 
 # Fields of ModelConfig that change numerics or speed but not shapes: a config may override them
 # on top of a checkpoint's model (init_from).
@@ -75,15 +78,35 @@ def build_program(config: ml_collections.ConfigDict, devices: list[jax.Device] |
                              config.batch.accum_steps, config.train.nan_policy)
 
 
+def _globalize(program: TrainProgram, batch: dict) -> dict:
+  """This process's rows (and every host's index fields) -> global arrays on the mesh."""
+  micro = batch["tokens"].ndim == 3
+  return to_global(batch, batch_shardings(program.mesh, {k: v.ndim for k, v in batch.items()}, micro))
+
+
 def evaluate(program: TrainProgram, params, batches: Iterable[dict]) -> dict[str, float]:
   """Metrics over many batches, each weighted by its number of targets / valid queries."""
-  per_batch = [jax.device_get(program.evaluate(params, b)) for b in batches]
+  per_batch = [jax.device_get(program.evaluate(params, _globalize(program, b))) for b in batches]
   gen = np.array([m["num_gen_targets"] for m in per_batch])
   ret = np.array([m["num_valid_queries"] for m in per_batch])
   average = lambda name, w: float(np.sum([m[name] for m in per_batch] * w) / max(np.sum(w), 1.0))
   return {"loss_gen": average("loss_gen", gen), "loss_ret": average("loss_ret", ret),
           "retrieval_accuracy": average("retrieval_accuracy", ret),
           "num_valid_queries": float(np.sum(ret))}
+
+
+def _say(message: str):
+  """Progress for the user, from process 0 only."""
+  if jax.process_index() == 0:
+    tqdm.tqdm.write(message)
+
+
+def _evaluate_all(program: TrainProgram, params, data: TrainData, encoder: Encoder | None):
+  """Held-out loss and in-batch metrics, plus Recall@1/@10 against the db when there is one."""
+  metrics = evaluate(program, params, data.eval_batches())
+  if encoder is not None:
+    metrics.update(dev_recall(encoder, params, data.database, data.dev_records))
+  return metrics
 
 
 def _initial_state(config, program: TrainProgram, ckpt: Checkpointer | None, data: TrainData):
@@ -93,7 +116,7 @@ def _initial_state(config, program: TrainProgram, ckpt: Checkpointer | None, dat
     state, data_state = ckpt.restore(latest, program.abstract_state)
     if data_state is not None:
       data.set_state(data_state)
-    logging.info("resumed from step %d", latest)
+    _say(f"resumed from step {latest} of {ckpt.manager.directory}")
     return state
   state = program.init_state(config.train.seed)
   if config.model.get("init_from"):
@@ -110,7 +133,7 @@ def fit(config: ml_collections.ConfigDict, workdir: str | None = None,
 
   data: overrides the config's data (tests inject batches through it).
   """
-  data = data or make_train_data(config, batch_shape(config))
+  data = data or make_train_data(config, batch_shape(config))  # bad data fails before compiling
   model = model_config(config.model)
   program = build_program(config, model=model)
   ckpt = workdir and Checkpointer(workdir, config.checkpoint.every_steps, config.checkpoint.keep)
@@ -119,17 +142,21 @@ def fit(config: ml_collections.ConfigDict, workdir: str | None = None,
   preemption = PreemptionWatcher()
   flops = metrics_lib.flops_per_token(model, config.batch.seq_len)
   peak = metrics_lib.peak_flops_per_device()
+  encoder = Encoder(program.model, program.mesh, rows=batch_shape(config).rows,
+                    seq_len=config.batch.seq_len) if hasattr(data, "database") else None
   first_step = int(state.step)
-  logging.info("mesh %s, %s parameters, start at step %d", dict(program.mesh.shape),
-               f"{sum(x.size for x in jax.tree.leaves(state.params)):,}", first_step)
+  _say(f"mesh {dict(program.mesh.shape)}, {sum(x.size for x in jax.tree.leaves(state.params)):,} "
+       f"parameters, start at step {first_step}")
+  if hasattr(data, "stats"):
+    _say(f"data: {data.stats['counts']}" + "".join(f"\n  warning: {w}" for w in data.stats["warnings"][:20]))
   saved_config = dumps_config(config)
   final: dict[str, float] = {}
   last_saved = first_step
 
   def save(step, force=False):
     nonlocal last_saved
-    if ckpt and step != last_saved and ckpt.save(step, state, data.get_state(), saved_config,
-                                                 model, force=force):
+    if ckpt and step != last_saved and (force or ckpt.manager.should_save(step)):
+      ckpt.save(step, state, data.get_state(), saved_config, model, force=True)
       last_saved = step
 
   progress = tqdm.tqdm(range(first_step, config.train.steps), initial=first_step,
@@ -137,7 +164,7 @@ def fit(config: ml_collections.ConfigDict, workdir: str | None = None,
   start, tokens = time.time(), 0
   for step in progress:
     batch = next(data)
-    state, metrics = program.step(state, batch)
+    state, metrics = program.step(state, _globalize(program, batch))
     metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
     if not np.isfinite(metrics["loss"]) and config.train.nan_policy == "stop":
       if ckpt:
@@ -148,7 +175,7 @@ def fit(config: ml_collections.ConfigDict, workdir: str | None = None,
           "Set train.nan_policy='skip' to drop such steps instead.")
     done = step + 1
     save(done)
-    tokens += int(np.sum(batch["segment_ids"] > 0))
+    tokens += int(np.sum(batch["segment_ids"] > 0)) * jax.process_count()  # about: equal shards
     if done % config.train.log_every == 0 or done == config.train.steps:
       elapsed = time.time() - start
       metrics.update(packing_efficiency=packing_efficiency(batch), tokens_per_s=tokens / elapsed,
@@ -156,19 +183,19 @@ def fit(config: ml_collections.ConfigDict, workdir: str | None = None,
       if peak:
         metrics["mfu"] = tokens * flops / elapsed / (peak * len(program.mesh.devices.flat))
       writer.write(done, metrics)
-      progress.write(f"step {done}: " + " ".join(f"{k}={v:.4g}" for k, v in sorted(metrics.items())))
+      _say(f"step {done}: " + " ".join(f"{k}={v:.4g}" for k, v in sorted(metrics.items())))
       final = {f"train_{k}": v for k, v in metrics.items()}
     if config.train.eval_every and done % config.train.eval_every == 0 and done < config.train.steps:
-      heldout = evaluate(program, state.params, data.eval_batches())
+      heldout = _evaluate_all(program, state.params, data, encoder)
       writer.write(done, heldout, prefix="eval")
-      progress.write(f"step {done} eval: {heldout}")
+      _say(f"step {done} eval: {heldout}")
     if preemption.should_stop(done):
       save(done, force=True)
       final["preempted_at_step"] = done
-      logging.warning("preempted: saved step %d, exiting", done)
+      _say(f"preempted: saved step {done}, exiting")
       break
   else:
-    heldout = evaluate(program, state.params, data.eval_batches())
+    heldout = _evaluate_all(program, state.params, data, encoder)
     writer.write(int(state.step), heldout, prefix="eval")
     final.update({f"eval_{k}": v for k, v in heldout.items()})
     save(int(state.step), force=True)

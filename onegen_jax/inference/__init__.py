@@ -1,0 +1,1 @@
+"""One-pass inference: KV-cached generation in which retrieval tokens query an index."""
