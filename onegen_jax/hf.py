@@ -32,7 +32,7 @@ from jax.sharding import Mesh, NamedSharding
 
 from onegen_jax import sharding
 from onegen_jax.model.config import Llama3RopeScaling, ModelConfig
-from onegen_jax.model.decoder import Decoder
+from onegen_jax.model.decoder import abstract_params
 
 ARCHITECTURES = {  # class name -> model_type
     "LlamaForCausalLM": "llama",
@@ -151,14 +151,6 @@ def to_hf_config(model_config: ModelConfig, architecture: str,
 # ---------------------------------------------------------------------------------------------
 # Our parameter paths <-> HF tensor names
 
-def _abstract_params(model_config: ModelConfig):
-  """The boxed abstract 'params' tree (ShapeDtypeStructs carrying logical axis names)."""
-  tokens = jnp.ones((1, 1), jnp.int32)
-  init = functools.partial(Decoder(model_config).init, tokens=tokens, segment_ids=tokens,
-                           positions=jnp.zeros((1, 1), jnp.int32))
-  return jax.eval_shape(init, jax.random.key(0))["params"]
-
-
 def _hf_layout(path: tuple[str, ...], num_layers: int) -> tuple[list[str], bool, bool]:
   """Our parameter path -> (HF tensor names, stacked, transposed).
 
@@ -263,7 +255,7 @@ def load_hf_params(hf_dir: str | os.PathLike, model_config: ModelConfig, mesh: M
   Parameters get `model_config.param_dtype`. Raises ValueError naming a missing, misshapen or
   unexpected tensor.
   """
-  abstract = _abstract_params(model_config)
+  abstract = abstract_params(model_config)
   leaves = _leaves(nn.unbox(abstract))
   tensors = _open_safetensors(hf_dir)
   layouts = [_hf_layout(path, model_config.num_layers) for path, _ in leaves]

@@ -325,6 +325,24 @@ def check_references(examples: list[Example], keys: set[str], report: Report) ->
   return out
 
 
+def _documents(task: Task, db_path: str, max_bad_lines: int, problems: list[str],
+               report: Report) -> list[Document]:
+  db, bad = _read(db_path, _read_document, task)
+  db, duplicates = _dedupe(db)
+  _settle(bad + duplicates, max_bad_lines, problems, report)
+  return db
+
+
+def load_documents(task: Task, db_path: str, max_bad_lines: int = 0) -> tuple[list[Document], Report]:
+  """(documents of a db.jsonl, report); raises DataError listing every problem."""
+  problems: list[str] = []
+  report = Report()
+  db = _documents(task, db_path, max_bad_lines, problems, report)
+  if problems:
+    raise DataError(problems)
+  return db, report
+
+
 def load_records(task: Task, train_path: str, db_path: str, dev_path: str | None = None,
                  max_bad_lines: int = 0) -> tuple[list[Example], list[Example], list[Document], Report]:
   """(train examples, dev examples, documents, report); raises DataError listing every problem.
@@ -333,9 +351,7 @@ def load_records(task: Task, train_path: str, db_path: str, dev_path: str | None
   """
   problems: list[str] = []
   report = Report()
-  db, bad = _read(db_path, _read_document, task)
-  db, duplicates = _dedupe(db)
-  _settle(bad + duplicates, max_bad_lines, problems, report)
+  db = _documents(task, db_path, max_bad_lines, problems, report)
   train, bad = _read(train_path, _read_example, task)
   _settle(bad, max_bad_lines, problems, report)
   dev = []

@@ -202,3 +202,11 @@ def init_cache(config: ModelConfig, batch: int, capacity: int) -> tuple[jnp.ndar
   """Empty (k, v) caches, each [L, B, capacity, K, H] in the compute dtype."""
   shape = (config.num_layers, batch, capacity, config.num_kv_heads, config.dim_per_head)
   return jnp.zeros(shape, config.dtype), jnp.zeros(shape, config.dtype)
+
+
+def abstract_params(config: ModelConfig):
+  """The boxed abstract 'params' tree (ShapeDtypeStructs carrying logical axis names)."""
+  tokens = jnp.ones((1, 1), jnp.int32)
+  init = functools.partial(Decoder(config).init, tokens=tokens, segment_ids=tokens,
+                           positions=jnp.zeros((1, 1), jnp.int32))
+  return jax.eval_shape(init, jax.random.key(0))["params"]
