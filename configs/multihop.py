@@ -1,17 +1,20 @@
-"""OneGen for multihop RAG: the model emits [Question Representation] to retrieve a paragraph,
+"""OneGen for multi-hop RAG: the model emits [Question Representation] to retrieve a paragraph,
 which is inserted as <paragraph>...</paragraph> into the same context.
 
 Launch:
+  python -m launch.train --config=configs/multihop.py:demo
   python -m launch.train --config=configs/multihop.py:PRESET --workdir=RUN \\
       --config.model.init_from=IMPORTED_RUN --config.data.train_path=... --config.data.db_path=... \\
       --config.data.tokenizer_path=...
   python -m launch.train --config=configs/multihop.py:PRESET --compile_only --topology=v5p-64
 
-Variants: one per model of the paper's table (onegen_jax/train/config.py).
+Variants: `demo` (the tiny decoder on the project's generated multi-hop data, written to
+runs/demo-data/multihop on first use; CPU) and one per model of the paper's table
+(onegen_jax/train/config.py).
 """
 
-from onegen_jax.train.config import paper_config
+from onegen_jax.train.config import demo_config, paper_config
 
 
-def get_config(arg: str):
-  return paper_config("multihop", arg)
+def get_config(arg: str = "demo"):
+  return demo_config("multihop") if arg == "demo" else paper_config("multihop", arg)

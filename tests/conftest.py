@@ -25,6 +25,7 @@ from onegen_jax.data import synthetic  # noqa: E402
 from onegen_jax.data.packing import BatchShape, pack_batches  # noqa: E402
 from onegen_jax.train import loop  # noqa: E402
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BATCH_SHAPE = BatchShape(rows=8, seq_len=64, num_queries=16, num_keys=64, num_negatives=3)
 
 

@@ -20,6 +20,7 @@ from collections.abc import Callable, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+import tqdm
 
 from onegen_jax.losses import l2_normalize
 from onegen_jax.model.decoder import Decoder, init_cache
@@ -43,6 +44,7 @@ class TaskTokens:
 class GenerationConfig:
   max_new_tokens: int = 128  # generated tokens, inserted paragraphs not counted
   max_retrievals: int = 5  # per request; a RET token beyond it is an ordinary token
+  retrieve_k: int = 1  # results kept per retrieval (the first one is inserted / linked)
   temperature: float = 0.0  # 0: greedy
   top_p: float = 1.0
   batch_size: int = 8
@@ -117,11 +119,13 @@ class Engine:
       logits = jnp.where(jnp.arange(logits.shape[-1]) < vocab_size, logits, -jnp.inf)
     return _sample(logits, rng, temperature, top_p), l2_normalize(final), logits, cache
 
-  def generate(self, prompts: Sequence[Sequence[int]]) -> list[RequestOutput]:
+  def generate(self, prompts: Sequence[Sequence[int]], progress: bool = False) -> list[RequestOutput]:
     """Runs every prompt (token ids) to EOS or max_new_tokens, `batch_size` at a time."""
     b = self.config.batch_size
-    return [out for start in range(0, len(prompts), b)
-            for out in self._generate_batch(prompts[start:start + b], start)]
+    outs = []
+    for start in tqdm.tqdm(range(0, len(prompts), b), disable=not progress, unit="batch"):
+      outs += self._generate_batch(prompts[start:start + b], start)
+    return outs
 
   def _generate_batch(self, prompts: Sequence[Sequence[int]], first_id: int) -> list[RequestOutput]:
     cfg, tok = self.config, self.tokens
@@ -177,7 +181,7 @@ class Engine:
     """Searches the query vectors of `rows` at once and queues what follows each retrieval."""
     if not rows:
       return
-    ids, scores = self.search(vectors[rows], 1)
+    ids, scores = self.search(vectors[rows], self.config.retrieve_k)
     for i, r in enumerate(rows):
       outs[r].retrievals.append(Retrieval(int(lengths[r]) - 1, list(ids[i]),
                                           [float(s) for s in scores[i]], vectors[r]))

@@ -85,3 +85,21 @@ def paper_config(task: str, preset: str) -> ConfigDict:
                  num_queries=per_micro * n_pos, num_keys=per_micro * n_pos * (1 + n_neg),
                  num_negatives=n_neg)
   return c
+
+
+def demo_config(task: str) -> ConfigDict:
+  """The tiny decoder on the project's generated data for `task` ("el" or "multihop"), written to
+  runs/demo-data/TASK on first use; trains on CPU in about a minute."""
+  c = base_config(task)
+  c.model.update(preset="tiny", dtype="float32")
+  c.mesh.update(data=-1, fsdp=1)
+  c.loss.update(loss_type="infonce")  # learns retrieval faster than BPR at this size
+  c.optim.update(lr=3e-3, schedule="warmup_cosine", warmup_steps=50)
+  c.batch.update(rows=8, seq_len=256, num_queries=16, num_keys=64, num_negatives=4)
+  c.train.update(steps=600, log_every=100, eval_every=300)
+  c.checkpoint.update(every_steps=200)
+  data = f"runs/demo-data/{task}"
+  c.data.update(generate=task, n_neg_per_pos=1, train_path=f"{data}/train.jsonl",
+                db_path=f"{data}/db.jsonl", dev_path=f"{data}/dev.jsonl",
+                tokenizer_path=f"{data}/tokenizer")
+  return c

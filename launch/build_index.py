@@ -1,0 +1,43 @@
+"""Encodes a db with a trained model and builds a retrieval index.
+
+  python -m launch.build_index --workdir=RUN --db=DB.jsonl --backend=exact|scann|approx --out=DIR
+
+DIR gets the index (onegen_jax.retrieval.index) and documents.json (uid -> the text inserted on
+retrieval), which launch.infer reads.
+"""
+
+import json
+import os
+
+from absl import app, flags
+
+from onegen_jax.inference.runtime import encode_db, load_run
+from onegen_jax.retrieval.index import ApproxIndex, ExactIndex, ScannIndex
+
+_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (training run or import).")
+_DB = flags.DEFINE_string("db", None, "Reference-format db.jsonl.")
+_BACKEND = flags.DEFINE_enum("backend", "exact", ["exact", "scann", "approx"], "Index backend.")
+_OUT = flags.DEFINE_string("out", None, "Output directory.")
+_STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: latest).")
+_SEQ_LEN = flags.DEFINE_integer("seq_len", 512, "Row length for packed encoding; longer documents "
+                                "are cut (their later keys dropped).")
+flags.mark_flags_as_required(["workdir", "db", "out"])
+
+_BACKENDS = {"exact": ExactIndex, "scann": ScannIndex, "approx": ApproxIndex}
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  run = load_run(_WORKDIR.value, _STEP.value)
+  vectors, uids, texts = encode_db(run, _DB.value, _OUT.value, seq_len=_SEQ_LEN.value)
+  index = _BACKENDS[_BACKEND.value]().build(vectors, uids)
+  index.save(_OUT.value)
+  with open(os.path.join(_OUT.value, "documents.json"), "w") as f:
+    json.dump(texts, f)
+  print(json.dumps({"keys": len(uids), "documents": len(texts), "dim": int(vectors.shape[1]),
+                    "backend": _BACKEND.value, "out": _OUT.value}))
+
+
+if __name__ == "__main__":
+  app.run(main)
