@@ -1,0 +1,170 @@
+"""Imports a Hugging Face checkpoint into a run directory: step 0 with params, model and config.
+
+  python -m launch.import_hf --hf_dir=DIR --workdir=RUN [--config=configs/el.py[:VARIANT]]
+      [--tokenizer_dir=DIR] [--pad_vocab_to=128]
+
+The run directory is what `launch.train --config.model.init_from=RUN`, `launch.export_hf` and
+inference read. Parameters are read shard by shard onto an fsdp mesh over all devices and stored
+in float32.
+
+With --config, the task's special tokens (config.task) are added to the tokenizer by name; each
+token new to the tokenizer gets an embedding (and untied LM-head) row equal to the mean of its
+description's token rows, and the vocabulary is padded to a multiple of --pad_vocab_to. Without
+it, the parameters are stored as they are. The tokenizer (with the task's tokens) is saved in
+RUN/tokenizer. The config item of step 0 holds the task config (if any) plus
+{"hf": {"architecture", "vocab_size", "source"}}: vocab_size is the real (unpadded) vocabulary,
+max(the checkpoint's vocab_size, tokenizer size), which export keeps and the padding beyond it
+is dropped.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import tempfile
+import types
+
+import jax
+from absl import app, flags, logging
+from etils import epath
+from ml_collections import config_flags
+
+from onegen_jax import hf, sharding
+from onegen_jax.checkpoint import Checkpointer, dumps_config
+from onegen_jax.model.config import ModelConfig
+
+_HF_DIR = flags.DEFINE_string("hf_dir", None, "Hugging Face model directory (config.json and "
+                              "*.safetensors).")
+_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory to create (any path Orbax "
+                               "accepts); it must not hold a checkpoint yet.")
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Task config file[:variant]: add its "
+                                          "task's special tokens and take its model numerics.",
+                                          lock_config=True)
+_TOKENIZER_DIR = flags.DEFINE_string("tokenizer_dir", None, "Tokenizer directory (default: "
+                                     "--hf_dir).")
+_PAD_VOCAB_TO = flags.DEFINE_integer("pad_vocab_to", 128, "With --config: pad the vocabulary to "
+                                     "a multiple of this (shards evenly).")
+flags.mark_flags_as_required(["hf_dir", "workdir"])
+
+# config.model fields that set numerics (not shapes) of the stored ModelConfig.
+_NUMERICS = ("dtype", "scan_layers", "remat_policy", "attention_impl")
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
+
+
+def _say(message: str) -> None:
+  print(message, flush=True)
+
+
+def _read_hf_config(hf_dir: str) -> dict:
+  """config.json of `hf_dir`; FileNotFoundError naming what is missing."""
+  path = os.path.join(hf_dir, "config.json")
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"{path} not found: --hf_dir must be a Hugging Face model directory")
+  with open(path) as f:
+    return json.load(f)
+
+
+def _mesh(model_config: ModelConfig) -> jax.sharding.Mesh:
+  """An fsdp mesh over all devices (the fsdp axis divides the hidden size; data takes the rest)."""
+  n = jax.device_count()
+  fsdp = math.gcd(n, model_config.hidden_size)
+  return sharding.make_mesh(data=n // fsdp, fsdp=fsdp)
+
+
+def _has_tokenizer(path: str) -> bool:
+  return any(os.path.exists(os.path.join(path, name)) for name in _TOKENIZER_FILES)
+
+
+def _add_task_tokens(params, model_config: ModelConfig, tokenizer_dir: str, task_name: str,
+                     pad_to: int):
+  """Adds the task's special tokens; returns (params, model config, real vocab, HF tokenizer).
+
+  Tokens the tokenizer already knew keep their rows; new ones get their description's mean.
+  """
+  from transformers import AutoTokenizer  # noqa: PLC0415 (slow import)
+
+  from onegen_jax.data.encoding import TaskTokenizer  # noqa: PLC0415
+  from onegen_jax.data.tasks import get_task  # noqa: PLC0415
+
+  known = len(AutoTokenizer.from_pretrained(tokenizer_dir))
+  tokenizer = TaskTokenizer(tokenizer_dir, get_task(task_name))
+  init_rows = {i: d for i, d in tokenizer.description_ids().items() if i >= known}
+  vocab = max(model_config.vocab_size, tokenizer.vocab_size)
+  params, model_config = hf.grow_vocab(params, model_config, vocab, init_rows, pad_to)
+  new = {t: i for t, i in tokenizer.ids.items() if i in init_rows}
+  _say(f"task {task_name}: tokens {tokenizer.ids}; initialised from descriptions: {new}; "
+       f"vocab {vocab} padded to {model_config.vocab_size}")
+  return params, model_config, vocab, tokenizer.hf
+
+
+def _save_tokenizer(tokenizer, workdir: str) -> str:
+  """Saves `tokenizer` into workdir/tokenizer (through a local directory: any epath works)."""
+  target = epath.Path(workdir) / "tokenizer"
+  target.mkdir(parents=True, exist_ok=True)
+  with tempfile.TemporaryDirectory() as local:
+    tokenizer.save_pretrained(local)
+    for path in epath.Path(local).iterdir():
+      (target / path.name).write_bytes(path.read_bytes())
+  return os.fspath(target)
+
+
+def _architecture(hf_config: dict) -> str:
+  """The class name of a supported config (config_from_hf has checked it)."""
+  by_type = {t: a for a, t in hf.ARCHITECTURES.items()}
+  return (hf_config.get("architectures") or [by_type[hf_config["model_type"]]])[0]
+
+
+def import_hf(hf_dir: str, workdir: str, config=None, tokenizer_dir: str | None = None,
+              pad_vocab_to: int = 128) -> None:
+  """Writes step 0 of `workdir` (and workdir/tokenizer) from the Hugging Face model in `hf_dir`."""
+  from transformers import AutoTokenizer  # noqa: PLC0415
+
+  hf_config = _read_hf_config(hf_dir)
+  numerics = {k: config.model[k] for k in _NUMERICS} if config else {}
+  model_config = hf.config_from_hf(hf_config, param_dtype="float32", **numerics)
+  architecture = _architecture(hf_config)
+  tokenizer_dir = tokenizer_dir or hf_dir
+  if config and not _has_tokenizer(tokenizer_dir):
+    raise FileNotFoundError(f"no tokenizer in {tokenizer_dir}; pass --tokenizer_dir")
+  ckpt = Checkpointer(workdir, async_save=False)
+  if ckpt.latest_step() is not None:
+    raise FileExistsError(f"{workdir} already holds a checkpoint (step {ckpt.latest_step()})")
+  mesh = _mesh(model_config)
+  _say(f"reading {hf_dir} ({architecture}, {model_config.num_layers} layers, vocab "
+       f"{model_config.vocab_size}) onto mesh {dict(mesh.shape)}")
+  params = hf.load_hf_params(hf_dir, model_config, mesh)
+  vocab, tokenizer = model_config.vocab_size, None
+  if config:
+    params, model_config, vocab, tokenizer = _add_task_tokens(
+        params, model_config, tokenizer_dir, config.task, pad_vocab_to)
+  elif _has_tokenizer(tokenizer_dir):
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+  record = {"architecture": architecture, "vocab_size": vocab, "source": os.path.abspath(hf_dir)}
+  saved_config = {**(dumps_config(config) if config else {}), "hf": record}
+  ckpt.save(0, types.SimpleNamespace(params=params), None, saved_config, model_config, force=True)
+  ckpt.wait()
+  ckpt.close()
+  _say(f"saved step 0 to {workdir}: {sum(x.size for x in jax.tree.leaves(params)):,} parameters")
+  if tokenizer is None:
+    _say(f"no tokenizer in {tokenizer_dir}: none saved")
+  else:
+    _say(f"saved the tokenizer ({len(tokenizer)} tokens) to {_save_tokenizer(tokenizer, workdir)}")
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  if not flags.FLAGS["verbosity"].present:
+    logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO
+  try:
+    import_hf(_HF_DIR.value, _WORKDIR.value, _CONFIG.value, _TOKENIZER_DIR.value,
+              _PAD_VOCAB_TO.value)
+  except (FileNotFoundError, FileExistsError, ValueError) as e:
+    sys.exit(f"import_hf: {e}")
+  return 0
+
+
+if __name__ == "__main__":
+  app.run(main)
