@@ -19,14 +19,13 @@ import sys
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 from absl import app, flags, logging
 from etils import epath
 
 from onegen_jax import hf, sharding
 from onegen_jax.checkpoint import Checkpointer, model_config_from_json
 from onegen_jax.model.config import ModelConfig
-from onegen_jax.model.decoder import Decoder
+from onegen_jax.model.decoder import abstract_params
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory: a training run or an import.")
 _OUT = flags.DEFINE_string("out", None, "Output directory of the Hugging Face checkpoint.")
@@ -87,9 +86,7 @@ def _tokenizer(runs: list[tuple[str, dict]]):
 
 def _abstract_params(model_config: ModelConfig, mesh: jax.sharding.Mesh):
   """ShapeDtypeStructs of the Decoder's params carrying their shardings on `mesh`."""
-  tokens = jnp.ones((1, 1), jnp.int32)
-  boxed = jax.eval_shape(lambda: Decoder(model_config).init(
-      jax.random.key(0), tokens, tokens, jnp.zeros((1, 1), jnp.int32)))["params"]
+  boxed = abstract_params(model_config)
   shardings = sharding.logical_to_sharding(nn.get_partition_spec(boxed), mesh)
   return sharding.with_shardings(nn.unbox(boxed), shardings)
 
