@@ -1,4 +1,4 @@
-# make demo: train the tiny OneGen model on the synthetic entity-linking task (CPU, ~1 minute).
+# make demo: train the tiny OneGen model on generated entity-linking data (CPU, ~1 minute).
 # make test: the test suite on an emulated 8-device CPU mesh.
 PYTHON ?= python3
 VENV := .venv
@@ -16,7 +16,7 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 demo: install
-	$(MESH_FLAGS) $(PY) -m launch.train --config=configs/el.py:demo
+	$(MESH_FLAGS) $(PY) -m launch.train --config=configs/el.py:demo --workdir=runs/demo
 
 test: install
 	$(PY) -m pytest -q $(PYTEST_ARGS)
