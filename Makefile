@@ -16,6 +16,7 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 demo: install
+	rm -rf runs/demo  # a fresh run each time (the same --workdir would resume)
 	$(MESH_FLAGS) $(PY) -m launch.train --config=configs/el.py:demo --workdir=runs/demo
 
 test: install
