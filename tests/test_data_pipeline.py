@@ -8,14 +8,14 @@ import sys
 
 import jax
 import numpy as np
-import pytest
 
 from conftest import demo_config
 from data_util import SHAPE, data_config, generated
 from onegen_jax.data.builder import Source, prepare
 from onegen_jax.data.loader import to_global
-from onegen_jax.data.pipeline import build_data, load_in_memory
-from onegen_jax.data.tasks import EL, MULTIHOP
+from onegen_jax.data.builder import tokenize_source
+from onegen_jax.data.pipeline import build_data
+from onegen_jax.data.tasks import MULTIHOP
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TWO_HOSTS = dataclasses.replace(SHAPE, rows=16, num_keys=128)  # 8 rows, 64 keys per host
@@ -88,7 +88,7 @@ def test_tfds_prepares_once_and_serves_the_in_memory_records(tmp_path):
                               ("train.jsonl", "db.jsonl", "tokenizer")), max_len=256,
                   dev_path=f"{generated('multihop')}/dev.jsonl")
   splits, metadata = prepare(source, str(tmp_path))
-  memory, memory_metadata = load_in_memory(source)
+  memory, memory_metadata = tokenize_source(source)
   assert metadata["counts"] == memory_metadata["counts"] and metadata["prepare_s"] > 0
   for name in ("train", "dev", "db"):
     assert len(splits[name]) == len(memory[name])

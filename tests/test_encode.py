@@ -4,7 +4,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from onegen_jax import sharding
 from onegen_jax.model.config import preset
 from onegen_jax.model.decoder import Decoder
 from onegen_jax.retrieval.encode import EncodeItem, Encoder, pack_for_encoding

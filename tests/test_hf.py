@@ -6,10 +6,8 @@ are saved with `save_pretrained` and imported; the real SmolLM2 check is opt-in 
 
 import functools
 import json
-import os
 import time
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np

@@ -2,7 +2,6 @@
 
 import re
 
-import flax.linen as nn
 import jax
 import numpy as np
 import pytest

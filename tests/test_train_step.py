@@ -10,9 +10,7 @@ import functools
 
 import jax
 import numpy as np
-import pytest
 
-from conftest import demo_config
 from onegen_jax import sharding
 from onegen_jax.data.packing import BatchShape, pack_batches, stack_micro_batches
 from onegen_jax.data.synthetic import CONTINUE, RET_QUERY

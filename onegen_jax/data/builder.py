@@ -53,6 +53,23 @@ def _int_vector():
   return tfds.features.Tensor(shape=(None,), dtype=np.int32)
 
 
+def tokenize_source(source: Source) -> tuple[dict, dict]:
+  """Every split of `source` validated and tokenised in memory: (records by split, metadata with
+  counts, warnings, skipped lines, vocab_size, special_ids, prepare_s)."""
+  start = time.time()
+  train, dev, docs, report = load_records(source.task, source.train_path, source.db_path,
+                                          source.dev_path, source.max_bad_lines)
+  tokenizer = TaskTokenizer(source.tokenizer_path, source.task)
+  db = document_records(docs, tokenizer, source.max_len, report)
+  keys = key_ids(db)
+  splits = {"train": example_records(train, tokenizer, keys, source.max_len, report),
+            "dev": example_records(dev, tokenizer, keys, source.max_len, report, prefix="dev_"),
+            "db": db}
+  return splits, {"counts": report.counts, "warnings": report.warnings, "skipped": report.skipped,
+                  "vocab_size": tokenizer.vocab_size, "special_ids": tokenizer.ids,
+                  "prepare_s": time.time() - start}
+
+
 class OneGenData(tfds.core.GeneratorBasedBuilder):
   """OneGen examples and documents of one `Source`, tokenised."""
 
@@ -75,19 +92,9 @@ class OneGenData(tfds.core.GeneratorBasedBuilder):
                                  metadata=tfds.core.MetadataDict(), disable_shuffling=True)
 
   def _split_generators(self, dl_manager):
-    start = time.time()
-    s = self.source
-    train, dev, docs, report = load_records(s.task, s.train_path, s.db_path, s.dev_path,
-                                            s.max_bad_lines)
-    tokenizer = TaskTokenizer(s.tokenizer_path, s.task)
-    db = document_records(docs, tokenizer, s.max_len, report)
-    keys = key_ids(db)
-    splits = {"train": example_records(train, tokenizer, keys, s.max_len, report),
-              "dev": example_records(dev, tokenizer, keys, s.max_len, report, prefix="dev_"),
-              "db": db}
-    self.info.metadata.update(counts=report.counts, warnings=report.warnings,
-                              skipped=report.skipped, tokenize_s=time.time() - start,
-                              vocab_size=tokenizer.vocab_size, special_ids=tokenizer.ids)
+    splits, metadata = tokenize_source(self.source)
+    metadata["tokenize_s"] = metadata.pop("prepare_s")
+    self.info.metadata.update(metadata)
     return {name: self._generate_examples(records) for name, records in splits.items() if records}
 
   def _generate_examples(self, records):

@@ -14,16 +14,13 @@ config.data keys:
 
 from __future__ import annotations
 
-import time
 from collections.abc import Mapping
 from typing import NamedTuple
 
-from onegen_jax.data.builder import Source, prepare
-from onegen_jax.data.encoding import TaskTokenizer
+from onegen_jax.data.builder import Source, prepare, tokenize_source
 from onegen_jax.data.loader import Host, TrainIterator, heldout_batches, mean_efficiency
 from onegen_jax.data.packing import BatchShape
-from onegen_jax.data.prepare import Database, document_records, example_records, key_ids
-from onegen_jax.data.records import load_records
+from onegen_jax.data.prepare import Database
 from onegen_jax.data.sampling import Sampling
 from onegen_jax.data.tasks import Task, get_task
 
@@ -40,22 +37,6 @@ def source_from_config(config: Mapping, seq_len: int, task: Task | None = None) 
                 db_path=config["db_path"], tokenizer_path=config["tokenizer_path"],
                 max_len=int(_get(config, "max_len") or seq_len), dev_path=_get(config, "dev_path"),
                 max_bad_lines=int(_get(config, "max_bad_lines", 0)))
-
-
-def load_in_memory(source: Source) -> tuple[dict, dict]:
-  """The records of every split tokenised in memory; (records by split, metadata) as `prepare`."""
-  start = time.time()
-  train, dev, docs, report = load_records(source.task, source.train_path, source.db_path,
-                                          source.dev_path, source.max_bad_lines)
-  tokenizer = TaskTokenizer(source.tokenizer_path, source.task)
-  db = document_records(docs, tokenizer, source.max_len, report)
-  keys = key_ids(db)
-  splits = {"train": example_records(train, tokenizer, keys, source.max_len, report),
-            "dev": example_records(dev, tokenizer, keys, source.max_len, report, prefix="dev_"),
-            "db": db}
-  return splits, {"counts": report.counts, "warnings": report.warnings, "skipped": report.skipped,
-                  "vocab_size": tokenizer.vocab_size, "special_ids": tokenizer.ids,
-                  "prepare_s": time.time() - start}
 
 
 class BuiltData(NamedTuple):
@@ -83,7 +64,7 @@ def build_data(config: Mapping, shape: BatchShape, seed: int = 0, process_index:
     db_records, dev_records = ([s[i] for i in range(len(s))] if (s := splits.get(name)) else []
                                for name in ("db", "dev"))
   else:
-    splits, metadata = load_in_memory(source)
+    splits, metadata = tokenize_source(source)
     db_records, dev_records = splits["db"], splits["dev"]
   t = source.task
   sampling = Sampling(int(_get(config, "n_pos_per_sent", t.n_pos_per_sent)),

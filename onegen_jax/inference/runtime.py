@@ -55,7 +55,11 @@ def load_run(workdir: str, step: int | None = None, task: str | None = None) -> 
       nn.get_partition_spec(abstract), mesh))
   params = ckpt.restore_params(step, target)
   ckpt.close()
-  task_obj = get_task(task or config.get("data", {}).get("task") or config["task"])
+  name = task or config.get("data", {}).get("task") or config.get("task")
+  if not name:
+    raise ValueError(f"{workdir} names no task (an import without --config?): re-import with "
+                     "--config=configs/TASK.py")
+  task_obj = get_task(name)
   local = os.path.join(workdir, "tokenizer")
   tokenizer_dir = local if os.path.isdir(local) else config["data"]["tokenizer_path"]
   return LoadedRun(Decoder(model_config), params, mesh, TaskTokenizer(tokenizer_dir, task_obj),

@@ -11,7 +11,6 @@ import dataclasses
 from collections.abc import Iterator, Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import tqdm
 from jax.sharding import Mesh

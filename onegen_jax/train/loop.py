@@ -32,9 +32,9 @@ from onegen_jax.train.retrieval_eval import dev_recall
 from onegen_jax.train.step import (LossConfig, TrainProgram, TrainState, batch_shardings,
                                    build_train_program)
 
-# Fields of ModelConfig that change numerics or speed but not shapes: a config may override them
-# on top of a checkpoint's model (init_from).
-_NUMERIC_FIELDS = ("param_dtype", "dtype", "scan_layers", "remat_policy", "attention_impl")
+# Fields of ModelConfig that change numerics or speed but not the parameter tree: a config may
+# override them on top of a checkpoint's model (init_from); scan_layers comes from the checkpoint.
+_NUMERIC_FIELDS = ("param_dtype", "dtype", "remat_policy", "attention_impl")
 
 
 def model_config(model: ml_collections.ConfigDict) -> ModelConfig:
