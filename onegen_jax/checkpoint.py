@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 from typing import Any
 
 import orbax.checkpoint as ocp
@@ -42,6 +43,8 @@ class Checkpointer:
         save_interval_steps=every_steps, max_to_keep=keep, enable_async_checkpointing=async_save,
         best_fn=(lambda m: m[best_metric]) if best_metric else None, best_mode=best_mode,
         keep_checkpoints_without_metrics=True)
+    if "://" not in workdir:
+      workdir = os.path.abspath(workdir)  # Orbax takes absolute paths only
     self.manager = ocp.CheckpointManager(
         workdir, options=options,
         item_names=("params", "optimizer", "data", "config", "model"))

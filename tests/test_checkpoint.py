@@ -49,3 +49,10 @@ def test_params_only_restore(program, batches, tmp_path):
   params = ckpt.restore_params(7, prog.abstract_state.params)
   for want, got in zip(jax.tree.leaves(jax.device_get(state.params)), jax.tree.leaves(params)):
     np.testing.assert_array_equal(np.asarray(got), want)
+
+
+def test_relative_workdir(program, batches, tmp_path, monkeypatch):
+  monkeypatch.chdir(tmp_path)  # Orbax itself takes absolute paths only
+  ckpt, _ = _save(program(), "runs/relative", [1], batches)
+  assert Checkpointer("runs/relative").latest_step() == 1
+  assert (tmp_path / "runs" / "relative" / "1").is_dir()
