@@ -19,6 +19,7 @@ import os
 from typing import Any
 
 import orbax.checkpoint as ocp
+from orbax.checkpoint import checkpoint_managers
 
 from onegen_jax.model.config import Llama3RopeScaling, ModelConfig
 
@@ -35,14 +36,22 @@ def model_config_from_json(data: dict) -> ModelConfig:
 
 
 class Checkpointer:
-  """Saves every `every_steps` steps, keeps the last `keep` (and the best by `best_metric`)."""
+  """Saves every `every_steps` steps and keeps the last `keep`; with `best_metric`, also the step
+  whose saved metrics are best ("min" or "max" by `best_mode`)."""
 
   def __init__(self, workdir: str, every_steps: int = 1000, keep: int = 3,
                best_metric: str | None = None, best_mode: str = "min", async_save: bool = True):
+    if best_mode not in ("min", "max"):
+      raise ValueError(f"best_mode={best_mode!r}; expected 'min' or 'max'")
+    policy = checkpoint_managers.LatestN(keep)
+    if best_metric:
+      best = checkpoint_managers.BestN(get_metric_fn=lambda m: m[best_metric], n=1,
+                                       reverse=best_mode == "min",
+                                       keep_checkpoints_without_metrics=False)
+      policy = checkpoint_managers.AnyPreservationPolicy([policy, best])
     options = ocp.CheckpointManagerOptions(
-        save_interval_steps=every_steps, max_to_keep=keep, enable_async_checkpointing=async_save,
-        best_fn=(lambda m: m[best_metric]) if best_metric else None, best_mode=best_mode,
-        keep_checkpoints_without_metrics=True)
+        save_interval_steps=every_steps, preservation_policy=policy,
+        enable_async_checkpointing=async_save)
     if "://" not in workdir:
       workdir = os.path.abspath(workdir)  # Orbax takes absolute paths only
     self.manager = ocp.CheckpointManager(

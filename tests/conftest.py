@@ -34,6 +34,7 @@ def demo_config(**sections):
   {"mesh": {...}, "loss": {...}, ...} overridden."""
   config = el.get_config("demo")
   config.data.update(kind="synthetic", num_train=4000, num_heldout=256)
+  config.checkpoint.update(best_metric="retrieval_accuracy")  # the synthetic task has no db
   config.batch.update(rows=BATCH_SHAPE.rows, seq_len=BATCH_SHAPE.seq_len,
                       num_queries=BATCH_SHAPE.num_queries, num_keys=BATCH_SHAPE.num_keys,
                       num_negatives=BATCH_SHAPE.num_negatives)

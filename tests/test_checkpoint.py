@@ -2,6 +2,7 @@
 
 import jax
 import numpy as np
+import pytest
 
 from onegen_jax.checkpoint import Checkpointer, read_model_config
 
@@ -56,3 +57,14 @@ def test_relative_workdir(program, batches, tmp_path, monkeypatch):
   ckpt, _ = _save(program(), "runs/relative", [1], batches)
   assert Checkpointer("runs/relative").latest_step() == 1
   assert (tmp_path / "runs" / "relative" / "1").is_dir()
+
+
+@pytest.mark.parametrize("mode,best", [("max", 2), ("min", 3)])
+def test_keeps_the_latest_and_the_best(program, tmp_path, mode, best):
+  prog = program()
+  state = prog.init_state(seed=0)
+  ckpt = Checkpointer(str(tmp_path), every_steps=1, keep=1, best_metric="m", best_mode=mode)
+  for step, value in zip([1, 2, 3, 4], [0.5, 0.9, 0.1, 0.3]):
+    ckpt.save(step, state, None, {}, prog.model.config, metrics={"m": value})
+  ckpt.wait()
+  assert ckpt.all_steps() == sorted({best, 4})  # the best and the latest

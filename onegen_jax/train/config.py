@@ -54,8 +54,9 @@ def base_config(task: str) -> ConfigDict:
                             accum_steps=1))
   # nan_policy: "stop" (exit with a message, last good checkpoint kept) or "skip" the step.
   c.train = ConfigDict(dict(steps=1000, seed=0, log_every=100, eval_every=500, nan_policy="stop"))
-  # Orbax checkpoints in --workdir: every `every_steps` steps, the last `keep` kept.
-  c.checkpoint = ConfigDict(dict(every_steps=500, keep=3))
+  # Orbax checkpoints in --workdir: every `every_steps` steps, the last `keep` kept; with
+  # best_metric (an eval metric, e.g. "recall@1") the best step by best_mode ("min"/"max") too.
+  c.checkpoint = ConfigDict(dict(every_steps=500, keep=3, best_metric="", best_mode="max"))
   # Data (onegen_jax.data.pipeline): reference-format jsonl files and an HF tokenizer directory;
   # prepared_dir: prepare once into TFDS array_record files there (else tokenise in memory);
   # max_len: truncation length of an example (0: batch.seq_len); n_pos_per_sent / n_neg_per_pos:
@@ -97,7 +98,7 @@ def demo_config(task: str) -> ConfigDict:
   c.optim.update(lr=3e-3, schedule="warmup_cosine", warmup_steps=50)
   c.batch.update(rows=8, seq_len=256, num_queries=16, num_keys=64, num_negatives=4)
   c.train.update(steps=600, log_every=100, eval_every=300)
-  c.checkpoint.update(every_steps=200)
+  c.checkpoint.update(every_steps=200, best_metric="recall@1", best_mode="max")
   data = f"runs/demo-data/{task}"
   c.data.update(generate=task, n_neg_per_pos=1, train_path=f"{data}/train.jsonl",
                 db_path=f"{data}/db.jsonl", dev_path=f"{data}/dev.jsonl",

@@ -136,7 +136,8 @@ def fit(config: ml_collections.ConfigDict, workdir: str | None = None,
   data = data or make_train_data(config, batch_shape(config))  # bad data fails before compiling
   model = model_config(config.model)
   program = build_program(config, model=model)
-  ckpt = workdir and Checkpointer(workdir, config.checkpoint.every_steps, config.checkpoint.keep)
+  ckpt = workdir and Checkpointer(workdir, config.checkpoint.every_steps, config.checkpoint.keep,
+                                  config.checkpoint.best_metric or None, config.checkpoint.best_mode)
   state = _initial_state(config, program, ckpt, data)
   writer = metrics_lib.MetricsWriter(workdir)
   preemption = PreemptionWatcher()
@@ -153,10 +154,16 @@ def fit(config: ml_collections.ConfigDict, workdir: str | None = None,
   final: dict[str, float] = {}
   last_saved = first_step
 
-  def save(step, force=False):
+  def save(step, force=False, eval_metrics=None):
+    """Saves on the checkpoint interval, when forced, and with eval metrics to rank by."""
     nonlocal last_saved
-    if ckpt and step != last_saved and (force or ckpt.manager.should_save(step)):
-      ckpt.save(step, state, data.get_state(), saved_config, model, force=True)
+    ranked = eval_metrics is not None and bool(config.checkpoint.best_metric)
+    if ranked and config.checkpoint.best_metric not in eval_metrics:
+      raise ValueError(f"checkpoint.best_metric={config.checkpoint.best_metric!r} is not an eval "
+                       f"metric; these are: {sorted(eval_metrics)}")
+    if ckpt and step != last_saved and (force or ranked or ckpt.manager.should_save(step)):
+      ckpt.save(step, state, data.get_state(), saved_config, model, force=True,
+                metrics=eval_metrics if ranked else None)
       last_saved = step
 
   progress = tqdm.tqdm(range(first_step, config.train.steps), initial=first_step,
@@ -174,7 +181,6 @@ def fit(config: ml_collections.ConfigDict, workdir: str | None = None,
           f"(the last checkpoint is step {ckpt.latest_step() if ckpt else None}). "
           "Set train.nan_policy='skip' to drop such steps instead.")
     done = step + 1
-    save(done)
     tokens += int(np.sum(batch["segment_ids"] > 0)) * jax.process_count()  # about: equal shards
     if done % config.train.log_every == 0 or done == config.train.steps:
       elapsed = time.time() - start
@@ -185,10 +191,12 @@ def fit(config: ml_collections.ConfigDict, workdir: str | None = None,
       writer.write(done, metrics)
       _say(f"step {done}: " + " ".join(f"{k}={v:.4g}" for k, v in sorted(metrics.items())))
       final = {f"train_{k}": v for k, v in metrics.items()}
+    heldout = None
     if config.train.eval_every and done % config.train.eval_every == 0 and done < config.train.steps:
       heldout = _evaluate_all(program, state.params, data, encoder)
       writer.write(done, heldout, prefix="eval")
       _say(f"step {done} eval: {heldout}")
+    save(done, eval_metrics=heldout)
     if preemption.should_stop(done):
       save(done, force=True)
       final["preempted_at_step"] = done
@@ -198,7 +206,7 @@ def fit(config: ml_collections.ConfigDict, workdir: str | None = None,
     heldout = _evaluate_all(program, state.params, data, encoder)
     writer.write(int(state.step), heldout, prefix="eval")
     final.update({f"eval_{k}": v for k, v in heldout.items()})
-    save(int(state.step), force=True)
+    save(int(state.step), force=True, eval_metrics=heldout)
   if ckpt:
     ckpt.wait()
     ckpt.close()
