@@ -110,7 +110,9 @@ def machine(extra: str = "") -> str:
 
 def command() -> str:
   """The command that runs this process again, relative to the repository root."""
-  python = os.path.relpath(sys.executable) if sys.executable.startswith(os.getcwd()) else sys.executable
+  python = sys.executable
+  if python.startswith(os.getcwd()):
+    python = os.path.relpath(python)
   module = os.path.splitext(os.path.relpath(sys.argv[0]))[0].replace(os.sep, ".")
   return shlex.join([python, "-m", module, *sys.argv[1:]])
 

@@ -43,7 +43,6 @@ import time
 from collections.abc import Callable, Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from benchmarks import common
@@ -80,7 +79,8 @@ def make_dialogue(rng: np.random.Generator, tokens: TaskTokens, vocab_size: int,
     user = content(query_len) if k == 0 else [tokens.eos] + content(query_len - 1)
     written = content(output_len - 1) + [tokens.eos]
     ret_before = {i * output_len // retrievals for i in range(retrievals)}
-    output = [t for i, w in enumerate(written) for t in ([tokens.query, w] if i in ret_before else [w])]
+    output = [t for i, w in enumerate(written)
+              for t in ([tokens.query, w] if i in ret_before else [w])]
     dialogue.append(Round(user, output))
   return dialogue
 
@@ -168,16 +168,22 @@ def build_index(encoder: Encoder, params, documents: dict[str, list[int]], ret: 
   return ExactIndex().build(encoder.encode(params, items), list(documents))
 
 
-def time_dialogue(engine: Engine, dialogue: list[Round], query: QueryFn, search: Callable,
-                  documents: dict[str, list[int]], capacity: int) -> list[float]:
-  """Seconds per round of one whole conversation (the cache is allocated before timing)."""
-  conversation = Conversation(engine, capacity)
-  jax.block_until_ready(conversation.cache)
-  seconds = []
-  for round_ in dialogue:
-    start = time.perf_counter()
-    run_round(conversation, round_, query, search, documents)
-    seconds.append(time.perf_counter() - start)
+def time_in_lockstep(engine: Engine, dialogue: list[Round], methods: dict, capacity: int,
+                     documents: dict[str, list[int]]) -> dict[str, list[float]]:
+  """Seconds per round of each method's own conversation (caches allocated before timing).
+
+  The conversations advance in lockstep, round k of one method next to round k of the other,
+  which goes first alternating, so both meet the same load from other jobs on the machine.
+  """
+  conversations = {name: Conversation(engine, capacity) for name in methods}
+  jax.block_until_ready([c.cache for c in conversations.values()])
+  seconds = {name: [] for name in methods}
+  for k, round_ in enumerate(dialogue):
+    for name in sorted(methods, reverse=k % 2 == 1):
+      query, search = methods[name]
+      start = time.perf_counter()
+      run_round(conversations[name], round_, query, search, documents)
+      seconds[name].append(time.perf_counter() - start)
   return seconds
 
 
@@ -221,12 +227,11 @@ def measure_length(args, setup: dict, query_len: int) -> list[list]:
   for r in args.retrievals:
     per_round = {name: [] for name in methods}
     pipeline.seconds = 0.0
-    for repeat in range(args.repeats):
+    for _ in range(args.repeats):
       dialogue = make_dialogue(rng, tokens, model.config.vocab_size, args.rounds, query_len,
                                args.output_tokens, r)
-      for name in sorted(methods, reverse=repeat % 2 == 1):  # alternate which method goes first
-        query, search = methods[name]
-        per_round[name] += time_dialogue(engine, dialogue, query, search, docs, capacity)
+      for name, seconds in time_in_lockstep(engine, dialogue, methods, capacity, docs).items():
+        per_round[name] += seconds
     onegen, piped = (statistics.median(per_round[n]) for n in ("onegen", "pipeline"))
     encode = pipeline.seconds / len(per_round["pipeline"])
     rows.append([query_len, r, 1e3 * onegen, 1e3 * piped, 1e3 * encode, piped / onegen])
@@ -244,7 +249,8 @@ def setup_models(args) -> dict:
   documents = {f"doc{i}": rng.integers(1, config.vocab_size - 4, args.doc_tokens).tolist()
                for i in range(args.num_docs)}
   mesh = sharding.make_mesh(devices=jax.devices()[:1])
-  generator, retriever = common.init_params(model, args.seed), common.init_params(model, args.seed + 1)
+  generator = common.init_params(model, args.seed)
+  retriever = common.init_params(model, args.seed + 1)
   encoder = Encoder(model, mesh, rows=8, seq_len=args.doc_tokens + 1, max_reads=8)
   return {"model": model, "tokens": tokens, "documents": documents, "mesh": mesh,
           "generator": generator, "retriever": retriever,
@@ -254,7 +260,7 @@ def setup_models(args) -> dict:
 
 def main():
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  parser.add_argument("--preset", default="tiny", help="a model of benchmarks/common.py or a preset")
+  parser.add_argument("--preset", default="tiny", help="a benchmarks/common.py model or a preset")
   parser.add_argument("--dtype", default="", help="compute dtype override (e.g. float32 on CPU)")
   parser.add_argument("--query_lengths", type=common.parse_ints, default="32,64,128,256,512,1024")
   parser.add_argument("--retrievals", type=common.parse_ints, default="1,2,5",
@@ -283,10 +289,12 @@ def main():
   notes = [
       f"Model `{args.preset}` ({size / 1e6:.1f}M parameters, compute {config.dtype}); generator "
       f"and retriever the same shape, separately random-initialised; batch 1.",
-      f"{args.rounds} rounds, {args.output_tokens}-token outputs, {args.doc_tokens}-token documents "
+      f"{args.rounds} rounds, {args.output_tokens}-token outputs, {args.doc_tokens}-token "
+      "documents "
       f"(+2 tag tokens), {args.num_docs} documents in an ExactIndex; ms / round is the median over "
       f"the rounds of {args.repeats} conversations (retriever ms: the mean); OneGen and pipeline "
-      "run the same conversations, alternating which goes first.",
+      "run the same conversations in lockstep (round k of one next to round k of the other, "
+      "alternating which goes first), each over its own cache.",
       "Forced schedule (see the module docstring): random-init models, scripted outputs; every "
       "step computes logits and samples as in free generation. Round 1 through Engine.generate "
       "matched the driver token for token (checked for every query length).",
