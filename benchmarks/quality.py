@@ -774,7 +774,7 @@ def ensure_hf_dir(args) -> str:
 def main(argv=None):
   args = parse_args(argv)
   if args.record_from:
-    append_section(args.record_from)
+    append_section(args.record_from, [f"Section appended afterwards by `{common.command()}`."])
     return True
   jax = _setup_jax(args)
   from transformers import AutoTokenizer  # noqa: PLC0415
@@ -837,7 +837,7 @@ def main(argv=None):
   return results
 
 
-def append_section(path: str) -> None:
+def append_section(path: str, extra_notes: tuple[str, ...] = ()) -> None:
   """Appends a run's section (command, machine, date, tables, notes from its quality.json) at the
   end of benchmarks/RESULTS.md; nothing else in the file changes."""
   import datetime  # noqa: PLC0415
@@ -855,7 +855,7 @@ def append_section(path: str) -> None:
       f'<a id="{anchor}"></a>',
       f"### quality: OneGen vs GIT + MiniLM pipeline, RIT and no fine-tuning ({date})", "",
       f"Command: `{command}`", "", f"Machine: {run['machine']}", "", tables(run["results"]), "",
-      *[f"- {n}" for n in notes], ""])
+      *[f"- {n}" for n in [*notes, *extra_notes]], ""])
   if os.path.exists(common.RESULTS):
     with open(common.RESULTS, "a") as f:
       f.write("\n" + section)
