@@ -120,7 +120,7 @@ run() {
       "$@" 2>&1 | grep --line-buffered -v 'it/s\]\|chunk/s\]' | tee "$OUT/log.txt" || status=$?
   cp /tmp/oq/out/quality.json /tmp/oq/out/quality.md "$OUT"/ 2>/dev/null || true
   cp benchmarks/RESULTS.md "$OUT"/ 2>/dev/null || true
-  tar -C /tmp/oq/out -czf "$OUT/predictions.tar.gz" eval 2>/dev/null || true
+  tar -C /tmp/oq/out --exclude=index -czf "$OUT/predictions.tar.gz" eval 2>/dev/null || true
   echo "whole call: $(( $(date +%s) - start )) s; quality.py exit $status"
   return "$status"
 }
