@@ -96,7 +96,8 @@ def parse_args(argv=None) -> argparse.Namespace:
   p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                               formatter_class=argparse.RawDescriptionHelpFormatter)
   a = p.add_argument
-  a("--out", required=True, help="Output directory (data, imported runs, results).")
+  a("--out", default="", help="Output directory (data, imported runs, results); required "
+    "unless --record_from.")
   a("--tasks", default="rag,el", help="Comma list of rag, el.")
   a("--arms", default=",".join(ARMS), help=f"Comma list of {', '.join(ARMS)}.")
   # Model.
@@ -164,6 +165,8 @@ def parse_args(argv=None) -> argparse.Namespace:
   a("--record_from", default="", help="Only append the RESULTS.md section of an earlier run's "
     "OUT/quality.json (its command, machine and date), then exit.")
   args = p.parse_args(argv)
+  if not args.out and not args.record_from:
+    p.error("--out is required")
   args.tasks = [t for t in args.tasks.split(",") if t]
   args.arms = [x for x in args.arms.split(",") if x]
   for t in args.tasks:

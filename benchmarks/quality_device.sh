@@ -18,8 +18,9 @@
 # Device, last:     run(command="bash benchmarks/quality_device.sh run [extra quality.py flags]",
 #                       carry=[".quality_bundle/p3"], timeout_s=600)
 # (`pack` prints the exact calls for the number of parts it made.) The last call writes
-# quality.json, quality.md, RESULTS.md (with the new section appended), log.txt and
-# predictions.tar.gz to $OUT; append the section to benchmarks/RESULTS.md here.
+# quality.json, quality.md, log.txt and predictions.tar.gz to $OUT. Then, here:
+#   .venv/bin/python -m benchmarks.quality --record_from=FILES_AT/quality.json
+# appends the run's section (its command, machine and date) to benchmarks/RESULTS.md.
 #
 # The run's defaults (benchmarks/quality.py) are sized for one H100 and --budget_s=400: arms that
 # would not fit the budget are skipped and reported as such; pass e.g. --steps=30 to shrink.
@@ -116,10 +117,9 @@ run() {
       --minilm_dir=/tmp/oq/payload/minilm --cache_dir=/tmp/oq/jax_cache \
       --qa_sets=$d/qa/nq_open_oracle,$d/qa/hotpotqa_train100,$d/qa/musique_train100 \
       --qa_extra_corpus=$d/qa/2wiki_corpus/corpus.jsonl --el_src=$d/el \
-      --budget_s=400 --note="device run: $(nvidia-smi --query-gpu=name --format=csv,noheader | head -1)" \
+      --budget_s=400 --no-record --note="device run: $(nvidia-smi --query-gpu=name --format=csv,noheader | head -1)" \
       "$@" 2>&1 | grep --line-buffered -v 'it/s\]\|chunk/s\]' | tee "$OUT/log.txt" || status=$?
   cp /tmp/oq/out/quality.json /tmp/oq/out/quality.md "$OUT"/ 2>/dev/null || true
-  cp benchmarks/RESULTS.md "$OUT"/ 2>/dev/null || true
   tar -C /tmp/oq/out --exclude=index -czf "$OUT/predictions.tar.gz" eval 2>/dev/null || true
   echo "whole call: $(( $(date +%s) - start )) s; quality.py exit $status"
   return "$status"
