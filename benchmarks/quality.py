@@ -728,7 +728,7 @@ def tables(results: dict) -> str:
     rows = []
     for arm, r in results["rag"].items():
       if "skipped" in r:
-        rows.append([ARM_LABEL[arm], *["—"] * 6, r["skipped"], "—", "—"])
+        rows.append([ARM_LABEL[arm], f"skipped ({r['skipped']})", *["—"] * 8])
         continue
       rows.append([ARM_LABEL[arm], _cell(r.get("em")), _cell(r.get("f1")), _cell(r.get("r1")),
                    _cell(r.get("r5")), _cell(r.get("gold_r1")), _cell(r.get("gold_r5")),
@@ -741,7 +741,7 @@ def tables(results: dict) -> str:
     rows = []
     for arm, r in results["el"].items():
       if "skipped" in r:
-        rows.append([ARM_LABEL[arm], *["—"] * 4, r["skipped"], "—", "—"])
+        rows.append([ARM_LABEL[arm], f"skipped ({r['skipped']})", *["—"] * 6])
         continue
       rows.append([ARM_LABEL[arm], _cell(r.get("reference_f1")), _cell(r.get("strong_f1")),
                    _cell(r.get("gold_r1")), _cell(r.get("gold_r5")),
