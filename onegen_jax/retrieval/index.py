@@ -36,7 +36,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
-from scann.scann_ops.py import scann_ops_pybind
 
 KB_AXIS = "kb"
 
@@ -284,6 +283,8 @@ class ScannIndex(Index):
 
   def _build(self, vectors: np.ndarray) -> None:
     n = len(vectors)
+    from scann.scann_ops.py import scann_ops_pybind  # noqa: PLC0415 (only this backend needs it)
+
     builder = scann_ops_pybind.builder(vectors, 10, "dot_product")
     if n < self.brute_force_below:
       self._searcher = builder.score_brute_force().build()
@@ -312,6 +313,8 @@ class ScannIndex(Index):
     self._searcher.serialize(assets, relative_path=True)
 
   def _load(self, path: str) -> None:
+    from scann.scann_ops.py import scann_ops_pybind  # noqa: PLC0415
+
     self._searcher = scann_ops_pybind.load_searcher(os.path.join(path, "scann"))
 
 
