@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import statistics
 
 import jax
@@ -200,10 +201,24 @@ def record(args, sizes, rows: list[list], table: str) -> None:
       "256; ScaNN search_batched_parallel); 1-query ms: median of 20 single-query calls.",
       "ApproxIndex uses jax.lax.approx_max_k, which is approximate on TPU only; on CPU it sorts.",
   ]
-  summary = [(f"index {row[2]}, {row[1]} x {row[0]}, CPU",
-              f"{row[7]} q/s, recall@10 {row[10]}, build {row[3]} s")
-             for row in rows if "failed" not in str(row[3])]
-  common.record("index", ", ".join(f"{n:,} x {d}" for d, n in sizes), table, notes, summary)
+  common.record("index", ", ".join(f"{n:,} x {d}" for d, n in sizes), table, notes,
+                summary_rows(rows))
+
+
+def summary_rows(rows: list[list]) -> list[tuple[str, str]]:
+  """Two summary rows per (dim, keys): exact backends' queries/s; ScaNN's queries/s and recall."""
+  out = []
+  for size in dict.fromkeys((row[0], row[1]) for row in rows):
+    done = [r for r in rows if (r[0], r[1]) == size and "failed" not in str(r[3])]
+    exact = [r for r in done if not r[2].startswith("ScannIndex")]
+    scann = [r for r in done if r[2].startswith("ScannIndex")]
+    tag = f"{size[1]} x {size[0]}, CPU"
+    out.append((f"exact search q/s ({' / '.join(r[2].split(' (')[0] for r in exact)}), {tag}",
+                " / ".join(r[7] for r in exact)))
+    out.append((f"ScaNN q/s at recall@10 (leaves fraction:reorder), {tag}",
+                "; ".join(f"{':'.join(re.findall(r'[0-9.]+', r[2]))} {r[7]} at {r[10]}"
+                          for r in scann)))
+  return out
 
 
 if __name__ == "__main__":
