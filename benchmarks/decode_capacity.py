@@ -7,7 +7,7 @@ capacity rather than to the tokens in the cache. This measures it: the Engine's 
 --prefill-token chunk after --cached tokens, at each --capacities, with the layers scanned and
 unrolled.
 
-Default: the small-34m Llama on CPU (about two minutes).
+Default: the small-34m Llama on CPU (about a minute).
 """
 
 from __future__ import annotations

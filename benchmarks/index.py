@@ -11,10 +11,11 @@ Figures: build seconds, vector bytes, process RSS growth after the build and at 
 and search), queries/s for all queries at once, latency of one query, recall@1 and recall@10
 (overlap of the top 10) against numpy.
 
-Default (about two minutes on 2 cores): 100k x 576 and 25k x 2048. The KB size:
-  .venv/bin/python -m benchmarks.index --sizes 576:1250000,2048:1250000
-1.25M x 2048 float32 is 9.5 GiB of vectors; ExactIndex holds a padded copy besides the caller's
-array, so on a 24 GiB machine run 2048 at a smaller N (e.g. 2048:250000).
+Default (3-4 minutes on 2 cores): 100k x 576 and 25k x 2048. The KB size for 576 (about 25
+minutes here):
+  .venv/bin/python -m benchmarks.index --sizes 576:1250000,2048:250000
+1.25M x 2048 (--sizes 2048:1250000) is 9.5 GiB of float32 vectors; the ExactIndex worker holds
+them, a padded copy and a search peak (~29 GiB in all), more than a 24 GiB machine has.
 """
 
 from __future__ import annotations

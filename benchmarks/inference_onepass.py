@@ -30,7 +30,7 @@ driven here by `Conversation`, which runs the Engine's compiled step exactly as 
 does. Before timing each L, round 1 is also run through `Engine.generate` itself (its step wrapped
 to force the same script) and must give the same tokens and retrievals as `Conversation`.
 
-Default: the `tiny` preset on CPU (about a minute). Larger: --preset small-34m (a ~34M-parameter
+Default: the `tiny` preset on CPU (1-3 minutes). Larger: --preset small-34m (a ~34M-parameter
 Llama) or --preset llama-1.1b for an accelerator.
 """
 
