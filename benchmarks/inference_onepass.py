@@ -208,7 +208,7 @@ def capacity_for(args, query_len: int, retrievals: int) -> int:
 
 
 def measure_length(args, setup: dict, query_len: int) -> list[list]:
-  """Table rows for one query length: every retrieval count, both methods, median of repeats."""
+  """Table rows for one query length: every retrieval count, both methods, the median round."""
   model, tokens, docs = setup["model"], setup["tokens"], setup["documents"]
   capacity = capacity_for(args, query_len, max(args.retrievals))
   engine = Engine(model, setup["generator"], tokens, setup["onegen_index"].search, docs.__getitem__,
@@ -277,24 +277,27 @@ def main():
     parser.error("--retrievals must not exceed --output_tokens")
 
   setup = setup_models(args)
-  size = common.count_params(setup["generator"])
   rows = [row for n in args.query_lengths for row in measure_length(args, setup, n)]
   headers = ["query tokens", "retrievals / round", "OneGen ms / round", "pipeline ms / round",
              "of which retriever ms", "pipeline / OneGen"]
   table = common.markdown_table(headers, rows)
   print(table)
-  if args.no_record:
-    return
+  if not args.no_record:
+    record(args, setup, rows, table)
+
+
+def record(args, setup: dict, rows: list[list], table: str) -> None:
+  """Notes and summary rows (the ratio at the corners of the sweep) for RESULTS.md."""
   config = setup["model"].config
+  size = common.count_params(setup["generator"])
   notes = [
       f"Model `{args.preset}` ({size / 1e6:.1f}M parameters, compute {config.dtype}); generator "
-      f"and retriever the same shape, separately random-initialised; batch 1.",
+      "and retriever the same shape, separately random-initialised; batch 1.",
       f"{args.rounds} rounds, {args.output_tokens}-token outputs, {args.doc_tokens}-token "
-      "documents "
-      f"(+2 tag tokens), {args.num_docs} documents in an ExactIndex; ms / round is the median over "
-      f"the rounds of {args.repeats} conversations (retriever ms: the mean); OneGen and pipeline "
-      "run the same conversations in lockstep (round k of one next to round k of the other, "
-      "alternating which goes first), each over its own cache.",
+      f"documents (+2 tag tokens), {args.num_docs} documents in an ExactIndex; ms / round is the "
+      f"median over the rounds of {args.repeats} conversations (retriever ms: the mean); OneGen "
+      "and pipeline run the same conversations in lockstep (round k of one next to round k of "
+      "the other, alternating which goes first), each over its own cache.",
       "Forced schedule (see the module docstring): random-init models, scripted outputs; every "
       "step computes logits and samples as in free generation. Round 1 through Engine.generate "
       "matched the driver token for token (checked for every query length).",
