@@ -11,8 +11,8 @@ from onegen_jax.model.config import preset
 from onegen_jax.model.decoder import Decoder, init_cache
 
 
-@pytest.mark.parametrize("scan_layers", [True, False])
-def test_ragged_prefill_decode_and_insertion_match_full_forward(scan_layers):
+@pytest.mark.parametrize("scan_layers,window", [(True, None), (False, None), (True, 32)])
+def test_ragged_prefill_decode_and_insertion_match_full_forward(scan_layers, window):
   config = preset("tiny", scan_layers=scan_layers, qkv_bias=True)
   model = Decoder(config)
   rng = np.random.default_rng(0)
@@ -20,7 +20,8 @@ def test_ragged_prefill_decode_and_insertion_match_full_forward(scan_layers):
   inserted = rng.integers(1, 500, 7)  # e.g. "<paragraph> ... </paragraph>" into row 0 only
   params = model.init(jax.random.key(0), jnp.ones((1, 4), jnp.int32), jnp.ones((1, 4), jnp.int32),
                       jnp.arange(4)[None])["params"]
-  extend = jax.jit(functools.partial(model.apply, method=Decoder.extend))
+  # window: attend to the first 32 of the 64 cache entries (enough for this text).
+  extend = jax.jit(functools.partial(model.apply, method=Decoder.extend, window=window))
   cache = init_cache(config, 2, 64)
   lengths = np.zeros(2, np.int32)
   sequences = [[], []]

@@ -74,6 +74,11 @@ def _bucket(n: int) -> int:
   return 1 if n == 1 else max(16, 1 << (n - 1).bit_length())
 
 
+def _window(n: int) -> int:
+  """Cache entries attended for n used ones: a power of two from 256 (few compiled shapes)."""
+  return max(256, 1 << (n - 1).bit_length())
+
+
 def _sample(logits: jnp.ndarray, rng: jax.Array, temperature: float, top_p: float) -> jnp.ndarray:
   """logits float32 [B, V] -> token ids int32 [B] (greedy when temperature == 0)."""
   if temperature == 0.0:
@@ -105,13 +110,16 @@ class Engine:
     self.model, self.params, self.tokens, self.search = model, params, tokens, search
     self.documents, self.config, self.mode = documents, config, mode
     self._step = jax.jit(functools.partial(
-        self._step_fn, model, config.temperature, config.top_p, vocab_size), donate_argnums=(3,))
+        self._step_fn, model, config.temperature, config.top_p, vocab_size), donate_argnums=(3,),
+        static_argnames="window")
 
   @staticmethod
-  def _step_fn(model, temperature, top_p, vocab_size, params, tokens, cache_len, cache, last, rng):
-    """Feeds tokens [B, T]; returns (next token [B], normalised hidden [B, D] and logits [B, V]
-    at each row's `last` fed index, new cache)."""
-    hidden, cache = model.apply({"params": params}, tokens, cache_len, cache, method=Decoder.extend)
+  def _step_fn(model, temperature, top_p, vocab_size, params, tokens, cache_len, cache, last, rng,
+               window=None):
+    """Feeds tokens [B, T], attending to the first `window` cache entries; returns (next token
+    [B], normalised hidden [B, D] and logits [B, V] at each row's `last` fed index, new cache)."""
+    hidden, cache = model.apply({"params": params}, tokens, cache_len, cache, window,
+                                method=Decoder.extend)
     final = hidden[jnp.arange(tokens.shape[0]), last]  # [B, D]
     logits = model.apply({"params": params}, final[:, None], method=Decoder.logits)[:, 0]
     logits = logits.astype(jnp.float32)
@@ -142,7 +150,9 @@ class Engine:
       if int(lengths.max()) + fed.shape[1] > cfg.capacity:
         raise ValueError(f"a request needs more than capacity={cfg.capacity} cache entries")
       rng = jax.random.fold_in(jax.random.key(cfg.seed), first_id * 1_000_003 + step)
-      next_tok, vectors, _, cache = self._step(self.params, fed, lengths, cache, last, rng)
+      window = min(cfg.capacity, _window(int(lengths.max()) + fed.shape[1]))
+      next_tok, vectors, _, cache = self._step(self.params, fed, lengths, cache, last, rng,
+                                               window=window)
       next_tok, vectors = np.asarray(next_tok), np.asarray(vectors)
       lengths += np.array([len(q) if a else 0 for q, a in zip(queues, active)], np.int32)
       # A query is a RET token the model generated, fed alone; its hidden state was just computed.

@@ -83,7 +83,9 @@ class Attention(nn.Module):
       k, v = write(cache[0], k.astype(cache[0].dtype), write_index), write(
           cache[1], v.astype(cache[1].dtype), write_index)
       cache = (k, v)
-    out = jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=cfg.attention_impl)
+    window = mask.shape[-1]  # with a cache: attend to its first `window` entries only
+    out = jax.nn.dot_product_attention(q, k[:, :window], v[:, :window], mask=mask,
+                                       implementation=cfg.attention_impl)
     out = nn.with_logical_constraint(out, ("batch", "length", "act_heads", None))
     out = out.reshape(batch, seq_len, cfg.num_heads * head_dim)
     return _dense(cfg.hidden_size, ("heads", "embed"), cfg, "o_proj")(out), cache
@@ -170,17 +172,22 @@ class Decoder(nn.Module):
     x, _ = self._layers(self._embed(tokens), packed_causal_mask(segment_ids), positions)
     return self.norm(x)
 
-  def extend(self, tokens: jnp.ndarray, cache_len: jnp.ndarray, cache: tuple):
+  def extend(self, tokens: jnp.ndarray, cache_len: jnp.ndarray, cache: tuple,
+             window: int | None = None):
     """Feeds tokens [B, T] after each row's `cache_len` [B] cached tokens (prefill or decode).
+
+    window (static): attend to the first `window` cache entries only (default: all C); it must
+    cover every row's cache_len + T. A few bucketed windows keep attention proportional to the
+    used length rather than the capacity.
 
     cache: (k, v), each [L, B, C, K, H]. Row b's token t sits at position cache_len[b] + t and
     sees cache entries 0..cache_len[b] + t. Rows may use fewer than T tokens: the extra ones are
     written past the row's length and overwritten by the next call. Returns (hidden [B, T, D]
     after the final norm, new cache).
     """
-    num_tokens, capacity = tokens.shape[1], cache[0].shape[2]
+    num_tokens, window = tokens.shape[1], window or cache[0].shape[2]
     positions = cache_len[:, None] + jnp.arange(num_tokens)[None, :]
-    mask = jnp.arange(capacity)[None, None, :] <= positions[:, :, None]  # [B, T, C]
+    mask = jnp.arange(window)[None, None, :] <= positions[:, :, None]  # [B, T, window]
     x, cache = self._layers(self._embed(tokens), mask[:, None], positions, cache_len, cache)
     return self.norm(x), cache
 

@@ -30,9 +30,10 @@ class EncodeItem:
 
 def pack_for_encoding(items: Sequence[EncodeItem], rows: int, seq_len: int,
                       max_reads: int) -> Iterator[tuple[dict, int, int]]:
-  """Packs items in order (next fit) into batches of `rows` x `seq_len` with at most `max_reads`
-  read positions; yields (batch, number of valid reads, number of items). A batch holds tokens,
-  segment_ids, positions [rows, seq_len] and read_index int32 [max_reads, 2]."""
+  """Packs items in order into batches of `rows` x `seq_len` with at most `max_reads` read
+  positions, each item into the first row of the current batch with room for it (first fit);
+  yields (batch, number of valid reads, number of items). A batch holds tokens, segment_ids,
+  positions [rows, seq_len] and read_index int32 [max_reads, 2]; reads are in item order."""
 
   def empty():
     zeros = lambda: np.zeros((rows, seq_len), np.int32)
@@ -40,15 +41,14 @@ def pack_for_encoding(items: Sequence[EncodeItem], rows: int, seq_len: int,
             "read_index": np.zeros((max_reads, 2), np.int32)}, [0] * rows, 0
 
   batch, fill, reads = empty()
-  row = count = 0
+  count = 0
   for item in items:
     n = len(item.tokens)
     if n > seq_len or len(item.read) > max_reads:
       raise ValueError(f"a sequence of {n} tokens with {len(item.read)} reads does not fit rows of "
                        f"{seq_len} tokens and {max_reads} reads")
-    if fill[row] + n > seq_len:
-      row += 1
-    if row == rows or reads + len(item.read) > max_reads:
+    row = next((r for r, used in enumerate(fill) if used + n <= seq_len), None)
+    if row is None or reads + len(item.read) > max_reads:
       yield batch, reads, count
       (batch, fill, reads), row, count = empty(), 0, 0
     start = fill[row]

@@ -263,6 +263,8 @@ class ScannIndex(Index):
   block, anisotropic threshold 0.2) rescored exactly over the best `reorder_factor` * k; from
   `partition_from` points on, first a k-means tree of ~sqrt(N) leaves, of which a
   `leaves_fraction` is searched, trained on at most `training_sample_size` points.
+  `leaves_fraction` and `reorder_factor` are read at search time: set them on a built or loaded
+  index (or pass them to `load_index`) to trade recall for speed without rebuilding.
   """
 
   backend = "scann"
@@ -290,9 +292,8 @@ class ScannIndex(Index):
       self._searcher = builder.score_brute_force().build()
       return
     if n >= self.partition_from:
-      leaves = round(math.sqrt(n))
-      builder = builder.tree(num_leaves=leaves,
-                             num_leaves_to_search=max(1, math.ceil(leaves * self.leaves_fraction)),
+      builder = builder.tree(num_leaves=round(math.sqrt(n)),
+                             num_leaves_to_search=self._leaves_to_search(n),
                              training_sample_size=min(n, self.training_sample_size))
     # 10: the builder's default k; every search passes its own k and reorder_factor * k.
     self._searcher = builder.score_ah(2, anisotropic_quantization_threshold=0.2).reorder(
@@ -302,10 +303,18 @@ class ScannIndex(Index):
     if not len(queries):
       return np.zeros((0, k), np.int64), np.zeros((0, k), np.float32)
     rows, scores = self._searcher.search_batched_parallel(
-        queries, final_num_neighbors=k, pre_reorder_num_neighbors=self.reorder_factor * k)
+        queries, final_num_neighbors=k, pre_reorder_num_neighbors=self.reorder_factor * k,
+        leaves_to_search=self._leaves_to_search(len(self.ids)))
     missing = np.isnan(scores)  # ScaNN pads with row 0 and NaN when it finds fewer than k
     rows = np.where(missing, -1, rows.astype(np.int64))
     return rows, np.where(missing, -np.inf, scores).astype(np.float32)
+
+  def _leaves_to_search(self, n: int) -> int | None:
+    """Leaves searched among the ~sqrt(n) of the tree at the current `leaves_fraction` (None
+    without a tree); read at every search, so the fraction can change after the build."""
+    if n < max(self.partition_from, self.brute_force_below):
+      return None
+    return max(1, math.ceil(round(math.sqrt(n)) * self.leaves_fraction))
 
   def _save(self, path: str) -> None:
     assets = os.path.join(path, "scann")
