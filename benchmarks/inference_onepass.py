@@ -104,7 +104,7 @@ class Conversation:
     if int(self.length[0]) + fed.shape[1] > self.cache[0].shape[2]:
       raise ValueError("the conversation does not fit the cache capacity")
     rng = jax.random.fold_in(jax.random.key(self.engine.config.seed), self.steps)
-    next_token, vectors, _, self.cache = self.engine._step(
+    next_token, vectors, self.cache = self.engine._step(
         self.engine.params, fed, self.length, self.cache, last, rng)
     np.asarray(next_token)  # the Engine reads the token back every step
     self.length += len(tokens)

@@ -117,7 +117,7 @@ class Engine:
   def _step_fn(model, temperature, top_p, vocab_size, params, tokens, cache_len, cache, last, rng,
                window=None):
     """Feeds tokens [B, T], attending to the first `window` cache entries; returns (next token
-    [B], normalised hidden [B, D] and logits [B, V] at each row's `last` fed index, new cache)."""
+    [B] and normalised hidden [B, D] at each row's `last` fed index, new cache)."""
     hidden, cache = model.apply({"params": params}, tokens, cache_len, cache, window,
                                 method=Decoder.extend)
     final = hidden[jnp.arange(tokens.shape[0]), last]  # [B, D]
@@ -125,7 +125,7 @@ class Engine:
     logits = logits.astype(jnp.float32)
     if vocab_size is not None:
       logits = jnp.where(jnp.arange(logits.shape[-1]) < vocab_size, logits, -jnp.inf)
-    return _sample(logits, rng, temperature, top_p), l2_normalize(final), logits, cache
+    return _sample(logits, rng, temperature, top_p), l2_normalize(final), cache
 
   def generate(self, prompts: Sequence[Sequence[int]], progress: bool = False) -> list[RequestOutput]:
     """Runs every prompt (token ids) to EOS or max_new_tokens, `batch_size` at a time."""
@@ -151,7 +151,7 @@ class Engine:
         raise ValueError(f"a request needs more than capacity={cfg.capacity} cache entries")
       rng = jax.random.fold_in(jax.random.key(cfg.seed), first_id * 1_000_003 + step)
       window = min(cfg.capacity, _window(int(lengths.max()) + fed.shape[1]))
-      next_tok, vectors, _, cache = self._step(self.params, fed, lengths, cache, last, rng,
+      next_tok, vectors, cache = self._step(self.params, fed, lengths, cache, last, rng,
                                                window=window)
       next_tok, vectors = np.asarray(next_tok), np.asarray(vectors)
       lengths += np.array([len(q) if a else 0 for q, a in zip(queues, active)], np.int32)
