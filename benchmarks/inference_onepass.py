@@ -47,7 +47,7 @@ import numpy as np
 
 from benchmarks import common
 from onegen_jax import sharding
-from onegen_jax.inference.engine import Engine, GenerationConfig, TaskTokens
+from onegen_jax.inference.engine import Engine, GenerationConfig, TaskTokens, _window
 from onegen_jax.model.decoder import Decoder, init_cache
 from onegen_jax.retrieval.encode import EncodeItem, Encoder
 from onegen_jax.retrieval.index import ExactIndex
@@ -104,8 +104,9 @@ class Conversation:
     if int(self.length[0]) + fed.shape[1] > self.cache[0].shape[2]:
       raise ValueError("the conversation does not fit the cache capacity")
     rng = jax.random.fold_in(jax.random.key(self.engine.config.seed), self.steps)
+    window = min(self.cache[0].shape[2], _window(int(self.length[0]) + fed.shape[1]))
     next_token, vectors, self.cache = self.engine._step(
-        self.engine.params, fed, self.length, self.cache, last, rng)
+        self.engine.params, fed, self.length, self.cache, last, rng, window=window)
     np.asarray(next_token)  # the Engine reads the token back every step
     self.length += len(tokens)
     self.steps += 1
@@ -138,11 +139,11 @@ def forced_step(step: Callable, script: list[int], ret: int) -> Callable:
   """
   pending = list(script)
 
-  def forced(params, tokens, cache_len, cache, last, rng):
-    next_token, vectors, logits, cache = step(params, tokens, cache_len, cache, last, rng)
+  def forced(params, tokens, cache_len, cache, last, rng, **kwargs):
+    next_token, vectors, cache = step(params, tokens, cache_len, cache, last, rng, **kwargs)
     if tokens.shape[1] == 1 and tokens[0, 0] == ret:
-      return next_token, vectors, logits, cache
-    return np.array([pending.pop(0)], np.int32), vectors, logits, cache
+      return next_token, vectors, cache
+    return np.array([pending.pop(0)], np.int32), vectors, cache
 
   return forced
 
