@@ -44,11 +44,12 @@ def demo_config(**sections):
 
 
 @functools.lru_cache(maxsize=None)
-def _program(mesh=(8, 1, 1), accum_steps=1, rows=8, loss_type="bpr", lambda_ret=1.0):
+def _program(mesh=(8, 1, 1), accum_steps=1, rows=8, loss_type="bpr", lambda_ret=1.0,
+             dtype="float32"):
   config = demo_config(mesh=dict(zip(("data", "fsdp", "tensor"), mesh)),
                        batch=dict(accum_steps=accum_steps, rows=rows),
                        loss=dict(loss_type=loss_type, lambda_ret=lambda_ret),
-                       optim=dict(schedule="constant", lr=1e-3))
+                       optim=dict(schedule="constant", lr=1e-3), model=dict(dtype=dtype))
   return loop.build_program(config, devices=jax.devices()[:math.prod(mesh)])
 
 
