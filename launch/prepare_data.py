@@ -18,7 +18,7 @@ from absl import app, flags
 from onegen_jax.data.loader import mean_efficiency
 from onegen_jax.data.packing import BatchShape
 from onegen_jax.data.pipeline import build_data
-from onegen_jax.data.records import DataError
+from onegen_jax.data.records import ConfigError, DataError
 from onegen_jax.data.tasks import TASKS
 
 _TASK = flags.DEFINE_enum("task", None, sorted(TASKS), "Task of the data.")
@@ -46,7 +46,7 @@ def main(argv):
   start = time.time()
   try:
     train, _, stats, *_ = build_data(config, shape)
-  except DataError as e:
+  except (ConfigError, DataError) as e:
     sys.exit(str(e))
   built = time.time() - start
   epoch, batches = stats["counts"]["examples"], []

@@ -17,7 +17,7 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from onegen_jax.data.records import DataError
+from onegen_jax.data.records import ConfigError, DataError
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Task config file[:variant].",
                                           lock_config=True)
@@ -66,7 +66,7 @@ def main(argv):
 
   try:
     _, final = fit(_CONFIG.value, _WORKDIR.value)
-  except DataError as e:  # every bad line, as FILE:LINE: field: problem
+  except (ConfigError, DataError) as e:  # KEY: problem; every bad line as FILE:LINE: field: problem
     sys.exit(str(e))
   if jax.process_index() == 0:
     print(json.dumps(final, sort_keys=True))

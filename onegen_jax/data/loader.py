@@ -53,7 +53,9 @@ class TrainIterator(Iterator[dict]):
 
   After a batch is emitted, the example that did not fit is pending: the saved state is the grain
   state from before that example was read, so a restored iterator reads it again.
-  `last_example_ids` holds the example ids (line numbers) packed into the last batch.
+  `last_example_ids` holds the example ids (line numbers) packed into the last batch;
+  `last_batch_info` = {"examples": how many, "limited_by": the budget that refused the next
+  example and so closed the batch: "rows", "queries" or "keys" (packing.BatchPacker)}.
   """
 
   def __init__(self, source, db: Database, shape: BatchShape, sampling: Sampling, host: Host,
@@ -72,6 +74,7 @@ class TrainIterator(Iterator[dict]):
     self._step = 0
     self._pending: tuple[dict, bytes] | None = None
     self.last_example_ids: list[int] = []
+    self.last_batch_info: dict = {}
 
   def __next__(self) -> dict[str, np.ndarray]:
     self._builder.start(self._step)
@@ -83,6 +86,8 @@ class TrainIterator(Iterator[dict]):
         break
       self._pending = None
     self.last_example_ids = self._builder.example_ids
+    self.last_batch_info = {"examples": len(self.last_example_ids),
+                            "limited_by": self._builder.refused_by}
     self._step += 1
     return self._host.offset(self._builder.emit())
 

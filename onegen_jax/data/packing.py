@@ -82,11 +82,14 @@ class BatchPacker:
   """Accumulates examples (with their documents) into one batch of fixed shape.
 
   `try_add` is all-or-nothing; `emit` returns the numpy batch and starts an empty one.
+  `refused_by`: which budget refused the last example tried ("rows", "queries" or "keys", in
+  that order of precedence: "keys" means the rows had room), None after an accepted one.
   """
 
   def __init__(self, corpus: Corpus, shape: BatchShape):
     self.corpus = corpus
     self.shape = shape
+    self.refused_by: str | None = None
     self._reset()
 
   def _reset(self):
@@ -125,8 +128,10 @@ class BatchPacker:
     new_keys = sum(len(self.corpus.documents[d].keys) for d in needed)
     items = [example] + [self.corpus.documents[d] for d in needed]
     placed = self._first_fit(items)
-    if (placed is None or len(self._queries) + len(example.queries) > self.shape.num_queries
-        or self._num_keys + new_keys > self.shape.num_keys):
+    queries = len(self._queries) + len(example.queries)
+    self.refused_by = ("rows" if placed is None else "queries" if queries > self.shape.num_queries
+                       else "keys" if self._num_keys + new_keys > self.shape.num_keys else None)
+    if self.refused_by:
       if self.empty:
         raise ValueError(f"an example with {len(needed)} documents ({new_keys} keys) does not fit "
                          f"into an empty batch of {self.shape}; raise rows, seq_len or num_keys")

@@ -14,6 +14,7 @@ config.data keys:
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
 from typing import NamedTuple
 
@@ -21,6 +22,7 @@ from onegen_jax.data.builder import Source, prepare, tokenize_source
 from onegen_jax.data.loader import Host, TrainIterator, heldout_batches, mean_efficiency
 from onegen_jax.data.packing import BatchShape
 from onegen_jax.data.prepare import Database
+from onegen_jax.data.records import ConfigError
 from onegen_jax.data.sampling import Sampling
 from onegen_jax.data.tasks import Task, get_task
 
@@ -32,7 +34,25 @@ def _get(config: Mapping, name: str, default=None):
   return default if value in (None, "") else value
 
 
+def check_paths(config: Mapping):
+  """Raises ConfigError naming each input of config.data that is unset (dev_path may be) or
+  missing: `data.dev_path: no such file: PATH`."""
+  problems = []
+  for key in ("train_path", "db_path", "dev_path", "tokenizer_path"):
+    kind, exists = (("directory", os.path.isdir) if key == "tokenizer_path" else
+                    ("file", os.path.isfile))
+    path = _get(config, key)
+    if path is None and key != "dev_path":
+      problems.append(f"data.{key}: not set")
+    elif path is not None and not exists(path):
+      problems.append(f"data.{key}: no such {kind}: {path}")
+  if problems:
+    raise ConfigError("\n".join(problems))
+
+
 def source_from_config(config: Mapping, seq_len: int, task: Task | None = None) -> Source:
+  """The Source of config.data; raises ConfigError first if an input file is missing."""
+  check_paths(config)
   return Source(task=task or get_task(config["task"]), train_path=config["train_path"],
                 db_path=config["db_path"], tokenizer_path=config["tokenizer_path"],
                 max_len=int(_get(config, "max_len") or seq_len), dev_path=_get(config, "dev_path"),
@@ -53,7 +73,8 @@ def build_data(config: Mapping, shape: BatchShape, seed: int = 0, process_index:
   database, held-out records).
 
   shape: the global micro-batch shape; each host packs rows/P rows, Q/P queries, K/P keys.
-  Raises records.DataError (every bad line as FILE:LINE: field: problem) before anything else.
+  Raises ConfigError for a missing input, then records.DataError (every bad line as
+  FILE:LINE: field: problem), before anything else.
   stats: counts (examples, tokens, anchors, truncation, ...), warnings, vocab_size, special_ids,
   prepare_s, dev_packing_efficiency.
   """

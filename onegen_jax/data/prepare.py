@@ -21,7 +21,9 @@ import numpy as np
 
 from onegen_jax.data.encoding import TaskTokenizer
 from onegen_jax.data.packing import Corpus, Key, Sequence
-from onegen_jax.data.records import Document, Example, Report, key_uid
+from onegen_jax.data.records import DataError, Document, Example, Report, key_uid
+
+LISTED = 10  # bad examples a DataError lists; the others are counted
 
 
 def _ints(values) -> np.ndarray:
@@ -68,8 +70,15 @@ def key_ids(doc_records: list[dict]) -> dict[str, int]:
 
 def example_records(examples: list[Example], tokenizer: TaskTokenizer, keys: dict[str, int],
                     max_len: int, report: Report, prefix: str = "") -> list[dict]:
-  """Tokenised examples with their valid anchors; counts go to report under `prefix`."""
+  """Tokenised examples with their valid anchors; counts go to report under `prefix`.
+
+  Raises DataError when an example's last assistant message does not end with the tokenizer's
+  EOS id (a model trained on it never stops), or when the tokenizer has none.
+  """
   encoded = tokenizer.encode([e.messages for e in examples], tokenizer.task.query_token, max_len)
+  problems = eos_problems(examples, encoded, tokenizer)
+  if problems:
+    raise DataError(problems[:LISTED], more=len(problems) - len(problems[:LISTED]))
   records = []
   for ex, enc in zip(examples, encoded):
     if not enc.cut and len(enc.rets) != len(ex.anchors):
@@ -93,6 +102,31 @@ def example_records(examples: list[Example], tokenizer: TaskTokenizer, keys: dic
     report.count(prefix + "generation_only_examples", not positions)
     records.append(_record(enc, positions, positives, negatives, index=ex.line))
   return records
+
+
+def eos_problems(examples: list[Example], encoded: list, tokenizer: TaskTokenizer) -> list[str]:
+  """`FILE:LINE: field: problem` for each example (encoded: TaskTokenizer.encode of its messages)
+  whose last assistant message does not end with the tokenizer's EOS id; an example cut by
+  max_len (Encoded.cut > 0) is not checked: its end was cut."""
+  hf = tokenizer.hf
+  if hf.eos_token_id is None:
+    return [f"{hf.name_or_path}: eos_token: the tokenizer has no EOS token (a model trained on "
+            "its data cannot learn to stop)"]
+  last = [max(i for i, m in enumerate(e.messages) if m.role == "assistant") for e in examples]
+  after = {n: e.messages[i + 1:] for n, (e, i) in enumerate(zip(examples, last))
+           if i + 1 < len(e.messages)}  # messages after the last assistant one: their tokens
+  after_len = dict(zip(after, (len(a.tokens) for a in tokenizer.encode(
+      list(after.values()), tokenizer.task.query_token, 1 << 62))))
+  problems = []
+  for n, (ex, enc, i) in enumerate(zip(examples, encoded, last)):
+    end = len(enc.tokens) - after_len.get(n, 0)
+    if enc.cut or (end and enc.tokens[end - 1] == hf.eos_token_id):
+      continue
+    tail = enc.tokens[max(end - 4, 0):end].tolist()
+    problems.append(f"{ex.path}:{ex.line}: messages[{i}].content: ends with {hf.decode(tail)!r} "
+                    f"(ids {tail}), not the tokenizer's EOS {hf.eos_token!r} "
+                    f"(id {hf.eos_token_id})")
+  return problems
 
 
 class Database:

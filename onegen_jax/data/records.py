@@ -25,11 +25,18 @@ _KEY_UID = re.compile(r"([^\s-]+)(?:-(\d+))?")
 
 
 class DataError(ValueError):
-  """Bad input data; `problems` holds one `FILE:LINE: field: problem` line each."""
+  """Bad input data; `problems` holds one `FILE:LINE: field: problem` line each; `more`: further
+  problems of the same kind, counted but not listed."""
 
-  def __init__(self, problems: list[str]):
+  def __init__(self, problems: list[str], more: int = 0):
     self.problems = list(problems)
-    super().__init__(f"{len(self.problems)} problem(s) in the data:\n" + "\n".join(self.problems))
+    listed = self.problems + ([f"... and {more} more like these"] if more else [])
+    super().__init__(f"{len(self.problems) + more} problem(s) in the data:\n" + "\n".join(listed))
+
+
+class ConfigError(ValueError):
+  """A config value that cannot work: one line `KEY: problem` per problem (launch.train prints
+  it, like a DataError, without a traceback)."""
 
 
 @dataclasses.dataclass(frozen=True)

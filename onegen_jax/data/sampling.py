@@ -71,6 +71,7 @@ class BatchBuilder:
     self._step = step
     self._members: list[tuple[dict, list[_Anchor]]] = []
     self._packer = BatchPacker(self.db.corpus, self.shape)
+    self._tried = self._packer  # the packer of the latest try_add (a rebuild packs anew)
     self._positives: set[int] = set()
     self._used: set[int] = set()
 
@@ -81,6 +82,11 @@ class BatchBuilder:
   @property
   def example_ids(self) -> list[int]:
     return [int(record["index"]) for record, _ in self._members]
+
+  @property
+  def refused_by(self) -> str | None:
+    """Which budget refused the last example tried: "rows", "queries" or "keys" (None: it fit)."""
+    return self._tried.refused_by
 
   def _rng(self, member: int, purpose: int) -> np.random.Generator:
     s = self.sampling
@@ -126,6 +132,7 @@ class BatchBuilder:
       return self._rebuild(record, anchors, positives)
     used = set(self._used)
     negatives = self._negatives(member, anchors, positives, used)
+    self._tried = self._packer
     if not self._packer.try_add(self._sequence(record, anchors, negatives)):
       return False
     self._members.append((record, anchors))
@@ -136,6 +143,7 @@ class BatchBuilder:
     """Chooses every negative again for the batch plus the new member and repacks it."""
     members = self._members + [(record, anchors)]
     packer = BatchPacker(self.db.corpus, self.shape)
+    self._tried = packer
     used: set[int] = set()
     for member, (r, a) in enumerate(members):
       if not packer.try_add(self._sequence(r, a, self._negatives(member, a, positives, used))):

@@ -13,6 +13,8 @@ lambda_g = lambda_r = 1, bf16 compute, full fine-tuning with rematerialisation, 
 Our batches are packed: each micro-batch is 64 rows of 2048 tokens (131k tokens), which holds the
 paper's examples per micro-batch with the documents their queries need (at about 128 tokens a
 document). 64 rows split over data x fsdp of up to 64 devices; beyond that use `mesh.tensor`.
+The variants set train.epochs and leave train.steps 0: the steps are derived from the data at
+start (epochs x examples / examples per step, the latter measured by packing the first batches).
 """
 
 from __future__ import annotations
@@ -53,7 +55,10 @@ def base_config(task: str) -> ConfigDict:
   c.batch = ConfigDict(dict(rows=8, seq_len=64, num_queries=16, num_keys=64, num_negatives=4,
                             accum_steps=1))
   # nan_policy: "stop" (exit with a message, last good checkpoint kept) or "skip" the step.
-  c.train = ConfigDict(dict(steps=1000, seed=0, log_every=100, eval_every=500, nan_policy="stop"))
+  # steps: optimizer steps; 0 derives them from epochs: ceil(epochs x training examples / examples
+  # per step), examples per step measured by packing the first batches (train.loop.derive_steps).
+  c.train = ConfigDict(dict(steps=0, epochs=0.0, seed=0, log_every=100, eval_every=500,
+                            nan_policy="stop"))
   # Orbax checkpoints in --workdir: every `every_steps` steps, the last `keep` kept; with
   # best_metric (an eval metric, e.g. "recall@1") the best step by best_mode ("min"/"max") too.
   c.checkpoint = ConfigDict(dict(every_steps=500, keep=3, best_metric="", best_mode="max"))
@@ -82,6 +87,9 @@ def paper_config(task: str, preset: str) -> ConfigDict:
   c.train.epochs = epochs
   c.data.update(n_pos_per_sent=n_pos, n_neg_per_pos=n_neg, max_len=max_len)
   per_micro = examples // accum
+  # num_keys assumes one key per document (the positive's and each negative's); with
+  # sentence-level keys (as in the reference multi-hop db) the key budget fills first and a batch
+  # holds fewer examples: the fit loop warns and logs examples_per_step.
   c.batch.update(rows=64 * accum, seq_len=-(-max(2048, max_len) // 256) * 256, accum_steps=accum,
                  num_queries=per_micro * n_pos, num_keys=per_micro * n_pos * (1 + n_neg),
                  num_negatives=n_neg)

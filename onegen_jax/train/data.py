@@ -51,7 +51,11 @@ def allgather_json(value) -> list:
 
 
 class JsonlData:
-  """The data pipeline (onegen_jax.data.pipeline) over this process's shards."""
+  """The data pipeline (onegen_jax.data.pipeline) over this process's shards.
+
+  last_step_info: loader.TrainIterator.last_batch_info of every shard batch of the last step
+  (micro-batch after micro-batch, shard after shard).
+  """
 
   def __init__(self, config: ml_collections.ConfigDict, shape: BatchShape):
     shards = config.data.get("num_shards") or jax.process_count()
@@ -65,14 +69,31 @@ class JsonlData:
     self.stats, self.database, self.dev_records = built[0].stats, built[0].database, built[0].dev_records
     self._dev = [b.dev for b in built]
     self.accum_steps = config.batch.accum_steps
+    self.last_step_info: list[dict] = []
 
   def _one(self) -> dict:
     """One micro-batch: this process's shards' rows, in global order."""
     parts = [next(shard) for shard in self.shards]
+    self.last_step_info += [shard.last_batch_info for shard in self.shards]
     return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
 
   def __next__(self) -> dict:
+    self.last_step_info = []
     return _stack([self._one() for _ in range(self.accum_steps)])
+
+  def examples_per_step(self, steps: int) -> float:
+    """Mean examples per optimizer step (every process's shards: a collective) over the first
+    `steps` steps from the current position, measured by packing them; the shards are then set
+    back, so training still starts at the same batch."""
+    states = [shard.get_state() for shard in self.shards]
+    examples = 0
+    for _ in range(steps * self.accum_steps):
+      for shard in self.shards:
+        next(shard)
+        examples += shard.last_batch_info["examples"]
+    for shard, state in zip(self.shards, states):
+      shard.set_state(state)
+    return sum(allgather_json(examples)) / steps
 
   def get_state(self) -> dict:
     """Every shard's position, gathered from all processes (a collective)."""

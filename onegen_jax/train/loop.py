@@ -1,5 +1,8 @@
 """The fit loop: config -> mesh, model, optimizer, compiled program -> trained state and metrics.
 
+`train.steps` = 0 derives the steps from `train.epochs` and the data (derive_steps), before the
+learning-rate schedule is built; the checkpointed config holds the derived value.
+
 Checkpoints (when a workdir is given) hold the train state, the data iterator state and the
 config: a restarted run resumes from the latest complete step with the same batches. SIGTERM
 saves at the next step boundary and returns normally; a non-finite loss stops the run (the last
@@ -8,7 +11,10 @@ good checkpoint untouched) or, with `train.nan_policy="skip"`, drops that step's
 
 from __future__ import annotations
 
+import collections
+import copy
 import dataclasses
+import math
 import time
 from collections.abc import Iterable
 
@@ -21,11 +27,12 @@ from onegen_jax import sharding
 from onegen_jax.checkpoint import Checkpointer, dumps_config, read_model_config
 from onegen_jax.data.loader import to_global
 from onegen_jax.data.packing import BatchPacker, BatchShape, Corpus, packing_efficiency
+from onegen_jax.data.records import ConfigError
 from onegen_jax.model.config import ModelConfig, preset
 from onegen_jax.model.decoder import Decoder
 from onegen_jax.retrieval.encode import Encoder
 from onegen_jax.train import metrics as metrics_lib
-from onegen_jax.train.data import TrainData, make_train_data
+from onegen_jax.train.data import TrainData, allgather_json, make_train_data
 from onegen_jax.train.optimizer import adamw, learning_rate_schedule
 from onegen_jax.train.preemption import PreemptionWatcher
 from onegen_jax.train.retrieval_eval import dev_recall
@@ -35,6 +42,7 @@ from onegen_jax.train.step import (LossConfig, TrainProgram, TrainState, batch_s
 # Fields of ModelConfig that change numerics or speed but not the parameter tree: a config may
 # override them on top of a checkpoint's model (init_from); scan_layers comes from the checkpoint.
 _NUMERIC_FIELDS = ("param_dtype", "dtype", "remat_policy", "attention_impl")
+MEASURED_STEPS = 8  # steps packed to measure examples per step when deriving train.steps
 
 
 def model_config(model: ml_collections.ConfigDict) -> ModelConfig:
@@ -76,6 +84,60 @@ def build_program(config: ml_collections.ConfigDict, devices: list[jax.Device] |
   return build_train_program(Decoder(model or model_config(config.model)), tx, schedule,
                              LossConfig(**config.loss), mesh, example_batch(config),
                              config.batch.accum_steps, config.train.nan_policy)
+
+
+def derive_steps(config: ml_collections.ConfigDict, data: TrainData,
+                 measured_steps: int = MEASURED_STEPS) -> tuple[int, str]:
+  """(steps, the line that explains them): ceil(train.epochs x training examples / examples per
+  step). Batches are packed, so examples per step is measured by packing the first
+  `measured_steps` steps (every process's shards), not read from the config."""
+  if not hasattr(data, "examples_per_step"):
+    raise ConfigError("train.steps: 0 derives it from train.epochs, which needs data.kind='jsonl'; "
+                      "set train.steps")
+  epochs, examples = config.train.epochs, data.stats["counts"]["examples"]
+  per_step = data.examples_per_step(measured_steps)
+  steps = math.ceil(epochs * examples / per_step)
+  return steps, (f"train.steps = {epochs:g} epochs x {examples:,} examples / {per_step:.1f} "
+                 f"examples per step (measured over the first {measured_steps} steps) = {steps}")
+
+
+def _with_steps(config: ml_collections.ConfigDict, data: TrainData) -> ml_collections.ConfigDict:
+  """`config` when train.steps is set, else a copy with the steps derived (and said)."""
+  if config.train.steps:
+    return config
+  steps, line = derive_steps(config, data)
+  _say(line)
+  config = copy.deepcopy(config)
+  config.train.steps = steps
+  return config
+
+
+class _BatchFill:
+  """Examples per step and what closed the batches, from the data's `last_step_info` (each shard
+  batch's loader.TrainIterator.last_batch_info): `log` gives examples_per_step since the last log
+  and warns once when the key budget, not the rows, closed most batches so far."""
+
+  def __init__(self, num_keys: int):
+    self.num_keys = num_keys
+    self.examples, self.steps, self.closed, self.warned = 0, 0, collections.Counter(), False
+
+  def add(self, infos: list[dict]):
+    self.examples += sum(i["examples"] for i in infos)
+    self.steps += 1
+    self.closed.update(i["limited_by"] for i in infos)
+
+  def log(self, efficiency: float) -> dict[str, float]:
+    """{"examples_per_step": global mean since the last log} (a collective over processes)."""
+    gathered = allgather_json([self.examples, self.closed["keys"], sum(self.closed.values())])
+    examples, by_keys, batches = (sum(g[i] for g in gathered) for i in range(3))
+    metrics = {"examples_per_step": examples / self.steps}
+    self.examples = self.steps = 0
+    if not self.warned and 2 * by_keys > batches:
+      self.warned = True
+      _say(f"warning: the key budget (batch.num_keys={self.num_keys}) closed {by_keys} of "
+           f"{batches} batches so far while rows were left empty (packing efficiency "
+           f"{efficiency:.2f}): documents with several keys fill it first; raise batch.num_keys")
+    return metrics
 
 
 def _globalize(program: TrainProgram, batch: dict) -> dict:
@@ -133,7 +195,10 @@ def fit(config: ml_collections.ConfigDict, workdir: str | None = None,
 
   data: overrides the config's data (tests inject batches through it).
   """
+  if not config.train.steps and not config.train.get("epochs"):
+    raise ConfigError("train.steps and train.epochs are both 0: set one of them")
   data = data or make_train_data(config, batch_shape(config))  # bad data fails before compiling
+  config = _with_steps(config, data)
   model = model_config(config.model)
   program = build_program(config, model=model)
   ckpt = workdir and Checkpointer(workdir, config.checkpoint.every_steps, config.checkpoint.keep,
@@ -169,8 +234,11 @@ def fit(config: ml_collections.ConfigDict, workdir: str | None = None,
   progress = tqdm.tqdm(range(first_step, config.train.steps), initial=first_step,
                        total=config.train.steps, disable=jax.process_index() != 0, mininterval=2)
   start, tokens = time.time(), 0
+  fill = _BatchFill(config.batch.num_keys)
   for step in progress:
     batch = next(data)
+    if hasattr(data, "last_step_info"):
+      fill.add(data.last_step_info)
     state, metrics = program.step(state, _globalize(program, batch))
     metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
     if not np.isfinite(metrics["loss"]) and config.train.nan_policy == "stop":
@@ -188,6 +256,8 @@ def fit(config: ml_collections.ConfigDict, workdir: str | None = None,
                      model_tflops_per_s=tokens * flops / elapsed / 1e12)
       if peak:
         metrics["mfu"] = tokens * flops / elapsed / (peak * len(program.mesh.devices.flat))
+      if fill.steps:
+        metrics.update(fill.log(metrics["packing_efficiency"]))
       writer.write(done, metrics)
       _say(f"step {done}: " + " ".join(f"{k}={v:.4g}" for k, v in sorted(metrics.items())))
       final = {f"train_{k}": v for k, v in metrics.items()}
