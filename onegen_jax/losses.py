@@ -50,18 +50,27 @@ def valid_queries(query_valid: jnp.ndarray, positive: jnp.ndarray, key_valid: jn
 
 
 def in_batch_scores(queries: jnp.ndarray, keys: jnp.ndarray, positive: jnp.ndarray,
-                    key_valid: jnp.ndarray, key_group: jnp.ndarray) -> jnp.ndarray:
-  """Cosine scores [Q, K] with invalid keys and false negatives set to NEG_INF.
+                    key_valid: jnp.ndarray, key_group: jnp.ndarray, key_id: jnp.ndarray,
+                    positive_groups: jnp.ndarray) -> jnp.ndarray:
+  """Cosine scores [Q, K] with every key but the allowed ones set to NEG_INF.
 
-  A false negative is a key of the same document group as the query's positive, other than the
-  positive itself (e.g. another sentence key of the gold paragraph, or a duplicate document).
+  queries [Q, D], keys [K, D], positive int32 [Q] (index into keys), key_valid bool [K],
+  key_group int32 [K] (global document id), key_id int32 [K] (global key id),
+  positive_groups int32 [Q, P] (documents of each query's listed positives, -1 padded).
+  Allowed for a query: its positive, and every other valid key that is
+  - not of a document of its listed positives (false negatives: another sentence key of the gold
+    paragraph, another gold paragraph of a multi-positive query), and
+  - the first slot of its key id (a document packed by two hosts is one negative, not two).
   """
   scores = l2_normalize(queries) @ l2_normalize(keys).T
   num_keys = keys.shape[0]
-  positive = jnp.clip(positive, 0)
-  same_group = key_group[None, :] == key_group[positive][:, None]
-  is_positive = jnp.arange(num_keys)[None, :] == positive[:, None]
-  allowed = key_valid[None, :] & (~same_group | is_positive)
+  slots = jnp.arange(num_keys)
+  is_positive = slots[None, :] == jnp.clip(positive, 0)[:, None]
+  of_positive_doc = jnp.any((key_group[None, :, None] == positive_groups[:, None, :])
+                            & (positive_groups[:, None, :] >= 0), axis=-1)  # [Q, K]
+  earlier_copy = jnp.any((key_id[None, :] == key_id[:, None]) & key_valid[:, None]
+                         & (slots[:, None] < slots[None, :]), axis=0)  # [K]
+  allowed = key_valid[None, :] & (is_positive | (~of_positive_doc & ~earlier_copy[None, :]))
   return jnp.where(allowed, scores, NEG_INF)
 
 
@@ -103,7 +112,8 @@ def loss_sums(logits: jnp.ndarray, hidden: jnp.ndarray, batch: dict, loss_type: 
   queries = gather_vectors(hidden, batch["query_index"])
   keys = gather_vectors(hidden, batch["key_index"])
   valid = valid_queries(batch["query_valid"], batch["positive"], batch["key_valid"])
-  scores = in_batch_scores(queries, keys, batch["positive"], batch["key_valid"], batch["key_group"])
+  scores = in_batch_scores(queries, keys, batch["positive"], batch["key_valid"], batch["key_group"],
+                           batch["key_id"], batch["positive_groups"])
   if loss_type == "infonce":
     ret_sum, ret_count = info_nce_sum(scores, batch["positive"], valid, temperature)
   elif loss_type == "bpr":

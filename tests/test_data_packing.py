@@ -93,12 +93,9 @@ def test_packing_keeps_tokens_and_points_at_the_right_ret_tokens(seed, num_docs,
       k = list(docs[d]["positions"]).index(col - start)  # a key position of that document
       return f"d{d}" if k == 0 else f"d{d}-{k}"
 
-    groups = {}
-    for slot in valid_keys:
-      key_uid(slot)
-      groups.setdefault(owner[tuple(b["key_index"][slot])][1], set()).add(b["key_group"][slot])
-    assert all(len(g) == 1 for g in groups.values())
-    assert len({min(g) for g in groups.values()}) == len(groups)  # one group per document
+    for slot in valid_keys:  # global ids: the document's place in the db, the key's id
+      assert b["key_group"][slot] == owner[tuple(b["key_index"][slot])][1]
+      assert db.key_uids[b["key_id"][slot]] == key_uid(slot)
     positives, negatives = set(), []
     per_example = {}
     for q in np.flatnonzero(b["query_valid"]):
@@ -110,6 +107,9 @@ def test_packing_keeps_tokens_and_points_at_the_right_ret_tokens(seed, num_docs,
       key_ids = np.split(ex["positive_keys"], np.cumsum(ex["positive_counts"])[:-1])[anchor]
       candidates = {db.key_uids[k] for k in key_ids}
       assert key_uid(b["positive"][q]) in candidates  # the positive is the right uid
+      listed_docs = sorted(int(uid.split("-")[0][1:]) for uid in candidates)
+      groups = [int(g) for g in b["positive_groups"][q] if g >= 0]
+      assert groups[0] == b["key_group"][b["positive"][q]] and sorted(groups) == listed_docs
       positives.add(int(b["positive"][q]))
       own = [int(s) for s in b["negatives"][q] if s >= 0]
       assert len(own) <= n_neg and all(key_uid(s) not in candidates for s in own)
@@ -149,3 +149,60 @@ def test_negatives_follow_the_list_and_skip_a_later_members_positive():
   assert negative_doc(alone, 0) == 1  # the first listed negative
   assert negative_doc(both, 0) == 2  # 1 became b's positive after a joined: chosen again
   assert negative_doc(both, 1) == 3
+
+
+def _shared_document_pair(task):
+  """Two synthetic examples whose documents overlap: the first's positive is among the
+  second's documents."""
+  docs = lambda ex: {u for q in ex.queries for u in (q.positive, *q.negatives)}
+  for a in task.train:
+    for b in task.train:
+      if a is not b and a.queries[0].positive in docs(b) - {b.queries[0].positive}:
+        return a, b
+  raise AssertionError("no two examples share a document")
+
+
+def test_two_hosts_sharing_a_document_give_the_one_host_infonce_loss(task):
+  """A document packed by two hosts is one key of the global batch for InfoNCE: the loss over
+  the concatenated host batches equals the loss of one host packing both examples.
+
+  Hidden states are set per key id (and each query near its positive and the shared document,
+  so counting that document twice would show); everything else is the real packing, host
+  offsets and loss."""
+  import jax.numpy as jnp
+  from conftest import BATCH_SHAPE
+  from onegen_jax import losses
+  from onegen_jax.data.loader import Host
+  from onegen_jax.data.packing import BatchPacker
+  a, b = _shared_document_pair(task)
+  shared = task.corpus.key_ids[a.queries[0].positive]
+  vector = np.random.default_rng(0).normal(size=(len(task.corpus.key_ids), 16))
+
+  def packed(shape, *examples):
+    packer = BatchPacker(task.corpus, shape)
+    assert all(packer.try_add(ex) for ex in examples)
+    return packer.emit()
+
+  def infonce(batch):
+    hidden = np.zeros(batch["tokens"].shape + (16,), np.float32)
+    for slot in np.flatnonzero(batch["key_valid"]):
+      hidden[tuple(batch["key_index"][slot])] = vector[batch["key_id"][slot]]
+    for q in np.flatnonzero(batch["query_valid"]):
+      positive = vector[batch["key_id"][batch["positive"][q]]]
+      hidden[tuple(batch["query_index"][q])] = positive + 0.8 * vector[shared]
+    logits = np.zeros(batch["tokens"].shape + (8,), np.float32)
+    sums = losses.loss_sums(jnp.asarray(logits), jnp.asarray(hidden),
+                            {k: jnp.asarray(v) for k, v in batch.items()}, "infonce", 0.1)
+    return float(sums.ret_sum), float(sums.ret_count), float(sums.ret_correct)
+
+  one_host = packed(BATCH_SHAPE, a, b)
+  hosts = [Host(i, 2) for i in range(2)]
+  parts = [h.offset(packed(h.local_shape(BATCH_SHAPE), ex)) for h, ex in zip(hosts, (a, b))]
+  two_hosts = {k: np.concatenate([p[k] for p in parts]) for k in one_host}
+  key_ids = two_hosts["key_id"][two_hosts["key_valid"]]
+  assert len(key_ids) == len(set(key_ids)) + 1  # the shared document's key, once per host
+  (one_sum, one_count, one_correct), (two_sum, two_count, two_correct) = map(
+      infonce, (one_host, two_hosts))
+  assert one_count == two_count == len(a.queries) + len(b.queries)
+  np.testing.assert_allclose(two_sum, one_sum, rtol=1e-6)
+  assert two_correct == one_correct

@@ -64,8 +64,6 @@ def _merge(micro_batches):
         x[:, 0] += m * rows
       elif name in ("positive", "negatives"):
         x = np.where(x >= 0, x + m * num_keys, x)
-      elif name == "key_group":
-        x = np.where(x >= 0, x + m * num_keys, x)
       parts.append(x)
     merged[name] = np.concatenate(parts)
   return merged

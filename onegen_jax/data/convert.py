@@ -11,8 +11,8 @@ Multi-hop QA (`qa/<set>/`): each corpus paragraph becomes a `[Document Fragment 
 document (uid: its pid). Each question becomes an example with one `[Question Representation]`
 per supporting paragraph, followed by that paragraph in `<paragraph>...</paragraph>`: with
 MuSiQue's decomposition each hop is its sub-question, the paragraph and the sub-answer, and the
-positive is that hop's paragraph; without one, hop i's positives are the supporting paragraphs
-not yet shown. Negatives: the question's other paragraphs, topped up to `min_negatives` with
+positive is that hop's paragraph; without one, hop i inserts and retrieves the i-th supporting
+paragraph. Negatives: the question's other paragraphs, topped up to `min_negatives` with
 random corpus paragraphs (NQ-open gives none). The answer ends with
 `<FINAL-ANSWER>a</FINAL-ANSWER>` and the EOS string.
 
@@ -138,8 +138,7 @@ def convert_qa(src: str, eos: str = "</s>", min_negatives: int = 2, seed: int = 
         hops.append((sub, p, f"{step['answer']}\n", p["pid"]))
         answers.append(step["answer"])
     else:
-      supporting = [p for p in paragraphs if p["is_supporting"]]
-      hops = [("", p, "", [s["pid"] for s in supporting[i:]]) for i, p in enumerate(supporting)]
+      hops = [("", p, "", p["pid"]) for p in paragraphs if p["is_supporting"]]
     reply = "".join(f"{pre}{MULTIHOP.query_token}<paragraph>{_paragraph(p)}</paragraph>{post}"
                     for pre, p, post, _ in hops)
     reply += f"<FINAL-ANSWER>{q['answers'][0]}</FINAL-ANSWER>{eos}"

@@ -39,11 +39,12 @@ class Host:
                                num_keys=shape.num_keys // self.count)
 
   def offset(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Shifts a local batch's row indices and key slots to their place in the global batch."""
+    """Shifts a local batch's row indices and key slots to their place in the global batch
+    (document and key ids are global already)."""
     rows, keys = batch["tokens"].shape[0] * self.index, batch["key_valid"].shape[0] * self.index
     batch["query_index"][:, 0] += rows
     batch["key_index"][:, 0] += rows
-    for name in ("positive", "negatives", "key_group"):
+    for name in ("positive", "negatives"):
       batch[name] = np.where(batch[name] >= 0, batch[name] + keys, batch[name]).astype(np.int32)
     return batch
 

@@ -18,11 +18,16 @@ ROW_FIELDS = ("tokens", "targets", "loss_weight", "segment_ids", "positions")
 
 @dataclasses.dataclass(frozen=True)
 class Query:
-  """A query-side RET token: its position in the sequence and the key uids it is trained against."""
+  """A query-side RET token: its position in the sequence and the key uids it is trained against.
+
+  positive: the key it is trained to retrieve; other_positives: its other listed positives, never
+  negatives (InfoNCE masks their documents); negatives: its own negatives (BPR).
+  """
 
   position: int
   positive: str
   negatives: tuple[str, ...] = ()
+  other_positives: tuple[str, ...] = ()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,22 +65,31 @@ class Sequence:
 
 
 class Corpus:
-  """Documents by id, and which document owns each key uid."""
+  """Documents by id, which document owns each key uid, and global ids.
+
+  doc_index: document id -> its place in the corpus; key_ids: key uid -> global key id (document
+  after document, key after key). Every host builds the same corpus, so these ids mean the same
+  document and key in every host's part of a global batch.
+  """
 
   def __init__(self, documents: Mapping[str, Sequence]):
     self.documents = dict(documents)
     self.key_owner = {key.uid: doc_id for doc_id, doc in self.documents.items() for key in doc.keys}
+    self.doc_index = {doc_id: i for i, doc_id in enumerate(self.documents)}
+    self.key_ids = {uid: i for i, uid in enumerate(self.key_owner)}
 
 
 @dataclasses.dataclass(frozen=True)
 class BatchShape:
-  """Static sizes of one batch: rows B, row length S, queries Q, keys K, negatives per query N."""
+  """Static sizes of one batch: rows B, row length S, queries Q, keys K, negatives per query N,
+  listed positives per query P (the trained one and those masked out of its InfoNCE denominator)."""
 
   rows: int
   seq_len: int
   num_queries: int
   num_keys: int
   num_negatives: int
+  max_positives: int = 4
 
 
 class BatchPacker:
@@ -114,6 +128,9 @@ class BatchPacker:
     for q in example.queries:
       if len(q.negatives) > s.num_negatives:
         raise ValueError(f"a query with {len(q.negatives)} negatives exceeds num_negatives={s.num_negatives}")
+      if 1 + len(q.other_positives) > s.max_positives:
+        raise ValueError(f"a query with {1 + len(q.other_positives)} listed positives exceeds "
+                         f"max_positives={s.max_positives}")
 
   def try_add(self, example: Sequence) -> bool:
     """Adds the example and its missing documents if all fit; returns whether it did."""
@@ -174,6 +191,8 @@ class BatchPacker:
         "positive": np.full((s.num_queries,), -1, np.int32),
         "negatives": np.full((s.num_queries, s.num_negatives), -1, np.int32),
         "key_group": np.full((s.num_keys,), -1, np.int32),
+        "key_id": np.full((s.num_keys,), -1, np.int32),
+        "positive_groups": np.full((s.num_queries, s.max_positives), -1, np.int32),
     }
     for row, seqs in enumerate(self._rows):
       offset = 0
@@ -187,19 +206,23 @@ class BatchPacker:
         batch["positions"][row, span] = np.arange(n)
         offset += n
     key_slot: dict[str, int] = {}
-    for group, (doc_id, (row, offset)) in enumerate(self._doc_place.items()):
+    for doc_id, (row, offset) in self._doc_place.items():
       for key in self.corpus.documents[doc_id].keys:
         slot = len(key_slot)
         key_slot[key.uid] = slot
         batch["key_index"][slot] = (row, offset + key.position)
         batch["key_valid"][slot] = True
-        batch["key_group"][slot] = group
+        batch["key_group"][slot] = self.corpus.doc_index[doc_id]
+        batch["key_id"][slot] = self.corpus.key_ids[key.uid]
     for slot, (row, offset, query) in enumerate(self._queries):
       batch["query_index"][slot] = (row, offset + query.position)
       batch["positive"][slot] = key_slot.get(query.positive, -1)
       batch["query_valid"][slot] = query.positive in key_slot
       negatives = [key_slot[u] for u in query.negatives if u in key_slot]
       batch["negatives"][slot, :len(negatives)] = negatives
+      groups = [self.corpus.doc_index[self.corpus.key_owner[u]]
+                for u in (query.positive, *query.other_positives) if u in self.corpus.key_owner]
+      batch["positive_groups"][slot, :len(groups)] = groups
     self._reset()
     return batch
 

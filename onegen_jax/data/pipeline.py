@@ -50,12 +50,18 @@ def check_paths(config: Mapping):
     raise ConfigError("\n".join(problems))
 
 
+def max_len(config: Mapping, seq_len: int) -> int:
+  """The truncation length of examples and documents: data.max_len, else the batch's seq_len.
+  Encoding a db for inference uses it too, so its keys are the keys training saw."""
+  return int(_get(config, "max_len") or seq_len)
+
+
 def source_from_config(config: Mapping, seq_len: int, task: Task | None = None) -> Source:
   """The Source of config.data; raises ConfigError first if an input file is missing."""
   check_paths(config)
   return Source(task=task or get_task(config["task"]), train_path=config["train_path"],
                 db_path=config["db_path"], tokenizer_path=config["tokenizer_path"],
-                max_len=int(_get(config, "max_len") or seq_len), dev_path=_get(config, "dev_path"),
+                max_len=max_len(config, seq_len), dev_path=_get(config, "dev_path"),
                 max_bad_lines=int(_get(config, "max_bad_lines", 0)))
 
 
@@ -90,6 +96,10 @@ def build_data(config: Mapping, shape: BatchShape, seed: int = 0, process_index:
   t = source.task
   sampling = Sampling(int(_get(config, "n_pos_per_sent", t.n_pos_per_sent)),
                       int(_get(config, "n_neg_per_pos", t.n_neg_per_pos)), seed, process_index)
+  most = metadata["counts"].get("max_positives_per_anchor", 0)
+  if most > shape.max_positives:
+    raise ValueError(f"an anchor of the data lists {most} positives; batch.max_positives="
+                     f"{shape.max_positives} (raise it: InfoNCE must mask every listed positive)")
   if sampling.n_neg_per_pos > shape.num_negatives:
     raise ValueError(f"n_neg_per_pos={sampling.n_neg_per_pos} exceeds batch num_negatives="
                      f"{shape.num_negatives}")

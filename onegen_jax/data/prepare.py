@@ -95,6 +95,8 @@ def example_records(examples: list[Example], tokenizer: TaskTokenizer, keys: dic
     for position, anchor in zip(enc.rets, ex.anchors):
       pos = [keys[u] for u in anchor.positives if u in keys]
       if pos and anchor.negatives:
+        report.counts["max_positives_per_anchor"] = max(
+            report.counts.get("max_positives_per_anchor", 0), len(pos))
         positions.append(position)
         positives.append(pos)
         negatives.append([keys[u] for u in anchor.negatives if u in keys])

@@ -119,7 +119,8 @@ class BatchBuilder:
 
   def _sequence(self, record: dict, anchors: list[_Anchor], negatives) -> Sequence:
     uid = self.db.key_uids
-    queries = tuple(Query(a.position, uid[a.positive], tuple(uid[k] for k in n))
+    queries = tuple(Query(a.position, uid[a.positive], tuple(uid[k] for k in n),
+                          tuple(uid[k] for k in sorted(a.positives - {a.positive})))
                     for a, n in zip(anchors, negatives))
     return Sequence(np.asarray(record["tokens"]), np.asarray(record["is_target"]), queries)
 

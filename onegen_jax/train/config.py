@@ -51,9 +51,10 @@ def base_config(task: str) -> ConfigDict:
                             eps=1e-8, weight_decay=0.0, clip_norm=1.0))
   # Static batch per optimizer step: `rows` rows of `seq_len` tokens, split into `accum_steps`
   # micro-batches; per micro-batch at most num_queries queries, num_keys keys, num_negatives
-  # negatives per query. In-batch contrastive negatives span one micro-batch.
+  # negatives per query, max_positives listed positives per query (InfoNCE never uses the others
+  # as negatives). In-batch contrastive negatives span one micro-batch.
   c.batch = ConfigDict(dict(rows=8, seq_len=64, num_queries=16, num_keys=64, num_negatives=4,
-                            accum_steps=1))
+                            max_positives=4, accum_steps=1))
   # nan_policy: "stop" (exit with a message, last good checkpoint kept) or "skip" the step.
   # steps: optimizer steps; 0 derives them from epochs: ceil(epochs x training examples / examples
   # per step), examples per step measured by packing the first batches (train.loop.derive_steps).

@@ -60,7 +60,8 @@ def batch_shape(config: ml_collections.ConfigDict) -> BatchShape:
   b = config.batch
   if b.rows % b.accum_steps:
     raise ValueError(f"batch.rows={b.rows} is not a multiple of batch.accum_steps={b.accum_steps}")
-  return BatchShape(b.rows // b.accum_steps, b.seq_len, b.num_queries, b.num_keys, b.num_negatives)
+  return BatchShape(b.rows // b.accum_steps, b.seq_len, b.num_queries, b.num_keys, b.num_negatives,
+                    b.max_positives)
 
 
 def example_batch(config: ml_collections.ConfigDict) -> dict:
