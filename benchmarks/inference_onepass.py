@@ -27,8 +27,10 @@ that ended the previous round.
 
 `Engine.generate` starts a fresh cache per call, so a multi-round conversation over one cache is
 driven here by `Conversation`, which runs the Engine's compiled step exactly as the Engine's loop
-does. Before timing each L, round 1 is also run through `Engine.generate` itself (its step wrapped
-to force the same script) and must give the same tokens and retrievals as `Conversation`.
+does. Before timing each L, round 1 is also run through `Engine.generate` itself (the same script
+forced with its `force=` argument) and must give the same tokens and retrievals as
+`Conversation`. Both insert a retrieved document as the Engine does: its whole insertion,
+`<paragraph>` + document + `</paragraph>` (`insertions`).
 
 Default: the `tiny` preset on CPU (1-3 minutes). Larger: --preset small-34m (a ~34M-parameter
 Llama) or --preset llama-1.1b for an accelerator.
@@ -67,7 +69,19 @@ class Round:
 def special_tokens(vocab_size: int) -> TaskTokens:
   """RET, EOS and the paragraph tags are the top 4 ids; content tokens lie below them."""
   v = vocab_size
-  return TaskTokens(query=v - 1, eos=v - 2, paragraph_open=(v - 3,), paragraph_close=(v - 4,))
+  return TaskTokens(query=v - 1, eos=v - 2)
+
+
+def paragraph_tags(vocab_size: int) -> tuple[int, int]:
+  """The ids of `<paragraph>` and `</paragraph>` (see special_tokens)."""
+  return vocab_size - 3, vocab_size - 4
+
+
+def insertions(documents: dict[str, list[int]], vocab_size: int) -> dict[str, list[int]]:
+  """Each document's insertion, what follows a query RET token that retrieved it:
+  `<paragraph>` + its tokens + `</paragraph>` (the Engine's `documents(uid)`)."""
+  open_tag, close_tag = paragraph_tags(vocab_size)
+  return {uid: [open_tag, *doc, close_tag] for uid, doc in documents.items()}
 
 
 def make_dialogue(rng: np.random.Generator, tokens: TaskTokens, vocab_size: int, rounds: int,
@@ -114,8 +128,11 @@ class Conversation:
 
 
 def run_round(conversation: Conversation, round_: Round, query: QueryFn,
-              search: Callable, documents: dict[str, list[int]]) -> tuple[list[int], list[str]]:
-  """Feeds one round; returns (everything after the user turn, retrieved document uids)."""
+              search: Callable, inserted: dict[str, list[int]]) -> tuple[list[int], list[str]]:
+  """Feeds one round; returns (everything after the user turn, retrieved document uids).
+
+  inserted: document uid -> its whole insertion (tags included), as the Engine's `documents`.
+  """
   tok = conversation.engine.tokens
   conversation.feed(round_.user)
   stream, retrieved = [], []
@@ -124,43 +141,27 @@ def run_round(conversation: Conversation, round_: Round, query: QueryFn,
     stream.append(token)
     if token == tok.query:
       ids, _ = search(query(vector, round_.user + round_.output[:i])[None], 1)
-      paragraph = [*tok.paragraph_open, *documents[ids[0][0]], *tok.paragraph_close]
+      paragraph = list(inserted[ids[0][0]])
       conversation.feed(paragraph)
       stream += paragraph
       retrieved.append(ids[0][0])
   return stream + round_.output[-1:], retrieved
 
 
-def forced_step(step: Callable, script: list[int], ret: int) -> Callable:
-  """Wraps an Engine step (batch 1): the i-th token the Engine keeps becomes script[i].
-
-  The token sampled by the step that feeds a RET token is dropped by the Engine (a document is
-  inserted instead), so that step is passed through without consuming the script.
-  """
-  pending = list(script)
-
-  def forced(params, tokens, cache_len, cache, last, rng, **kwargs):
-    next_token, vectors, cache = step(params, tokens, cache_len, cache, last, rng, **kwargs)
-    if tokens.shape[1] == 1 and tokens[0, 0] == ret:
-      return next_token, vectors, cache
-    return np.array([pending.pop(0)], np.int32), vectors, cache
-
-  return forced
-
-
 def check_against_engine(engine: Engine, round_: Round, search: Callable,
-                         documents: dict[str, list[int]], capacity: int) -> None:
-  """Round 1 through `Engine.generate` (forced script) equals `Conversation`'s round 1."""
+                         inserted: dict[str, list[int]], capacity: int) -> None:
+  """Round 1 through `Engine.generate` (the script forced: `force=`) equals `Conversation`'s
+  round 1: the same tokens (insertions included), retrievals, and an EOS stop."""
   want_stream, want_ids = run_round(Conversation(engine, capacity), round_,
-                                    lambda v, _: v, search, documents)
-  forced = Engine(engine.model, engine.params, engine.tokens, search, documents.__getitem__,
+                                    lambda v, _: v, search, inserted)
+  forced = Engine(engine.model, engine.params, engine.tokens, search, inserted.__getitem__,
                   dataclasses.replace(engine.config, max_new_tokens=len(round_.output),
                                       max_retrievals=len(want_ids)), mode="rag")
-  forced._step = forced_step(engine._step, round_.output, engine.tokens.query)
-  out = forced.generate([round_.user])[0]
+  out = forced.generate([round_.user], force=[round_.output])[0]
   got_ids = [r.ids[0] for r in out.retrievals]
-  if out.tokens != want_stream or got_ids != want_ids or not out.finished:
-    raise AssertionError("Conversation and Engine.generate differ on round 1")
+  if out.tokens != want_stream or got_ids != want_ids or out.stop_reason != "eos":
+    raise AssertionError(f"Conversation and Engine.generate differ on round 1 (stop reason "
+                         f"{out.stop_reason!r}, {len(got_ids)} vs {len(want_ids)} retrievals)")
 
 
 def build_index(encoder: Encoder, params, documents: dict[str, list[int]], ret: int) -> ExactIndex:
@@ -170,7 +171,7 @@ def build_index(encoder: Encoder, params, documents: dict[str, list[int]], ret: 
 
 
 def time_in_lockstep(engine: Engine, dialogue: list[Round], methods: dict, capacity: int,
-                     documents: dict[str, list[int]]) -> dict[str, list[float]]:
+                     inserted: dict[str, list[int]]) -> dict[str, list[float]]:
   """Seconds per round of each method's own conversation (caches allocated before timing).
 
   The conversations advance in lockstep, round k of one method next to round k of the other,
@@ -183,7 +184,7 @@ def time_in_lockstep(engine: Engine, dialogue: list[Round], methods: dict, capac
     for name in sorted(methods, reverse=k % 2 == 1):
       query, search = methods[name]
       start = time.perf_counter()
-      run_round(conversations[name], round_, query, search, documents)
+      run_round(conversations[name], round_, query, search, inserted)
       seconds[name].append(time.perf_counter() - start)
   return seconds
 
@@ -210,10 +211,11 @@ def capacity_for(args, query_len: int, retrievals: int) -> int:
 
 def measure_length(args, setup: dict, query_len: int) -> list[list]:
   """Table rows for one query length: every retrieval count, both methods, the median round."""
-  model, tokens, docs = setup["model"], setup["tokens"], setup["documents"]
+  model, tokens, inserted = setup["model"], setup["tokens"], setup["inserted"]
   capacity = capacity_for(args, query_len, max(args.retrievals))
-  engine = Engine(model, setup["generator"], tokens, setup["onegen_index"].search, docs.__getitem__,
-                  GenerationConfig(batch_size=1, capacity=capacity), mode="rag")
+  engine = Engine(model, setup["generator"], tokens, setup["onegen_index"].search,
+                  inserted.__getitem__, GenerationConfig(batch_size=1, capacity=capacity),
+                  mode="rag")
   seq_len = -(-(query_len + args.output_tokens + max(args.retrievals) + 1) // 16) * 16
   encoder = Encoder(model, setup["mesh"], rows=1, seq_len=seq_len, max_reads=1)
   pipeline = TimedEncoder(encoder, setup["retriever"], tokens.query)
@@ -222,8 +224,9 @@ def measure_length(args, setup: dict, query_len: int) -> list[list]:
   rng = np.random.default_rng([args.seed, query_len])
   warmup = make_dialogue(rng, tokens, model.config.vocab_size, 1, query_len, args.output_tokens,
                          max(args.retrievals))[0]
-  check_against_engine(engine, warmup, setup["onegen_index"].search, docs, capacity)  # compiles too
-  run_round(Conversation(engine, capacity), warmup, pipeline, methods["pipeline"][1], docs)
+  # Compiles too.
+  check_against_engine(engine, warmup, setup["onegen_index"].search, inserted, capacity)
+  run_round(Conversation(engine, capacity), warmup, pipeline, methods["pipeline"][1], inserted)
   rows = []
   for r in args.retrievals:
     per_round = {name: [] for name in methods}
@@ -231,7 +234,7 @@ def measure_length(args, setup: dict, query_len: int) -> list[list]:
     for _ in range(args.repeats):
       dialogue = make_dialogue(rng, tokens, model.config.vocab_size, args.rounds, query_len,
                                args.output_tokens, r)
-      for name, seconds in time_in_lockstep(engine, dialogue, methods, capacity, docs).items():
+      for name, seconds in time_in_lockstep(engine, dialogue, methods, capacity, inserted).items():
         per_round[name] += seconds
     onegen, piped = (statistics.median(per_round[n]) for n in ("onegen", "pipeline"))
     encode = pipeline.seconds / len(per_round["pipeline"])
@@ -253,7 +256,8 @@ def setup_models(args) -> dict:
   generator = common.init_params(model, args.seed)
   retriever = common.init_params(model, args.seed + 1)
   encoder = Encoder(model, mesh, rows=8, seq_len=args.doc_tokens + 1, max_reads=8)
-  return {"model": model, "tokens": tokens, "documents": documents, "mesh": mesh,
+  return {"model": model, "tokens": tokens, "documents": documents,
+          "inserted": insertions(documents, config.vocab_size), "mesh": mesh,
           "generator": generator, "retriever": retriever,
           "onegen_index": build_index(encoder, generator, documents, tokens.query),
           "pipeline_index": build_index(encoder, retriever, documents, tokens.query)}

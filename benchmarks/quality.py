@@ -479,10 +479,9 @@ def _template_field(template: str, field: str, text: str) -> str | None:
 
 def doc_texts_for_minilm(task, docs) -> list[str]:
   """The text MiniLM embeds for each document: "title: text" when the instruction names a title."""
-  from onegen_jax.inference.runtime import document_text  # noqa: PLC0415
   out = []
   for d in docs:
-    text = document_text(d, task)
+    text = d.text(task)
     users = " ".join(m.content for m in d.messages if m.role == "user")
     title = _template_field(task.doc_instruction, "title", users)
     out.append(f"{html.unescape(title)}: {text}" if title else text)
@@ -572,29 +571,15 @@ def as_pipeline(engine, minilm: MiniLM, query_text):
   return engine
 
 
-def _force_first_query(engine) -> None:
-  """Makes the first token generated after each prompt the query RET token (--force_first_query):
-  the engine's step after a prefill from an empty cache returns it for every row."""
-  step, query = engine._step, engine.tokens.query
-
-  def forced(params, fed, cache_len, cache, last, rng):
-    next_tok, vectors, logits, cache = step(params, fed, cache_len, cache, last, rng)
-    if not np.any(np.asarray(cache_len)):
-      next_tok = np.full(np.shape(next_tok), query, np.int32)
-    return next_tok, vectors, logits, cache
-
-  engine._step = forced
-
-
 def evaluate_arm(args, data: TaskData, run, arm: str, minilm: MiniLM | None, cache: dict,
                  workdir: str) -> dict:
   """Retrieval on gold context, then free generation with retrieval, scored; for one arm."""
   from onegen_jax.data.records import load_documents  # noqa: PLC0415
   from onegen_jax.eval.scoring import score_el, score_rag  # noqa: PLC0415
   from onegen_jax.inference.engine import GenerationConfig  # noqa: PLC0415
-  from onegen_jax.inference.runtime import (document_text, linked_mentions, make_engine,  # noqa: PLC0415
+  from onegen_jax.inference.runtime import (linked_mentions, make_engine,  # noqa: PLC0415
                                             output_record, prompt_tokens)
-  from onegen_jax.data.records import Message  # noqa: PLC0415
+  from onegen_jax.data.records import Message, prompt_messages  # noqa: PLC0415
   from onegen_jax.retrieval.encode import EncodeItem, Encoder  # noqa: PLC0415
   from onegen_jax.retrieval.index import ExactIndex  # noqa: PLC0415
   from onegen_jax.inference.runtime import encode_db  # noqa: PLC0415
@@ -606,7 +591,7 @@ def evaluate_arm(args, data: TaskData, run, arm: str, minilm: MiniLM | None, cac
   if "docs" not in cache:
     docs, _ = load_documents(task, data.db_path)
     cache["docs"] = docs
-    cache["texts"] = {d.uid: document_text(d, task) for d in docs}
+    cache["texts"] = {d.uid: d.text(task) for d in docs}
     cache["encoded"], cache["anchors"] = gold_anchors(data, run.tokenizer, args.seq_len)
     cache["max_doc_tokens"] = max(len(t) for t in run.tokenizer.hf(
         [cache["texts"][d.uid] for d in docs], add_special_tokens=False)["input_ids"])
@@ -620,8 +605,8 @@ def evaluate_arm(args, data: TaskData, run, arm: str, minilm: MiniLM | None, cac
     index = cache["minilm_index"]
     queries = minilm.embed([a.minilm_query for a in anchors])
   else:
-    vectors, key_uids, _ = encode_db(run, data.db_path, os.path.join(workdir, "index"),
-                                     rows=args.encode_rows, seq_len=args.seq_len)
+    vectors, key_uids, _, _ = encode_db(run, data.db_path, os.path.join(workdir, "index"),
+                                        rows=args.encode_rows, seq_len=args.seq_len)
     index = ExactIndex().build(np.asarray(vectors), key_uids)
     encoder = Encoder(run.model, run.mesh, rows=args.encode_rows, seq_len=args.seq_len,
                       max_reads=4 * args.encode_rows)
@@ -646,7 +631,8 @@ def evaluate_arm(args, data: TaskData, run, arm: str, minilm: MiniLM | None, cac
   # Free generation with retrieval.
   gen_start = time.time()
   wrapped = read_jsonl(data.dev_path)
-  requests = [[Message("user", m["content"]) for m in line["messages"] if m["role"] == "user"]
+  # The prompt as runtime.read_requests takes it: every message before the last assistant one.
+  requests = [prompt_messages([Message(m["role"], m["content"]) for m in line["messages"]])
               for line in wrapped]
   prompts = prompt_tokens(run, requests, args.seq_len)
   max_new = args.rag_max_new_tokens if mode == "rag" else args.el_max_new_tokens
@@ -664,16 +650,16 @@ def evaluate_arm(args, data: TaskData, run, arm: str, minilm: MiniLM | None, cac
       assistant = [m for m in raw["messages"] if m["role"] == "assistant"][-1]["content"]
       source = linked_mentions(assistant, [])[0].replace(hf_tok.eos_token or "</s>", "").rstrip()
       meta[tuple(prompt)] = (_question(task, user), source)
-    close = engine.tokens.paragraph_close
+    # The end of an inserted paragraph: the task's CTX close tag (a special token, one id).
+    close = run.tokenizer.ids[task.ctx_spans[0][1]] if task.ctx_spans else None
 
     def query_text(out) -> str:
       question, source = meta[tuple(out.prompt)]
       generated = [t for t, g in zip(out.tokens, out.generated) if g]
       if mode == "rag":
         tokens = out.tokens
-        if close:  # the text written since the last inserted paragraph
-          ends = [j for j in range(len(tokens)) if tokens[j:j + len(close)] == list(close)]
-          tokens = tokens[ends[-1] + len(close):] if ends else tokens
+        if close is not None and close in tokens:  # the text written since the last paragraph
+          tokens = tokens[len(tokens) - tokens[::-1].index(close):]
         text = _strip_markup(hf_tok.decode(tokens, skip_special_tokens=True), task)
         return f"{question} {text}".strip()
       plain, mentions = linked_mentions(hf_tok.decode(generated, skip_special_tokens=False), [])
@@ -685,9 +671,10 @@ def evaluate_arm(args, data: TaskData, run, arm: str, minilm: MiniLM | None, cac
       return _el_query(m["surface"], source, s, s + len(m["surface"]))
 
     engine = as_pipeline(engine, minilm, query_text)
-  if args.force_first_query:
-    _force_first_query(engine)
-  outputs = engine.generate(prompts)
+  # --force_first_query: each request's first output token is the query RET token (it then
+  # retrieves as a generated one would).
+  force = [[engine.tokens.query]] * len(prompts) if args.force_first_query else None
+  outputs = engine.generate(prompts, force=force)
   records = [output_record(run, o, mode) for o in outputs]
   with open(os.path.join(workdir, "predictions.jsonl"), "w") as f:
     for r in records:

@@ -8,6 +8,7 @@ retrieval), which launch.infer reads.
 
 import json
 import os
+import sys
 
 from absl import app, flags
 
@@ -19,8 +20,10 @@ _DB = flags.DEFINE_string("db", None, "Reference-format db.jsonl.")
 _BACKEND = flags.DEFINE_enum("backend", "exact", ["exact", "scann", "approx"], "Index backend.")
 _OUT = flags.DEFINE_string("out", None, "Output directory.")
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: latest).")
-_SEQ_LEN = flags.DEFINE_integer("seq_len", 512, "Row length for packed encoding; longer documents "
-                                "are cut (their later keys dropped).")
+_SEQ_LEN = flags.DEFINE_integer("seq_len", None, "Row length for packed encoding; longer documents "
+                                "are cut (their later keys dropped). Default: the run's training "
+                                "max_len (data.max_len, else batch.seq_len), so the index holds the "
+                                "keys training saw.")
 flags.mark_flags_as_required(["workdir", "db", "out"])
 
 _BACKENDS = {"exact": ExactIndex, "scann": ScannIndex, "approx": ApproxIndex}
@@ -30,13 +33,17 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   run = load_run(_WORKDIR.value, _STEP.value)
-  vectors, uids, texts = encode_db(run, _DB.value, _OUT.value, seq_len=_SEQ_LEN.value)
+  vectors, uids, texts, report = encode_db(run, _DB.value, _OUT.value, seq_len=_SEQ_LEN.value)
+  for warning in report.warnings:
+    print(f"warning: {warning}", file=sys.stderr)
   index = _BACKENDS[_BACKEND.value]().build(vectors, uids)
   index.save(_OUT.value)
   with open(os.path.join(_OUT.value, "documents.json"), "w") as f:
     json.dump(texts, f)
-  print(json.dumps({"keys": len(uids), "documents": len(texts), "dim": int(vectors.shape[1]),
-                    "backend": _BACKEND.value, "out": _OUT.value}))
+  counts = {k: report.counts.get(k, 0) for k in ("documents_truncated", "keys_lost_to_truncation")}
+  print(json.dumps({"keys": len(uids), "documents": report.counts["documents"],
+                    "documents_dropped": len(texts) - report.counts["documents"], **counts,
+                    "dim": int(vectors.shape[1]), "backend": _BACKEND.value, "out": _OUT.value}))
 
 
 if __name__ == "__main__":

@@ -75,8 +75,15 @@ def test_max_bad_lines_skips_bad_lines_and_loads_the_rest(tmp_path):
   # generation-only; here it is counted and reported.
   assert report.counts["positives_missing_from_db"] == 1
   assert report.counts["anchors_without_db_positive"] == 1
+  # Lines 1, 3 and 6 train on `<paragraph>t</paragraph>` after a query whose positive d1 reads
+  # "text": inference would insert another context than training saw.
+  inserted = ("messages[1].positive[0]: the <paragraph> span after this query is not the text "
+              "inference inserts for d1 (its db assistant content without "
+              "[Document Fragment Representation])")
   assert report.warnings == [f"{SOME_BAD}:4: messages[1].positive[0]: 'zz' not in the db; "
-                             "the anchor is generation-only"]
+                             "the anchor is generation-only"] + [
+                                 f"{SOME_BAD}:{n}: {inserted}" for n in (1, 3, 6)]
+  assert report.counts["insertions_differing_from_db"] == 3
   assert train[2].anchors[0].positives == ()
 
 

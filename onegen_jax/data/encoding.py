@@ -59,15 +59,27 @@ class TaskTokenizer:
     return {self.ids[t]: self.hf.encode(d, add_special_tokens=False)
             for t, d in self.task.descriptions}
 
+  def tokenize(self, texts: Sequence[str]) -> list[list[int]]:
+    """Token ids of each text on its own, without BOS/EOS: the one text -> tokens function of
+    training (each message) and inference (each prompt message, each inserted document)."""
+    ids = []
+    for start in range(0, len(texts), _BATCH):
+      chunk = list(texts[start:start + _BATCH])
+      ids += self.hf(chunk, add_special_tokens=False)["input_ids"] if chunk else []
+    return ids
+
+  def insertion_tokens(self, document_text: str) -> list[int]:
+    """The tokens that follow a query RET token which retrieved a document of this text (RAG):
+    `<paragraph>{text}</paragraph>` tokenised as one string, exactly as inside a training
+    message (the tags are special tokens, so the text is a non-initial piece, as in training:
+    a SentencePiece tokenizer prepends its space only to a string's first piece)."""
+    return self.tokenize([self.task.insertion(document_text)])[0]
+
   def encode(self, conversations: Sequence[Sequence[Message]], ret_token: str,
              max_len: int) -> list[Encoded]:
     """Encodes each conversation, cut to its first max_len tokens (RET tokens past the cut are
     dropped from `rets`; `cut` counts the removed tokens)."""
-    contents = [m.content for conv in conversations for m in conv]
-    pieces = []
-    for start in range(0, len(contents), _BATCH):
-      chunk = contents[start:start + _BATCH]
-      pieces += self.hf(chunk, add_special_tokens=False)["input_ids"] if chunk else []
+    pieces = self.tokenize([m.content for conv in conversations for m in conv])
     out, i = [], 0
     for conv in conversations:
       out.append(self._roles(conv, pieces[i:i + len(conv)], self.ids[ret_token], max_len))

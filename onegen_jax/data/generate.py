@@ -126,9 +126,10 @@ def make_multihop(seed: int = 0, num_people: int = 60, num_companies: int = 60,
                                     f"{c} was founded by {founder[c]}."])
   uid_of = {title: uid for uid, (title, _) in sentences.items()}
   db = [db_entry(MULTIHOP, uid, title, f"wiki title: {title}\ncontent: " +
-                  "".join(s + rd for s in sents)) for uid, (title, sents) in sentences.items()]
+                  " ".join(s + rd for s in sents)) for uid, (title, sents) in sentences.items()]
 
-  def paragraph(title: str) -> str:
+  def paragraph(title: str) -> str:  # written out as a user's data would be; the loader checks
+    # that it is what inference inserts for the document (records.check_insertions)
     return f"<paragraph>wiki title: {title}\ncontent: {' '.join(sentences[uid_of[title]][1])}</paragraph>"
 
   def negatives(uid: str, rng) -> list[str]:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 from onegen_jax.data.tasks import Task
 
@@ -73,6 +73,18 @@ class Document:
   uid: str
   messages: tuple[Message, ...]
   num_keys: int
+
+  def text(self, task: Task) -> str:
+    """The text a retrieval of this document puts into a context (tasks.Task.document_text)."""
+    return task.document_text([m.content for m in self.messages if m.role == "assistant"])
+
+
+def prompt_messages(messages: Sequence[Message]) -> tuple[Message, ...]:
+  """The prompt of a conversation: every message before its last assistant message (all of them
+  when there is none). Messages are tokenised one by one, so the prompt's tokens are exactly the
+  first tokens of the whole conversation's."""
+  last = max((i for i, m in enumerate(messages) if m.role == "assistant"), default=len(messages))
+  return tuple(messages[:last])
 
 
 @dataclasses.dataclass
@@ -332,6 +344,30 @@ def check_references(examples: list[Example], keys: set[str], report: Report) ->
   return out
 
 
+def check_insertions(examples: list[Example], documents: list[Document], task: Task,
+                     report: Report):
+  """Warns about each query RET token whose CTX span (`<paragraph>...</paragraph>` right after it)
+  is not the text that inference inserts for any of its positives (Document.text): the model
+  would be trained on one context and served another."""
+  if not task.ctx_spans:
+    return
+  texts = {d.uid: d.text(task) for d in documents}
+  open_tag, close_tag = task.ctx_spans[0]
+  span = re.compile(re.escape(task.query_token) + "(" + re.escape(open_tag) + ".*?"
+                    + re.escape(close_tag) + ")?", re.DOTALL)
+  for ex in examples:
+    contents = "".join(m.content for m in ex.messages if m.role == "assistant")
+    for anchor, match in zip(ex.anchors, span.finditer(contents)):
+      docs = {canonical_key(u)[0] for u in anchor.positives}
+      if match[1] and docs and match[1] not in {task.insertion(texts[d]) for d in docs}:
+        report.count("insertions_differing_from_db")
+        if report.counts["insertions_differing_from_db"] <= 20:
+          report.warnings.append(
+              f"{ex.path}:{ex.line}: {anchor.field}: the {open_tag} span after this query is not "
+              f"the text inference inserts for {'/'.join(sorted(docs))} (its db assistant "
+              f"content without {task.doc_token})")
+
+
 def _documents(task: Task, db_path: str, max_bad_lines: int, problems: list[str],
                report: Report) -> list[Document]:
   db, bad = _read(db_path, _read_document, task)
@@ -368,4 +404,6 @@ def load_records(task: Task, train_path: str, db_path: str, dev_path: str | None
   if problems:
     raise DataError(problems)
   keys = {key_uid(d.uid, k) for d in db for k in range(d.num_keys)}
-  return check_references(train, keys, report), check_references(dev, keys, report), db, report
+  train, dev = check_references(train, keys, report), check_references(dev, keys, report)
+  check_insertions(train + dev, db, task, report)
+  return train, dev, db, report

@@ -8,6 +8,7 @@ and LM-head rows.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,6 +47,19 @@ class Task:
 
   def description(self, token: str) -> str:
     return dict(self.descriptions)[token]
+
+  def document_text(self, contents: Sequence[str]) -> str:
+    """The text of a document (its assistant contents) as a retrieval puts it into a context:
+    joined, without the document RET tokens, every other character kept."""
+    return "".join(contents).replace(self.doc_token, "")
+
+  def insertion(self, text: str) -> str:
+    """What follows a query RET token when a document of this text is retrieved (RAG): the text
+    inside the task's CTX span tags. Training data and inference both build it here."""
+    if not self.ctx_spans:
+      raise ValueError(f"task {self.name!r} inserts no documents (it has no CTX span tags)")
+    open_tag, close_tag = self.ctx_spans[0]
+    return f"{open_tag}{text}{close_tag}"
 
 
 _RAG_RET = (("[Question Representation]", "infomation of question"),

@@ -3,12 +3,18 @@
 Each request (a row of the batch) has a queue of tokens to feed. One jitted `extend` step feeds
 every row's queue at once (rows may feed 1 token or a whole inserted paragraph) and returns, for
 each row, the next token (greedy or sampled) and the normalised hidden state of the last token
-fed. When a row feeds a query RET token, that hidden state IS the query: it is searched (all
-such rows in one batched search) and then
-  - RAG: `<paragraph>{document}</paragraph>` is queued, prefilled into the same cache, and
-    generation continues after it (at most `max_retrievals` times per request);
+fed. When a row feeds a query RET token of its output stream, that hidden state IS the query: it
+is searched (all such rows in one batched search) and then
+  - RAG: the retrieved document's insertion (`documents(uid)`: `<paragraph>{text}</paragraph>`
+    tokenised as training tokenised it) is queued, prefilled into the same cache, and generation
+    continues after it; a query RET token beyond `max_retrievals` ends the request (as in the
+    reference: decoding past it would continue from a position never trained);
   - EL: the entity is recorded and the token forced after the RET token (`[_CONTINUE_]`) queued.
 The context is never re-encoded, and the query never encoded twice.
+
+A request's `force` tokens replace the model's first choices one by one (the output stream is
+then those tokens, and retrievals and insertions happen as if the model had chosen them): this
+is how tests and benchmarks replay a known answer through the real engine.
 """
 
 from __future__ import annotations
@@ -36,14 +42,12 @@ class TaskTokens:
   query: int  # the query-side RET token
   eos: int
   force_after_query: int | None = None  # EL: [_CONTINUE_]
-  paragraph_open: tuple[int, ...] = ()  # RAG: tokens of "<paragraph>"
-  paragraph_close: tuple[int, ...] = ()  # RAG: tokens of "</paragraph>"
 
 
 @dataclasses.dataclass(frozen=True)
 class GenerationConfig:
   max_new_tokens: int = 128  # generated tokens, inserted paragraphs not counted
-  max_retrievals: int = 5  # per request; a RET token beyond it is an ordinary token
+  max_retrievals: int = 5  # per request; a query RET token beyond it ends the request
   retrieve_k: int = 1  # results kept per retrieval (the first one is inserted / linked)
   temperature: float = 0.0  # 0: greedy
   top_p: float = 1.0
@@ -60,13 +64,22 @@ class Retrieval:
   vector: np.ndarray  # float32 [D], the query
 
 
+STOP_REASONS = ("eos", "max_new_tokens", "max_retrievals")
+
+
 @dataclasses.dataclass
 class RequestOutput:
   prompt: list[int]
-  tokens: list[int]  # everything after the prompt: generated and inserted tokens, in order
-  generated: list[bool]  # per entry of `tokens`: produced by the model (not inserted/forced)
+  tokens: list[int]  # everything after the prompt: the output stream and insertions, in order
+  generated: list[bool]  # per entry of `tokens`: of the output stream (sampled, or forced in its
+  # place), not inserted by the engine (a retrieved paragraph, the token forced after a RET token)
   retrievals: list[Retrieval]
-  finished: bool  # stopped on EOS (else max_new_tokens)
+  stop_reason: str = ""  # one of STOP_REASONS once the request ended
+
+  @property
+  def finished(self) -> bool:
+    """Stopped on EOS."""
+    return self.stop_reason == "eos"
 
 
 def _bucket(n: int) -> int:
@@ -100,7 +113,8 @@ class Engine:
   def __init__(self, model: Decoder, params, tokens: TaskTokens, search: SearchFn,
                documents: Callable[[str], Sequence[int]], config: GenerationConfig,
                mode: str, vocab_size: int | None = None):
-    """documents: document uid -> its token ids (RAG insertion); mode: "rag" or "el";
+    """documents: document uid -> the token ids inserted after a query that retrieved it (RAG);
+    mode: "rag" or "el";
     vocab_size: the tokenizer's size when the model's vocabulary is padded beyond it (padded
     rows are never sampled)."""
     if mode not in ("rag", "el"):
@@ -127,18 +141,25 @@ class Engine:
       logits = jnp.where(jnp.arange(logits.shape[-1]) < vocab_size, logits, -jnp.inf)
     return _sample(logits, rng, temperature, top_p), l2_normalize(final), cache
 
-  def generate(self, prompts: Sequence[Sequence[int]], progress: bool = False) -> list[RequestOutput]:
-    """Runs every prompt (token ids) to EOS or max_new_tokens, `batch_size` at a time."""
+  def generate(self, prompts: Sequence[Sequence[int]], progress: bool = False,
+               force: Sequence[Sequence[int]] | None = None) -> list[RequestOutput]:
+    """Runs every prompt (token ids) to EOS, max_new_tokens or max_retrievals, `batch_size` at a
+    time. force[i]: tokens that replace request i's first output-stream choices."""
+    if force is not None and len(force) != len(prompts):
+      raise ValueError(f"{len(force)} forced continuations for {len(prompts)} prompts")
     b = self.config.batch_size
     outs = []
     for start in tqdm.tqdm(range(0, len(prompts), b), disable=not progress, unit="batch"):
-      outs += self._generate_batch(prompts[start:start + b], start)
+      outs += self._generate_batch(prompts[start:start + b], start,
+                                   force[start:start + b] if force is not None else None)
     return outs
 
-  def _generate_batch(self, prompts: Sequence[Sequence[int]], first_id: int) -> list[RequestOutput]:
+  def _generate_batch(self, prompts: Sequence[Sequence[int]], first_id: int,
+                      force: Sequence[Sequence[int]] | None) -> list[RequestOutput]:
     cfg, tok = self.config, self.tokens
     rows = cfg.batch_size
-    outs = [RequestOutput(list(p), [], [], [], False) for p in prompts]
+    outs = [RequestOutput(list(p), [], [], []) for p in prompts]
+    forced = [list(f) for f in force] if force is not None else [[] for _ in prompts]
     queues = [list(p) for p in prompts] + [[] for _ in range(rows - len(prompts))]
     active = [True] * len(prompts) + [False] * (rows - len(prompts))
     new_tokens = [0] * rows
@@ -155,23 +176,25 @@ class Engine:
                                                window=window)
       next_tok, vectors = np.asarray(next_tok), np.asarray(vectors)
       lengths += np.array([len(q) if a else 0 for q, a in zip(queues, active)], np.int32)
-      # A query is a RET token the model generated, fed alone; its hidden state was just computed.
+      # A query is a RET token of the output stream, fed alone; its hidden state was just computed.
       queries = [r for r in range(len(prompts)) if active[r] and outs[r].tokens
-                 and queues[r] == [tok.query] and outs[r].generated[-1]
-                 and len(outs[r].retrievals) < cfg.max_retrievals]
+                 and queues[r] == [tok.query] and outs[r].generated[-1]]
+      for r in [r for r in queries if len(outs[r].retrievals) >= cfg.max_retrievals]:
+        outs[r].stop_reason, active[r] = "max_retrievals", False
+        queries.remove(r)
       self._retrieve(queries, vectors, outs, queues, lengths)
       for r in range(len(prompts)):
         if not active[r] or r in queries:
           continue
-        token = int(next_tok[r])
+        token = forced[r].pop(0) if forced[r] else int(next_tok[r])
         outs[r].tokens.append(token)
         outs[r].generated.append(True)
         new_tokens[r] += 1
         queues[r] = [token]
         if token == tok.eos:
-          outs[r].finished, active[r] = True, False
+          outs[r].stop_reason, active[r] = "eos", False
         elif new_tokens[r] >= cfg.max_new_tokens:
-          active[r] = False
+          outs[r].stop_reason, active[r] = "max_new_tokens", False
       step += 1
     return outs
 
@@ -196,7 +219,7 @@ class Engine:
       outs[r].retrievals.append(Retrieval(int(lengths[r]) - 1, list(ids[i]),
                                           [float(s) for s in scores[i]], vectors[r]))
       if self.mode == "rag":
-        queued = [*self.tokens.paragraph_open, *self.documents(ids[i][0]), *self.tokens.paragraph_close]
+        queued = list(self.documents(ids[i][0]))
       else:
         queued = [self.tokens.force_after_query]
       queues[r] = queued

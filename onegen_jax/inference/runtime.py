@@ -9,6 +9,7 @@ import dataclasses
 import json
 import os
 import re
+from collections.abc import Sequence
 
 import flax.linen as nn
 import numpy as np
@@ -17,8 +18,9 @@ import tqdm
 from onegen_jax import sharding
 from onegen_jax.checkpoint import Checkpointer, model_config_from_json
 from onegen_jax.data.encoding import TaskTokenizer
+from onegen_jax.data.pipeline import max_len
 from onegen_jax.data.prepare import Database, document_records
-from onegen_jax.data.records import Document, Message, Report, load_documents
+from onegen_jax.data.records import ROLES, Message, Report, load_documents, prompt_messages
 from onegen_jax.data.tasks import Task, get_task
 from onegen_jax.inference.engine import Engine, GenerationConfig, RequestOutput, TaskTokens
 from onegen_jax.model.decoder import Decoder, abstract_params
@@ -66,20 +68,18 @@ def load_run(workdir: str, step: int | None = None, task: str | None = None) -> 
                    task_obj, config)
 
 
-def document_text(doc: Document, task: Task) -> str:
-  """The text inserted for a retrieved document: its assistant content without RET tokens."""
-  text = " ".join(m.content for m in doc.messages if m.role == "assistant")
-  return " ".join(text.replace(task.doc_token, " ").split())
-
-
 def encode_db(run: LoadedRun, db_path: str, out_dir: str, chunk: int = 4096, rows: int = 8,
-              seq_len: int = 512) -> tuple[np.ndarray, list[str], dict[str, str]]:
+              seq_len: int | None = None) -> tuple[np.ndarray, list[str], dict[str, str], Report]:
   """Encodes every key of a db.jsonl, streaming vectors to OUT/vectors.npy chunk by chunk.
 
-  Returns (vectors float32 [keys, D] memory-mapped, key uids, document uid -> inserted text).
+  seq_len: documents are cut to it (default: the run's training max_len, so inference has the
+  keys training had). Returns (vectors float32 [keys, D] memory-mapped, key uids, document uid ->
+  inserted text (records.Document.text), the report: documents truncated, keys lost, documents
+  dropped).
   """
-  docs, _ = load_documents(run.task, db_path)
-  records = document_records(docs, run.tokenizer, seq_len, Report())
+  seq_len = seq_len or max_len(run.config["data"], run.config["batch"]["seq_len"])
+  docs, report = load_documents(run.task, db_path)
+  records = document_records(docs, run.tokenizer, seq_len, report)
   database = Database(records)
   encoder = Encoder(run.model, run.mesh, rows=rows, seq_len=seq_len, max_reads=4 * rows)
   os.makedirs(out_dir, exist_ok=True)
@@ -94,8 +94,8 @@ def encode_db(run: LoadedRun, db_path: str, out_dir: str, chunk: int = 4096, row
     vectors[done:done + len(block)] = block
     done += len(block)
   vectors.flush()
-  texts = {d.uid: document_text(d, run.task) for d in docs}
-  return vectors, database.key_uids, texts
+  texts = {d.uid: d.text(run.task) for d in docs}
+  return vectors, database.key_uids, texts, report
 
 
 def make_engine(run: LoadedRun, index: Index, texts: dict[str, str], mode: str,
@@ -108,33 +108,34 @@ def make_engine(run: LoadedRun, index: Index, texts: dict[str, str], mode: str,
   if eos is None:
     raise ValueError("the tokenizer has no EOS token; generation could not stop")
   force = dict(task.force_after).get(task.query_token)
-  open_close = task.ctx_spans[0] if task.ctx_spans else (None, None)
 
   # RAG retrieves documents (a paragraph's sentence keys map to it); EL retrieves entity keys.
   search = index.search_documents if mode == "rag" else index.search
   return Engine(
       run.model, run.params,
       TaskTokens(query=ids[task.query_token], eos=eos,
-                 force_after_query=ids[force] if force else None,
-                 paragraph_open=(ids[open_close[0]],) if open_close[0] else (),
-                 paragraph_close=(ids[open_close[1]],) if open_close[1] else ()),
-      search, documents=lambda uid: hf.encode(texts[uid], add_special_tokens=False),
+                 force_after_query=ids[force] if force else None),
+      search, documents=lambda uid: run.tokenizer.insertion_tokens(texts[uid]),
       config=config, mode=mode, vocab_size=len(hf))
 
 
-def read_requests(path: str) -> list[list[Message]]:
-  """The user messages of each line of a reference-format jsonl file (assistant turns ignored)."""
+def read_requests(path: str) -> list[tuple[Message, ...]]:
+  """The prompt of each line of a reference-format jsonl file: its messages before the last
+  assistant message (records.prompt_messages; system messages included, as in training)."""
   requests, problems = [], []
-  with open(path) as f:
+  with open(path, encoding="utf-8") as f:
     for number, line in enumerate(f, 1):
       if not line.strip():
         continue
       try:
-        messages = json.loads(line)["messages"]
-        users = [Message("user", m["content"]) for m in messages if m["role"] == "user"]
-        if not users or not all(isinstance(m.content, str) for m in users):
-          raise ValueError("no user message with string content")
-        requests.append(users)
+        messages = [Message(m["role"], m["content"]) for m in json.loads(line)["messages"]]
+        bad = [m.role for m in messages if m.role not in ROLES or not isinstance(m.content, str)]
+        if bad:
+          raise ValueError(f"a message with role {bad[0]!r} or without string content")
+        prompt = prompt_messages(messages)
+        if not prompt:
+          raise ValueError("no message before the assistant's (nothing to prompt with)")
+        requests.append(prompt)
       except (ValueError, KeyError, TypeError) as e:
         problems.append(f"{path}:{number}: messages: {e}")
   if problems:
@@ -142,10 +143,31 @@ def read_requests(path: str) -> list[list[Message]]:
   return requests
 
 
-def prompt_tokens(run: LoadedRun, requests: list[list[Message]], max_len: int) -> list[list[int]]:
-  """Token ids of each request's user messages (segments tokenised separately, no BOS/EOS)."""
+def prompt_tokens(run: LoadedRun, requests: list[tuple[Message, ...]],
+                  max_len: int) -> list[list[int]]:
+  """Token ids of each prompt, tokenised as training tokenises the same messages (each message on
+  its own, no BOS/EOS): the first tokens of the training sequence of the same conversation."""
   encoded = run.tokenizer.encode(requests, run.task.query_token, max_len)
   return [e.tokens.tolist() for e in encoded]
+
+
+def output_stream(tokenizer: TaskTokenizer, tokens: Sequence[int], prompt_len: int) -> list[int]:
+  """What the model itself emits in a training sequence: its tokens after the prompt, without
+  what the engine inserts (the CTX span right after a query RET token; the token forced after
+  it). Forced through `Engine.generate(force=...)`, it replays a gold answer (teacher forcing)."""
+  task, ids = tokenizer.task, tokenizer.ids
+  force_after = dict(task.force_after).get(task.query_token)
+  open_tag = ids[task.ctx_spans[0][0]] if task.ctx_spans else None
+  out, i = [], prompt_len
+  while i < len(tokens):
+    out.append(tokens[i])
+    if tokens[i] == ids[task.query_token] and i + 1 < len(tokens):
+      if force_after:
+        i += 1  # the forced token
+      elif tokens[i + 1] == open_tag and ids[task.ctx_spans[0][1]] in tokens[i + 1:]:
+        i = list(tokens).index(ids[task.ctx_spans[0][1]], i + 1)  # to the close tag
+    i += 1
+  return out
 
 
 def linked_mentions(text: str, entities: list[str]) -> tuple[str, list[dict]]:
@@ -173,7 +195,7 @@ def output_record(run: LoadedRun, out: RequestOutput, mode: str) -> dict:
   hf = run.tokenizer.hf
   tokens = [t for t in out.tokens if t != hf.eos_token_id]
   text = hf.decode(tokens, skip_special_tokens=False)
-  record = {"text": text, "finished": out.finished,
+  record = {"text": text, "finished": out.finished, "stop_reason": out.stop_reason,
             "retrievals": [{"position": r.position, "ids": r.ids, "scores": r.scores}
                            for r in out.retrievals]}
   if mode == "el":
