@@ -24,16 +24,16 @@ import math
 import os
 import sys
 import tempfile
-import types
 
 import jax
 from absl import app, flags, logging
 from etils import epath
 from ml_collections import config_flags
+from transformers import AutoTokenizer
 
 from onegen_jax import hf, sharding
 from onegen_jax.checkpoint import Checkpointer, dumps_config
-from onegen_jax.model.config import ModelConfig
+from onegen_jax.model.config import NUMERIC_FIELDS, ModelConfig
 
 _HF_DIR = flags.DEFINE_string("hf_dir", None, "Hugging Face model directory (config.json and "
                               "*.safetensors).")
@@ -48,8 +48,6 @@ _PAD_VOCAB_TO = flags.DEFINE_integer("pad_vocab_to", 128, "With --config: pad th
                                      "a multiple of this (shards evenly).")
 flags.mark_flags_as_required(["hf_dir", "workdir"])
 
-# config.model fields that set numerics (not shapes) of the stored ModelConfig.
-_NUMERICS = ("dtype", "scan_layers", "remat_policy", "attention_impl")
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
 
 
@@ -77,28 +75,6 @@ def _has_tokenizer(path: str) -> bool:
   return any(os.path.exists(os.path.join(path, name)) for name in _TOKENIZER_FILES)
 
 
-def _add_task_tokens(params, model_config: ModelConfig, tokenizer_dir: str, task_name: str,
-                     pad_to: int):
-  """Adds the task's special tokens; returns (params, model config, real vocab, HF tokenizer).
-
-  Tokens the tokenizer already knew keep their rows; new ones get their description's mean.
-  """
-  from transformers import AutoTokenizer  # noqa: PLC0415 (slow import)
-
-  from onegen_jax.data.encoding import TaskTokenizer  # noqa: PLC0415
-  from onegen_jax.data.tasks import get_task  # noqa: PLC0415
-
-  known = len(AutoTokenizer.from_pretrained(tokenizer_dir))
-  tokenizer = TaskTokenizer(tokenizer_dir, get_task(task_name))
-  init_rows = {i: d for i, d in tokenizer.description_ids().items() if i >= known}
-  vocab = max(model_config.vocab_size, tokenizer.vocab_size)
-  params, model_config = hf.grow_vocab(params, model_config, vocab, init_rows, pad_to)
-  new = {t: i for t, i in tokenizer.ids.items() if i in init_rows}
-  _say(f"task {task_name}: tokens {tokenizer.ids}; initialised from descriptions: {new}; "
-       f"vocab {vocab} padded to {model_config.vocab_size}")
-  return params, model_config, vocab, tokenizer.hf
-
-
 def _save_tokenizer(tokenizer, workdir: str) -> str:
   """Saves `tokenizer` into workdir/tokenizer (through a local directory: any epath works)."""
   target = epath.Path(workdir) / "tokenizer"
@@ -110,21 +86,29 @@ def _save_tokenizer(tokenizer, workdir: str) -> str:
   return os.fspath(target)
 
 
-def _architecture(hf_config: dict) -> str:
-  """The class name of a supported config (config_from_hf has checked it)."""
-  by_type = {t: a for a, t in hf.ARCHITECTURES.items()}
-  return (hf_config.get("architectures") or [by_type[hf_config["model_type"]]])[0]
+def _model_overrides(config) -> dict:
+  """ModelConfig fields an import sets on top of the checkpoint's shapes: float32 master weights,
+  and with a task config its numerics (NUMERIC_FIELDS but param_dtype) and layer layout
+  (scan_layers: the import writes the layout the config trains with)."""
+  fields = (*NUMERIC_FIELDS, "scan_layers")
+  return {**({k: config.model[k] for k in fields} if config else {}), "param_dtype": "float32"}
+
+
+def _add_task_tokens(params, model_config: ModelConfig, tokenizer_dir: str, task_name: str,
+                     pad_to: int):
+  """hf.add_task_tokens, reported; returns (params, model config, real vocab, HF tokenizer)."""
+  added = hf.add_task_tokens(params, model_config, tokenizer_dir, task_name, pad_to)
+  _say(f"task {task_name}: tokens {added.tokenizer.ids}; initialised from descriptions: "
+       f"{added.initialised}; vocab {added.vocab_size} padded to {added.model_config.vocab_size}")
+  return added.params, added.model_config, added.vocab_size, added.tokenizer.hf
 
 
 def import_hf(hf_dir: str, workdir: str, config=None, tokenizer_dir: str | None = None,
               pad_vocab_to: int = 128) -> None:
   """Writes step 0 of `workdir` (and workdir/tokenizer) from the Hugging Face model in `hf_dir`."""
-  from transformers import AutoTokenizer  # noqa: PLC0415
-
   hf_config = _read_hf_config(hf_dir)
-  numerics = {k: config.model[k] for k in _NUMERICS} if config else {}
-  model_config = hf.config_from_hf(hf_config, param_dtype="float32", **numerics)
-  architecture = _architecture(hf_config)
+  model_config = hf.config_from_hf(hf_config, **_model_overrides(config))
+  architecture = hf.architecture(hf_config)
   tokenizer_dir = tokenizer_dir or hf_dir
   if config and not _has_tokenizer(tokenizer_dir):
     raise FileNotFoundError(f"no tokenizer in {tokenizer_dir}; pass --tokenizer_dir")
@@ -143,7 +127,7 @@ def import_hf(hf_dir: str, workdir: str, config=None, tokenizer_dir: str | None 
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
   record = {"architecture": architecture, "vocab_size": vocab, "source": os.path.abspath(hf_dir)}
   saved_config = {**(dumps_config(config) if config else {}), "hf": record}
-  ckpt.save(0, types.SimpleNamespace(params=params), None, saved_config, model_config, force=True)
+  ckpt.save_params(0, params, saved_config, model_config)
   ckpt.wait()
   ckpt.close()
   _say(f"saved step 0 to {workdir}: {sum(x.size for x in jax.tree.leaves(params)):,} parameters")

@@ -6,9 +6,10 @@ A step directory holds these items:
   data       the data iterator's state (JSON), so a resumed run sees the same batches
   config     the run's full ml_collections config (JSON)
   model      the ModelConfig (JSON): enough to rebuild the decoder without the task config
-An import (launch.import_hf) writes step 0 with params, model and config only. Saves are
-asynchronous; Orbax writes each step into a temporary directory and renames it when complete, so
-a crash during a save leaves the previous complete step as the latest.
+A training step is written by `save`; an import (launch.import_hf) writes step 0 with params,
+model and config only (`save_params`). Saves are asynchronous; Orbax writes each step into a
+temporary directory and renames it when complete, so a crash during a save leaves the previous
+complete step as the latest.
 """
 
 from __future__ import annotations
@@ -16,12 +17,15 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers
 
 from onegen_jax.model.config import Llama3RopeScaling, ModelConfig
+
+if TYPE_CHECKING:  # an annotation only: checkpoints do not depend on the train step
+  from onegen_jax.train.step import TrainState
 
 
 def model_config_to_json(config: ModelConfig) -> dict:
@@ -64,16 +68,28 @@ class Checkpointer:
   def all_steps(self) -> list[int]:
     return list(self.manager.all_steps())
 
-  def save(self, step: int, state, data_state: dict | None, config: dict,
+  def save(self, step: int, state: TrainState, data_state: dict | None, config: dict,
            model_config: ModelConfig, metrics: dict | None = None, force: bool = False) -> bool:
-    """Starts saving `state` (a TrainState or {"params": ...}) at `step`; returns whether it did."""
+    """Starts saving a training step: `state`'s params and {"step", "opt_state"}, the data
+    iterator's state (None: no data item), the run's config and model; returns whether it did
+    (a step off `every_steps` is skipped unless `force`)."""
     items = {"params": ocp.args.StandardSave(state.params),
-             "config": ocp.args.JsonSave(config),
-             "model": ocp.args.JsonSave(model_config_to_json(model_config))}
-    if hasattr(state, "opt_state"):
-      items["optimizer"] = ocp.args.StandardSave({"step": state.step, "opt_state": state.opt_state})
+             "optimizer": ocp.args.StandardSave({"step": state.step, "opt_state": state.opt_state})}
     if data_state is not None:
       items["data"] = ocp.args.JsonSave(data_state)
+    return self._save(step, items, config, model_config, metrics, force)
+
+  def save_params(self, step: int, params, config: dict, model_config: ModelConfig) -> bool:
+    """Starts saving parameters alone (an import's step: no optimizer or data item) at `step`,
+    whatever `every_steps`; `params` is the Decoder's 'params' tree. Returns whether it did."""
+    items = {"params": ocp.args.StandardSave(params)}
+    return self._save(step, items, config, model_config, None, force=True)
+
+  def _save(self, step: int, items: dict, config: dict, model_config: ModelConfig,
+            metrics: dict | None, force: bool) -> bool:
+    """Adds the config and model items to `items` and starts the save."""
+    items = {**items, "config": ocp.args.JsonSave(config),
+             "model": ocp.args.JsonSave(model_config_to_json(model_config))}
     return self.manager.save(step, args=ocp.args.Composite(**items), metrics=metrics, force=force)
 
   def restore(self, step: int, abstract_state) -> tuple[Any, dict | None]:

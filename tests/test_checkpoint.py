@@ -68,3 +68,18 @@ def test_keeps_the_latest_and_the_best(program, tmp_path, mode, best):
     ckpt.save(step, state, None, {}, prog.model.config, metrics={"m": value})
   ckpt.wait()
   assert ckpt.all_steps() == sorted({best, 4})  # the best and the latest
+
+
+def test_params_only_save(program, tmp_path):
+  """An import's step: params, config and model items only; the parameters restore as saved."""
+  prog = program()
+  params = prog.init_state(seed=0).params
+  ckpt = Checkpointer(str(tmp_path), async_save=False)
+  assert ckpt.save_params(0, params, {"hf": {"vocab_size": 7}}, prog.model.config)
+  ckpt.wait()
+  assert {p.name for p in (tmp_path / "0").iterdir() if p.is_dir()} == {"params", "config", "model"}
+  assert ckpt.restore_json(0, "config") == {"hf": {"vocab_size": 7}}
+  restored = ckpt.restore_params(0, prog.abstract_state.params)
+  for want, got in zip(jax.tree.leaves(jax.device_get(params)), jax.tree.leaves(restored)):
+    np.testing.assert_array_equal(np.asarray(got), want)
+  assert read_model_config(str(tmp_path)) == (prog.model.config, 0)

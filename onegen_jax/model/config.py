@@ -72,6 +72,13 @@ class ModelConfig:
     return dataclasses.replace(self, **changes)
 
 
+# Fields of ModelConfig that change numerics or speed but not the parameter tree (its structure
+# and shapes): a run may set them on top of a stored model (train: `model.init_from`; import:
+# `launch.import_hf --config`). scan_layers is not one: it decides the tree's layout ('layers'
+# stacked [num_layers, ...] vs 'layers_{i}'), so it comes with the stored parameters.
+NUMERIC_FIELDS = ("param_dtype", "dtype", "remat_policy", "attention_impl")
+
+
 PRESETS: dict[str, ModelConfig] = {
     # For tests and the CPU demo: every dimension distinct so shapes are easy to tell apart in HLO.
     "tiny": ModelConfig(

@@ -16,10 +16,12 @@ from jax.experimental import topologies
 
 from onegen_jax import sharding
 from onegen_jax.train.metrics import flops_per_token
+from onegen_jax.train.program import build_program, example_batch
 from onegen_jax.train.step import batch_shardings
 
-# User-facing slice name -> (topology name, chip config, chips per host). v4/v5p names count
-# TensorCores (2 per chip, one "megacore" device per chip); v5e/v6e names count chips.
+# User-facing slice name -> (topology name, chip config name); every host holds 2x2x1 chips
+# (chips_per_host_bounds in topology_devices). v4/v5p names count TensorCores (2 per chip, one
+# "megacore" device per chip); v5e/v6e names count chips.
 _SLICES = {
     "v4-8": ("v4:2x2x1", "megacore"), "v4-16": ("v4:2x2x2", "megacore"),
     "v4-32": ("v4:2x2x4", "megacore"), "v4-64": ("v4:2x4x4", "megacore"),
@@ -70,7 +72,6 @@ def topology_devices(name: str) -> list:
 def compile_train_step(config: ml_collections.ConfigDict, topology: str) -> CompiledStepReport:
   """Compiles the train step of `config` for `topology`; raises the compiler's error (e.g.
   RESOURCE_EXHAUSTED when the state and activations do not fit in device memory)."""
-  from onegen_jax.train.loop import build_program, example_batch  # noqa: PLC0415 (cycle)
 
   devices = topology_devices(topology)
   program = build_program(config, devices=devices)
