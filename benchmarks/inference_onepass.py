@@ -306,8 +306,9 @@ def record(args, setup: dict, rows: list[list], table: str) -> None:
       "Forced schedule (see the module docstring): random-init models, scripted outputs; every "
       "step computes logits and samples as in free generation. Round 1 through Engine.generate "
       "matched the driver token for token (checked for every query length).",
-      "The KV cache holds the whole conversation (capacity fixed per query length), and "
-      "`Decoder.extend` attends over the full capacity at every step, for both methods alike.",
+      "The KV cache holds the whole conversation (capacity fixed per query length); "
+      "`Decoder.extend` attends over a bucketed window of it (a power of two from 256 covering "
+      "the used entries), for both methods alike.",
   ]
   wanted = {(max(args.query_lengths), max(args.retrievals)),
             (max(args.query_lengths), min(args.retrievals)),

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# benchmarks/quality.py on a lent GPU machine (the `device` tool), from a bare machine.
+# `python -m benchmarks.quality` on a lent GPU machine (the `device` tool), from a bare machine.
 #
 # Why several calls: a call carries at most 64 MiB (working tree included), and the run needs
 # about 170 MB that the machine lacks: the SmolLM2-135M-Instruct GGUF (98 MB, Q4_1/Q8_0: it does
@@ -15,14 +15,14 @@
 # Here (once):      bash benchmarks/quality_device.sh pack
 # Device, call 1:   run(command="bash benchmarks/quality_device.sh stage", carry=[".quality_bundle/p1"], timeout_s=120)
 # Device, call 2:   run(command="bash benchmarks/quality_device.sh stage", carry=[".quality_bundle/p2"], timeout_s=120)
-# Device, last:     run(command="bash benchmarks/quality_device.sh run [extra quality.py flags]",
+# Device, last:     run(command="bash benchmarks/quality_device.sh run [extra benchmarks.quality flags]",
 #                       carry=[".quality_bundle/p3"], timeout_s=600)
 # (`pack` prints the exact calls for the number of parts it made.) The last call writes
 # quality.json, quality.md, log.txt and predictions.tar.gz to $OUT. Then, here:
 #   .venv/bin/python -m benchmarks.quality --record_from=FILES_AT/quality.json
 # appends the run's section (its command, machine and date) to benchmarks/RESULTS.md.
 #
-# The run's defaults (benchmarks/quality.py) are sized for one H100 and --budget_s=400: arms that
+# The run's defaults (benchmarks/quality/cli.py) are sized for one H100 and --budget_s=400: arms that
 # would not fit the budget are skipped and reported as such; pass e.g. --steps=30 to shrink.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -121,7 +121,7 @@ run() {
       "$@" 2>&1 | grep --line-buffered -v 'it/s\]\|chunk/s\]' | tee "$OUT/log.txt" || status=$?
   cp /tmp/oq/out/quality.json /tmp/oq/out/quality.md "$OUT"/ 2>/dev/null || true
   tar -C /tmp/oq/out --exclude=index -czf "$OUT/predictions.tar.gz" eval 2>/dev/null || true
-  echo "whole call: $(( $(date +%s) - start )) s; quality.py exit $status"
+  echo "whole call: $(( $(date +%s) - start )) s; benchmarks.quality exit $status"
   return "$status"
 }
 
@@ -129,5 +129,5 @@ case "${1:-}" in
   pack) pack ;;
   stage) stage ;;
   run) shift; run "$@" ;;
-  *) echo "usage: $0 pack | stage | run [quality.py flags]" >&2; exit 2 ;;
+  *) echo "usage: $0 pack | stage | run [benchmarks.quality flags]" >&2; exit 2 ;;
 esac

@@ -36,7 +36,7 @@ import optax
 
 from benchmarks import common
 from onegen_jax import sharding
-from onegen_jax.data.packing import (BatchPacker, BatchShape, Corpus, Key, Query, Sequence,
+from onegen_jax.data.packing import (BatchPacker, BatchShape, Corpus, Key, Query, Segment,
                                      pack_batches)
 from onegen_jax.model.decoder import Decoder
 from onegen_jax.train.metrics import flops_per_token
@@ -45,7 +45,7 @@ from onegen_jax.train.step import LossConfig, batch_shardings, build_train_progr
 
 def gen_batch(rng: np.random.Generator, vocab: int, rows: int, seq_len: int) -> dict:
   """L_gen only: one causal sequence of random tokens per row (the contract's fields)."""
-  examples = [Sequence(rng.integers(1, vocab, seq_len).astype(np.int32), np.ones(seq_len, bool))
+  examples = [Segment(rng.integers(1, vocab, seq_len).astype(np.int32), np.ones(seq_len, bool))
               for _ in range(rows)]
   return next(pack_batches(examples, Corpus({}), BatchShape(rows, seq_len, 1, 1, 1)))
 
@@ -55,14 +55,14 @@ def ret_batch(rng: np.random.Generator, vocab: int, rows: int, seq_len: int) -> 
   negatives among documents of S/16 tokens (one key at the end), packed until the batch is full."""
   ex_len, doc_len = seq_len // 4, seq_len // 16
   tokens = lambda n: rng.integers(1, vocab, n).astype(np.int32)
-  corpus = Corpus({f"d{i}": Sequence(tokens(doc_len), np.ones(doc_len, bool),
+  corpus = Corpus({f"d{i}": Segment(tokens(doc_len), np.ones(doc_len, bool),
                                      keys=(Key(doc_len - 1, f"d{i}"),)) for i in range(1000)})
   packer = BatchPacker(corpus, BatchShape(rows, seq_len, 4 * rows, 16 * rows, 2))
   while True:
     uids = [f"d{i}" for i in rng.choice(1000, 6, replace=False)]
     queries = (Query(ex_len // 2, uids[0], tuple(uids[1:3])),
                Query(ex_len - 1, uids[3], tuple(uids[4:6])))
-    if not packer.try_add(Sequence(tokens(ex_len), np.ones(ex_len, bool), queries)):
+    if not packer.try_add(Segment(tokens(ex_len), np.ones(ex_len, bool), queries)):
       return packer.emit()
 
 

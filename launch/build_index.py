@@ -12,7 +12,7 @@ import sys
 
 from absl import app, flags
 
-from onegen_jax.inference.runtime import encode_db, load_run
+from onegen_jax.inference.run import encode_db, load_run
 from onegen_jax.retrieval.index import ApproxIndex, ExactIndex, ScannIndex
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (training run or import).")

@@ -1,6 +1,6 @@
 """One-pass OneGen inference: generation and retrieval in one KV-cached pass.
 
-  python -m launch.infer --workdir=RUN --index=DIR --task=rag|el --input=IN.jsonl --output=OUT.jsonl
+  python -m launch.infer --workdir=RUN --index=DIR --input=IN.jsonl --output=OUT.jsonl
 
 IN.jsonl: reference-format lines whose user messages are the requests (assistant turns are
 ignored). OUT.jsonl: one JSON object per request: text, retrievals (position, ids, scores) per
@@ -13,13 +13,12 @@ import os
 from absl import app, flags
 
 from onegen_jax.inference.engine import GenerationConfig
-from onegen_jax.inference.runtime import (load_run, make_engine, output_record, prompt_tokens,
-                                          read_requests)
+from onegen_jax.inference.requests import output_record, prompt_tokens, read_requests
+from onegen_jax.inference.run import load_run, make_engine
 from onegen_jax.retrieval.index import load_index
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory.")
 _INDEX = flags.DEFINE_string("index", None, "Directory written by launch.build_index.")
-_TASK = flags.DEFINE_enum("task", None, ["rag", "el"], "rag inserts retrieved paragraphs; el links.")
 _INPUT = flags.DEFINE_string("input", None, "Requests (reference-format jsonl).")
 _OUTPUT = flags.DEFINE_string("output", None, "Results (jsonl).")
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: latest).")
@@ -31,7 +30,7 @@ _TOP_P = flags.DEFINE_float("top_p", 1.0, "Nucleus sampling mass.")
 _MAX_PROMPT = flags.DEFINE_integer("max_prompt_len", 1024, "Prompts are cut to this many tokens.")
 _CAPACITY = flags.DEFINE_integer("capacity", 2048, "KV-cache entries per request.")
 _RETRIEVE_K = flags.DEFINE_integer("retrieve_k", 10, "Results kept per retrieval (first is used).")
-flags.mark_flags_as_required(["workdir", "index", "task", "input", "output"])
+flags.mark_flags_as_required(["workdir", "index", "input", "output"])
 
 
 def main(argv):
@@ -43,15 +42,15 @@ def main(argv):
     texts = json.load(f)
   config = GenerationConfig(
       max_new_tokens=_MAX_NEW.value,
-      max_retrievals=_MAX_RETRIEVALS.value if _TASK.value == "rag" else 1 << 30,
+      max_retrievals=_MAX_RETRIEVALS.value if run.task.mode == "rag" else 1 << 30,
       temperature=_TEMPERATURE.value, top_p=_TOP_P.value, batch_size=_BATCH.value,
       capacity=_CAPACITY.value, retrieve_k=_RETRIEVE_K.value)
-  engine = make_engine(run, index, texts, _TASK.value, config)
+  engine = make_engine(run, index, texts, config)
   prompts = prompt_tokens(run, read_requests(_INPUT.value), _MAX_PROMPT.value)
   outputs = engine.generate(prompts, progress=True)
   with open(_OUTPUT.value, "w") as f:
     for out in outputs:
-      f.write(json.dumps(output_record(run, out, _TASK.value)) + "\n")
+      f.write(json.dumps(output_record(run, out)) + "\n")
   print(json.dumps({"requests": len(outputs), "finished": sum(o.finished for o in outputs),
                     "retrievals": sum(len(o.retrievals) for o in outputs), "output": _OUTPUT.value}))
 

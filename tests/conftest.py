@@ -23,7 +23,7 @@ jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
 from configs import el  # noqa: E402
 from onegen_jax.data import synthetic  # noqa: E402
 from onegen_jax.data.packing import BatchShape, pack_batches  # noqa: E402
-from onegen_jax.train import loop  # noqa: E402
+from onegen_jax.train import loop, program as program_lib  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BATCH_SHAPE = BatchShape(rows=8, seq_len=64, num_queries=16, num_keys=64, num_negatives=3)
@@ -50,7 +50,7 @@ def _program(mesh=(8, 1, 1), accum_steps=1, rows=8, loss_type="bpr", lambda_ret=
                        batch=dict(accum_steps=accum_steps, rows=rows),
                        loss=dict(loss_type=loss_type, lambda_ret=lambda_ret),
                        optim=dict(schedule="constant", lr=1e-3), model=dict(dtype=dtype))
-  return loop.build_program(config, devices=jax.devices()[:math.prod(mesh)])
+  return program_lib.build_program(config, devices=jax.devices()[:math.prod(mesh)])
 
 
 @functools.lru_cache(maxsize=None)

@@ -42,7 +42,7 @@ def _expected(tok, conversation):
 
 def _check(tok, conversation, ret_token):
   messages, tokens, targets, rets = _expected(tok, conversation)
-  [enc] = tok.encode([messages], ret_token, max_len=10_000)
+  [enc] = tok.tokenize_with_roles([messages], ret_token, max_len=10_000)
   np.testing.assert_array_equal(enc.tokens, tokens)
   np.testing.assert_array_equal(enc.is_target, targets)
   np.testing.assert_array_equal(enc.rets, rets)
@@ -107,7 +107,7 @@ def test_truncation_keeps_anchor_positions_consistent(el):
                                  ("[_CONTINUE_]", "after"), (" and <MENTION>Bo</MENTION>", "gen"),
                                  ("[LK]", "ret"), ("[_CONTINUE_]", "after")])]
   messages, tokens, targets, rets = _expected(el, conversation)
-  [enc] = el.encode([messages], "[LK]", max_len=int(rets[1]))  # cuts the second [LK]
+  [enc] = el.tokenize_with_roles([messages], "[LK]", max_len=int(rets[1]))  # cuts the second [LK]
   assert enc.cut == len(tokens) - rets[1]
   np.testing.assert_array_equal(enc.tokens, tokens[:rets[1]])
   np.testing.assert_array_equal(enc.is_target, targets[:rets[1]])

@@ -11,11 +11,11 @@ import numpy as np
 
 from conftest import demo_config
 from data_util import SHAPE, data_config, generated
-from onegen_jax.data.builder import Source, prepare
+from onegen_jax.data.builder import prepare
 from onegen_jax.data.loader import to_global
-from onegen_jax.data.builder import tokenize_source
 from onegen_jax.data.pipeline import build_data
 from onegen_jax.data.tasks import MULTIHOP
+from onegen_jax.data.tokenized import Source, tokenize_source
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TWO_HOSTS = dataclasses.replace(SHAPE, rows=16, num_keys=128)  # 8 rows, 64 keys per host
@@ -122,9 +122,9 @@ def test_train_step_runs_on_pipeline_batches():
                                   num_queries=SHAPE.num_queries, num_keys=SHAPE.num_keys,
                                   num_negatives=SHAPE.num_negatives),
                        mesh=dict(data=4, fsdp=2))
-  from onegen_jax.train import loop, step
+  from onegen_jax.train import program as program_lib, step
 
-  program = loop.build_program(config)
+  program = program_lib.build_program(config)
   train, dev, stats, *_ = build_data(data_config("el"), SHAPE, seed=0)
   assert stats["vocab_size"] <= program.model.config.vocab_size
   shardings = step.batch_shardings(program.mesh, {k: v.ndim for k, v in dev[0].items()}, False)

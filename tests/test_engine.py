@@ -11,7 +11,7 @@ from onegen_jax.inference.engine import Engine, GenerationConfig, TaskTokens
 from onegen_jax.model.decoder import Decoder
 from onegen_jax.retrieval.encode import EncodeItem, Encoder
 from onegen_jax.retrieval.index import ExactIndex
-from onegen_jax.train.loop import model_config
+from onegen_jax.train.program import model_config
 
 
 @pytest.fixture(scope="module")

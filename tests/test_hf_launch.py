@@ -198,7 +198,7 @@ def test_docs_snippet_matches_the_encoder(base, el_import):
   theirs = namespace["embed"]([user, body]).numpy()
 
   tokenizer = TaskTokenizer(str(run / "tokenizer"), EL)
-  encoded = tokenizer.encode([[Message("user", user), Message("assistant", body)]], "[SE]", 256)[0]
+  encoded = tokenizer.tokenize_with_roles([[Message("user", user), Message("assistant", body)]], "[SE]", 256)[0]
   assert encoded.rets.tolist() == [len(encoded.tokens) - 1]
   config, _ = read_model_config(str(run))
   params = Checkpointer(str(run)).restore_params(0)

@@ -7,8 +7,8 @@ import jax
 import numpy as np
 import pytest
 
-from onegen_jax.retrieval.index import (ApproxIndex, ExactIndex, ScannIndex, document_uids,
-                                        load_index)
+from onegen_jax.data.records import document_uid
+from onegen_jax.retrieval.index import ApproxIndex, ExactIndex, ScannIndex, load_index
 
 
 def clustered(n: int, dim: int, clusters: int, seed: int) -> np.ndarray:
@@ -156,21 +156,22 @@ def test_load_onto_other_devices(tmp_path):
   np.testing.assert_allclose(got_scores, want_scores, atol=1e-6)
 
 
-def test_document_uids():
-  keys = ["p", "p-1", "p-12", "a-b", "a-b-1", "x-1", "y", "y-z", "q-0x", "r-²"]
-  assert document_uids(keys) == ["p", "p", "p", "a-b", "a-b", "x-1", "y", "y-z", "q-0x", "r-²"]
+def test_document_uid():
+  keys = ["p", "p-1", "p-12", "x-1", "y", "a-b", "a-b-1", "q-0x", "r-²"]
+  # The key rule of the reference format ("doc", "doc-k"); other uids are their own documents.
+  assert [document_uid(k) for k in keys] == ["p", "p", "p", "x", "y", "a-b", "a-b-1", "q-0x", "r-²"]
 
 
 def test_search_documents_ranks_documents_by_their_best_key():
   rng = np.random.default_rng(12)
-  ids = ["p", "p-1", "p-2", "a-b", "a-b-1", "x-1", "y", "z"]
+  ids = ["p", "p-1", "p-2", "a-b", "a-b-1", "x-1", "y", "z"]  # a-b, a-b-1: documents of their own
   vectors = rng.standard_normal((len(ids), 16)).astype(np.float32)
   queries = rng.standard_normal((6, 16)).astype(np.float32)
   index = ExactIndex().build(vectors, ids)
-  assert index.num_documents == 5
+  assert index.num_documents == 6
   docs, scores = index.search_documents(queries, 3)
   key_scores = queries @ vectors.T
-  doc_of = dict(zip(ids, document_uids(ids)))
+  doc_of = {uid: document_uid(uid) for uid in ids}
   for q in range(len(queries)):
     best = {}
     for key, score in zip(ids, key_scores[q]):
@@ -179,7 +180,7 @@ def test_search_documents_ranks_documents_by_their_best_key():
     assert docs[q] == want
     np.testing.assert_allclose(scores[q], [best[d] for d in want], atol=1e-5)
   with pytest.raises(ValueError):
-    index.search_documents(queries, 6)
+    index.search_documents(queries, 7)
 
 
 def test_bad_inputs_are_refused():

@@ -15,24 +15,27 @@ from configs import el, multihop
 from engine_util import ScriptedIndex
 from onegen_jax.data.generate import make_dataset
 from onegen_jax.data.pipeline import build_data
-from onegen_jax.data.records import canonical_key
-from onegen_jax.eval.scoring import read_jsonl, score_el, score_rag
+from onegen_jax.data.records import canonical_key, read_jsonl
+from onegen_jax.data.tasks import get_task
+from onegen_jax.eval.scoring import score_el, score_rag
 from onegen_jax.inference.engine import GenerationConfig
-from onegen_jax.inference.runtime import (encode_db, load_run, make_engine, output_record,
-                                          output_stream, prompt_tokens, read_requests)
+from onegen_jax.inference.requests import (output_record, output_stream, prompt_tokens,
+                                           read_requests)
+from onegen_jax.inference.run import encode_db, load_run, make_engine
 from onegen_jax.retrieval.encode import Encoder
 from onegen_jax.retrieval.index import ApproxIndex, ExactIndex, ScannIndex
-from onegen_jax.train.loop import batch_shape, fit
+from onegen_jax.train.loop import fit
+from onegen_jax.train.program import batch_shape
 from onegen_jax.train.retrieval_eval import dev_recall
 
-TASKS = {"el": (el, "el"), "multihop": (multihop, "rag")}
+TASKS = {"el": el, "multihop": multihop}
 
 
 @pytest.fixture(scope="module", params=sorted(TASKS))
 def trained(request, tmp_path_factory):
   """(task, mode, data dir, run dir, config) of the demo model trained 150 steps on generated
   data."""
-  module, mode = TASKS[request.param]
+  module, mode = TASKS[request.param], get_task(request.param).mode
   root = tmp_path_factory.mktemp(request.param)
   data = root / "data"
   make_dataset(request.param, str(data), seed=0, num_train=120, num_dev=6)
@@ -52,8 +55,7 @@ def served(trained):
   run = load_run(str(root / "run"))
   vectors, uids, texts, _ = encode_db(run, f"{data}/db.jsonl", str(root / "vectors"))
   prompts = prompt_tokens(run, read_requests(f"{data}/dev.jsonl"), 512)
-  outs = {name: make_engine(run, backend().build(np.asarray(vectors), uids), texts, mode,
-                            CONFIG).generate(prompts)
+  outs = {name: make_engine(run, backend().build(np.asarray(vectors), uids), texts, CONFIG).generate(prompts)
           for name, backend in (("exact", ExactIndex), ("scann", ScannIndex), ("approx", ApproxIndex))}
   return run, np.asarray(vectors), uids, texts, prompts, outs
 
@@ -100,7 +102,7 @@ def test_gold_answers_through_the_engine_retrieve_as_training_evaluates(trained,
     answers = [key_uids[gold[i]] if i in gold else uids[0] for i in rets]
     if mode == "rag":
       answers = [canonical_key(a)[0] for a in answers]
-    engine = make_engine(run, ScriptedIndex(answers), texts, mode, dataclasses.replace(
+    engine = make_engine(run, ScriptedIndex(answers), texts, dataclasses.replace(
         CONFIG, max_new_tokens=CONFIG.capacity, max_retrievals=len(rets)))
     [out] = engine.generate([prompt], force=[output_stream(run.tokenizer, tokens, len(prompt))])
     assert out.prompt + out.tokens == tokens
@@ -137,15 +139,15 @@ def test_command_line_chain(trained, served, tmp_path):
                  "--backend=scann", f"--out={tmp_path / 'index'}")
   assert built["keys"] >= built["documents"] > 0 and built["documents_dropped"] == 0
   ran = launch("infer", f"--workdir={root / 'run'}", f"--index={tmp_path / 'index'}",
-               f"--task={mode}", f"--input={data}/dev.jsonl", f"--output={tmp_path / 'pred.jsonl'}",
+               f"--input={data}/dev.jsonl", f"--output={tmp_path / 'pred.jsonl'}",
                f"--max_new_tokens={CONFIG.max_new_tokens}", f"--batch_size={CONFIG.batch_size}",
                f"--capacity={CONFIG.capacity}", f"--retrieve_k={CONFIG.retrieve_k}",
                f"--max_retrievals={CONFIG.max_retrievals}")
   assert ran["requests"] == 6
   predictions = read_jsonl(str(tmp_path / "pred.jsonl"))
-  assert predictions == [json.loads(json.dumps(output_record(run, out, mode)))
+  assert predictions == [json.loads(json.dumps(output_record(run, out)))
                          for out in outs["scann"]]
-  scores = launch("evaluate", f"--task={mode}", f"--predictions={tmp_path / 'pred.jsonl'}",
+  scores = launch("evaluate", f"--task={task}", f"--predictions={tmp_path / 'pred.jsonl'}",
                   f"--gold={data}/dev.jsonl")
   gold = read_jsonl(f"{data}/dev.jsonl")
   assert scores == pytest.approx((score_rag if mode == "rag" else score_el)(predictions, gold))

@@ -4,12 +4,12 @@ For RAG and EL examples of the generated data, each with a system message, and t
 families (a SentencePiece Llama-2/Mistral-style `LlamaTokenizer` with Metaspace prepend "first",
 a Llama-3/Qwen2-style byte-level BPE with a split regex, and the GPT-2-style byte-level BPE the
 generated data ships, as SmolLM2 has), the example's gold answer is replayed through the real
-engine (`Engine.generate(force=...)`, wired by `runtime.make_engine` as `launch.infer` wires it;
+engine (`Engine.generate(force=...)`, wired by `run.make_engine` as `launch.infer` wires it;
 retrieval returns the example's positive) and
   - the engine's whole sequence (prompt, output stream, inserted paragraphs and forced tokens)
     equals the training tokenisation of the example, and
   - every query vector equals the training forward's hidden state at that RET token (float32).
-The forced script is derived from the training tokens alone (`runtime.output_stream` cuts the
+The forced script is derived from the training tokens alone (`requests.output_stream` cuts the
 insertions out by token id), so the insertions the engine makes are checked, not assumed.
 """
 
@@ -30,16 +30,17 @@ from onegen_jax.data.encoding import TaskTokenizer
 from onegen_jax.data.generate import EOS, PAD, texts
 from onegen_jax.data.loader import pack_all
 from onegen_jax.data.packing import BatchShape
-from onegen_jax.data.prepare import Database, document_records, example_records, key_ids
+from onegen_jax.data.tokenized import Database, document_records, example_records, key_ids
 from onegen_jax.data.records import Message, Report, canonical_key, load_records, prompt_messages
 from onegen_jax.data.sampling import Sampling
 from onegen_jax.data.tasks import get_task
 from onegen_jax.inference.engine import GenerationConfig
-from onegen_jax.inference.runtime import LoadedRun, make_engine, output_stream, prompt_tokens
+from onegen_jax.inference.requests import output_stream, prompt_tokens
+from onegen_jax.inference.run import LoadedRun, make_engine
 from onegen_jax.model.config import preset
 from onegen_jax.model.decoder import Decoder
 
-MODES = {"el": "el", "multihop": "rag"}
+TASKS = ("el", "multihop")
 MAX_LEN = 512
 SHAPE = BatchShape(rows=8, seq_len=MAX_LEN, num_queries=16, num_keys=64, num_negatives=6)
 SYSTEM = Message("system", "You are a careful assistant.")
@@ -142,7 +143,7 @@ def check_parity(task_name: str, tokenizer_path: str, data_dir: str, num_example
                  max_len: int = MAX_LEN):
   run, examples, records, db, docs = _setup(task_name, tokenizer_path, data_dir, num_examples,
                                             max_len)
-  task, tok, mode = run.task, run.tokenizer, MODES[task_name]
+  task, tok, mode = run.task, run.tokenizer, run.task.mode
   _, _, training_hidden = _model_and_params(run.model.config.vocab_size)
   texts = {d.uid: d.text(task) for d in docs}
   config = GenerationConfig(max_new_tokens=max_len, max_retrievals=100, batch_size=1,
@@ -154,7 +155,7 @@ def check_parity(task_name: str, tokenizer_path: str, data_dir: str, num_example
     [prompt] = prompt_tokens(run, [prompt_messages(example.messages)], max_len)
     assert tokens[:len(prompt)] == prompt
     script = output_stream(tok, tokens, len(prompt))
-    engine = make_engine(run, ScriptedIndex(_answers(example, docs, mode)), texts, mode, config)
+    engine = make_engine(run, ScriptedIndex(_answers(example, docs, mode)), texts, config)
     [out] = engine.generate([prompt], force=[script])
     assert out.stop_reason == "eos"
     assert out.prompt + out.tokens == tokens  # token for token, CTX spans included
@@ -175,7 +176,7 @@ def check_parity(task_name: str, tokenizer_path: str, data_dir: str, num_example
 
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))
-@pytest.mark.parametrize("task_name", sorted(MODES))
+@pytest.mark.parametrize("task_name", TASKS)
 def test_parity(task_name, family):
   check_parity(task_name, tokenizer_dir(family, task_name), generated(task_name))
 
@@ -191,7 +192,7 @@ def test_a_query_past_max_retrievals_ends_the_request():
   script = output_stream(run.tokenizer, tokens, len(prompt))
   config = GenerationConfig(max_new_tokens=MAX_LEN, max_retrievals=1, batch_size=1, capacity=MAX_LEN)
   texts = {d.uid: d.text(run.task) for d in docs}
-  engine = make_engine(run, ScriptedIndex(_answers(example, docs, "rag")), texts, "rag", config)
+  engine = make_engine(run, ScriptedIndex(_answers(example, docs, "rag")), texts, config)
   [out] = engine.generate([prompt], force=[script])
   query = run.tokenizer.ids[run.task.query_token]
   second = [i for i, t in enumerate(tokens) if t == query][1]
@@ -200,7 +201,7 @@ def test_a_query_past_max_retrievals_ends_the_request():
 
 
 @pytest.mark.real_model
-@pytest.mark.parametrize("task_name", sorted(MODES))
+@pytest.mark.parametrize("task_name", TASKS)
 def test_parity_with_the_smollm2_tokenizer(task_name, tmp_path):
   from onegen_jax import hf
 

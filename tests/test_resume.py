@@ -14,7 +14,8 @@ import pytest
 from conftest import demo_config
 from onegen_jax.checkpoint import Checkpointer
 from onegen_jax.train.data import SyntheticData
-from onegen_jax.train.loop import batch_shape, fit
+from onegen_jax.train.loop import fit
+from onegen_jax.train.program import batch_shape
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 240

@@ -16,12 +16,12 @@ from conftest import ROOT
 from configs import el, multihop
 from data_util import SHAPE, data_config, generated
 from onegen_jax.checkpoint import Checkpointer
-from onegen_jax.data.builder import Source, tokenize_source
+from onegen_jax.data.tokenized import Source, tokenize_source
 from onegen_jax.data.packing import packing_efficiency
 from onegen_jax.data.pipeline import build_data
 from onegen_jax.data.records import ConfigError, DataError
 from onegen_jax.data.tasks import EL
-from onegen_jax.train import loop
+from onegen_jax.train import loop, program, steps as run_steps
 from onegen_jax.train.data import make_train_data
 
 
@@ -29,14 +29,14 @@ def _paper_el_data(**data):
   """configs/el.py:llama2-7b (2 micro-batches of 64 rows, 40 queries each) on generated data."""
   config = el.get_config("llama2-7b")
   config.data.update(generate="", **data_config("el"), **data)
-  return config, make_train_data(config, loop.batch_shape(config))
+  return config, make_train_data(config, program.batch_shape(config))
 
 
 def test_a_paper_variant_derives_its_steps_from_epochs_and_the_data():
   config, data = _paper_el_data()
   assert config.train.steps == 0 and config.train.epochs == 6
   position = data.get_state()
-  steps, line = loop.derive_steps(config, data, measured_steps=1)
+  steps, line = run_steps.derive_steps(config, data, measured_steps=1)
   assert data.get_state() == position  # measuring did not advance the training batches
   next(data)  # the step that was measured
   per_step = sum(info["examples"] for info in data.last_step_info)  # both micro-batches

@@ -3,11 +3,11 @@
 import pytest
 
 from onegen_jax.eval.scoring import score_el, score_rag
-from onegen_jax.inference.runtime import linked_mentions
+from onegen_jax.data.tasks import EL
 
 
 def test_linked_mentions_offsets_refer_to_the_plain_text():
-  plain, mentions = linked_mentions(
+  plain, mentions = EL.linked_mentions(
       "At <MENTION>Adlo</MENTION>[LK][_CONTINUE_] and <MENTION>Iska Bay</MENTION>[LK][_CONTINUE_].",
       ["city0", None])
   assert plain == "At Adlo and Iska Bay."

@@ -31,14 +31,10 @@ from collections import Counter, defaultdict
 import numpy as np
 
 from onegen_jax.data.generate import conversation, db_entry, write_dataset
+from onegen_jax.data.records import read_jsonl
 from onegen_jax.data.tasks import EL, MULTIHOP
 
 _MAX_NEGATIVES = 10
-
-
-def _jsonl(path: str) -> list[dict]:
-  with open(path, encoding="utf-8") as f:
-    return [json.loads(line) for line in f if line.strip()]
 
 
 def _split(examples: list[dict]) -> tuple[list[dict], list[dict]]:
@@ -56,7 +52,7 @@ def _annotate(text: str, mentions: list[tuple[int, int, str | None, list[str]]],
   for start, stop, uid, negatives in sorted(mentions):
     if start < end:
       continue  # overlapping mention
-    pieces += [text[end:start], f"<MENTION>{text[start:stop]}</MENTION>{EL.query_token}[_CONTINUE_]"]
+    pieces += [text[end:start], EL.mention_markup(text[start:stop])]
     positive.append(uid)
     negative.append(negatives)
     end = stop
@@ -68,7 +64,7 @@ def _annotate(text: str, mentions: list[tuple[int, int, str | None, list[str]]],
 def convert_el(src: str, eos: str = "</s>") -> tuple[list[dict], list[dict], list[dict]]:
   """(train, dev, db) from ../shared/data/el."""
   kb = {}
-  for e in _jsonl(os.path.join(src, "kb.jsonl")):
+  for e in read_jsonl(os.path.join(src, "kb.jsonl")):
     kb.setdefault(html.unescape(e["title"]), html.unescape(e["description"]))
   uid = {title: entity_uid(title) for title in kb}
   db = [db_entry(EL, uid[t], t, f"{d}{EL.doc_token}") for t, d in kb.items()]
@@ -86,7 +82,7 @@ def convert_el(src: str, eos: str = "</s>") -> tuple[list[dict], list[dict], lis
     return candidates(gold, [t for t, _ in sorted(overlap.items(), key=lambda x: (-x[1], x[0]))])
 
   examples = []
-  for doc in _jsonl(os.path.join(src, "docs_train.jsonl")):
+  for doc in read_jsonl(os.path.join(src, "docs_train.jsonl")):
     mentions = []
     for m in doc["mentions"]:
       gold = html.unescape(m["gold_title"] or "")
@@ -96,7 +92,7 @@ def convert_el(src: str, eos: str = "</s>") -> tuple[list[dict], list[dict], lis
     examples.append(_annotate(doc["text"], mentions, eos))
   for name in ("oke-2015-train.benchmark.jsonl", "oke-2016-train.benchmark.jsonl"):
     if os.path.exists(os.path.join(src, name)):
-      for doc in _jsonl(os.path.join(src, name)):
+      for doc in read_jsonl(os.path.join(src, name)):
         mentions = []
         for label in doc["labels"]:
           start, stop = label["span"]
@@ -114,15 +110,15 @@ def convert_qa(src: str, eos: str = "</s>", min_negatives: int = 2, seed: int = 
                extra_corpus: str | None = None) -> tuple[list[dict], list[dict], list[dict]]:
   """(train, dev, db) from a ../shared/data/qa/<set> folder (qa.jsonl, corpus.jsonl); paragraphs of
   `extra_corpus` (a corpus.jsonl) join the db as further documents."""
-  corpus = {p["pid"]: p for p in _jsonl(os.path.join(src, "corpus.jsonl"))}
-  for p in _jsonl(extra_corpus) if extra_corpus else []:
+  corpus = {p["pid"]: p for p in read_jsonl(os.path.join(src, "corpus.jsonl"))}
+  for p in read_jsonl(extra_corpus) if extra_corpus else []:
     corpus.setdefault(p["pid"], p)
   db = [db_entry(MULTIHOP, pid, p["title"], _paragraph(p) + MULTIHOP.doc_token)
         for pid, p in corpus.items()]
   pids = list(corpus)
   rng = np.random.default_rng(seed)
   examples = []
-  for q in _jsonl(os.path.join(src, "qa.jsonl")):
+  for q in read_jsonl(os.path.join(src, "qa.jsonl")):
     paragraphs = q["paragraphs"]
     negatives = [p["pid"] for p in paragraphs if not p["is_supporting"]]
     while len(negatives) < min_negatives:

@@ -25,7 +25,7 @@ _BATCH = 512  # messages per call of the (Rust, multi-threaded) fast tokenizer
 
 
 @dataclasses.dataclass(frozen=True)
-class Encoded:
+class Tokenized:
   """tokens int32 [n]; is_target bool [n]; rets int32 [r]: positions of the RET tokens in
   assistant messages, in order; cut: tokens removed by truncation."""
 
@@ -56,8 +56,8 @@ class TaskTokenizer:
 
   def description_ids(self) -> dict[int, list[int]]:
     """Special token id -> token ids of its description (for initialising its embedding)."""
-    return {self.ids[t]: self.hf.encode(d, add_special_tokens=False)
-            for t, d in self.task.descriptions}
+    tokens, descriptions = zip(*self.task.descriptions)
+    return dict(zip((self.ids[t] for t in tokens), self.tokenize(descriptions)))
 
   def tokenize(self, texts: Sequence[str]) -> list[list[int]]:
     """Token ids of each text on its own, without BOS/EOS: the one text -> tokens function of
@@ -75,8 +75,8 @@ class TaskTokenizer:
     a SentencePiece tokenizer prepends its space only to a string's first piece)."""
     return self.tokenize([self.task.insertion(document_text)])[0]
 
-  def encode(self, conversations: Sequence[Sequence[Message]], ret_token: str,
-             max_len: int) -> list[Encoded]:
+  def tokenize_with_roles(self, conversations: Sequence[Sequence[Message]], ret_token: str,
+             max_len: int) -> list[Tokenized]:
     """Encodes each conversation, cut to its first max_len tokens (RET tokens past the cut are
     dropped from `rets`; `cut` counts the removed tokens)."""
     pieces = self.tokenize([m.content for conv in conversations for m in conv])
@@ -87,7 +87,7 @@ class TaskTokenizer:
     return out
 
   def _roles(self, conv: Sequence[Message], pieces: list[list[int]], ret_id: int,
-             max_len: int) -> Encoded:
+             max_len: int) -> Tokenized:
     tokens = np.asarray([t for p in pieces for t in p], np.int32)
     is_target = np.zeros(len(tokens), bool)
     is_ret = np.zeros(len(tokens), bool)
@@ -106,7 +106,7 @@ class TaskTokenizer:
     cut = max(len(tokens) - max_len, 0)
     if cut:
       tokens, is_target, rets = tokens[:max_len], is_target[:max_len], rets[rets < max_len]
-    return Encoded(tokens, is_target, rets, cut)
+    return Tokenized(tokens, is_target, rets, cut)
 
   @staticmethod
   def _mask_spans(tokens: np.ndarray, is_target: np.ndarray, open_id: int, close_id: int):

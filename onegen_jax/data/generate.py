@@ -22,6 +22,7 @@ import os
 
 import numpy as np
 
+from onegen_jax.data.records import write_jsonl
 from onegen_jax.data.tasks import EL, MULTIHOP, Task
 
 EOS, PAD = "</s>", "<pad>"
@@ -83,7 +84,7 @@ def make_el(seed: int = 0, num_names: int = 40, num_train: int = 800,
       sentence = (f"The {kind} {{}} {verb} {place}." if rng.random() < 0.5 else
                   f"Near {place}, the {kind} {{}} was seen.")
       texts.append(sentence.format(name))
-      annotated.append(sentence.format(f"<MENTION>{name}</MENTION>{EL.query_token}[_CONTINUE_]"))
+      annotated.append(sentence.format(EL.mention_markup(name)))
       positive.append(uid)
       if uid is None:
         negative.append([])
@@ -193,12 +194,6 @@ def train_tokenizer(corpus: list[str], task: Task, out_dir: str, vocab_size: int
   fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token=PAD, eos_token=EOS,
                                  additional_special_tokens=list(task.special_tokens))
   fast.save_pretrained(out_dir)
-
-
-def write_jsonl(path: str, records: list[dict]):
-  with open(path, "w", encoding="utf-8") as f:
-    for r in records:
-      f.write(json.dumps(r, ensure_ascii=False) + "\n")
 
 
 def write_dataset(out_dir: str, task: Task, train: list[dict], dev: list[dict], db: list[dict],

@@ -17,7 +17,7 @@ import grain.python as grain
 import numpy as np
 
 from onegen_jax.data.packing import ROW_FIELDS, BatchShape, packing_efficiency
-from onegen_jax.data.prepare import Database
+from onegen_jax.data.tokenized import Database
 from onegen_jax.data.sampling import BatchBuilder, Sampling
 
 

@@ -39,8 +39,8 @@ class Key:
 
 
 @dataclasses.dataclass(frozen=True)
-class Sequence:
-  """One tokenised example or document.
+class Segment:
+  """One tokenised example or document: one segment of a packed row.
 
   tokens: int32 [n]. is_target: bool [n], True where the token is a GEN target, i.e. its
   prediction from the previous position is trained (is_target[0] is never used).
@@ -72,7 +72,7 @@ class Corpus:
   document and key in every host's part of a global batch.
   """
 
-  def __init__(self, documents: Mapping[str, Sequence]):
+  def __init__(self, documents: Mapping[str, Segment]):
     self.documents = dict(documents)
     self.key_owner = {key.uid: doc_id for doc_id, doc in self.documents.items() for key in doc.keys}
     self.doc_index = {doc_id: i for i, doc_id in enumerate(self.documents)}
@@ -107,7 +107,7 @@ class BatchPacker:
     self._reset()
 
   def _reset(self):
-    self._rows: list[list[Sequence]] = [[] for _ in range(self.shape.rows)]
+    self._rows: list[list[Segment]] = [[] for _ in range(self.shape.rows)]
     self._fill = [0] * self.shape.rows
     self._queries: list[tuple[int, int, Query]] = []  # (row, offset, query)
     self._doc_place: dict[str, tuple[int, int]] = {}  # doc id -> (row, offset)
@@ -117,7 +117,7 @@ class BatchPacker:
   def empty(self) -> bool:
     return not any(self._fill)
 
-  def _check_fits_alone(self, example: Sequence, docs: list[str]):
+  def _check_fits_alone(self, example: Segment, docs: list[str]):
     s = self.shape
     for seq in [example] + [self.corpus.documents[d] for d in docs]:
       if len(seq) > s.seq_len:
@@ -132,7 +132,7 @@ class BatchPacker:
         raise ValueError(f"a query with {1 + len(q.other_positives)} listed positives exceeds "
                          f"max_positives={s.max_positives}")
 
-  def try_add(self, example: Sequence) -> bool:
+  def try_add(self, example: Segment) -> bool:
     """Adds the example and its missing documents if all fit; returns whether it did."""
     needed = []
     for query in example.queries:
@@ -162,7 +162,7 @@ class BatchPacker:
     self._num_keys += new_keys
     return True
 
-  def _first_fit(self, items: list[Sequence]):
+  def _first_fit(self, items: list[Segment]):
     """((row, offset) of each item, new row fills), placed first-fit after what the batch holds;
     None if they do not all fit."""
     fill = list(self._fill)
@@ -227,7 +227,7 @@ class BatchPacker:
     return batch
 
 
-def pack_batches(examples: Iterable[Sequence], corpus: Corpus,
+def pack_batches(examples: Iterable[Segment], corpus: Corpus,
                  shape: BatchShape) -> Iterator[dict[str, np.ndarray]]:
   """Packs examples in order into full batches; the last partial batch is emitted too."""
   packer = BatchPacker(corpus, shape)

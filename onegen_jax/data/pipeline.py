@@ -18,10 +18,11 @@ import os
 from collections.abc import Mapping
 from typing import NamedTuple
 
-from onegen_jax.data.builder import Source, prepare, tokenize_source
+from onegen_jax.data.builder import prepare
+from onegen_jax.data.tokenized import Source, tokenize_source
 from onegen_jax.data.loader import Host, TrainIterator, heldout_batches, mean_efficiency
 from onegen_jax.data.packing import BatchShape
-from onegen_jax.data.prepare import Database
+from onegen_jax.data.tokenized import Database
 from onegen_jax.data.records import ConfigError
 from onegen_jax.data.sampling import Sampling
 from onegen_jax.data.tasks import Task, get_task

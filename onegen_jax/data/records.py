@@ -111,6 +111,31 @@ def canonical_key(uid: str) -> tuple[str, int] | None:
   return None if match is None else (match[1], int(match[2] or 0))
 
 
+def document_uid(uid: str) -> str:
+  """The document a key uid belongs to ("doc-3" -> "doc"); a uid outside the key rule is its own
+  document. The one place this mapping lives (index, scoring, benchmarks use it)."""
+  parsed = canonical_key(uid)
+  return uid if parsed is None else parsed[0]
+
+
+def read_jsonl(path: str) -> list[dict]:
+  """Every non-blank line of a JSON-lines file; a bad line raises naming FILE:LINE."""
+  out = []
+  for number, text in _lines(path):
+    try:
+      out.append(json.loads(text))
+    except json.JSONDecodeError as e:
+      raise ValueError(f"{path}:{number}: invalid JSON ({e.msg} at column {e.colno})") from None
+  return out
+
+
+def write_jsonl(path: str, records: Sequence[dict]):
+  """One JSON object per line, UTF-8, non-ASCII kept."""
+  with open(path, "w", encoding="utf-8") as f:
+    for r in records:
+      f.write(json.dumps(r, ensure_ascii=False) + "\n")
+
+
 def _type(x) -> str:
   return "null" if x is None else type(x).__name__
 

@@ -22,8 +22,8 @@ import dataclasses
 
 import numpy as np
 
-from onegen_jax.data.packing import BatchPacker, BatchShape, Query, Sequence
-from onegen_jax.data.prepare import Database
+from onegen_jax.data.packing import BatchPacker, BatchShape, Query, Segment
+from onegen_jax.data.tokenized import Database
 
 _RANDOM_TRIES = 64  # random draws per missing negative before giving up (tiny dbs)
 
@@ -117,12 +117,12 @@ class BatchBuilder:
       out.append(tuple(picked))
     return out
 
-  def _sequence(self, record: dict, anchors: list[_Anchor], negatives) -> Sequence:
+  def _sequence(self, record: dict, anchors: list[_Anchor], negatives) -> Segment:
     uid = self.db.key_uids
     queries = tuple(Query(a.position, uid[a.positive], tuple(uid[k] for k in n),
                           tuple(uid[k] for k in sorted(a.positives - {a.positive})))
                     for a, n in zip(anchors, negatives))
-    return Sequence(np.asarray(record["tokens"]), np.asarray(record["is_target"]), queries)
+    return Segment(np.asarray(record["tokens"]), np.asarray(record["is_target"]), queries)
 
   def try_add(self, record: dict) -> bool:
     """Adds the example (and its documents) if it fits; all or nothing."""

@@ -16,7 +16,7 @@ import dataclasses
 
 import numpy as np
 
-from onegen_jax.data.packing import Corpus, Key, Query, Sequence
+from onegen_jax.data.packing import Corpus, Key, Query, Segment
 
 PAD, EOS, RET_QUERY, RET_DOC, CONTINUE, MENTION_OPEN, MENTION_CLOSE, DOC_PROMPT = range(8)
 FIRST_WORD = 16
@@ -29,23 +29,23 @@ class SyntheticTask:
   vocab_size: int
   names: np.ndarray  # int32 [E, 2]
   corpus: Corpus
-  train: list[Sequence]
-  heldout: list[Sequence]
+  train: list[Segment]
+  heldout: list[Segment]
 
 
 def _entity_uid(e: int) -> str:
   return f"entity{e}"
 
 
-def _document(name: np.ndarray, attributes: np.ndarray, uid: str) -> Sequence:
+def _document(name: np.ndarray, attributes: np.ndarray, uid: str) -> Segment:
   tokens = np.concatenate([[DOC_PROMPT], name, attributes, [RET_DOC]]).astype(np.int32)
   is_target = np.ones(len(tokens), bool)
   is_target[0] = False  # the prompt token is the (CTX) user turn
-  return Sequence(tokens, is_target, keys=(Key(len(tokens) - 1, uid),))
+  return Segment(tokens, is_target, keys=(Key(len(tokens) - 1, uid),))
 
 
 def _example(rng: np.random.Generator, names: np.ndarray, mentioned: list[int],
-             filler: np.ndarray, hard_negatives: list[list[int]], num_negatives: int) -> Sequence:
+             filler: np.ndarray, hard_negatives: list[list[int]], num_negatives: int) -> Segment:
   """User: words with the mentions; assistant: the same words with the mentions linked."""
   user, assistant, assistant_target = [], [], []
   queries_at = []
@@ -66,7 +66,7 @@ def _example(rng: np.random.Generator, names: np.ndarray, mentioned: list[int],
     queries.append(Query(len(user) + pos, _entity_uid(e), tuple(_entity_uid(n) for n in negatives)))
   tokens = np.asarray(user + assistant, np.int32)
   is_target = np.asarray([False] * len(user) + assistant_target, bool)
-  return Sequence(tokens, is_target, queries=tuple(queries))
+  return Segment(tokens, is_target, queries=tuple(queries))
 
 
 def make_task(seed: int = 0, num_entities: int = 96, name_pool: int = 16, num_attributes: int = 4,

@@ -8,6 +8,7 @@ and LM-head rows.
 from __future__ import annotations
 
 import dataclasses
+import re
 from collections.abc import Sequence
 
 
@@ -21,6 +22,7 @@ class Task:
     the token after a RET token, so the model cannot learn it).
   gen_tokens: further special tokens the model generates (trained as ordinary GEN tokens).
   descriptions: token -> description string for initialising its embedding.
+  mention_tags: (open, close) around a mention in an EL answer.
   n_pos_per_sent: RET anchors sampled per example; n_neg_per_pos: negatives per anchor.
   query_template, doc_instruction: the reference prompts ({input}: the question or text;
     {title}: the entity); the instruction holds one literal RET token, in the user segment.
@@ -37,6 +39,13 @@ class Task:
   n_neg_per_pos: int = 1
   query_template: str = "{input}"
   doc_instruction: str = ""
+  mention_tags: tuple[str, str] | None = None
+
+  @property
+  def mode(self) -> str:
+    """What a retrieval does at inference: "el" links an entity (the forced token follows the
+    query), "rag" inserts the retrieved document."""
+    return "el" if self.force_after else "rag"
 
   @property
   def special_tokens(self) -> tuple[str, ...]:
@@ -52,6 +61,30 @@ class Task:
     """The text of a document (its assistant contents) as a retrieval puts it into a context:
     joined, without the document RET tokens, every other character kept."""
     return "".join(contents).replace(self.doc_token, "")
+
+  def mention_markup(self, surface: str) -> str:
+    """An EL answer's rewrite of a mention: `<MENTION>m</MENTION>[LK][_CONTINUE_]`."""
+    open_tag, close_tag = self.mention_tags
+    return f"{open_tag}{surface}{close_tag}{self.query_token}{dict(self.force_after)[self.query_token]}"
+
+  def linked_mentions(self, text: str, entities: Sequence[str | None]) -> tuple[str, list[dict]]:
+    """An EL answer (mention_markup around each mention) -> (plain text, mentions in order with
+    character offsets into the plain text, the i-th taking entities[i] (None past the end))."""
+    open_tag, close_tag = self.mention_tags
+    for token in (self.query_token, *dict(self.force_after).values()):
+      text = text.replace(token, "")
+    plain, mentions, cursor, length = [], [], 0, 0
+    pattern = re.compile(re.escape(open_tag) + "(.*?)" + re.escape(close_tag), re.DOTALL)
+    for i, match in enumerate(pattern.finditer(text)):
+      before, surface = text[cursor:match.start()], match[1]
+      length += len(before)
+      mentions.append({"start": length, "end": length + len(surface), "surface": surface,
+                       "entity": entities[i] if i < len(entities) else None})
+      plain += [before, surface]
+      length += len(surface)
+      cursor = match.end()
+    plain.append(text[cursor:])
+    return "".join(plain), mentions
 
   def insertion(self, text: str) -> str:
     """What follows a query RET token when a document of this text is retrieved (RAG): the text
@@ -96,7 +129,7 @@ EL = Task(
     force_after=(("[LK]", "[_CONTINUE_]"),), gen_tokens=("[_CONTINUE_]",),
     descriptions=(("[_CONTINUE_]", "continue to output"), ("[SE]", "description of entity"),
                   ("[LK]", "information of subject or object")),
-    n_pos_per_sent=1, n_neg_per_pos=4,
+    n_pos_per_sent=1, n_neg_per_pos=4, mention_tags=("<MENTION>", "</MENTION>"),
     query_template=(
         "[INST] You are good at mention detection. Identify and extract mentions of entities from "
         "the text. Please output the original text with annotations. Here, the annotation for each "

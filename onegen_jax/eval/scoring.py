@@ -11,29 +11,18 @@ RET tokens removed gives the plain text the offsets refer to), linked to the pos
 
 from __future__ import annotations
 
-import json
 import re
 
+from onegen_jax.data.records import document_uid
 from onegen_jax.eval import metrics
-from onegen_jax.inference.runtime import linked_mentions
+from onegen_jax.data.tasks import EL
 
 _ANSWER = re.compile(r"<FINAL-ANSWER>(.*?)</FINAL-ANSWER>", re.S)
-
-
-def read_jsonl(path: str) -> list[dict]:
-  with open(path) as f:
-    return [json.loads(line) for line in f if line.strip()]
 
 
 def final_answer(text: str) -> str:
   match = _ANSWER.search(text)
   return (match.group(1) if match else text).strip()
-
-
-def _document(uid: str) -> str:
-  """'doc-k' (k >= 1 digits) -> 'doc'; the reference's key uids name their document this way."""
-  head, dash, tail = uid.rpartition("-")
-  return head if dash and tail.isdigit() else uid
 
 
 def _gold_assistant(line: dict) -> dict:
@@ -46,7 +35,7 @@ def score_rag(predictions: list[dict], gold: list[dict], ks=(1, 5, 10)) -> dict[
   answers = [final_answer(_gold_assistant(g)["content"]) for g in gold]
   predicted = [final_answer(p["text"]) for p in predictions]
   scores = metrics.answer_metrics(predicted, answers)
-  gold_docs = [{_document(u) for p in _gold_assistant(g).get("positive", []) if p
+  gold_docs = [{document_uid(u) for p in _gold_assistant(g).get("positive", []) if p
                 for u in ([p] if isinstance(p, str) else p)} for g in gold]
   with_gold = [i for i, docs in enumerate(gold_docs) if docs]
   for k in ks:
@@ -61,7 +50,7 @@ def score_rag(predictions: list[dict], gold: list[dict], ks=(1, 5, 10)) -> dict[
 def _gold_mentions(line: dict) -> tuple[list[tuple[str, str | None]], list[tuple[int, int, str | None]]]:
   assistant = _gold_assistant(line)
   positives = [p if isinstance(p, str) or p is None else p[0] for p in assistant.get("positive", [])]
-  _, mentions = linked_mentions(assistant["content"], positives)
+  _, mentions = EL.linked_mentions(assistant["content"], positives)
   return ([(m["surface"], m["entity"]) for m in mentions],
           [(m["start"], m["end"], m["entity"]) for m in mentions])
 

@@ -15,7 +15,7 @@ Backends:
 - "scann" (`ScannIndex`): ScaNN on the host CPU (numpy in and out).
 
 Document keys: a document with several RET tokens has keys "doc" (its first) and "doc-1", "doc-2",
-... (`document_uids`). `search_documents` ranks documents by their best key's score.
+... (`records.document_uid`). `search_documents` ranks documents by their best key's score.
 
 On disk, DIR/index.json holds {"backend", "config", "dim", "ids"}, next to DIR/vectors.npy
 (exact, approx) or the ScaNN assets in DIR/scann/.
@@ -37,23 +37,9 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from onegen_jax.data.records import document_uid
+
 KB_AXIS = "kb"
-
-
-def document_uids(key_ids: Sequence[str]) -> list[str]:
-  """The document uid of each key uid.
-
-  "doc-k" (k ASCII digits) belongs to "doc" when "doc" is itself one of `key_ids` (a document's
-  first key has the bare uid); any other uid is its own document. Uids may contain '-': "a-b-2"
-  maps to "a-b" when "a-b" is a key, and "a-b" stays "a-b" unless "a" is a key and "b" digits.
-  """
-  known = set(key_ids)
-  docs = []
-  for uid in key_ids:
-    head, dash, tail = uid.rpartition("-")
-    is_later_key = dash and tail.isascii() and tail.isdigit() and head in known
-    docs.append(head if is_later_key else uid)
-  return docs
 
 
 class Index(abc.ABC):
@@ -138,7 +124,7 @@ class Index(abc.ABC):
     if len(set(ids)) != len(ids):
       raise ValueError("key ids must be unique")
     self.ids, self.dim = ids, dim
-    self._doc_of = dict(zip(ids, document_uids(ids)))
+    self._doc_of = {uid: document_uid(uid) for uid in ids}
     keys_per_doc = collections.Counter(self._doc_of.values())
     self.num_documents, self._max_keys = len(keys_per_doc), max(keys_per_doc.values())
 

@@ -1,1 +1,2 @@
-"""Training: sharded state, the OneGen train step and the fit loop."""
+"""Training: the program (model, optimizer, sharded train step) built from a config, run
+length, and the fit loop."""

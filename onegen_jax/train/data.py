@@ -23,15 +23,27 @@ from jax.experimental import multihost_utils
 from onegen_jax.data import generate, synthetic
 from onegen_jax.data.packing import BatchShape, pack_batches, stack_micro_batches
 from onegen_jax.data.pipeline import build_data
+from onegen_jax.data.tokenized import Database
 
 
 class TrainData(Protocol):
-  """Iterator of this process's training batches (micro-batch axis when accumulating)."""
+  """Iterator of this process's training batches (micro-batch axis when accumulating).
+
+  stats: {"counts": {"examples": ..., ...}, "warnings": [...]}; database / dev_records: the db
+  and the held-out records for Recall@k against it (None / [] where there is no db);
+  last_step_info: {"examples", "limited_by"} of each batch of the last step (packing).
+  """
+
+  stats: dict
+  database: Database | None
+  dev_records: list[dict]
+  last_step_info: list[dict]
 
   def __next__(self) -> dict: ...
   def get_state(self) -> dict: ...  # JSON-serialisable position
   def set_state(self, state: dict) -> None: ...
   def eval_batches(self) -> list[dict]: ...  # without a micro-batch axis
+  def examples_per_step(self, steps: int) -> float: ...  # measured; the position is kept
 
 
 def _stack(parts: list[dict]) -> dict:
@@ -114,14 +126,22 @@ class JsonlData:
 
 class SyntheticData:
   """The synthetic task (onegen_jax.data.synthetic): examples reshuffled every epoch from
-  (seed, epoch); the position is (epoch, batch within the epoch). Single process only."""
+  (seed, epoch); the position is (epoch, batch within the epoch). Single process only; no db."""
+
+  database, dev_records, last_step_info = None, [], []
 
   def __init__(self, config: ml_collections.ConfigDict, shape: BatchShape):
     d = config.data
     self.task = synthetic.make_task(seed=d.seed, num_train=d.num_train, num_heldout=d.num_heldout,
                                     num_negatives=shape.num_negatives)
     self.shape, self.seed, self.accum_steps = shape, d.seed, config.batch.accum_steps
+    self.stats = {"counts": {"examples": len(self.task.train)}, "warnings": []}
     self.set_state({"epoch": 0, "batch": 0})
+
+  def examples_per_step(self, steps: int) -> float:
+    """Examples per step over an epoch's batches (each example holds >= 1 query)."""
+    batches = self._epoch_batches(0)
+    return len(self.task.train) / len(batches) * self.accum_steps
 
   def _epoch_batches(self, epoch: int) -> list[dict]:
     order = np.random.default_rng((self.seed, epoch)).permutation(len(self.task.train))

@@ -1,7 +1,4 @@
-"""The fit loop: config -> mesh, model, optimizer, compiled program -> trained state and metrics.
-
-`train.steps` = 0 derives the steps from `train.epochs` and the data (derive_steps), before the
-learning-rate schedule is built; the checkpointed config holds the derived value.
+"""The fit loop: config -> compiled program (program.py) -> trained state and metrics.
 
 Checkpoints (when a workdir is given) hold the train state, the data iterator state and the
 config: a restarted run resumes from the latest complete step with the same batches. SIGTERM
@@ -11,10 +8,6 @@ good checkpoint untouched) or, with `train.nan_policy="skip"`, drops that step's
 
 from __future__ import annotations
 
-import collections
-import copy
-import dataclasses
-import math
 import time
 from collections.abc import Iterable
 
@@ -23,122 +16,19 @@ import ml_collections
 import numpy as np
 import tqdm
 
-from onegen_jax import sharding
-from onegen_jax.checkpoint import Checkpointer, dumps_config, read_model_config
+from onegen_jax.checkpoint import Checkpointer, dumps_config
 from onegen_jax.data.loader import to_global
-from onegen_jax.data.packing import BatchPacker, BatchShape, Corpus, packing_efficiency
+from onegen_jax.data.packing import packing_efficiency
 from onegen_jax.data.records import ConfigError
-from onegen_jax.model.config import ModelConfig, preset
-from onegen_jax.model.decoder import Decoder
 from onegen_jax.retrieval.encode import Encoder
 from onegen_jax.train import metrics as metrics_lib
-from onegen_jax.train.data import TrainData, allgather_json, make_train_data
-from onegen_jax.train.optimizer import adamw, learning_rate_schedule
+from onegen_jax.train.data import TrainData, make_train_data
+from onegen_jax.train.metrics import say
 from onegen_jax.train.preemption import PreemptionWatcher
+from onegen_jax.train.program import batch_shape, build_program, model_config
 from onegen_jax.train.retrieval_eval import dev_recall
-from onegen_jax.train.step import (LossConfig, TrainProgram, TrainState, batch_shardings,
-                                   build_train_program)
-
-# Fields of ModelConfig that change numerics or speed but not the parameter tree: a config may
-# override them on top of a checkpoint's model (init_from); scan_layers comes from the checkpoint.
-_NUMERIC_FIELDS = ("param_dtype", "dtype", "remat_policy", "attention_impl")
-MEASURED_STEPS = 8  # steps packed to measure examples per step when deriving train.steps
-
-
-def model_config(model: ml_collections.ConfigDict) -> ModelConfig:
-  """`config.model`: a preset name plus overrides of any ModelConfig field; with `init_from`, the
-  shapes come from that run's checkpoint and only numeric fields are overridden."""
-  fields = {f.name for f in dataclasses.fields(ModelConfig)}
-  if model.get("init_from"):
-    base, _ = read_model_config(model.init_from)
-    return base.replace(**{k: model[k] for k in _NUMERIC_FIELDS if k in model})
-  return preset(model.preset, **{k: v for k, v in model.items() if k in fields})
-
-
-def batch_shape(config: ml_collections.ConfigDict) -> BatchShape:
-  """The shape of one micro-batch: `config.batch.rows` rows split over `accum_steps`."""
-  b = config.batch
-  if b.rows % b.accum_steps:
-    raise ValueError(f"batch.rows={b.rows} is not a multiple of batch.accum_steps={b.accum_steps}")
-  return BatchShape(b.rows // b.accum_steps, b.seq_len, b.num_queries, b.num_keys, b.num_negatives,
-                    b.max_positives)
-
-
-def example_batch(config: ml_collections.ConfigDict) -> dict:
-  """An empty batch with the run's static shapes (leading micro-batch axis when accumulating)."""
-  batch = BatchPacker(Corpus({}), batch_shape(config)).emit()
-  m = config.batch.accum_steps
-  return {k: np.repeat(v[None], m, axis=0) for k, v in batch.items()} if m > 1 else batch
-
-
-def build_program(config: ml_collections.ConfigDict, devices: list[jax.Device] | None = None,
-                  model: ModelConfig | None = None) -> TrainProgram:
-  """Mesh (over `devices`, default all), model, optimizer and the compiled program."""
-  mesh = sharding.make_mesh(**config.mesh, devices=devices)
-  rows = config.batch.rows // config.batch.accum_steps
-  batch_axes = mesh.shape["data"] * mesh.shape["fsdp"]
-  if rows % batch_axes:
-    raise ValueError(f"{rows} rows per micro-batch do not split over data x fsdp = {batch_axes} devices")
-  o = config.optim
-  schedule = learning_rate_schedule(o.lr, config.train.steps, o.schedule, o.warmup_steps)
-  tx = adamw(schedule, o.b1, o.b2, o.eps, o.weight_decay, o.clip_norm)
-  return build_train_program(Decoder(model or model_config(config.model)), tx, schedule,
-                             LossConfig(**config.loss), mesh, example_batch(config),
-                             config.batch.accum_steps, config.train.nan_policy)
-
-
-def derive_steps(config: ml_collections.ConfigDict, data: TrainData,
-                 measured_steps: int = MEASURED_STEPS) -> tuple[int, str]:
-  """(steps, the line that explains them): ceil(train.epochs x training examples / examples per
-  step). Batches are packed, so examples per step is measured by packing the first
-  `measured_steps` steps (every process's shards), not read from the config."""
-  if not hasattr(data, "examples_per_step"):
-    raise ConfigError("train.steps: 0 derives it from train.epochs, which needs data.kind='jsonl'; "
-                      "set train.steps")
-  epochs, examples = config.train.epochs, data.stats["counts"]["examples"]
-  per_step = data.examples_per_step(measured_steps)
-  steps = math.ceil(epochs * examples / per_step)
-  return steps, (f"train.steps = {epochs:g} epochs x {examples:,} examples / {per_step:.1f} "
-                 f"examples per step (measured over the first {measured_steps} steps) = {steps}")
-
-
-def _with_steps(config: ml_collections.ConfigDict, data: TrainData) -> ml_collections.ConfigDict:
-  """`config` when train.steps is set, else a copy with the steps derived (and said)."""
-  if config.train.steps:
-    return config
-  steps, line = derive_steps(config, data)
-  _say(line)
-  config = copy.deepcopy(config)
-  config.train.steps = steps
-  return config
-
-
-class _BatchFill:
-  """Examples per step and what closed the batches, from the data's `last_step_info` (each shard
-  batch's loader.TrainIterator.last_batch_info): `log` gives examples_per_step since the last log
-  and warns once when the key budget, not the rows, closed most batches so far."""
-
-  def __init__(self, num_keys: int):
-    self.num_keys = num_keys
-    self.examples, self.steps, self.closed, self.warned = 0, 0, collections.Counter(), False
-
-  def add(self, infos: list[dict]):
-    self.examples += sum(i["examples"] for i in infos)
-    self.steps += 1
-    self.closed.update(i["limited_by"] for i in infos)
-
-  def log(self, efficiency: float) -> dict[str, float]:
-    """{"examples_per_step": global mean since the last log} (a collective over processes)."""
-    gathered = allgather_json([self.examples, self.closed["keys"], sum(self.closed.values())])
-    examples, by_keys, batches = (sum(g[i] for g in gathered) for i in range(3))
-    metrics = {"examples_per_step": examples / self.steps}
-    self.examples = self.steps = 0
-    if not self.warned and 2 * by_keys > batches:
-      self.warned = True
-      _say(f"warning: the key budget (batch.num_keys={self.num_keys}) closed {by_keys} of "
-           f"{batches} batches so far while rows were left empty (packing efficiency "
-           f"{efficiency:.2f}): documents with several keys fill it first; raise batch.num_keys")
-    return metrics
+from onegen_jax.train.step import TrainProgram, TrainState, batch_shardings
+from onegen_jax.train.steps import BatchFill, with_derived_steps
 
 
 def _globalize(program: TrainProgram, batch: dict) -> dict:
@@ -147,8 +37,9 @@ def _globalize(program: TrainProgram, batch: dict) -> dict:
   return to_global(batch, batch_shardings(program.mesh, {k: v.ndim for k, v in batch.items()}, micro))
 
 
-def evaluate(program: TrainProgram, params, batches: Iterable[dict]) -> dict[str, float]:
-  """Metrics over many batches, each weighted by its number of targets / valid queries."""
+def heldout_metrics(program: TrainProgram, params, batches: Iterable[dict]) -> dict[str, float]:
+  """Loss and in-batch retrieval metrics over many batches, each weighted by its number of
+  targets / valid queries."""
   per_batch = [jax.device_get(program.evaluate(params, _globalize(program, b))) for b in batches]
   gen = np.array([m["num_gen_targets"] for m in per_batch])
   ret = np.array([m["num_valid_queries"] for m in per_batch])
@@ -158,36 +49,103 @@ def evaluate(program: TrainProgram, params, batches: Iterable[dict]) -> dict[str
           "num_valid_queries": float(np.sum(ret))}
 
 
-def _say(message: str):
-  """Progress for the user, from process 0 only."""
-  if jax.process_index() == 0:
-    tqdm.tqdm.write(message)
+class Trainer:
+  """One training run: the program, its state, checkpoints, metric writers and meters."""
 
+  def __init__(self, config: ml_collections.ConfigDict, workdir: str | None, data: TrainData):
+    self.config, self.data = config, data
+    self.model_cfg = model_config(config.model)
+    self.program = build_program(config, model=self.model_cfg)
+    c = config.checkpoint
+    self.ckpt = Checkpointer(workdir, c.every_steps, c.keep, c.best_metric or None,
+                             c.best_mode) if workdir else None
+    self.state = self._initial_state()
+    self.writer = metrics_lib.MetricsWriter(workdir)
+    self.encoder = None if data.database is None else Encoder(
+        self.program.model, self.program.mesh, rows=batch_shape(config).rows,
+        seq_len=config.batch.seq_len)
+    self.first_step = self.last_saved = int(self.state.step)
+    self.saved_config = dumps_config(config)
+    self.fill = BatchFill(config.batch.num_keys)
+    self.flops = metrics_lib.flops_per_token(self.model_cfg, config.batch.seq_len)
+    self.peak = metrics_lib.peak_flops_per_device()
+    self.start, self.tokens = time.time(), 0
 
-def _evaluate_all(program: TrainProgram, params, data: TrainData, encoder: Encoder | None):
-  """Held-out loss and in-batch metrics, plus Recall@1/@10 against the db when there is one."""
-  metrics = evaluate(program, params, data.eval_batches())
-  if encoder is not None:
-    metrics.update(dev_recall(encoder, params, data.database, data.dev_records))
-  return metrics
-
-
-def _initial_state(config, program: TrainProgram, ckpt: Checkpointer | None, data: TrainData):
-  """The latest checkpoint of this run, else `init_from`'s parameters, else a fresh init."""
-  latest = ckpt.latest_step() if ckpt else None
-  if latest is not None:
-    state, data_state = ckpt.restore(latest, program.abstract_state)
-    if data_state is not None:
-      data.set_state(data_state)
-    _say(f"resumed from step {latest} of {ckpt.manager.directory}")
+  def _initial_state(self) -> TrainState:
+    """The latest checkpoint of this run, else `init_from`'s parameters, else a fresh init."""
+    latest = self.ckpt.latest_step() if self.ckpt else None
+    if latest is not None:
+      state, data_state = self.ckpt.restore(latest, self.program.abstract_state)
+      if data_state is not None:
+        self.data.set_state(data_state)
+      say(f"resumed from step {latest} of {self.ckpt.manager.directory}")
+      return state
+    state = self.program.init_state(self.config.train.seed)
+    if self.config.model.get("init_from"):
+      source = Checkpointer(self.config.model.init_from)
+      params = source.restore_params(source.latest_step(), self.program.abstract_state.params)
+      source.close()
+      state = state.replace(params=params)  # fresh optimizer state (Adam moments are zeros)
     return state
-  state = program.init_state(config.train.seed)
-  if config.model.get("init_from"):
-    source = Checkpointer(config.model.init_from)
-    params = source.restore_params(source.latest_step(), program.abstract_state.params)
-    source.close()
-    state = state.replace(params=params)  # fresh optimizer state (Adam moments are zeros)
-  return state
+
+  def step(self, step: int) -> dict[str, float]:
+    """Trains one step; returns its metrics (with throughput ones on a log step)."""
+    batch = next(self.data)
+    self.fill.add(self.data.last_step_info)
+    self.state, metrics = self.program.step(self.state, _globalize(self.program, batch))
+    metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+    if not np.isfinite(metrics["loss"]) and self.config.train.nan_policy == "stop":
+      if self.ckpt:
+        self.ckpt.wait()
+      raise FloatingPointError(
+          f"step {step + 1}: loss is {metrics['loss']}, grad norm {metrics['grad_norm']}; stopped "
+          f"(the last checkpoint is step {self.ckpt.latest_step() if self.ckpt else None}). "
+          "Set train.nan_policy='skip' to drop such steps instead.")
+    self.tokens += int(np.sum(batch["segment_ids"] > 0)) * jax.process_count()  # equal shards
+    if (step + 1) % self.config.train.log_every == 0 or step + 1 == self.config.train.steps:
+      metrics.update(self._throughput(packing_efficiency(batch)))
+      self.writer.write(step + 1, metrics)
+      say(f"step {step + 1}: " + " ".join(f"{k}={v:.4g}" for k, v in sorted(metrics.items())))
+    return metrics
+
+  def _throughput(self, efficiency: float) -> dict[str, float]:
+    elapsed = time.time() - self.start
+    out = {"packing_efficiency": efficiency, "tokens_per_s": self.tokens / elapsed,
+           "model_tflops_per_s": self.tokens * self.flops / elapsed / 1e12}
+    if self.peak:
+      out["mfu"] = self.tokens * self.flops / elapsed / (self.peak * self.program.mesh.devices.size)
+    if self.fill.steps:
+      out.update(self.fill.log(efficiency))
+    return out
+
+  def evaluate(self, step: int) -> dict[str, float]:
+    """Held-out loss and in-batch metrics, plus Recall@1/@10 against the db when there is one."""
+    metrics = heldout_metrics(self.program, self.state.params, self.data.eval_batches())
+    if self.encoder is not None:
+      metrics.update(dev_recall(self.encoder, self.state.params, self.data.database,
+                                self.data.dev_records))
+    self.writer.write(step, metrics, prefix="eval")
+    say(f"step {step} eval: {metrics}")
+    return metrics
+
+  def save(self, step: int, force: bool = False, eval_metrics: dict | None = None):
+    """Saves on the checkpoint interval, when forced, and with eval metrics to rank by."""
+    best = self.config.checkpoint.best_metric
+    ranked = eval_metrics is not None and bool(best)
+    if ranked and best not in eval_metrics:
+      raise ValueError(f"checkpoint.best_metric={best!r} is not an eval metric; these are: "
+                       f"{sorted(eval_metrics)}")
+    if self.ckpt and step != self.last_saved and (
+        force or ranked or self.ckpt.manager.should_save(step)):
+      self.ckpt.save(step, self.state, self.data.get_state(), self.saved_config, self.model_cfg,
+                     force=True, metrics=eval_metrics if ranked else None)
+      self.last_saved = step
+
+  def close(self):
+    if self.ckpt:
+      self.ckpt.wait()
+      self.ckpt.close()
+    self.writer.close()
 
 
 def fit(config: ml_collections.ConfigDict, workdir: str | None = None,
@@ -199,90 +157,33 @@ def fit(config: ml_collections.ConfigDict, workdir: str | None = None,
   if not config.train.steps and not config.train.get("epochs"):
     raise ConfigError("train.steps and train.epochs are both 0: set one of them")
   data = data or make_train_data(config, batch_shape(config))  # bad data fails before compiling
-  config = _with_steps(config, data)
-  model = model_config(config.model)
-  program = build_program(config, model=model)
-  ckpt = workdir and Checkpointer(workdir, config.checkpoint.every_steps, config.checkpoint.keep,
-                                  config.checkpoint.best_metric or None, config.checkpoint.best_mode)
-  state = _initial_state(config, program, ckpt, data)
-  writer = metrics_lib.MetricsWriter(workdir)
-  preemption = PreemptionWatcher()
-  flops = metrics_lib.flops_per_token(model, config.batch.seq_len)
-  peak = metrics_lib.peak_flops_per_device()
-  encoder = Encoder(program.model, program.mesh, rows=batch_shape(config).rows,
-                    seq_len=config.batch.seq_len) if hasattr(data, "database") else None
-  first_step = int(state.step)
-  _say(f"mesh {dict(program.mesh.shape)}, {sum(x.size for x in jax.tree.leaves(state.params)):,} "
-       f"parameters, start at step {first_step}")
-  if hasattr(data, "stats"):
-    _say(f"data: {data.stats['counts']}" + "".join(f"\n  warning: {w}" for w in data.stats["warnings"][:20]))
-  saved_config = dumps_config(config)
-  final: dict[str, float] = {}
-  last_saved = first_step
-
-  def save(step, force=False, eval_metrics=None):
-    """Saves on the checkpoint interval, when forced, and with eval metrics to rank by."""
-    nonlocal last_saved
-    ranked = eval_metrics is not None and bool(config.checkpoint.best_metric)
-    if ranked and config.checkpoint.best_metric not in eval_metrics:
-      raise ValueError(f"checkpoint.best_metric={config.checkpoint.best_metric!r} is not an eval "
-                       f"metric; these are: {sorted(eval_metrics)}")
-    if ckpt and step != last_saved and (force or ranked or ckpt.manager.should_save(step)):
-      ckpt.save(step, state, data.get_state(), saved_config, model, force=True,
-                metrics=eval_metrics if ranked else None)
-      last_saved = step
-
-  progress = tqdm.tqdm(range(first_step, config.train.steps), initial=first_step,
-                       total=config.train.steps, disable=jax.process_index() != 0, mininterval=2)
-  start, tokens = time.time(), 0
-  fill = _BatchFill(config.batch.num_keys)
-  for step in progress:
-    batch = next(data)
-    if hasattr(data, "last_step_info"):
-      fill.add(data.last_step_info)
-    state, metrics = program.step(state, _globalize(program, batch))
-    metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
-    if not np.isfinite(metrics["loss"]) and config.train.nan_policy == "stop":
-      if ckpt:
-        ckpt.wait()
-      raise FloatingPointError(
-          f"step {step + 1}: loss is {metrics['loss']}, grad norm {metrics['grad_norm']}; stopped "
-          f"(the last checkpoint is step {ckpt.latest_step() if ckpt else None}). "
-          "Set train.nan_policy='skip' to drop such steps instead.")
-    done = step + 1
-    tokens += int(np.sum(batch["segment_ids"] > 0)) * jax.process_count()  # about: equal shards
-    if done % config.train.log_every == 0 or done == config.train.steps:
-      elapsed = time.time() - start
-      metrics.update(packing_efficiency=packing_efficiency(batch), tokens_per_s=tokens / elapsed,
-                     model_tflops_per_s=tokens * flops / elapsed / 1e12)
-      if peak:
-        metrics["mfu"] = tokens * flops / elapsed / (peak * len(program.mesh.devices.flat))
-      if fill.steps:
-        metrics.update(fill.log(metrics["packing_efficiency"]))
-      writer.write(done, metrics)
-      _say(f"step {done}: " + " ".join(f"{k}={v:.4g}" for k, v in sorted(metrics.items())))
+  config = with_derived_steps(config, data)
+  run = Trainer(config, workdir, data)
+  train = config.train
+  say(f"mesh {dict(run.program.mesh.shape)}, "
+      f"{sum(x.size for x in jax.tree.leaves(run.state.params)):,} parameters, start at step "
+      f"{run.first_step}")
+  say(f"data: {data.stats['counts']}" + "".join(f"\n  warning: {w}" for w in data.stats["warnings"][:20]))
+  final, preemption, preempted = {}, PreemptionWatcher(), False
+  for step in tqdm.tqdm(range(run.first_step, train.steps), initial=run.first_step,
+                        total=train.steps, disable=jax.process_index() != 0, mininterval=2):
+    metrics, done = run.step(step), step + 1
+    if "tokens_per_s" in metrics:
       final = {f"train_{k}": v for k, v in metrics.items()}
-    heldout = None
-    if config.train.eval_every and done % config.train.eval_every == 0 and done < config.train.steps:
-      heldout = _evaluate_all(program, state.params, data, encoder)
-      writer.write(done, heldout, prefix="eval")
-      _say(f"step {done} eval: {heldout}")
-    save(done, eval_metrics=heldout)
-    if preemption.should_stop(done):
-      save(done, force=True)
+    if done == train.steps:
+      break  # the final evaluation and save follow the loop
+    heldout = run.evaluate(done) if train.eval_every and done % train.eval_every == 0 else None
+    run.save(done, eval_metrics=heldout)
+    if preempted := preemption.should_stop(done):
+      run.save(done, force=True)
       final["preempted_at_step"] = done
-      _say(f"preempted: saved step {done}, exiting")
+      say(f"preempted: saved step {done}, exiting")
       break
-  else:
-    heldout = _evaluate_all(program, state.params, data, encoder)
-    writer.write(int(state.step), heldout, prefix="eval")
+  if not preempted:
+    heldout = run.evaluate(int(run.state.step))
+    run.save(int(run.state.step), force=True, eval_metrics=heldout)
     final.update({f"eval_{k}": v for k, v in heldout.items()})
-    save(int(state.step), force=True, eval_metrics=heldout)
-  if ckpt:
-    ckpt.wait()
-    ckpt.close()
+  run.close()
   preemption.close()
-  writer.close()
-  final["step"] = int(state.step)
-  final["wall_s"] = time.time() - start
-  return state, final
+  final.update(step=int(run.state.step), wall_s=time.time() - run.start)
+  return run.state, final

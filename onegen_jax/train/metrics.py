@@ -9,7 +9,9 @@ import json
 import os
 
 import jax
+import tqdm
 from etils import epath
+from tensorboardX import SummaryWriter
 
 from onegen_jax.model.config import ModelConfig
 
@@ -37,6 +39,12 @@ def peak_flops_per_device() -> float | None:
   return next((peak for name, peak in PEAK_BF16_FLOPS if name.lower() in kind.lower()), None)
 
 
+def say(message: str):
+  """Progress for the user, from process 0 only (beside the progress bar)."""
+  if jax.process_index() == 0:
+    tqdm.tqdm.write(message)
+
+
 class MetricsWriter:
   """Appends one JSON object per call to WORKDIR/metrics.jsonl and scalars to TensorBoard
   (WORKDIR/tensorboard); writes only on process 0. Without a workdir it writes nothing."""
@@ -46,7 +54,6 @@ class MetricsWriter:
     if self.enabled:
       epath.Path(workdir).mkdir(parents=True, exist_ok=True)
       self._jsonl = epath.Path(workdir) / "metrics.jsonl"
-      from tensorboardX import SummaryWriter  # noqa: PLC0415  (only where metrics are written)
       self._tb = SummaryWriter(os.fspath(epath.Path(workdir) / "tensorboard"))
 
   def write(self, step: int, metrics: dict, prefix: str = "train"):

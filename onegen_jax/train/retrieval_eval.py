@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from onegen_jax.data.prepare import Database
+from onegen_jax.data.tokenized import Database
 from onegen_jax.eval.metrics import recall_at_k
 from onegen_jax.retrieval.encode import EncodeItem, Encoder
 

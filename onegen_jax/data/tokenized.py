@@ -1,7 +1,9 @@
-"""Validated records + tokenizer -> tokenised records (numpy dicts), the form stored by the TFDS
-builder and served by the in-memory path; and the in-memory `Database` of documents and keys.
+"""Validated records + tokenizer -> tokenised records (`tokenize_source`), the form the TFDS
+builder stores (builder.py) and the in-memory path serves; and the in-memory `Database` of
+documents and keys.
 
-A record (one flat dict for examples and documents, so one TFDS feature spec serves both):
+A `Record` (one flat dict for examples and documents, so one TFDS feature spec serves both; its
+arrays are RECORD_ARRAYS):
   tokens        int32 [n]   token ids, cut to max_len
   is_target     bool  [n]   GEN targets (see encoding.py)
   positions     int32 [a]   examples: the RET position of each valid anchor; documents: each key
@@ -17,11 +19,38 @@ other anchors keep their labels but are not queries (generation-only).
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import os
+import time
+from typing import TypedDict
+
 import numpy as np
 
 from onegen_jax.data.encoding import TaskTokenizer
-from onegen_jax.data.packing import Corpus, Key, Sequence
-from onegen_jax.data.records import DataError, Document, Example, Report, key_uid
+from onegen_jax.data.packing import Corpus, Key, Segment
+from onegen_jax.data.records import (DataError, Document, Example, Report, key_uid,
+                                     load_records)
+from onegen_jax.data.tasks import Task
+
+FORMAT_VERSION = "1.0.0"  # of the records; a prepared dataset of another version is rebuilt
+RECORD_ARRAYS = {"tokens": np.int32, "is_target": np.bool_, "positions": np.int32,
+                 "positive_keys": np.int32, "positive_counts": np.int32,
+                 "negative_keys": np.int32, "negative_counts": np.int32}
+
+
+class Record(TypedDict):
+  """A tokenised example or document (fields: the module docstring)."""
+
+  tokens: np.ndarray
+  is_target: np.ndarray
+  positions: np.ndarray
+  positive_keys: np.ndarray
+  positive_counts: np.ndarray
+  negative_keys: np.ndarray
+  negative_counts: np.ndarray
+  uid: str
+  index: np.int64
 
 LISTED = 10  # bad examples a DataError lists; the others are counted
 
@@ -30,19 +59,19 @@ def _ints(values) -> np.ndarray:
   return np.asarray(values, np.int32).reshape(-1)
 
 
-def _record(enc, positions, positives=(), negatives=(), uid="", index=0) -> dict:
-  return {"tokens": enc.tokens, "is_target": enc.is_target, "positions": _ints(positions),
-          "positive_keys": _ints([k for p in positives for k in p]),
-          "positive_counts": _ints([len(p) for p in positives]),
-          "negative_keys": _ints([k for n in negatives for k in n]),
-          "negative_counts": _ints([len(n) for n in negatives]), "uid": uid,
-          "index": np.int64(index)}
+def _record(enc, positions, positives=(), negatives=(), uid="", index=0) -> Record:
+  return Record(tokens=enc.tokens, is_target=enc.is_target, positions=_ints(positions),
+                positive_keys=_ints([k for p in positives for k in p]),
+                positive_counts=_ints([len(p) for p in positives]),
+                negative_keys=_ints([k for n in negatives for k in n]),
+                negative_counts=_ints([len(n) for n in negatives]), uid=uid,
+                index=np.int64(index))
 
 
 def document_records(docs: list[Document], tokenizer: TaskTokenizer, max_len: int,
                      report: Report) -> list[dict]:
   """Tokenised documents; a document whose keys were all cut away by truncation is dropped."""
-  encoded = tokenizer.encode([d.messages for d in docs], tokenizer.task.doc_token, max_len)
+  encoded = tokenizer.tokenize_with_roles([d.messages for d in docs], tokenizer.task.doc_token, max_len)
   records = []
   for doc, enc in zip(docs, encoded):
     if len(enc.rets) != doc.num_keys and not enc.cut:
@@ -75,7 +104,7 @@ def example_records(examples: list[Example], tokenizer: TaskTokenizer, keys: dic
   Raises DataError when an example's last assistant message does not end with the tokenizer's
   EOS id (a model trained on it never stops), or when the tokenizer has none.
   """
-  encoded = tokenizer.encode([e.messages for e in examples], tokenizer.task.query_token, max_len)
+  encoded = tokenizer.tokenize_with_roles([e.messages for e in examples], tokenizer.task.query_token, max_len)
   problems = eos_problems(examples, encoded, tokenizer)
   if problems:
     raise DataError(problems[:LISTED], more=len(problems) - len(problems[:LISTED]))
@@ -109,7 +138,7 @@ def example_records(examples: list[Example], tokenizer: TaskTokenizer, keys: dic
 def eos_problems(examples: list[Example], encoded: list, tokenizer: TaskTokenizer) -> list[str]:
   """`FILE:LINE: field: problem` for each example (encoded: TaskTokenizer.encode of its messages)
   whose last assistant message does not end with the tokenizer's EOS id; an example cut by
-  max_len (Encoded.cut > 0) is not checked: its end was cut."""
+  max_len (Tokenized.cut > 0) is not checked: its end was cut."""
   hf = tokenizer.hf
   if hf.eos_token_id is None:
     return [f"{hf.name_or_path}: eos_token: the tokenizer has no EOS token (a model trained on "
@@ -117,7 +146,7 @@ def eos_problems(examples: list[Example], encoded: list, tokenizer: TaskTokenize
   last = [max(i for i, m in enumerate(e.messages) if m.role == "assistant") for e in examples]
   after = {n: e.messages[i + 1:] for n, (e, i) in enumerate(zip(examples, last))
            if i + 1 < len(e.messages)}  # messages after the last assistant one: their tokens
-  after_len = dict(zip(after, (len(a.tokens) for a in tokenizer.encode(
+  after_len = dict(zip(after, (len(a.tokens) for a in tokenizer.tokenize_with_roles(
       list(after.values()), tokenizer.task.query_token, 1 << 62))))
   problems = []
   for n, (ex, enc, i) in enumerate(zip(examples, encoded, last)):
@@ -143,7 +172,7 @@ class Database:
     for r in doc_records:
       uid = str(r["uid"].decode() if isinstance(r["uid"], bytes) else r["uid"])
       keys = tuple(Key(int(p), key_uid(uid, k)) for k, p in enumerate(r["positions"]))
-      docs[uid] = Sequence(np.asarray(r["tokens"]), np.asarray(r["is_target"]), keys=keys)
+      docs[uid] = Segment(np.asarray(r["tokens"]), np.asarray(r["is_target"]), keys=keys)
       self.key_uids += [k.uid for k in keys]
     self.corpus = Corpus(docs)
     counts = np.array([len(d.keys) for d in docs.values()], np.int64)
@@ -152,3 +181,44 @@ class Database:
 
   def __len__(self) -> int:
     return len(self.key_uids)
+
+
+@dataclasses.dataclass(frozen=True)
+class Source:
+  """What a prepared dataset is made from."""
+
+  task: Task
+  train_path: str
+  db_path: str
+  tokenizer_path: str
+  max_len: int
+  dev_path: str | None = None
+  max_bad_lines: int = 0
+
+  def fingerprint(self) -> str:
+    h = hashlib.sha256(repr((FORMAT_VERSION, self.task, self.max_len, self.max_bad_lines)).encode())
+    for path in (self.train_path, self.db_path, self.dev_path):
+      if path:
+        stat = os.stat(path)
+        h.update(repr((os.path.abspath(path), stat.st_size, stat.st_mtime_ns)).encode())
+    for name in sorted(os.listdir(self.tokenizer_path)):
+      with open(os.path.join(self.tokenizer_path, name), "rb") as f:
+        h.update(name.encode() + hashlib.sha256(f.read()).digest())
+    return "v" + h.hexdigest()[:16]
+
+
+def tokenize_source(source: Source) -> tuple[dict, dict]:
+  """Every split of `source` validated and tokenised in memory: (records by split, metadata with
+  counts, warnings, skipped lines, vocab_size, special_ids, prepare_s)."""
+  start = time.time()
+  train, dev, docs, report = load_records(source.task, source.train_path, source.db_path,
+                                          source.dev_path, source.max_bad_lines)
+  tokenizer = TaskTokenizer(source.tokenizer_path, source.task)
+  db = document_records(docs, tokenizer, source.max_len, report)
+  keys = key_ids(db)
+  splits = {"train": example_records(train, tokenizer, keys, source.max_len, report),
+            "dev": example_records(dev, tokenizer, keys, source.max_len, report, prefix="dev_"),
+            "db": db}
+  return splits, {"counts": report.counts, "warnings": report.warnings, "skipped": report.skipped,
+                  "vocab_size": tokenizer.vocab_size, "special_ids": tokenizer.ids,
+                  "prepare_s": time.time() - start}

@@ -1,0 +1,77 @@
+"""Requests in, results out: prompts from reference-format lines, tokenised as training
+tokenises them; gold output streams for replay; JSON results."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+
+from onegen_jax.data.encoding import TaskTokenizer
+from onegen_jax.data.records import ROLES, Message, prompt_messages
+from onegen_jax.inference.engine import RequestOutput
+from onegen_jax.inference.run import LoadedRun
+
+
+def read_requests(path: str) -> list[tuple[Message, ...]]:
+  """The prompt of each line of a reference-format jsonl file: its messages before the last
+  assistant message (records.prompt_messages; system messages included, as in training)."""
+  requests, problems = [], []
+  with open(path, encoding="utf-8") as f:
+    for number, line in enumerate(f, 1):
+      if not line.strip():
+        continue
+      try:
+        messages = [Message(m["role"], m["content"]) for m in json.loads(line)["messages"]]
+        bad = [m.role for m in messages if m.role not in ROLES or not isinstance(m.content, str)]
+        if bad:
+          raise ValueError(f"a message with role {bad[0]!r} or without string content")
+        prompt = prompt_messages(messages)
+        if not prompt:
+          raise ValueError("no message before the assistant's (nothing to prompt with)")
+        requests.append(prompt)
+      except (ValueError, KeyError, TypeError) as e:
+        problems.append(f"{path}:{number}: messages: {e}")
+  if problems:
+    raise ValueError("\n".join(problems))
+  return requests
+
+
+def prompt_tokens(run: LoadedRun, requests: list[tuple[Message, ...]],
+                  max_len: int) -> list[list[int]]:
+  """Token ids of each prompt, tokenised as training tokenises the same messages (each message on
+  its own, no BOS/EOS): the first tokens of the training sequence of the same conversation."""
+  encoded = run.tokenizer.tokenize_with_roles(requests, run.task.query_token, max_len)
+  return [e.tokens.tolist() for e in encoded]
+
+
+def output_stream(tokenizer: TaskTokenizer, tokens: Sequence[int], prompt_len: int) -> list[int]:
+  """What the model itself emits in a training sequence: its tokens after the prompt, without
+  what the engine inserts (the CTX span right after a query RET token; the token forced after
+  it). Forced through `Engine.generate(force=...)`, it replays a gold answer (teacher forcing)."""
+  task, ids = tokenizer.task, tokenizer.ids
+  force_after = dict(task.force_after).get(task.query_token)
+  open_tag = ids[task.ctx_spans[0][0]] if task.ctx_spans else None
+  out, i = [], prompt_len
+  while i < len(tokens):
+    out.append(tokens[i])
+    if tokens[i] == ids[task.query_token] and i + 1 < len(tokens):
+      if force_after:
+        i += 1  # the forced token
+      elif tokens[i + 1] == open_tag and ids[task.ctx_spans[0][1]] in tokens[i + 1:]:
+        i = list(tokens).index(ids[task.ctx_spans[0][1]], i + 1)  # to the close tag
+    i += 1
+  return out
+
+
+def output_record(run: LoadedRun, out: RequestOutput) -> dict:
+  """One JSON-ready result: text, retrievals per step, and for EL the linked mentions."""
+  hf = run.tokenizer.hf
+  tokens = [t for t in out.tokens if t != hf.eos_token_id]
+  text = hf.decode(tokens, skip_special_tokens=False)
+  record = {"text": text, "finished": out.finished, "stop_reason": out.stop_reason,
+            "retrievals": [{"position": r.position, "ids": r.ids, "scores": r.scores}
+                           for r in out.retrievals]}
+  if run.task.mode == "el":
+    record["plain_text"], record["mentions"] = run.task.linked_mentions(
+        text, [r.ids[0] if r.ids else None for r in out.retrievals])
+  return record

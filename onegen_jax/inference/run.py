@@ -1,0 +1,114 @@
+"""A run directory as something that serves: its model, parameters and tokenizer (`load_run`),
+its db encoded into keys the way training encoded them (`encode_db`), and the OneGen engine wired
+to an index (`make_engine`). Used by launch/build_index.py, launch/infer.py and benchmarks.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import flax.linen as nn
+import numpy as np
+import tqdm
+
+from onegen_jax import sharding
+from onegen_jax.checkpoint import Checkpointer, model_config_from_json
+from onegen_jax.data.encoding import TaskTokenizer
+from onegen_jax.data.pipeline import max_len
+from onegen_jax.data.tokenized import Database, document_records
+from onegen_jax.data.records import Report, load_documents
+from onegen_jax.data.tasks import Task, get_task
+from onegen_jax.inference.engine import Engine, GenerationConfig, TaskTokens
+from onegen_jax.model.decoder import Decoder, abstract_params
+from onegen_jax.retrieval.encode import EncodeItem, Encoder
+from onegen_jax.retrieval.index import Index
+
+
+@dataclasses.dataclass
+class LoadedRun:
+  model: Decoder
+  params: dict
+  mesh: object
+  tokenizer: TaskTokenizer
+  task: Task
+  config: dict  # the run's saved config (JSON)
+
+
+def load_run(workdir: str, step: int | None = None, task: str | None = None) -> LoadedRun:
+  """The model, parameters (sharded over all devices) and tokenizer of a run directory.
+
+  The tokenizer is WORKDIR/tokenizer when present (an import), else the run's data.tokenizer_path.
+  """
+  ckpt = Checkpointer(workdir)
+  step = ckpt.latest_step() if step is None else step
+  if step is None:
+    raise FileNotFoundError(f"no complete checkpoint in {workdir}")
+  model_config = model_config_from_json(ckpt.restore_json(step, "model"))
+  config = ckpt.restore_json(step, "config")
+  mesh = sharding.make_mesh(data=-1)
+  abstract = abstract_params(model_config)
+  target = sharding.with_shardings(nn.unbox(abstract), sharding.logical_to_sharding(
+      nn.get_partition_spec(abstract), mesh))
+  params = ckpt.restore_params(step, target)
+  ckpt.close()
+  name = task or config.get("data", {}).get("task") or config.get("task")
+  if not name:
+    raise ValueError(f"{workdir} names no task (an import without --config?): re-import with "
+                     "--config=configs/TASK.py")
+  task_obj = get_task(name)
+  local = os.path.join(workdir, "tokenizer")
+  tokenizer_dir = local if os.path.isdir(local) else config["data"]["tokenizer_path"]
+  return LoadedRun(Decoder(model_config), params, mesh, TaskTokenizer(tokenizer_dir, task_obj),
+                   task_obj, config)
+
+
+def encode_db(run: LoadedRun, db_path: str, out_dir: str, chunk: int = 4096, rows: int = 8,
+              seq_len: int | None = None) -> tuple[np.ndarray, list[str], dict[str, str], Report]:
+  """Encodes every key of a db.jsonl, streaming vectors to OUT/vectors.npy chunk by chunk.
+
+  seq_len: documents are cut to it (default: the run's training max_len, so inference has the
+  keys training had). Returns (vectors float32 [keys, D] memory-mapped, key uids, document uid ->
+  inserted text (records.Document.text), the report: documents truncated, keys lost, documents
+  dropped).
+  """
+  seq_len = seq_len or max_len(run.config["data"], run.config["batch"]["seq_len"])
+  docs, report = load_documents(run.task, db_path)
+  records = document_records(docs, run.tokenizer, seq_len, report)
+  database = Database(records)
+  encoder = Encoder(run.model, run.mesh, rows=rows, seq_len=seq_len, max_reads=4 * rows)
+  os.makedirs(out_dir, exist_ok=True)
+  vectors = np.lib.format.open_memmap(os.path.join(out_dir, "vectors.npy"), mode="w+",
+                                      dtype=np.float32,
+                                      shape=(len(database.key_uids), run.model.config.hidden_size))
+  items = [EncodeItem(d.tokens, tuple(k.position for k in d.keys))
+           for d in database.corpus.documents.values()]
+  done = 0
+  for start in tqdm.tqdm(range(0, len(items), chunk), desc="encoding", unit="chunk"):
+    block = encoder.encode(run.params, items[start:start + chunk])
+    vectors[done:done + len(block)] = block
+    done += len(block)
+  vectors.flush()
+  texts = {d.uid: d.text(run.task) for d in docs}
+  return vectors, database.key_uids, texts, report
+
+
+def make_engine(run: LoadedRun, index: Index, texts: dict[str, str],
+                config: GenerationConfig) -> Engine:
+  """The OneGen engine over `index`: RAG inserts the retrieved key's whole document."""
+  ids = run.tokenizer.ids
+  task = run.task
+  hf = run.tokenizer.hf
+  eos = hf.eos_token_id
+  if eos is None:
+    raise ValueError("the tokenizer has no EOS token; generation could not stop")
+  force = dict(task.force_after).get(task.query_token)
+
+  # RAG retrieves documents (a paragraph's sentence keys map to it); EL retrieves entity keys.
+  search = index.search_documents if task.mode == "rag" else index.search
+  return Engine(
+      run.model, run.params,
+      TaskTokens(query=ids[task.query_token], eos=eos,
+                 force_after_query=ids[force] if force else None),
+      search, documents=lambda uid: run.tokenizer.insertion_tokens(texts[uid]),
+      config=config, mode=task.mode, vocab_size=len(hf))

@@ -1,0 +1,62 @@
+"""A run's config -> its model config, batch shape and compiled program (mesh, model, optimizer).
+
+The pieces `fit`, the AOT compile (aot.py) and tests share.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import ml_collections
+import numpy as np
+
+from onegen_jax import sharding
+from onegen_jax.checkpoint import read_model_config
+from onegen_jax.data.packing import BatchPacker, BatchShape, Corpus
+from onegen_jax.model.config import NUMERIC_FIELDS, ModelConfig, preset
+from onegen_jax.model.decoder import Decoder
+from onegen_jax.train.optimizer import adamw, learning_rate_schedule
+from onegen_jax.train.step import LossConfig, TrainProgram, build_train_program
+
+
+def model_config(model: ml_collections.ConfigDict) -> ModelConfig:
+  """`config.model`: a preset name plus overrides of any ModelConfig field; with `init_from`, the
+  shapes come from that run's checkpoint and only numeric fields are overridden."""
+  fields = {f.name for f in dataclasses.fields(ModelConfig)}
+  if model.get("init_from"):
+    base, _ = read_model_config(model.init_from)
+    return base.replace(**{k: model[k] for k in NUMERIC_FIELDS if k in model})
+  return preset(model.preset, **{k: v for k, v in model.items() if k in fields})
+
+
+def batch_shape(config: ml_collections.ConfigDict) -> BatchShape:
+  """The shape of one micro-batch: `config.batch.rows` rows split over `accum_steps`."""
+  b = config.batch
+  if b.rows % b.accum_steps:
+    raise ValueError(f"batch.rows={b.rows} is not a multiple of batch.accum_steps={b.accum_steps}")
+  return BatchShape(b.rows // b.accum_steps, b.seq_len, b.num_queries, b.num_keys, b.num_negatives,
+                    b.max_positives)
+
+
+def example_batch(config: ml_collections.ConfigDict) -> dict:
+  """An empty batch with the run's static shapes (leading micro-batch axis when accumulating)."""
+  batch = BatchPacker(Corpus({}), batch_shape(config)).emit()
+  m = config.batch.accum_steps
+  return {k: np.repeat(v[None], m, axis=0) for k, v in batch.items()} if m > 1 else batch
+
+
+def build_program(config: ml_collections.ConfigDict, devices: list[jax.Device] | None = None,
+                  model: ModelConfig | None = None) -> TrainProgram:
+  """Mesh (over `devices`, default all), model, optimizer and the compiled program."""
+  mesh = sharding.make_mesh(**config.mesh, devices=devices)
+  rows = config.batch.rows // config.batch.accum_steps
+  batch_axes = mesh.shape["data"] * mesh.shape["fsdp"]
+  if rows % batch_axes:
+    raise ValueError(f"{rows} rows per micro-batch do not split over data x fsdp = {batch_axes} devices")
+  o = config.optim
+  schedule = learning_rate_schedule(o.lr, config.train.steps, o.schedule, o.warmup_steps)
+  tx = adamw(schedule, o.b1, o.b2, o.eps, o.weight_decay, o.clip_norm)
+  return build_train_program(Decoder(model or model_config(config.model)), tx, schedule,
+                             LossConfig(**config.loss), mesh, example_batch(config),
+                             config.batch.accum_steps, config.train.nan_policy)
