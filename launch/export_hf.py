@@ -21,9 +21,12 @@ import flax.linen as nn
 import jax
 from absl import app, flags, logging
 from etils import epath
+from transformers import AutoTokenizer
 
 from onegen_jax import hf, sharding
 from onegen_jax.checkpoint import Checkpointer, model_config_from_json
+from onegen_jax.data.encoding import TaskTokenizer
+from onegen_jax.data.tasks import get_task
 from onegen_jax.model.config import ModelConfig
 from onegen_jax.model.decoder import abstract_params
 
@@ -70,11 +73,6 @@ def _hf_record(runs: list[tuple[str, dict]]) -> dict:
 
 def _tokenizer(runs: list[tuple[str, dict]]):
   """The run's tokenizer with its task's special tokens, or None when no run names one."""
-  from transformers import AutoTokenizer  # noqa: PLC0415 (slow import)
-
-  from onegen_jax.data.encoding import TaskTokenizer  # noqa: PLC0415
-  from onegen_jax.data.tasks import get_task  # noqa: PLC0415
-
   for workdir, config in runs:
     for path in (os.path.join(workdir, "tokenizer"), config.get("data", {}).get("tokenizer_path")):
       if path and os.path.isdir(path):

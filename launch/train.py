@@ -18,6 +18,8 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from onegen_jax.data.records import ConfigError, DataError
+from onegen_jax.train.aot import compile_train_step
+from onegen_jax.train.loop import fit
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Task config file[:variant].",
                                           lock_config=True)
@@ -37,8 +39,6 @@ flags.mark_flag_as_required("config")
 
 
 def _compile_only(config) -> int:
-  from onegen_jax.train.aot import compile_train_step  # noqa: PLC0415 (needs libtpu)
-
   if not _TOPOLOGY.value:
     raise app.UsageError("--compile_only needs --topology (e.g. v5p-64)")
   try:
@@ -62,8 +62,6 @@ def main(argv):
     return _compile_only(_CONFIG.value)
   if _DISTRIBUTED.value:
     jax.distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
-  from onegen_jax.train.loop import fit  # noqa: PLC0415
-
   try:
     _, final = fit(_CONFIG.value, _WORKDIR.value)
   except (ConfigError, DataError) as e:  # KEY: problem; every bad line as FILE:LINE: field: problem

@@ -7,7 +7,8 @@ import sys
 import pytest
 
 from data_util import generated
-from onegen_jax.data.records import DataError, load_records
+from onegen_jax.data.reading import load_records
+from onegen_jax.data.records import DataError
 from onegen_jax.data.tasks import MULTIHOP
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -17,8 +17,8 @@ from benchmarks.quality.minilm import (GeneratedQueries, MiniLM, RequestText, do
                                        gold_queries)
 from benchmarks.quality.results import Generation, GoldRecall
 from onegen_jax.data.encoding import TaskTokenizer
-from onegen_jax.data.records import (Document, Example, document_uid, load_records, read_jsonl,
-                                     write_jsonl)
+from onegen_jax.data.reading import load_records
+from onegen_jax.data.records import Document, Example, document_uid, read_jsonl, write_jsonl
 from onegen_jax.eval.scoring import score_el, score_rag
 from onegen_jax.inference.engine import Engine, GenerationConfig, RequestOutput
 from onegen_jax.inference.requests import output_record, prompt_tokens, read_requests

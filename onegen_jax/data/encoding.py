@@ -17,6 +17,7 @@ import dataclasses
 from collections.abc import Sequence
 
 import numpy as np
+from transformers import AutoTokenizer
 
 from onegen_jax.data.records import Message
 from onegen_jax.data.tasks import Task
@@ -39,8 +40,6 @@ class TaskTokenizer:
   """A Hugging Face tokenizer from a local directory plus the task's special tokens (by name)."""
 
   def __init__(self, path: str, task: Task):
-    from transformers import AutoTokenizer  # slow import: only where a tokenizer is needed
-
     self.task = task
     self.hf = AutoTokenizer.from_pretrained(path)
     self.hf.add_tokens(list(task.special_tokens), special_tokens=True)

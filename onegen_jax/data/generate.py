@@ -17,10 +17,12 @@ Everything is a deterministic function of the seed.
 
 from __future__ import annotations
 
-import json
+import dataclasses
 import os
 
 import numpy as np
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import PreTrainedTokenizerFast
 
 from onegen_jax.data.records import write_jsonl
 from onegen_jax.data.tasks import EL, MULTIHOP, Task
@@ -103,19 +105,27 @@ def make_el(seed: int = 0, num_names: int = 40, num_train: int = 800,
 _INDUSTRIES = ("shipping", "software", "textile", "mining", "brewing", "railway", "publishing")
 
 
-def make_multihop(seed: int = 0, num_people: int = 60, num_companies: int = 60,
-                  num_cities: int = 20, num_train: int = 800,
-                  num_dev: int = 80) -> tuple[list[dict], list[dict], list[dict]]:
-  """(train, dev, db) of the multi-hop RAG task."""
-  rng = np.random.default_rng([seed, 2])
-  rd, rq = MULTIHOP.doc_token, MULTIHOP.query_token
+@dataclasses.dataclass(frozen=True)
+class _World:
+  """The invented people, companies and cities of the multi-hop task, their relations, and each
+  entity's two sentences (uid -> (title, [sentence 0, sentence 1]))."""
+
+  people: list[str]
+  companies: list[str]
+  country_of: dict[str, str]
+  born_in: dict[str, str]
+  founder: dict[str, str]
+  sentences: dict[str, tuple[str, list[str]]]
+
+
+def _world(rng: np.random.Generator, num_people: int, num_companies: int, num_cities: int) -> _World:
   cities, countries = _words(rng, num_cities, 2), _words(rng, 6, 2)
   people = [f"{a} {b}" for a, b in zip(_words(rng, num_people, 2), _words(rng, num_people, 2))]
   companies = [f"{w} Works" for w in _words(rng, num_companies, 3)]
   country_of = {c: str(rng.choice(countries)) for c in cities}
   born_in = {p: str(rng.choice(cities)) for p in people}
   founder = {c: str(rng.choice(people)) for c in companies}
-  sentences = {}  # uid -> (title, [sentence 0, sentence 1])
+  sentences = {}
   for i, c in enumerate(cities):
     sentences[f"city{i}"] = (c, [f"{c} is a city with {rng.integers(2, 90)} bridges.",
                                  f"{c} is located in {country_of[c]}."])
@@ -125,6 +135,18 @@ def make_multihop(seed: int = 0, num_people: int = 60, num_companies: int = 60,
   for i, c in enumerate(companies):
     sentences[f"company{i}"] = (c, [f"{c} is a {rng.choice(_INDUSTRIES)} company.",
                                     f"{c} was founded by {founder[c]}."])
+  return _World(people, companies, country_of, born_in, founder, sentences)
+
+
+def make_multihop(seed: int = 0, num_people: int = 60, num_companies: int = 60,
+                  num_cities: int = 20, num_train: int = 800,
+                  num_dev: int = 80) -> tuple[list[dict], list[dict], list[dict]]:
+  """(train, dev, db) of the multi-hop RAG task."""
+  rng = np.random.default_rng([seed, 2])
+  rd, rq = MULTIHOP.doc_token, MULTIHOP.query_token
+  w = _world(rng, num_people, num_companies, num_cities)
+  people, companies, sentences = w.people, w.companies, w.sentences
+  country_of, born_in, founder = w.country_of, w.born_in, w.founder
   uid_of = {title: uid for uid, (title, _) in sentences.items()}
   db = [db_entry(MULTIHOP, uid, title, f"wiki title: {title}\ncontent: " +
                   " ".join(s + rd for s in sents)) for uid, (title, sents) in sentences.items()]
@@ -181,9 +203,6 @@ def train_tokenizer(corpus: list[str], task: Task, out_dir: str, vocab_size: int
 
   Id 0 is <pad> (the packer pads with 0), then the EOS </s> and the task's special tokens.
   """
-  from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-  from transformers import PreTrainedTokenizerFast
-
   tokenizer = Tokenizer(models.BPE())
   tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
   tokenizer.decoder = decoders.ByteLevel()

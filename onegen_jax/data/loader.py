@@ -14,7 +14,9 @@ import json
 from collections.abc import Iterator, Mapping
 
 import grain.python as grain
+import jax
 import numpy as np
+from jax.experimental import multihost_utils
 
 from onegen_jax.data.packing import ROW_FIELDS, BatchShape, packing_efficiency
 from onegen_jax.data.tokenized import Database
@@ -144,9 +146,6 @@ def to_global(batch: Mapping[str, np.ndarray], shardings: Mapping) -> dict:
   gathered from every host and then placed as the shardings say (replicated in the train step).
   With a leading micro-batch axis [M, ...], hosts are concatenated along axis 1.
   """
-  import jax
-  from jax.experimental import multihost_utils
-
   axis = np.ndim(batch["tokens"]) - 2
   out = {}
   for name, local in batch.items():

@@ -29,8 +29,8 @@ import numpy as np
 
 from onegen_jax.data.encoding import TaskTokenizer
 from onegen_jax.data.packing import Corpus, Key, Segment
-from onegen_jax.data.records import (DataError, Document, Example, Report, key_uid,
-                                     load_records)
+from onegen_jax.data.reading import load_records
+from onegen_jax.data.records import DataError, Document, Example, Report, key_uid
 from onegen_jax.data.tasks import Task
 
 FORMAT_VERSION = "1.0.0"  # of the records; a prepared dataset of another version is rebuilt

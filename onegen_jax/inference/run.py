@@ -17,7 +17,8 @@ from onegen_jax.checkpoint import Checkpointer, model_config_from_json
 from onegen_jax.data.encoding import TaskTokenizer
 from onegen_jax.data.pipeline import max_len
 from onegen_jax.data.tokenized import Database, document_records
-from onegen_jax.data.records import Report, load_documents
+from onegen_jax.data.reading import load_documents
+from onegen_jax.data.records import Report
 from onegen_jax.data.tasks import Task, get_task
 from onegen_jax.inference.engine import Engine, GenerationConfig, TaskTokens
 from onegen_jax.model.decoder import Decoder, abstract_params

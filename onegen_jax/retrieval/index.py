@@ -36,6 +36,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from scann.scann_ops.py import scann_ops_pybind
 
 from onegen_jax.data.records import document_uid
 
@@ -271,8 +272,6 @@ class ScannIndex(Index):
 
   def _build(self, vectors: np.ndarray) -> None:
     n = len(vectors)
-    from scann.scann_ops.py import scann_ops_pybind  # noqa: PLC0415 (only this backend needs it)
-
     builder = scann_ops_pybind.builder(vectors, 10, "dot_product")
     if n < self.brute_force_below:
       self._searcher = builder.score_brute_force().build()
@@ -308,8 +307,6 @@ class ScannIndex(Index):
     self._searcher.serialize(assets, relative_path=True)
 
   def _load(self, path: str) -> None:
-    from scann.scann_ops.py import scann_ops_pybind  # noqa: PLC0415
-
     self._searcher = scann_ops_pybind.load_searcher(os.path.join(path, "scann"))
 
 
