@@ -7,8 +7,9 @@ import pytest
 
 from conftest import synthetic_task
 from onegen_jax.data.synthetic import CONTINUE, EOS, RET_QUERY
-from onegen_jax.inference.engine import Engine, GenerationConfig, TaskTokens
+from onegen_jax.inference.engine import Engine, GenerationConfig, Request, TaskTokens
 from onegen_jax.model.decoder import Decoder
+from onegen_jax.retrieval.candidates import CandidateScorer
 from onegen_jax.retrieval.encode import EncodeItem, Encoder
 from onegen_jax.retrieval.index import ExactIndex
 from onegen_jax.train.program import model_config
@@ -72,3 +73,98 @@ def test_batched_output_equals_each_request_alone(linker):
     single = alone.generate([prompt])[0]
     assert single.tokens == out.tokens
     assert [r.ids for r in single.retrievals] == [r.ids for r in out.retrievals]
+
+
+def _mixed_engine(linker, batch_size, **config):
+  model, params, index, _, _ = linker
+  return Engine(model, params, TaskTokens(query=RET_QUERY, eos=EOS, force_after_query=CONTINUE),
+                index.search, documents=None, mode="el",
+                config=GenerationConfig(batch_size=batch_size, capacity=128,
+                                        **{"max_new_tokens": 40, **config}))
+
+
+def _same(a, b):
+  assert a.tokens == b.tokens and a.stop_reason == b.stop_reason
+  assert [(r.position, r.ids) for r in a.retrievals] == [(r.position, r.ids) for r in b.retrievals]
+
+
+def test_continuous_batching_equals_each_request_alone(linker):
+  """Six requests of very different output lengths (max_new_tokens cut some short) through two
+  slots: a freed slot takes the next request while the other decodes; static batches too."""
+  _, _, _, prompts, _ = linker
+  requests = [Request(p) for p in prompts[:6]]
+  alone = [_mixed_engine(linker, 1).generate([r.prompt])[0] for r in requests]
+  for continuous in (True, False):
+    engine = _mixed_engine(linker, 2, continuous=continuous)
+    ids = [engine.submit(r) for r in requests]
+    while engine.busy:
+      engine.step()
+    for i, want in zip(ids, alone):
+      _same(engine.output(i), want)
+  assert len({len(o.tokens) for o in alone}) > 1  # the workload is mixed
+
+
+def test_sampling_does_not_depend_on_the_batch(linker):
+  _, _, _, prompts, _ = linker
+  config = dict(temperature=1.0, top_p=0.9, seed=3)
+  engine = _mixed_engine(linker, 4, **config)
+  batched = engine.run([engine.submit(Request(p, seed=i)) for i, p in enumerate(prompts[:4])])
+  for i, (prompt, out) in enumerate(zip(prompts[:4], batched)):
+    alone = _mixed_engine(linker, 1, **config)
+    _same(alone.run([alone.submit(Request(prompt, seed=i))])[0], out)
+  greedy = _mixed_engine(linker, 4).generate(prompts[:4])
+  assert [o.tokens for o in greedy] != [o.tokens for o in batched]  # it did sample
+
+
+def test_a_session_continued_over_its_cache_equals_the_dialogue_at_once(linker):
+  """Round 2 appended to round 1's kept cache gives what one request over the whole dialogue
+  gives (tokens, retrieval positions and ids, query vectors)."""
+  _, _, _, prompts, _ = linker
+  engine = _mixed_engine(linker, 2)
+  first = engine.submit(Request(prompts[0], keep_session=True))
+  other = engine.submit(Request(prompts[2]))  # shares the batch with both rounds
+  engine.run([first, other])
+  # The synthetic model was trained on one turn (it ends round 2 at once): round 2 replays its
+  # own answer to that prompt asked alone, RET tokens included, so round 2 retrieves.
+  alone = _mixed_engine(linker, 1).generate([prompts[1]])[0]
+  script = [t for t, g in zip(alone.tokens, alone.generated) if g]
+  second = engine.continue_session(first, prompts[1], force=script)
+  third = engine.submit(Request(prompts[3]))
+  [continued, _] = engine.run([second, third])
+  round1 = engine.output(first)
+  whole = _mixed_engine(linker, 1).generate([[*round1.prompt, *round1.tokens, *prompts[1]]],
+                                            force=[script])[0]
+  assert continued.prompt == whole.prompt
+  _same(continued, whole)
+  assert continued.retrievals
+  for a, b in zip(continued.retrievals, whole.retrievals):
+    np.testing.assert_allclose(a.vector, b.vector, atol=1e-5)
+  engine.close_session(first)
+  with pytest.raises(KeyError):
+    engine.continue_session(first, prompts[1])
+
+
+def test_candidates_restrict_and_rank_as_the_unrestricted_scores(linker):
+  model, params, index, prompts, _ = linker
+  task = synthetic_task()
+  uids = list(task.corpus.documents)
+  keys = np.asarray(Encoder(model, jax.sharding.Mesh(np.array(jax.devices()).reshape(8, 1, 1),
+                                                     ("data", "fsdp", "tensor")),
+                            rows=8, seq_len=64).encode(
+      params, [EncodeItem(d.tokens, (d.keys[0].position,)) for d in task.corpus.documents.values()]))
+  scorer = CandidateScorer(keys, uids)
+  rng = np.random.default_rng(0)
+  engine = Engine(model, params, TaskTokens(query=RET_QUERY, eos=EOS, force_after_query=CONTINUE),
+                  index.search, documents=None, mode="el", search_candidates=scorer.search,
+                  config=GenerationConfig(max_new_tokens=40, batch_size=4, capacity=128,
+                                          retrieve_k=3))
+  candidates = [list(rng.choice(uids, 5, replace=False)) + ["not-an-entity"] for _ in prompts[:4]]
+  ids = [engine.submit(Request(p, candidates=c)) for p, c in zip(prompts[:4], candidates)]
+  outs = engine.run(ids)
+  assert sum(len(o.retrievals) for o in outs) > 0
+  for out, allowed in zip(outs, candidates):
+    for r in out.retrievals:
+      assert set(r.ids) <= set(allowed[:5]) and len(r.ids) == 3
+      scores = {u: float(keys[uids.index(u)] @ r.vector) for u in allowed[:5]}
+      assert r.ids == sorted(scores, key=scores.get, reverse=True)[:3]
+      np.testing.assert_allclose(r.scores, [scores[u] for u in r.ids], atol=1e-5)

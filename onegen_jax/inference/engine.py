@@ -1,24 +1,29 @@
-"""The OneGen engine: generation and retrieval in one pass over one KV cache.
+"""The OneGen engine: generation and retrieval in one pass over one KV cache, continuously batched.
 
-Each request (a row of the batch) has a queue of tokens to feed. One jitted `extend` step feeds
-every row's queue at once (rows may feed 1 token or a whole inserted paragraph) and returns, for
-each row, the next token (greedy or sampled) and the normalised hidden state of the last token
-fed. When a row feeds a query RET token of its output stream, that hidden state IS the query: it
-is searched (all such rows in one batched search) and then
+The engine owns `batch_size` slots, each a row of one KV cache. Requests wait in a queue; a slot
+freed by a finished request takes the next one at once (its prompt is prefilled as a ragged chunk
+while the other rows decode). One jitted `extend` step feeds every busy slot's token queue (one
+token, a prompt, or an inserted paragraph) and returns each row's next token (greedy or sampled)
+and the normalised hidden state of the last token fed. When a row feeds a query RET token of its
+output stream, that hidden state IS the query: it is searched (all such rows at once) and then
   - RAG: the retrieved document's insertion (`documents(uid)`: `<paragraph>{text}</paragraph>`
-    tokenised as training tokenised it) is queued, prefilled into the same cache, and generation
-    continues after it; a query RET token beyond `max_retrievals` ends the request (as in the
-    reference: decoding past it would continue from a position never trained);
+    tokenised as training tokenised it) is queued and prefilled into the same cache; a query
+    RET token beyond `max_retrievals` ends the request (the reference stops there);
   - EL: the entity is recorded and the token forced after the RET token (`[_CONTINUE_]`) queued.
-The context is never re-encoded, and the query never encoded twice.
+Nothing is re-encoded and no query is encoded twice.
 
-A request's `force` tokens replace the model's first choices one by one (the output stream is
-then those tokens, and retrievals and insertions happen as if the model had chosen them): this
-is how tests and benchmarks replay a known answer through the real engine.
+Public hooks (tests, benchmarks, the server): `Request.force` replaces the model's first
+output-stream choices with given tokens (retrievals and insertions happen as for generated ones);
+`Request.candidates` restricts EL searches to given entities; `query_vectors` replaces the vectors
+searched (a pipeline baseline embeds the text instead); `submit` / `step` / `done` is the stepping
+interface; `Request.keep_session` keeps a finished request's cache so `continue_session` appends a
+user turn and goes on over it (multi-round dialogues). Greedy outputs do not depend on what else
+is batched: a request gives the same tokens alone, in a static batch or continuously batched.
 """
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import functools
 from collections.abc import Callable, Sequence
@@ -28,11 +33,14 @@ import jax.numpy as jnp
 import numpy as np
 import tqdm
 
+from onegen_jax.inference.slots import Slot, cache_window, chunk_width, restore_row, save_row
 from onegen_jax.losses import l2_normalize
 from onegen_jax.model.decoder import Decoder, init_cache
 
 # (query vectors float32 [n, D], k) -> (ids [n][k], scores float32 [n, k])
 SearchFn = Callable[[np.ndarray, int], tuple[list[list[str]], np.ndarray]]
+# (query vector float32 [D], candidate uids, k) -> (ids [<= k], scores [<= k]), best first
+CandidateSearchFn = Callable[[np.ndarray, Sequence[str], int], tuple[list[str], np.ndarray]]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,14 +54,29 @@ class TaskTokens:
 
 @dataclasses.dataclass(frozen=True)
 class GenerationConfig:
-  max_new_tokens: int = 128  # generated tokens, inserted paragraphs not counted
+  max_new_tokens: int = 128  # output-stream tokens, inserted paragraphs not counted
   max_retrievals: int = 5  # per request; a query RET token beyond it ends the request
   retrieve_k: int = 1  # results kept per retrieval (the first one is inserted / linked)
   temperature: float = 0.0  # 0: greedy
   top_p: float = 1.0
-  batch_size: int = 8
-  capacity: int = 2048  # cache entries per row: prompt + inserted + generated tokens
+  batch_size: int = 8  # slots (cache rows)
+  capacity: int = 2048  # cache entries per slot: prompt + inserted + generated tokens
   seed: int = 0
+  continuous: bool = True  # a freed slot takes the next request at once (else: static batches)
+
+
+@dataclasses.dataclass(frozen=True)
+class Request:
+  """prompt: token ids. force: tokens replacing the first output-stream choices. candidates: EL
+  entity uids every search of this request is restricted to (one list), or one list per query in
+  order. keep_session: keep the cache when it ends, for continue_session. seed: its sampling
+  stream (with the config's seed; None: the request id)."""
+
+  prompt: Sequence[int]
+  force: Sequence[int] = ()
+  candidates: Sequence[str] | Sequence[Sequence[str]] | None = None
+  keep_session: bool = False
+  seed: int | None = None
 
 
 @dataclasses.dataclass
@@ -69,7 +92,7 @@ STOP_REASONS = ("eos", "max_new_tokens", "max_retrievals")
 
 @dataclasses.dataclass
 class RequestOutput:
-  prompt: list[int]
+  prompt: list[int]  # for a session continuation: the whole dialogue before the new turn's output
   tokens: list[int]  # everything after the prompt: the output stream and insertions, in order
   generated: list[bool]  # per entry of `tokens`: of the output stream (sampled, or forced in its
   # place), not inserted by the engine (a retrieved paragraph, the token forced after a RET token)
@@ -81,19 +104,14 @@ class RequestOutput:
     """Stopped on EOS."""
     return self.stop_reason == "eos"
 
-
-def _bucket(n: int) -> int:
-  """Static chunk widths: 1, then powers of two from 16 (few compiled shapes)."""
-  return 1 if n == 1 else max(16, 1 << (n - 1).bit_length())
-
-
-def _window(n: int) -> int:
-  """Cache entries attended for n used ones: a power of two from 256 (few compiled shapes)."""
-  return max(256, 1 << (n - 1).bit_length())
+  @property
+  def done(self) -> bool:
+    return bool(self.stop_reason)
 
 
-def _sample(logits: jnp.ndarray, rng: jax.Array, temperature: float, top_p: float) -> jnp.ndarray:
-  """logits float32 [B, V] -> token ids int32 [B] (greedy when temperature == 0)."""
+def _sample(logits: jnp.ndarray, keys: jax.Array, temperature: float, top_p: float) -> jnp.ndarray:
+  """logits float32 [B, V], one rng key per row [B] -> token ids int32 [B] (greedy when
+  temperature == 0)."""
   if temperature == 0.0:
     return jnp.argmax(logits, axis=-1).astype(jnp.int32)
   logits = logits / temperature
@@ -104,124 +122,227 @@ def _sample(logits: jnp.ndarray, rng: jax.Array, temperature: float, top_p: floa
     cutoff_index = jnp.sum(cumulative < top_p, axis=-1, keepdims=True)
     cutoff = jnp.take_along_axis(sorted_logits, cutoff_index, axis=-1)
     logits = jnp.where(logits < cutoff, -jnp.inf, logits)
-  return jax.random.categorical(rng, logits).astype(jnp.int32)
+  return jax.vmap(jax.random.categorical)(keys, logits).astype(jnp.int32)
+
+
+def _step_fn(model, temperature, top_p, vocab_size, seed, params, tokens, cache_len, cache, last,
+             counters, window):
+  """Feeds tokens [B, T] after each row's cache_len [B], attending to the first `window` cache
+  entries; returns (next token [B] and normalised hidden [B, D] at each row's `last` fed index,
+  new cache). counters int32 [B, 2]: (request seed, its step) of each row, which key its
+  sampling, so a request samples the same tokens whatever it is batched with."""
+  keys = jax.vmap(lambda c: jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), c[0]),
+                                               c[1]))(counters)
+  hidden, cache = model.apply({"params": params}, tokens, cache_len, cache, window,
+                              method=Decoder.extend)
+  final = hidden[jnp.arange(tokens.shape[0]), last]  # [B, D]
+  logits = model.apply({"params": params}, final[:, None], method=Decoder.logits)[:, 0]
+  logits = logits.astype(jnp.float32)
+  if vocab_size is not None:
+    logits = jnp.where(jnp.arange(logits.shape[-1]) < vocab_size, logits, -jnp.inf)
+  return _sample(logits, keys, temperature, top_p), l2_normalize(final), cache
 
 
 class Engine:
-  """Batched OneGen inference for one model, one index and one task's tokens."""
+  """Continuously batched OneGen inference for one model, one index and one task's tokens."""
 
   def __init__(self, model: Decoder, params, tokens: TaskTokens, search: SearchFn,
-               documents: Callable[[str], Sequence[int]], config: GenerationConfig,
-               mode: str, vocab_size: int | None = None):
+               documents: Callable[[str], Sequence[int]] | None, config: GenerationConfig,
+               mode: str, vocab_size: int | None = None,
+               search_candidates: CandidateSearchFn | None = None,
+               query_vectors: Callable[[list[RequestOutput], np.ndarray], np.ndarray] | None = None):
     """documents: document uid -> the token ids inserted after a query that retrieved it (RAG);
-    mode: "rag" or "el";
-    vocab_size: the tokenizer's size when the model's vocabulary is padded beyond it (padded
-    rows are never sampled)."""
+    mode: "rag" or "el"; vocab_size: the tokenizer's size when the model's vocabulary is padded
+    beyond it (padded rows are never sampled); search_candidates: exact search among given uids
+    (Request.candidates); query_vectors: (outputs of the querying requests, their hidden-state
+    vectors [n, D]) -> the vectors to search with (default: the hidden states)."""
     if mode not in ("rag", "el"):
       raise ValueError(f"mode={mode!r}; expected 'rag' or 'el'")
     if mode == "el" and tokens.force_after_query is None:
       raise ValueError("entity linking needs the token forced after the query token")
     self.model, self.params, self.tokens, self.search = model, params, tokens, search
     self.documents, self.config, self.mode = documents, config, mode
-    self._step = jax.jit(functools.partial(
-        self._step_fn, model, config.temperature, config.top_p, vocab_size), donate_argnums=(3,),
-        static_argnames="window")
+    self.search_candidates, self.query_vectors = search_candidates, query_vectors
+    self._step = jax.jit(functools.partial(_step_fn, model, config.temperature, config.top_p,
+                                           vocab_size, config.seed), donate_argnums=(3,),
+                         static_argnames="window")
+    self._cache = init_cache(model.config, config.batch_size, config.capacity)
+    self._slots: list[Slot | None] = [None] * config.batch_size
+    self._waiting: collections.deque[int] = collections.deque()
+    self._requests: dict[int, tuple[Request, RequestOutput]] = {}
+    self._sessions: dict[int, tuple[tuple, int]] = {}  # request id -> (cache row, length)
+    self._continues: dict[int, int] = {}  # request id -> the session it continues
 
-  @staticmethod
-  def _step_fn(model, temperature, top_p, vocab_size, params, tokens, cache_len, cache, last, rng,
-               window=None):
-    """Feeds tokens [B, T], attending to the first `window` cache entries; returns (next token
-    [B] and normalised hidden [B, D] at each row's `last` fed index, new cache)."""
-    hidden, cache = model.apply({"params": params}, tokens, cache_len, cache, window,
-                                method=Decoder.extend)
-    final = hidden[jnp.arange(tokens.shape[0]), last]  # [B, D]
-    logits = model.apply({"params": params}, final[:, None], method=Decoder.logits)[:, 0]
-    logits = logits.astype(jnp.float32)
-    if vocab_size is not None:
-      logits = jnp.where(jnp.arange(logits.shape[-1]) < vocab_size, logits, -jnp.inf)
-    return _sample(logits, rng, temperature, top_p), l2_normalize(final), cache
+  # -- the stepping interface ------------------------------------------------------------------
+  def submit(self, request: Request) -> int:
+    """Queues a request; returns its id (outputs: `output(id)`)."""
+    if len(request.prompt) + 1 > self.config.capacity:
+      raise ValueError(f"a prompt of {len(request.prompt)} tokens does not fit capacity="
+                       f"{self.config.capacity}")
+    rid = len(self._requests)
+    self._requests[rid] = (request, RequestOutput(list(request.prompt), [], [], []))
+    self._waiting.append(rid)
+    return rid
 
+  def continue_session(self, session: int, turn: Sequence[int], force: Sequence[int] = (),
+                       keep_session: bool = True) -> int:
+    """Appends a user turn (token ids) to the finished request `session` (submitted with
+    keep_session) and queues its continuation over the kept cache; returns the new request id,
+    whose prompt is the whole dialogue so far plus `turn`."""
+    if not turn:
+      raise ValueError("a continuation needs at least one token of user turn")
+    if session not in self._sessions:
+      raise KeyError(f"request {session} has no kept session (unknown, not finished, or "
+                     "submitted without keep_session)")
+    before = self._requests[session][1]
+    rid = self.submit(Request([*before.prompt, *before.tokens, *turn], force,
+                              keep_session=keep_session))
+    self._continues[rid] = session
+    return rid
+
+  def close_session(self, session: int):
+    """Frees a kept session's cache."""
+    self._sessions.pop(session, None)
+
+  def output(self, rid: int) -> RequestOutput:
+    return self._requests[rid][1]
+
+  @property
+  def busy(self) -> bool:
+    """Whether any request waits or runs."""
+    return bool(self._waiting) or any(s is not None for s in self._slots)
+
+  def step(self) -> list[int]:
+    """Admits waiting requests into free slots, feeds every busy slot once, acts on queries and
+    stops; returns the ids of the requests that ended in this step."""
+    self._admit()
+    busy = [r for r, s in enumerate(self._slots) if s is not None]
+    if not busy:
+      return []
+    width = chunk_width(max(len(self._slots[r].queue) for r in busy))
+    fed = np.zeros((len(self._slots), width), np.int32)
+    last, lengths = np.zeros(len(self._slots), np.int32), np.zeros(len(self._slots), np.int32)
+    for r in busy:
+      slot = self._slots[r]
+      fed[r, :len(slot.queue)], last[r], lengths[r] = slot.queue, len(slot.queue) - 1, slot.length
+    window = min(self.config.capacity, cache_window(int(lengths.max()) + width))
+    counters = np.array([[self._stream(s.rid), s.steps] if s else [0, 0] for s in self._slots],
+                        np.int32)
+    next_tok, vectors, self._cache = self._step(self.params, fed, lengths, self._cache, last,
+                                                counters, window=window)
+    next_tok, vectors = np.asarray(next_tok), np.asarray(vectors)
+    for r in busy:
+      self._slots[r].length += len(self._slots[r].queue)
+      self._slots[r].steps += 1
+    return self._advance(busy, next_tok, vectors)
+
+  # -- batch helpers -----------------------------------------------------------------------------
   def generate(self, prompts: Sequence[Sequence[int]], progress: bool = False,
                force: Sequence[Sequence[int]] | None = None) -> list[RequestOutput]:
-    """Runs every prompt (token ids) to EOS, max_new_tokens or max_retrievals, `batch_size` at a
-    time. force[i]: tokens that replace request i's first output-stream choices."""
+    """Runs every prompt (token ids) to its end, continuously batched; force[i]: tokens that
+    replace request i's first output-stream choices."""
     if force is not None and len(force) != len(prompts):
       raise ValueError(f"{len(force)} forced continuations for {len(prompts)} prompts")
-    b = self.config.batch_size
-    outs = []
-    for start in tqdm.tqdm(range(0, len(prompts), b), disable=not progress, unit="batch"):
-      outs += self._generate_batch(prompts[start:start + b], start,
-                                   force[start:start + b] if force is not None else None)
-    return outs
+    ids = [self.submit(Request(p, force[i] if force is not None else ()))
+           for i, p in enumerate(prompts)]
+    return self.run(ids, progress)
 
-  def _generate_batch(self, prompts: Sequence[Sequence[int]], first_id: int,
-                      force: Sequence[Sequence[int]] | None) -> list[RequestOutput]:
-    cfg, tok = self.config, self.tokens
-    rows = cfg.batch_size
-    outs = [RequestOutput(list(p), [], [], []) for p in prompts]
-    forced = [list(f) for f in force] if force is not None else [[] for _ in prompts]
-    queues = [list(p) for p in prompts] + [[] for _ in range(rows - len(prompts))]
-    active = [True] * len(prompts) + [False] * (rows - len(prompts))
-    new_tokens = [0] * rows
-    cache = init_cache(self.model.config, rows, cfg.capacity)
-    lengths = np.zeros(rows, np.int32)
-    step = 0
-    while any(active):
-      fed, last = self._chunk(queues, active)
-      if int(lengths.max()) + fed.shape[1] > cfg.capacity:
-        raise ValueError(f"a request needs more than capacity={cfg.capacity} cache entries")
-      rng = jax.random.fold_in(jax.random.key(cfg.seed), first_id * 1_000_003 + step)
-      window = min(cfg.capacity, _window(int(lengths.max()) + fed.shape[1]))
-      next_tok, vectors, cache = self._step(self.params, fed, lengths, cache, last, rng,
-                                               window=window)
-      next_tok, vectors = np.asarray(next_tok), np.asarray(vectors)
-      lengths += np.array([len(q) if a else 0 for q, a in zip(queues, active)], np.int32)
-      # A query is a RET token of the output stream, fed alone; its hidden state was just computed.
-      queries = [r for r in range(len(prompts)) if active[r] and outs[r].tokens
-                 and queues[r] == [tok.query] and outs[r].generated[-1]]
-      for r in [r for r in queries if len(outs[r].retrievals) >= cfg.max_retrievals]:
-        outs[r].stop_reason, active[r] = "max_retrievals", False
-        queries.remove(r)
-      self._retrieve(queries, vectors, outs, queues, lengths)
-      for r in range(len(prompts)):
-        if not active[r] or r in queries:
-          continue
-        token = forced[r].pop(0) if forced[r] else int(next_tok[r])
-        outs[r].tokens.append(token)
-        outs[r].generated.append(True)
-        new_tokens[r] += 1
-        queues[r] = [token]
-        if token == tok.eos:
-          outs[r].stop_reason, active[r] = "eos", False
-        elif new_tokens[r] >= cfg.max_new_tokens:
-          outs[r].stop_reason, active[r] = "max_new_tokens", False
-      step += 1
-    return outs
+  def run(self, ids: Sequence[int], progress: bool = False) -> list[RequestOutput]:
+    """Steps until the given requests ended; their outputs in order."""
+    bar = tqdm.tqdm(total=len(ids), disable=not progress, unit="request")
+    while not all(self.output(i).done for i in ids):
+      bar.update(sum(i in ids for i in self.step()))
+    bar.close()
+    return [self.output(i) for i in ids]
 
-  @staticmethod
-  def _chunk(queues: list[list[int]], active: list[bool]) -> tuple[np.ndarray, np.ndarray]:
-    """(tokens int32 [B, T] with T a bucketed width, index of each row's last queued token)."""
-    width = _bucket(max(len(q) for q, a in zip(queues, active) if a))
-    fed = np.zeros((len(queues), width), np.int32)
-    last = np.zeros(len(queues), np.int32)
-    for r, (queue, is_active) in enumerate(zip(queues, active)):
-      if is_active:
-        fed[r, :len(queue)] = queue
-        last[r] = len(queue) - 1
-    return fed, last
+  # -- internals -----------------------------------------------------------------------------------
+  def _admit(self):
+    if not self.config.continuous and any(s is not None for s in self._slots):
+      return  # static batching: the next batch starts when the whole batch has ended
+    for r, slot in enumerate(self._slots):
+      if slot is None and self._waiting:
+        rid = self._waiting.popleft()
+        request, out = self._requests[rid]
+        if rid in self._continues:  # feed what the kept cache lacks: its last token, the turn
+          row, length = self._sessions[self._continues.pop(rid)]
+          self._cache = restore_row(self._cache, r, row)
+          self._slots[r] = Slot(rid, list(out.prompt[length:]), length, list(request.force))
+        else:
+          self._slots[r] = Slot(rid, list(request.prompt), 0, list(request.force))
 
-  def _retrieve(self, rows: list[int], vectors: np.ndarray, outs, queues, lengths):
+  def _advance(self, busy: list[int], next_tok: np.ndarray, vectors: np.ndarray) -> list[int]:
+    """Retrievals for the rows that fed a query RET token, the next token for the others."""
+    cfg, tok, ended = self.config, self.tokens, []
+    querying = [r for r in busy if self._is_query(r)]
+    for r in [r for r in querying if len(self.output(self._slots[r].rid).retrievals)
+              >= cfg.max_retrievals]:
+      querying.remove(r)
+      ended.append(self._end(r, "max_retrievals"))
+    self._retrieve(querying, vectors)
+    for r in busy:
+      slot = self._slots[r]
+      if slot is None or r in querying:
+        continue
+      out = self.output(slot.rid)
+      token = slot.force.pop(0) if slot.force else int(next_tok[r])
+      out.tokens.append(token)
+      out.generated.append(True)
+      slot.new_tokens += 1
+      slot.queue = [token]
+      if token == tok.eos:
+        ended.append(self._end(r, "eos"))
+      elif slot.new_tokens >= cfg.max_new_tokens:
+        ended.append(self._end(r, "max_new_tokens"))
+      elif slot.length + 1 > cfg.capacity:
+        raise ValueError(f"request {slot.rid} needs more than capacity={cfg.capacity} entries")
+    return ended
+
+  def _stream(self, rid: int) -> int:
+    seed = self._requests[rid][0].seed
+    return rid if seed is None else seed
+
+  def _is_query(self, r: int) -> bool:
+    """The row just fed a query RET token of its output stream (its hidden state is the query)."""
+    slot, out = self._slots[r], self.output(self._slots[r].rid)
+    return bool(out.tokens) and slot.queue == [self.tokens.query] and out.generated[-1]
+
+  def _end(self, r: int, reason: str) -> int:
+    slot = self._slots[r]
+    request, out = self._requests[slot.rid]
+    out.stop_reason = reason
+    if request.keep_session:
+      self._sessions[slot.rid] = (save_row(self._cache, r, cache_window(slot.length)), slot.length)
+    self._slots[r] = None
+    return slot.rid
+
+  def _retrieve(self, rows: list[int], vectors: np.ndarray):
     """Searches the query vectors of `rows` at once and queues what follows each retrieval."""
     if not rows:
       return
-    ids, scores = self.search(vectors[rows], self.config.retrieve_k)
+    outs = [self.output(self._slots[r].rid) for r in rows]
+    queries = vectors[rows] if self.query_vectors is None else self.query_vectors(outs, vectors[rows])
+    found = list(zip(*self.search(queries, self.config.retrieve_k)))  # (ids, scores) per row
     for i, r in enumerate(rows):
-      outs[r].retrievals.append(Retrieval(int(lengths[r]) - 1, list(ids[i]),
-                                          [float(s) for s in scores[i]], vectors[r]))
-      if self.mode == "rag":
-        queued = list(self.documents(ids[i][0]))
-      else:
-        queued = [self.tokens.force_after_query]
-      queues[r] = queued
-      outs[r].tokens += queued
-      outs[r].generated += [False] * len(queued)
+      slot, out = self._slots[r], outs[i]
+      candidates = self._candidates(slot.rid, len(out.retrievals))
+      if candidates is not None:
+        found[i] = self.search_candidates(queries[i], candidates, self.config.retrieve_k)
+      ids, scores = found[i]
+      out.retrievals.append(Retrieval(slot.length - 1, list(ids), [float(s) for s in scores],
+                                      vectors[r]))
+      queued = (list(self.documents(ids[0])) if self.mode == "rag"
+                else [self.tokens.force_after_query])
+      slot.queue = queued
+      out.tokens += queued
+      out.generated += [False] * len(queued)
+
+  def _candidates(self, rid: int, query_index: int) -> Sequence[str] | None:
+    """The candidate uids of a request's query_index-th query (None: unrestricted)."""
+    candidates = self._requests[rid][0].candidates
+    if candidates is None:
+      return None
+    if self.search_candidates is None:
+      raise ValueError("a request has candidates but the engine has no search_candidates")
+    if candidates and not isinstance(candidates[0], str):  # one list per query
+      return candidates[query_index] if query_index < len(candidates) else None
+    return candidates

@@ -22,6 +22,7 @@ from onegen_jax.data.records import Report
 from onegen_jax.data.tasks import Task, get_task
 from onegen_jax.inference.engine import Engine, GenerationConfig, TaskTokens
 from onegen_jax.model.decoder import Decoder, abstract_params
+from onegen_jax.retrieval.candidates import CandidateScorer
 from onegen_jax.retrieval.encode import EncodeItem, Encoder
 from onegen_jax.retrieval.index import Index
 
@@ -94,9 +95,11 @@ def encode_db(run: LoadedRun, db_path: str, out_dir: str, chunk: int = 4096, row
   return vectors, database.key_uids, texts, report
 
 
-def make_engine(run: LoadedRun, index: Index, texts: dict[str, str],
-                config: GenerationConfig) -> Engine:
-  """The OneGen engine over `index`: RAG inserts the retrieved key's whole document."""
+def make_engine(run: LoadedRun, index: Index, texts: dict[str, str], config: GenerationConfig,
+                vectors: np.ndarray | None = None, **hooks) -> Engine:
+  """The OneGen engine over `index`: RAG inserts the retrieved key's whole document. vectors
+  [keys, D] in the index's key order (build_index's vectors.npy) enable EL requests with
+  candidates; hooks: further Engine arguments (query_vectors)."""
   ids = run.tokenizer.ids
   task = run.task
   hf = run.tokenizer.hf
@@ -112,4 +115,6 @@ def make_engine(run: LoadedRun, index: Index, texts: dict[str, str],
       TaskTokens(query=ids[task.query_token], eos=eos,
                  force_after_query=ids[force] if force else None),
       search, documents=lambda uid: run.tokenizer.insertion_tokens(texts[uid]),
-      config=config, mode=task.mode, vocab_size=len(hf))
+      config=config, mode=task.mode, vocab_size=len(hf),
+      search_candidates=None if vectors is None else CandidateScorer(vectors, index.ids).search,
+      **hooks)

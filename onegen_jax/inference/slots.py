@@ -1,0 +1,47 @@
+"""The engine's slots: one request per row of the KV cache, and moving a row's cache in and out
+(sessions). Widths are bucketed so few shapes are ever compiled."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+
+
+@dataclasses.dataclass
+class Slot:
+  """A busy cache row: request id, tokens to feed next, cached entries, tokens still forced,
+  output-stream tokens so far, steps taken (for the sampling key)."""
+
+  rid: int
+  queue: list[int]
+  length: int
+  force: list[int]
+  new_tokens: int = 0
+  steps: int = 0
+
+
+def chunk_width(n: int) -> int:
+  """Static widths of a fed chunk: 1, then powers of two from 16."""
+  return 1 if n == 1 else max(16, 1 << (n - 1).bit_length())
+
+
+def cache_window(n: int) -> int:
+  """Cache entries attended (or saved) for n used ones: a power of two from 256."""
+  return max(256, 1 << (n - 1).bit_length())
+
+
+@functools.partial(jax.jit, static_argnames="window")
+def save_row(cache: tuple, row: int, window: int) -> tuple:
+  """The first `window` entries of one cache row: (k, v), each [L, window, K, H]."""
+  return tuple(jax.lax.dynamic_index_in_dim(c, row, axis=1, keepdims=False)[:, :window]
+               for c in cache)
+
+
+@functools.partial(jax.jit, donate_argnums=0)
+def restore_row(cache: tuple, row: int, saved: tuple) -> tuple:
+  """Writes a saved row prefix (save_row) back into row `row` of the (donated) cache."""
+  return tuple(jax.lax.dynamic_update_slice(c, s[:, None].astype(c.dtype), (0, row, 0, 0, 0))
+               for c, s in zip(cache, saved))
