@@ -79,8 +79,8 @@ def _mixed_engine(linker, batch_size, **config):
   model, params, index, _, _ = linker
   return Engine(model, params, TaskTokens(query=RET_QUERY, eos=EOS, force_after_query=CONTINUE),
                 index.search, documents=None, mode="el",
-                config=GenerationConfig(batch_size=batch_size, capacity=128,
-                                        **{"max_new_tokens": 40, **config}))
+                config=GenerationConfig(batch_size=batch_size,
+                                        **{"max_new_tokens": 40, "capacity": 128, **config}))
 
 
 def _same(a, b):
@@ -168,3 +168,18 @@ def test_candidates_restrict_and_rank_as_the_unrestricted_scores(linker):
       scores = {u: float(keys[uids.index(u)] @ r.vector) for u in allowed[:5]}
       assert r.ids == sorted(scores, key=scores.get, reverse=True)[:3]
       np.testing.assert_allclose(r.scores, [scores[u] for u in r.ids], atol=1e-5)
+
+
+def test_a_request_that_outgrows_its_cache_row_ends_alone(linker):
+  """A request whose next tokens would not fit its row ends with stop_reason "capacity"; its
+  tokens so far are those it has with room to spare, and the other rows go on."""
+  _, _, _, prompts, _ = linker
+  roomy = _mixed_engine(linker, 2).generate(prompts[:2])
+  full = len(roomy[0].prompt) + len(roomy[0].tokens)
+  tight = _mixed_engine(linker, 2, capacity=full - 4)
+  first = tight.submit(Request(prompts[0]))
+  second = tight.submit(Request(prompts[1]))
+  out, other = tight.run([first, second])
+  assert out.stop_reason == "capacity" and out.tokens == roomy[0].tokens[:len(out.tokens)]
+  assert len(out.prompt) + len(out.tokens) - 1 <= full - 4  # all but the last token were fed
+  assert other.done

@@ -87,7 +87,7 @@ class Retrieval:
   vector: np.ndarray  # float32 [D], the query
 
 
-STOP_REASONS = ("eos", "max_new_tokens", "max_retrievals")
+STOP_REASONS = ("eos", "max_new_tokens", "max_retrievals", "capacity")
 
 
 @dataclasses.dataclass
@@ -97,7 +97,8 @@ class RequestOutput:
   generated: list[bool]  # per entry of `tokens`: of the output stream (sampled, or forced in its
   # place), not inserted by the engine (a retrieved paragraph, the token forced after a RET token)
   retrievals: list[Retrieval]
-  stop_reason: str = ""  # one of STOP_REASONS once the request ended
+  stop_reason: str = ""  # one of STOP_REASONS once the request ended ("capacity": its next
+  # tokens would not fit its cache row)
 
   @property
   def finished(self) -> bool:
@@ -216,9 +217,11 @@ class Engine:
     """Admits waiting requests into free slots, feeds every busy slot once, acts on queries and
     stops; returns the ids of the requests that ended in this step."""
     self._admit()
+    ended = [self._end(r, "capacity") for r, s in enumerate(self._slots)
+             if s is not None and s.length + len(s.queue) > self.config.capacity]
     busy = [r for r, s in enumerate(self._slots) if s is not None]
     if not busy:
-      return []
+      return ended
     width = chunk_width(max(len(self._slots[r].queue) for r in busy))
     fed = np.zeros((len(self._slots), width), np.int32)
     last, lengths = np.zeros(len(self._slots), np.int32), np.zeros(len(self._slots), np.int32)
@@ -234,7 +237,7 @@ class Engine:
     for r in busy:
       self._slots[r].length += len(self._slots[r].queue)
       self._slots[r].steps += 1
-    return self._advance(busy, next_tok, vectors)
+    return ended + self._advance(busy, next_tok, vectors)
 
   # -- batch helpers -----------------------------------------------------------------------------
   def generate(self, prompts: Sequence[Sequence[int]], progress: bool = False,
@@ -293,8 +296,6 @@ class Engine:
         ended.append(self._end(r, "eos"))
       elif slot.new_tokens >= cfg.max_new_tokens:
         ended.append(self._end(r, "max_new_tokens"))
-      elif slot.length + 1 > cfg.capacity:
-        raise ValueError(f"request {slot.rid} needs more than capacity={cfg.capacity} entries")
     return ended
 
   def _stream(self, rid: int) -> int:
