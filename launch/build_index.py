@@ -2,16 +2,20 @@
 
   python -m launch.build_index --workdir=RUN --db=DB.jsonl --backend=exact|scann|approx --out=DIR
 
-DIR gets the index (onegen_jax.retrieval.index) and documents.json (uid -> the text inserted on
-retrieval), which launch.infer reads.
+DIR gets the index (onegen_jax.retrieval.index), vectors.npy (float32 [keys, D], the index's key
+order) and documents.json (uid -> the text inserted on retrieval), which launch.infer reads.
+Several processes (--distributed) encode together, each on its devices; process 0 writes DIR.
+Mesh, dtype and process flags: launch/serving_flags.py.
 """
 
 import json
 import os
 import sys
 
+import jax
 from absl import app, flags
 
+from launch import serving_flags
 from onegen_jax.inference.run import encode_db, load_run
 from onegen_jax.retrieval.index import ApproxIndex, ExactIndex, ScannIndex
 
@@ -24,6 +28,8 @@ _SEQ_LEN = flags.DEFINE_integer("seq_len", None, "Row length for packed encoding
                                 "are cut (their later keys dropped). Default: the run's training "
                                 "max_len (data.max_len, else batch.seq_len), so the index holds the "
                                 "keys training saw.")
+_ENCODE_ROWS = flags.DEFINE_integer("encode_rows", None, "Rows of seq_len tokens per encoder "
+                                    "batch, a multiple of mesh data x fsdp (default: twice it).")
 flags.mark_flags_as_required(["workdir", "db", "out"])
 
 _BACKENDS = {"exact": ExactIndex, "scann": ScannIndex, "approx": ApproxIndex}
@@ -32,8 +38,11 @@ _BACKENDS = {"exact": ExactIndex, "scann": ScannIndex, "approx": ApproxIndex}
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  run = load_run(_WORKDIR.value, _STEP.value)
-  vectors, uids, texts, report = encode_db(run, _DB.value, _OUT.value, seq_len=_SEQ_LEN.value)
+  run = load_run(_WORKDIR.value, _STEP.value, **serving_flags.start())
+  vectors, uids, texts, report = encode_db(run, _DB.value, _OUT.value, rows=_ENCODE_ROWS.value,
+                                           seq_len=_SEQ_LEN.value)
+  if jax.process_index() != 0:  # process 0 holds every vector and writes the index
+    return
   for warning in report.warnings:
     print(f"warning: {warning}", file=sys.stderr)
   index = _BACKENDS[_BACKEND.value]().build(vectors, uids)

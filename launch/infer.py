@@ -5,13 +5,17 @@
 IN.jsonl: reference-format lines whose user messages are the requests (assistant turns are
 ignored). OUT.jsonl: one JSON object per request: text, retrievals (position, ids, scores) per
 step, and for el the plain text with the linked mentions (character offsets, entity).
+Mesh, dtype and process flags (every process runs the same requests; process 0 writes
+OUT.jsonl): launch/serving_flags.py.
 """
 
 import json
 import os
 
+import jax
 from absl import app, flags
 
+from launch import serving_flags
 from onegen_jax.inference.engine import GenerationConfig
 from onegen_jax.inference.requests import output_record, prompt_tokens, read_requests
 from onegen_jax.inference.run import load_run, make_engine
@@ -36,7 +40,7 @@ flags.mark_flags_as_required(["workdir", "index", "input", "output"])
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  run = load_run(_WORKDIR.value, _STEP.value)
+  run = load_run(_WORKDIR.value, _STEP.value, **serving_flags.start())
   index = load_index(_INDEX.value)
   with open(os.path.join(_INDEX.value, "documents.json")) as f:
     texts = json.load(f)
@@ -48,6 +52,8 @@ def main(argv):
   engine = make_engine(run, index, texts, config)
   prompts = prompt_tokens(run, read_requests(_INPUT.value), _MAX_PROMPT.value)
   outputs = engine.generate(prompts, progress=True)
+  if jax.process_index() != 0:  # every process ran the same requests
+    return
   with open(_OUTPUT.value, "w") as f:
     for out in outputs:
       f.write(json.dumps(output_record(run, out)) + "\n")

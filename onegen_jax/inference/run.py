@@ -9,8 +9,10 @@ import dataclasses
 import os
 
 import flax.linen as nn
+import jax
 import numpy as np
 import tqdm
+from jax.sharding import Mesh
 
 from onegen_jax import sharding
 from onegen_jax.checkpoint import Checkpointer, model_config_from_json
@@ -37,9 +39,15 @@ class LoadedRun:
   config: dict  # the run's saved config (JSON)
 
 
-def load_run(workdir: str, step: int | None = None, task: str | None = None) -> LoadedRun:
-  """The model, parameters (sharded over all devices) and tokenizer of a run directory.
+def load_run(workdir: str, step: int | None = None, mesh: Mesh | None = None,
+             task: str | None = None, dtype: str | None = None) -> LoadedRun:
+  """The model, parameters and tokenizer of a run directory.
 
+  mesh: a ('data', 'fsdp', 'tensor') mesh (sharding.make_mesh); the parameters are laid out on
+  it by the training logical rules (vocab, heads, kv, mlp over 'tensor'; embed over 'fsdp').
+  Default: a data-only mesh over all devices (every device holds all parameters).
+  dtype: the compute dtype (activations, KV cache); default `compute_dtype`: bfloat16 on TPU and
+  GPU, the run's own on CPU. Parameters keep their stored dtype.
   The tokenizer is WORKDIR/tokenizer when present (an import), else the run's data.tokenizer_path.
   """
   ckpt = Checkpointer(workdir)
@@ -47,8 +55,9 @@ def load_run(workdir: str, step: int | None = None, task: str | None = None) -> 
   if step is None:
     raise FileNotFoundError(f"no complete checkpoint in {workdir}")
   model_config = model_config_from_json(ckpt.restore_json(step, "model"))
+  model_config = model_config.replace(dtype=dtype or compute_dtype(model_config.dtype))
   config = ckpt.restore_json(step, "config")
-  mesh = sharding.make_mesh(data=-1)
+  mesh = sharding.make_mesh(data=-1) if mesh is None else mesh
   abstract = abstract_params(model_config)
   target = sharding.with_shardings(nn.unbox(abstract), sharding.logical_to_sharding(
       nn.get_partition_spec(abstract), mesh))
@@ -65,32 +74,48 @@ def load_run(workdir: str, step: int | None = None, task: str | None = None) -> 
                    task_obj, config)
 
 
-def encode_db(run: LoadedRun, db_path: str, out_dir: str, chunk: int = 4096, rows: int = 8,
-              seq_len: int | None = None) -> tuple[np.ndarray, list[str], dict[str, str], Report]:
+def compute_dtype(stored: str) -> str:
+  """The inference compute dtype of a run whose model config says `stored`: bfloat16 on TPU and
+  GPU, `stored` on CPU (where bfloat16 matmuls are slow)."""
+  return "bfloat16" if jax.default_backend() in ("tpu", "gpu") else stored
+
+
+def encode_db(run: LoadedRun, db_path: str, out_dir: str, chunk: int = 4096,
+              rows: int | None = None, seq_len: int | None = None
+              ) -> tuple[np.ndarray | None, list[str], dict[str, str], Report]:
   """Encodes every key of a db.jsonl, streaming vectors to OUT/vectors.npy chunk by chunk.
 
+  rows: encoder rows per batch, a multiple of the mesh's data x fsdp (default: twice it).
   seq_len: documents are cut to it (default: the run's training max_len, so inference has the
   keys training had). Returns (vectors float32 [keys, D] memory-mapped, key uids, document uid ->
   inserted text (records.Document.text), the report: documents truncated, keys lost, documents
-  dropped).
+  dropped). Across processes every process encodes (one SPMD forward) and only process 0 writes
+  OUT/vectors.npy; the others get vectors=None.
   """
   seq_len = seq_len or max_len(run.config["data"], run.config["batch"]["seq_len"])
+  rows = rows or 2 * run.mesh.shape["data"] * run.mesh.shape["fsdp"]
   docs, report = load_documents(run.task, db_path)
   records = document_records(docs, run.tokenizer, seq_len, report)
   database = Database(records)
   encoder = Encoder(run.model, run.mesh, rows=rows, seq_len=seq_len, max_reads=4 * rows)
-  os.makedirs(out_dir, exist_ok=True)
-  vectors = np.lib.format.open_memmap(os.path.join(out_dir, "vectors.npy"), mode="w+",
-                                      dtype=np.float32,
-                                      shape=(len(database.key_uids), run.model.config.hidden_size))
+  writer = jax.process_index() == 0
+  vectors = None
+  if writer:
+    os.makedirs(out_dir, exist_ok=True)
+    vectors = np.lib.format.open_memmap(
+        os.path.join(out_dir, "vectors.npy"), mode="w+", dtype=np.float32,
+        shape=(len(database.key_uids), run.model.config.hidden_size))
   items = [EncodeItem(d.tokens, tuple(k.position for k in d.keys))
            for d in database.corpus.documents.values()]
   done = 0
-  for start in tqdm.tqdm(range(0, len(items), chunk), desc="encoding", unit="chunk"):
+  for start in tqdm.tqdm(range(0, len(items), chunk), desc="encoding", unit="chunk",
+                         disable=not writer):
     block = encoder.encode(run.params, items[start:start + chunk])
-    vectors[done:done + len(block)] = block
+    if writer:
+      vectors[done:done + len(block)] = block
     done += len(block)
-  vectors.flush()
+  if writer:
+    vectors.flush()
   texts = {d.uid: d.text(run.task) for d in docs}
   return vectors, database.key_uids, texts, report
 

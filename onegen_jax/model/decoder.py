@@ -9,11 +9,14 @@ both to the mesh.
 from __future__ import annotations
 
 import functools
+import math
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from onegen_jax import sharding
 from onegen_jax.model.attention import packed_causal_mask
 from onegen_jax.model.config import ModelConfig
 from onegen_jax.model.rope import apply_rope, inverse_frequencies
@@ -23,6 +26,8 @@ _REMAT_POLICIES = {
     "dots_with_no_batch_dims": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
     "dots": jax.checkpoint_policies.dots_saveable,
 }
+# Logical axes of a KV cache [L, B, C, K, H] (see `cache_sharding`).
+CACHE_AXES = ("layers", "batch", "length", "act_kv", None)
 
 
 def _dense(features: int, names: tuple[str, str], config: ModelConfig, name: str,
@@ -31,6 +36,21 @@ def _dense(features: int, names: tuple[str, str], config: ModelConfig, name: str
       features, use_bias=use_bias, dtype=config.dtype, param_dtype=config.param_dtype, name=name,
       kernel_init=nn.with_logical_partitioning(nn.initializers.normal(0.02), names),
       bias_init=nn.with_logical_partitioning(nn.initializers.zeros, (names[1],)))
+
+
+def _write_layer(cache: jnp.ndarray, new: jnp.ndarray, layer, index: jnp.ndarray) -> jnp.ndarray:
+  """cache [L, B, C, K, H] with new [B, T, K, H] written at (layer, b, index[b] + t): one scatter
+  of B x T entries into the (donated) stack, nothing else touched; entries past C are dropped."""
+  batch, num_tokens = new.shape[:2]
+  rows = jnp.broadcast_to(jnp.arange(batch)[:, None], (batch, num_tokens))
+  slots = index[:, None] + jnp.arange(num_tokens)[None, :]
+  return cache.at[layer, rows, slots].set(new.astype(cache.dtype), mode="drop")
+
+
+def _read_layer(cache: jnp.ndarray, layer, window: int) -> jnp.ndarray:
+  """Layer `layer`'s first `window` entries of cache [L, B, C, K, H] -> [B, window, K, H]."""
+  start = (layer, 0, 0, 0, 0)
+  return jax.lax.dynamic_slice(cache, start, (1, *cache.shape[1:2], window, *cache.shape[3:]))[0]
 
 
 class RMSNorm(nn.Module):
@@ -56,12 +76,15 @@ class Attention(nn.Module):
 
   @nn.compact
   def __call__(self, x: jnp.ndarray, mask: jnp.ndarray, positions: jnp.ndarray,
-               write_index: jnp.ndarray | None = None, cache: tuple = ()):
-    """x: [B, T, D]; positions: int32 [B, T]. Returns (out [B, T, D], new cache).
+               cache: tuple = (), layer: jnp.ndarray | int = 0,
+               write_index: jnp.ndarray | None = None):
+    """x: [B, T, D]; positions: int32 [B, T]. Returns (out [B, T, D], cache).
 
-    Without a cache (training), mask is bool [B, 1, T, T] over these tokens. With a cache
-    (k, v), each [B, C, K, H], the new keys and values are written at `write_index` int32 [B]
-    (per row) and mask is bool [B, 1, T, C] over the updated cache.
+    Without a cache (training), mask is bool [B, 1, T, T] over these tokens. With a cache (k, v),
+    each the whole stack [L, B, C, K, H], this layer's new keys and values are written into slice
+    `layer` at `write_index` int32 [B] (per row), and mask is bool [B, 1, T, W] over the first W
+    entries of the updated slice (the window attended). The stack is updated, not rebuilt: under
+    a donated buffer each step writes only its T new entries per layer.
     """
     cfg = self.config
     batch, seq_len, _ = x.shape
@@ -79,13 +102,9 @@ class Attention(nn.Module):
     q = apply_rope(q, positions, inv_freq)
     k = apply_rope(k, positions, inv_freq)
     if cache:
-      write = jax.vmap(lambda buf, new, i: jax.lax.dynamic_update_slice(buf, new, (i, 0, 0)))
-      k, v = write(cache[0], k.astype(cache[0].dtype), write_index), write(
-          cache[1], v.astype(cache[1].dtype), write_index)
-      cache = (k, v)
-    window = mask.shape[-1]  # with a cache: attend to its first `window` entries only
-    out = jax.nn.dot_product_attention(q, k[:, :window], v[:, :window], mask=mask,
-                                       implementation=cfg.attention_impl)
+      cache = tuple(_write_layer(c, new, layer, write_index) for c, new in zip(cache, (k, v)))
+      k, v = (_read_layer(c, layer, mask.shape[-1]) for c in cache)
+    out = jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=cfg.attention_impl)
     out = nn.with_logical_constraint(out, ("batch", "length", "act_heads", None))
     out = out.reshape(batch, seq_len, cfg.num_heads * head_dim)
     return _dense(cfg.hidden_size, ("heads", "embed"), cfg, "o_proj")(out), cache
@@ -106,20 +125,24 @@ class MLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-  """Pre-norm transformer block; returns (x, new cache), the (carry, output) shape of nn.scan."""
+  """Pre-norm transformer block over the carry (x [B, T, D], cache): the (carry, output) shape of
+  nn.scan, with the whole stacked cache in the carry (each layer updates its own slice)."""
 
   config: ModelConfig
 
   @nn.compact
-  def __call__(self, x: jnp.ndarray, mask: jnp.ndarray, positions: jnp.ndarray,
-               write_index: jnp.ndarray | None = None, cache: tuple = ()):
+  def __call__(self, carry: tuple, mask: jnp.ndarray, positions: jnp.ndarray,
+               write_index: jnp.ndarray | None, layer: jnp.ndarray | int):
+    """carry: (x [B, T, D], cache: () or (k, v) each [L, B, C, K, H]); layer: this layer's index
+    into the cache. Returns ((x, cache), None)."""
+    x, cache = carry
     cfg = self.config
     norm = functools.partial(RMSNorm, cfg.rms_norm_eps, cfg.dtype, cfg.param_dtype)
     attended, cache = Attention(cfg, name="self_attn")(
-        norm(name="input_layernorm")(x), mask, positions, write_index, cache)
+        norm(name="input_layernorm")(x), mask, positions, cache, layer, write_index)
     x = x + attended
     x = x + MLP(cfg, name="mlp")(norm(name="post_attention_layernorm")(x))
-    return nn.with_logical_constraint(x, ("batch", "length", "act_embed")), cache
+    return (nn.with_logical_constraint(x, ("batch", "length", "act_embed")), cache), None
 
 
 class Decoder(nn.Module):
@@ -157,14 +180,15 @@ class Decoder(nn.Module):
     return nn.with_logical_constraint(x, ("batch", "length", "act_embed"))
 
   def _layers(self, x, mask, positions, write_index=None, cache=()):
-    """Runs every layer; cache (k, v) is stacked per layer: each [L, B, C, K, H]."""
+    """Runs every layer; cache (k, v) is stacked per layer, each [L, B, C, K, H], and carried
+    through the layer loop (each layer updates its slice in place). Returns (x, cache)."""
     if self.config.scan_layers:
-      return self.layers(x, mask, positions, write_index, cache)
-    new_cache = []
+      layers = jnp.arange(self.config.num_layers)
+      (x, cache), _ = self.layers((x, cache), mask, positions, write_index, layers)
+      return x, cache
     for i, layer in enumerate(self.layers):
-      x, layer_cache = layer(x, mask, positions, write_index, tuple(c[i] for c in cache))
-      new_cache.append(layer_cache)
-    return x, tuple(jnp.stack(c) for c in zip(*new_cache))
+      (x, cache), _ = layer((x, cache), mask, positions, write_index, i)
+    return x, cache
 
   def hidden_states(self, tokens: jnp.ndarray, segment_ids: jnp.ndarray,
                     positions: jnp.ndarray) -> jnp.ndarray:
@@ -182,14 +206,17 @@ class Decoder(nn.Module):
 
     cache: (k, v), each [L, B, C, K, H]. Row b's token t sits at position cache_len[b] + t and
     sees cache entries 0..cache_len[b] + t. Rows may use fewer than T tokens: the extra ones are
-    written past the row's length and overwritten by the next call. Returns (hidden [B, T, D]
-    after the final norm, new cache).
+    written past the row's length and overwritten by the next call (entries past C are
+    dropped). The cache is updated in place when the caller donates it (jit donate_argnums): a
+    step then costs what its T tokens and the window cost, whatever C. Under a mesh the cache
+    keeps `cache_sharding`'s layout. Returns (hidden [B, T, D] after the final norm, new cache).
     """
     num_tokens, window = tokens.shape[1], window or cache[0].shape[2]
     positions = cache_len[:, None] + jnp.arange(num_tokens)[None, :]
     mask = jnp.arange(window)[None, None, :] <= positions[:, :, None]  # [B, T, window]
-    x, cache = self._layers(self._embed(tokens), mask[:, None], positions, cache_len, cache)
-    return self.norm(x), cache
+    x, cache = self._layers(self._embed(tokens), mask[:, None], positions, cache_len,
+                            _constrain_cache(cache))
+    return self.norm(x), _constrain_cache(cache)
 
   def logits(self, hidden: jnp.ndarray) -> jnp.ndarray:
     """hidden [B, S, D] -> logits [B, S, V] in the compute dtype."""
@@ -205,10 +232,47 @@ class Decoder(nn.Module):
     return self.logits(hidden), hidden
 
 
-def init_cache(config: ModelConfig, batch: int, capacity: int) -> tuple[jnp.ndarray, jnp.ndarray]:
-  """Empty (k, v) caches, each [L, B, capacity, K, H] in the compute dtype."""
-  shape = (config.num_layers, batch, capacity, config.num_kv_heads, config.dim_per_head)
-  return jnp.zeros(shape, config.dtype), jnp.zeros(shape, config.dtype)
+def cache_sharding(config: ModelConfig, batch: int, capacity: int, mesh: Mesh) -> NamedSharding:
+  """Where a cache [L, B, C, K, H] lives on `mesh`: CACHE_AXES under the logical rules (rows over
+  ('data', 'fsdp'), kv heads over 'tensor'), an axis that its mesh axes do not divide replicated."""
+  return NamedSharding(mesh, _cache_spec(_cache_shape(config, batch, capacity), mesh.shape))
+
+
+def init_cache(config: ModelConfig, batch: int, capacity: int,
+               mesh: Mesh | None = None) -> tuple[jnp.ndarray, jnp.ndarray]:
+  """Empty (k, v) caches, each [L, B, capacity, K, H] in the compute dtype; with `mesh`, laid out
+  by `cache_sharding` (else on the default device)."""
+  shape = _cache_shape(config, batch, capacity)
+  zeros = lambda: (jnp.zeros(shape, config.dtype), jnp.zeros(shape, config.dtype))
+  if mesh is None:
+    return zeros()
+  placed = cache_sharding(config, batch, capacity, mesh)
+  return jax.jit(zeros, out_shardings=(placed, placed))()
+
+
+def _cache_shape(config: ModelConfig, batch: int, capacity: int) -> tuple[int, ...]:
+  return config.num_layers, batch, capacity, config.num_kv_heads, config.dim_per_head
+
+
+def _cache_spec(shape: tuple[int, ...], mesh_shape) -> PartitionSpec:
+  """Mesh axes for a cache of `shape`: CACHE_AXES by LOGICAL_RULES; a dimension that the product
+  of its mesh axes' sizes (mesh_shape: name -> size) does not divide stays replicated."""
+  def fits(size, axes):
+    axes = () if axes is None else (axes,) if isinstance(axes, str) else axes
+    return size % math.prod(mesh_shape[a] for a in axes) == 0
+
+  spec = nn.logical_to_mesh_axes(CACHE_AXES, sharding.LOGICAL_RULES)
+  return PartitionSpec(*(axes if fits(size, axes) else None for size, axes in zip(shape, spec)))
+
+
+def _constrain_cache(cache: tuple) -> tuple:
+  """Pins (k, v) to `cache_sharding`'s layout under the current mesh (none: unchanged), so a
+  donated cache keeps its layout (and buffer) from call to call."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty or not cache:
+    return cache
+  return tuple(jax.lax.with_sharding_constraint(c, _cache_spec(c.shape, mesh.shape))
+               for c in cache)
 
 
 def abstract_params(config: ModelConfig):

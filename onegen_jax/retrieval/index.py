@@ -148,9 +148,10 @@ class _DeviceIndex(Index):
 
   def __init__(self, query_chunk: int = 256, devices: Sequence[jax.Device] | None = None):
     """query_chunk: queries scored at once (scores [query_chunk, N / devices] per device);
-    devices: where the rows go (default: all)."""
+    devices: where the rows go (default: this process's devices; in a multi-process run each
+    process holds and searches its own copy, as with ScaNN)."""
     self.query_chunk = query_chunk
-    self.devices = list(jax.devices() if devices is None else devices)
+    self.devices = list(jax.local_devices() if devices is None else devices)
     self._mesh = Mesh(np.asarray(self.devices), (KB_AXIS,))
 
   def _build(self, vectors: np.ndarray) -> None:
