@@ -2,8 +2,10 @@
 
   python -m launch.infer --workdir=RUN --index=DIR --input=IN.jsonl --output=OUT.jsonl
 
-IN.jsonl: reference-format lines whose user messages are the requests (assistant turns are
-ignored). OUT.jsonl: one JSON object per request: text, retrievals (position, ids, scores) per
+IN.jsonl: reference-format lines; each line's prompt is every message before its last assistant
+message. An EL line may carry "candidates": entity uids for all its mentions, or one list per
+mention; its searches are then restricted to them (exact scores against the stored vectors).
+OUT.jsonl: one JSON object per request: text, stop_reason, retrievals (position, ids, scores) per
 step, and for el the plain text with the linked mentions (character offsets, entity).
 Mesh, dtype and process flags (every process runs the same requests; process 0 writes
 OUT.jsonl): launch/serving_flags.py.
@@ -13,11 +15,13 @@ import json
 import os
 
 import jax
+import numpy as np
 from absl import app, flags
 
 from launch import serving_flags
-from onegen_jax.inference.engine import GenerationConfig
-from onegen_jax.inference.requests import output_record, prompt_tokens, read_requests
+from onegen_jax.inference.engine import GenerationConfig, Request
+from onegen_jax.inference.requests import (output_record, prompt_tokens, read_candidates,
+                                           read_requests)
 from onegen_jax.inference.run import load_run, make_engine
 from onegen_jax.retrieval.index import load_index
 
@@ -49,9 +53,13 @@ def main(argv):
       max_retrievals=_MAX_RETRIEVALS.value if run.task.mode == "rag" else 1 << 30,
       temperature=_TEMPERATURE.value, top_p=_TOP_P.value, batch_size=_BATCH.value,
       capacity=_CAPACITY.value, retrieve_k=_RETRIEVE_K.value)
-  engine = make_engine(run, index, texts, config)
+  candidates = read_candidates(_INPUT.value)
+  vectors = (np.load(os.path.join(_INDEX.value, "vectors.npy"), mmap_mode="r")
+             if any(c is not None for c in candidates) else None)
+  engine = make_engine(run, index, texts, config, vectors=vectors)
   prompts = prompt_tokens(run, read_requests(_INPUT.value), _MAX_PROMPT.value)
-  outputs = engine.generate(prompts, progress=True)
+  outputs = engine.run([engine.submit(Request(p, candidates=c))
+                        for p, c in zip(prompts, candidates)], progress=True)
   if jax.process_index() != 0:  # every process ran the same requests
     return
   with open(_OUTPUT.value, "w") as f:

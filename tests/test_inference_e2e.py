@@ -15,7 +15,7 @@ from configs import el, multihop
 from engine_util import ScriptedIndex
 from onegen_jax.data.generate import make_dataset
 from onegen_jax.data.pipeline import build_data
-from onegen_jax.data.records import canonical_key, read_jsonl
+from onegen_jax.data.records import canonical_key, read_jsonl, write_jsonl
 from onegen_jax.data.tasks import get_task
 from onegen_jax.eval.scoring import score_el, score_rag
 from onegen_jax.inference.engine import GenerationConfig
@@ -151,3 +151,14 @@ def test_command_line_chain(trained, served, tmp_path):
                   f"--gold={data}/dev.jsonl")
   gold = read_jsonl(f"{data}/dev.jsonl")
   assert scores == pytest.approx((score_rag if mode == "rag" else score_el)(predictions, gold))
+  if mode == "el":  # candidates in the input lines restrict every link to them
+    entities = sorted({line["uid"] for line in read_jsonl(f"{data}/db.jsonl")})
+    lines = [dict(g, candidates=entities[i::5][:4]) for i, g in enumerate(gold)]
+    write_jsonl(str(tmp_path / "with_candidates.jsonl"), lines)
+    launch("infer", f"--workdir={root / 'run'}", f"--index={tmp_path / 'index'}",
+           f"--input={tmp_path / 'with_candidates.jsonl'}", f"--output={tmp_path / 'cand.jsonl'}",
+           "--max_new_tokens=24", "--retrieve_k=2")
+    restricted = read_jsonl(str(tmp_path / "cand.jsonl"))
+    assert sum(len(p["retrievals"]) for p in restricted) > 0
+    for line, p in zip(lines, restricted):
+      assert all(set(r["ids"]) <= set(line["candidates"]) for r in p["retrievals"])

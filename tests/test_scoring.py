@@ -33,6 +33,7 @@ def test_score_el_both_scorers():
   assert scores["strong_recall"] == pytest.approx(1 / 2)
   assert scores["reference_precision"] == pytest.approx(1 / 3)
   assert scores["reference_recall"] == pytest.approx(1 / 2)
+  assert scores["gold_mention_accuracy"] == pytest.approx(1 / 2)  # A right, B wrong; C is NIL
 
 
 def test_score_rag_answers_and_recall_over_steps():

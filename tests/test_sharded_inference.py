@@ -20,9 +20,12 @@ from conftest import ROOT
 from onegen_jax import sharding
 from onegen_jax.checkpoint import Checkpointer
 from onegen_jax.data.generate import make_dataset
-from onegen_jax.inference.run import encode_db, load_run
+from onegen_jax.inference.engine import GenerationConfig
+from onegen_jax.inference.requests import prompt_tokens, read_requests
+from onegen_jax.inference.run import encode_db, load_run, make_engine
 from onegen_jax.model.config import preset
 from onegen_jax.model.decoder import Decoder, abstract_params, cache_sharding, init_cache
+from onegen_jax.retrieval.index import ExactIndex
 
 # Every head axis divides 8 (16 query heads over 8 kv heads: GQA with 2 per group).
 CONFIG = preset("tiny", num_heads=16, num_kv_heads=8, qkv_bias=True)
@@ -142,3 +145,47 @@ def test_two_process_build_index_writes_the_vectors_of_one(random_run):
   np.testing.assert_allclose(got, np.asarray(want), atol=1e-5, rtol=1e-5)
   with open(root / "two" / "documents.json") as f:
     assert json.load(f) == texts
+
+
+@pytest.fixture(scope="module")
+def wide_run(tmp_path_factory):
+  """A run directory of CONFIG (every head axis divides 8, random parameters) over generated EL
+  data."""
+  root = tmp_path_factory.mktemp("wide")
+  make_dataset("el", str(root / "data"), seed=0, num_train=20, num_dev=6)
+  model = Decoder(CONFIG)
+  probe = jnp.ones((1, 4), jnp.int32)
+  params = nn.unbox(model.init(jax.random.key(1), probe, probe, jnp.arange(4)[None]))["params"]
+  config = {"data": {"task": "el", "tokenizer_path": str(root / "data" / "tokenizer")},
+            "batch": {"seq_len": 256}}
+  ckpt = Checkpointer(str(root / "run"))
+  ckpt.save_params(0, params, config, CONFIG)
+  ckpt.wait()
+  ckpt.close()
+  return root
+
+
+def _engine_outputs(root, mesh, index, texts):
+  run = load_run(str(root / "run"), mesh=mesh)
+  prompts = prompt_tokens(run, read_requests(str(root / "data" / "dev.jsonl")), 256)
+  query = run.tokenizer.ids[run.task.query_token]
+  config = GenerationConfig(max_new_tokens=12, batch_size=4, capacity=256, retrieve_k=3)
+  engine = make_engine(run, index, texts, config)
+  # A random model never emits [LK] by itself: each request starts with one (then decodes freely).
+  return engine.generate(prompts, force=[[query]] * len(prompts)), engine
+
+
+@pytest.mark.parametrize("mesh_shape", [(1, 2, 4), (1, 1, 8)], ids=["1x2x4", "1x1x8"])
+def test_a_tensor_sharded_engine_gives_the_unsharded_tokens_and_retrievals(wide_run, mesh_shape):
+  root = wide_run
+  vectors, uids, texts, _ = encode_db(load_run(str(root / "run")), str(root / "data" / "db.jsonl"),
+                                      str(root / "vectors"))
+  index = ExactIndex().build(np.asarray(vectors), uids)
+  want, _ = _engine_outputs(root, None, index, texts)
+  got, engine = _engine_outputs(root, sharding.make_mesh(*mesh_shape), index, texts)
+  assert engine.mesh is not None
+  for a, b in zip(got, want):
+    assert a.tokens == b.tokens and [r.ids for r in a.retrievals] == [r.ids for r in b.retrievals]
+    assert a.retrievals
+    for x, y in zip(a.retrievals, b.retrievals):
+      np.testing.assert_allclose(x.vector, y.vector, atol=1e-5)

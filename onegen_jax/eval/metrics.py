@@ -165,6 +165,21 @@ def el_strong_prf(gold: Sequence[Sequence[tuple[int, int, str | None]]],
       ((d, s, e, ent) for d, doc in enumerate(predicted) for s, e, ent in doc if ent is not None))
 
 
+def el_gold_mention_accuracy(gold: Sequence[Sequence[tuple[int, int, str | None]]],
+                             predicted: Sequence[Sequence[tuple[int, int, str | None]]]) -> float:
+  """Disambiguation accuracy: the fraction of in-KB gold mentions (start, end, entity not None)
+  predicted with the same span and the same entity (0 without such mentions)."""
+  _same_length(gold, predicted)
+  hits = total = 0
+  for g, p in zip(gold, predicted):
+    linked = {(s, e): entity for s, e, entity in p}
+    for start, end, entity in g:
+      if entity is not None:
+        total += 1
+        hits += linked.get((start, end)) == entity
+  return hits / total if total else 0.0
+
+
 def _same_length(a: Sequence, b: Sequence) -> None:
   if len(a) != len(b):
     raise ValueError(f"{len(a)} predictions for {len(b)} gold entries")

@@ -65,4 +65,6 @@ def score_el(predictions: list[dict], gold: list[dict]) -> dict[str, float]:
   strong = metrics.el_strong_prf(list(gold_spans), pred_spans)
   return {"reference_precision": reference.precision, "reference_recall": reference.recall,
           "reference_f1": reference.f1, "strong_precision": strong.precision,
-          "strong_recall": strong.recall, "strong_f1": strong.f1, "documents": len(gold)}
+          "strong_recall": strong.recall, "strong_f1": strong.f1,
+          "gold_mention_accuracy": metrics.el_gold_mention_accuracy(list(gold_spans), pred_spans),
+          "documents": len(gold)}

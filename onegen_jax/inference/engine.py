@@ -24,6 +24,7 @@ is batched: a request gives the same tokens alone, in a static batch or continuo
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import functools
 from collections.abc import Callable, Sequence
@@ -32,7 +33,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import tqdm
+from jax.sharding import Mesh
 
+from onegen_jax import sharding
 from onegen_jax.inference.slots import Slot, cache_window, chunk_width, restore_row, save_row
 from onegen_jax.losses import l2_normalize
 from onegen_jax.model.decoder import Decoder, init_cache
@@ -151,12 +154,15 @@ class Engine:
                documents: Callable[[str], Sequence[int]] | None, config: GenerationConfig,
                mode: str, vocab_size: int | None = None,
                search_candidates: CandidateSearchFn | None = None,
-               query_vectors: Callable[[list[RequestOutput], np.ndarray], np.ndarray] | None = None):
+               query_vectors: Callable[[list[RequestOutput], np.ndarray], np.ndarray] | None = None,
+               mesh: Mesh | None = None):
     """documents: document uid -> the token ids inserted after a query that retrieved it (RAG);
     mode: "rag" or "el"; vocab_size: the tokenizer's size when the model's vocabulary is padded
     beyond it (padded rows are never sampled); search_candidates: exact search among given uids
     (Request.candidates); query_vectors: (outputs of the querying requests, their hidden-state
-    vectors [n, D]) -> the vectors to search with (default: the hidden states)."""
+    vectors [n, D]) -> the vectors to search with (default: the hidden states); mesh: the mesh
+    the parameters live on (load_run's): the cache is laid out by `cache_sharding` (rows over
+    data x fsdp, kv heads over 'tensor') and each step runs under the logical rules."""
     if mode not in ("rag", "el"):
       raise ValueError(f"mode={mode!r}; expected 'rag' or 'el'")
     if mode == "el" and tokens.force_after_query is None:
@@ -164,10 +170,12 @@ class Engine:
     self.model, self.params, self.tokens, self.search = model, params, tokens, search
     self.documents, self.config, self.mode = documents, config, mode
     self.search_candidates, self.query_vectors = search_candidates, query_vectors
+    self.mesh = mesh
     self._step = jax.jit(functools.partial(_step_fn, model, config.temperature, config.top_p,
                                            vocab_size, config.seed), donate_argnums=(3,),
                          static_argnames="window")
-    self._cache = init_cache(model.config, config.batch_size, config.capacity)
+    with self._rules():
+      self._cache = init_cache(model.config, config.batch_size, config.capacity, mesh)
     self._slots: list[Slot | None] = [None] * config.batch_size
     self._waiting: collections.deque[int] = collections.deque()
     self._requests: dict[int, tuple[Request, RequestOutput]] = {}
@@ -231,9 +239,10 @@ class Engine:
     window = min(self.config.capacity, cache_window(int(lengths.max()) + width))
     counters = np.array([[self._stream(s.rid), s.steps] if s else [0, 0] for s in self._slots],
                         np.int32)
-    next_tok, vectors, self._cache = self._step(self.params, fed, lengths, self._cache, last,
-                                                counters, window=window)
-    next_tok, vectors = np.asarray(next_tok), np.asarray(vectors)
+    with self._rules():
+      next_tok, vectors, self._cache = self._step(self.params, fed, lengths, self._cache, last,
+                                                  counters, window=window)
+    next_tok, vectors = np.asarray(jax.device_get(next_tok)), np.asarray(jax.device_get(vectors))
     for r in busy:
       self._slots[r].length += len(self._slots[r].queue)
       self._slots[r].steps += 1
@@ -268,7 +277,8 @@ class Engine:
         request, out = self._requests[rid]
         if rid in self._continues:  # feed what the kept cache lacks: its last token, the turn
           row, length = self._sessions[self._continues.pop(rid)]
-          self._cache = restore_row(self._cache, r, row)
+          with self._rules():
+            self._cache = restore_row(self._cache, r, row)
           self._slots[r] = Slot(rid, list(out.prompt[length:]), length, list(request.force))
         else:
           self._slots[r] = Slot(rid, list(request.prompt), 0, list(request.force))
@@ -298,6 +308,10 @@ class Engine:
         ended.append(self._end(r, "max_new_tokens"))
     return ended
 
+  def _rules(self):
+    """The mesh and logical rules while tracing and running on a mesh (nothing without one)."""
+    return sharding.activate(self.mesh) if self.mesh is not None else contextlib.nullcontext()
+
   def _stream(self, rid: int) -> int:
     seed = self._requests[rid][0].seed
     return rid if seed is None else seed
@@ -312,7 +326,9 @@ class Engine:
     request, out = self._requests[slot.rid]
     out.stop_reason = reason
     if request.keep_session:
-      self._sessions[slot.rid] = (save_row(self._cache, r, cache_window(slot.length)), slot.length)
+      with self._rules():
+        row = save_row(self._cache, r, cache_window(slot.length))
+      self._sessions[slot.rid] = (row, slot.length)
     self._slots[r] = None
     return slot.rid
 

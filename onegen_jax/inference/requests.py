@@ -7,7 +7,7 @@ import json
 from collections.abc import Sequence
 
 from onegen_jax.data.encoding import TaskTokenizer
-from onegen_jax.data.records import ROLES, Message, prompt_messages
+from onegen_jax.data.records import ROLES, Message, nonblank_lines, prompt_messages
 from onegen_jax.inference.engine import RequestOutput
 from onegen_jax.inference.run import LoadedRun
 
@@ -34,6 +34,22 @@ def read_requests(path: str) -> list[tuple[Message, ...]]:
   if problems:
     raise ValueError("\n".join(problems))
   return requests
+
+
+def read_candidates(path: str) -> list[list[str] | list[list[str]] | None]:
+  """Each line's optional "candidates" (EL): entity uids for all its mentions, or one list per
+  mention in order; None where a line has none (its searches are unrestricted)."""
+  out = []
+  for number, text in nonblank_lines(path):
+    candidates = json.loads(text).get("candidates")
+    flat = isinstance(candidates, list) and all(isinstance(c, str) for c in candidates)
+    nested = isinstance(candidates, list) and all(
+        isinstance(c, list) and all(isinstance(u, str) for u in c) for c in candidates)
+    if candidates is not None and not (flat or nested):
+      raise ValueError(f"{path}:{number}: candidates: expected a list of uids or a list of such "
+                       f"lists, got {json.dumps(candidates)[:80]}")
+    out.append(candidates)
+  return out
 
 
 def prompt_tokens(run: LoadedRun, requests: list[tuple[Message, ...]],

@@ -142,4 +142,4 @@ def make_engine(run: LoadedRun, index: Index, texts: dict[str, str], config: Gen
       search, documents=lambda uid: run.tokenizer.insertion_tokens(texts[uid]),
       config=config, mode=task.mode, vocab_size=len(hf),
       search_candidates=None if vectors is None else CandidateScorer(vectors, index.ids).search,
-      **hooks)
+      mesh=run.mesh, **hooks)
