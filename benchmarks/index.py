@@ -110,7 +110,8 @@ def run_worker(job: dict) -> dict:
   after_build = common.rss_bytes()
   search(queries[:1])  # compiles (JAX backends) or warms up
   batch_s, rows = common.timed(lambda: search(queries))
-  single_s = statistics.median(common.timed(lambda: search(queries[i:i + 1]))[0] for i in range(20))
+  single_s = statistics.median(common.timed(lambda: search(queries[i:i + 1]))[0]
+                               for i in range(min(20, len(queries))))
   result = {"build_s": build_s, "qps": len(queries) / batch_s, "single_ms": 1e3 * single_s,
             "rss_gib": (after_build - before) / 2**30,
             "peak_gib": (common.peak_rss_bytes() - before) / 2**30}
@@ -159,7 +160,8 @@ def measure_size(args, dim: int, n: int) -> list[list]:
     print(rows[-1], flush=True)
   if not args.keep_data:
     for path in paths.values():
-      os.remove(path)
+      if os.path.exists(path):  # the truth file is missing when the numpy worker failed
+        os.remove(path)
   return rows
 
 
@@ -202,7 +204,8 @@ def record(args, sizes, rows: list[list], table: str) -> None:
       "loaded, so it is what the index adds: copies of the vectors, the id map, ScaNN's codes. "
       "Peak covers the build and the searches.",
       f"queries/s: all {args.queries} queries in one call (ExactIndex/ApproxIndex in chunks of "
-      "256; ScaNN search_batched_parallel); 1-query ms: median of 20 single-query calls.",
+      "256; ScaNN search_batched_parallel); 1-query ms: median of 20 single-query calls (or "
+      "one per query, if fewer).",
       "ApproxIndex uses jax.lax.approx_max_k, which is approximate on TPU only; on CPU it sorts.",
   ]
   common.record("index", ", ".join(f"{n:,} x {d}" for d, n in sizes), table, notes,

@@ -139,9 +139,14 @@ def test_a_session_continued_over_its_cache_equals_the_dialogue_at_once(linker):
   assert continued.retrievals
   for a, b in zip(continued.retrievals, whole.retrievals):
     np.testing.assert_allclose(a.vector, b.vector, atol=1e-5)
-  engine.close_session(first)
-  with pytest.raises(KeyError):
+  with pytest.raises(KeyError):  # a session goes on once; the continuation kept its own
     engine.continue_session(first, prompts[1])
+  engine.close_session(second)
+  with pytest.raises(KeyError):
+    engine.continue_session(second, prompts[1])
+  assert engine.release(first) is round1
+  with pytest.raises(KeyError):
+    engine.output(first)
 
 
 def test_candidates_restrict_and_rank_as_the_unrestricted_scores(linker):

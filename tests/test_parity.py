@@ -32,7 +32,7 @@ from onegen_jax.data.loader import pack_all
 from onegen_jax.data.packing import BatchShape
 from onegen_jax.data.tokenized import Database, document_records, example_records, key_ids
 from onegen_jax.data.reading import load_records
-from onegen_jax.data.records import Message, Report, canonical_key, prompt_messages
+from onegen_jax.data.records import Message, canonical_key, prompt_messages
 from onegen_jax.data.sampling import Sampling
 from onegen_jax.data.tasks import get_task
 from onegen_jax.inference.engine import GenerationConfig

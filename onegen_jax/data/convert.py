@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import hashlib
 import html
-import json
 import os
 import re
 from collections import Counter, defaultdict

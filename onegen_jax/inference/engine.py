@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import collections
 import contextlib
-import dataclasses
 import functools
 from collections.abc import Callable, Sequence
 
@@ -37,6 +36,8 @@ from jax.sharding import Mesh
 
 from onegen_jax import sharding
 from onegen_jax.inference.slots import Slot, cache_window, chunk_width, restore_row, save_row
+from onegen_jax.inference.types import (GenerationConfig, Request, RequestOutput, Retrieval,
+                                        TaskTokens)
 from onegen_jax.losses import l2_normalize
 from onegen_jax.model.decoder import Decoder, init_cache
 
@@ -44,73 +45,6 @@ from onegen_jax.model.decoder import Decoder, init_cache
 SearchFn = Callable[[np.ndarray, int], tuple[list[list[str]], np.ndarray]]
 # (query vector float32 [D], candidate uids, k) -> (ids [<= k], scores [<= k]), best first
 CandidateSearchFn = Callable[[np.ndarray, Sequence[str], int], tuple[list[str], np.ndarray]]
-
-
-@dataclasses.dataclass(frozen=True)
-class TaskTokens:
-  """Token ids the engine acts on."""
-
-  query: int  # the query-side RET token
-  eos: int
-  force_after_query: int | None = None  # EL: [_CONTINUE_]
-
-
-@dataclasses.dataclass(frozen=True)
-class GenerationConfig:
-  max_new_tokens: int = 128  # output-stream tokens, inserted paragraphs not counted
-  max_retrievals: int = 5  # per request; a query RET token beyond it ends the request
-  retrieve_k: int = 1  # results kept per retrieval (the first one is inserted / linked)
-  temperature: float = 0.0  # 0: greedy
-  top_p: float = 1.0
-  batch_size: int = 8  # slots (cache rows)
-  capacity: int = 2048  # cache entries per slot: prompt + inserted + generated tokens
-  seed: int = 0
-  continuous: bool = True  # a freed slot takes the next request at once (else: static batches)
-
-
-@dataclasses.dataclass(frozen=True)
-class Request:
-  """prompt: token ids. force: tokens replacing the first output-stream choices. candidates: EL
-  entity uids every search of this request is restricted to (one list), or one list per query in
-  order. keep_session: keep the cache when it ends, for continue_session. seed: its sampling
-  stream (with the config's seed; None: the request id)."""
-
-  prompt: Sequence[int]
-  force: Sequence[int] = ()
-  candidates: Sequence[str] | Sequence[Sequence[str]] | None = None
-  keep_session: bool = False
-  seed: int | None = None
-
-
-@dataclasses.dataclass
-class Retrieval:
-  position: int  # index of the RET token in the request's full token sequence
-  ids: list[str]
-  scores: list[float]
-  vector: np.ndarray  # float32 [D], the query
-
-
-STOP_REASONS = ("eos", "max_new_tokens", "max_retrievals", "capacity")
-
-
-@dataclasses.dataclass
-class RequestOutput:
-  prompt: list[int]  # for a session continuation: the whole dialogue before the new turn's output
-  tokens: list[int]  # everything after the prompt: the output stream and insertions, in order
-  generated: list[bool]  # per entry of `tokens`: of the output stream (sampled, or forced in its
-  # place), not inserted by the engine (a retrieved paragraph, the token forced after a RET token)
-  retrievals: list[Retrieval]
-  stop_reason: str = ""  # one of STOP_REASONS once the request ended ("capacity": its next
-  # tokens would not fit its cache row)
-
-  @property
-  def finished(self) -> bool:
-    """Stopped on EOS."""
-    return self.stop_reason == "eos"
-
-  @property
-  def done(self) -> bool:
-    return bool(self.stop_reason)
 
 
 def _sample(logits: jnp.ndarray, keys: jax.Array, temperature: float, top_p: float) -> jnp.ndarray:
@@ -179,8 +113,9 @@ class Engine:
     self._slots: list[Slot | None] = [None] * config.batch_size
     self._waiting: collections.deque[int] = collections.deque()
     self._requests: dict[int, tuple[Request, RequestOutput]] = {}
+    self._next_id = 0
     self._sessions: dict[int, tuple[tuple, int]] = {}  # request id -> (cache row, length)
-    self._continues: dict[int, int] = {}  # request id -> the session it continues
+    self._continues: dict[int, tuple[tuple, int]] = {}  # request id -> its session's (row, length)
 
   # -- the stepping interface ------------------------------------------------------------------
   def submit(self, request: Request) -> int:
@@ -188,7 +123,7 @@ class Engine:
     if len(request.prompt) + 1 > self.config.capacity:
       raise ValueError(f"a prompt of {len(request.prompt)} tokens does not fit capacity="
                        f"{self.config.capacity}")
-    rid = len(self._requests)
+    rid, self._next_id = self._next_id, self._next_id + 1
     self._requests[rid] = (request, RequestOutput(list(request.prompt), [], [], []))
     self._waiting.append(rid)
     return rid
@@ -206,15 +141,22 @@ class Engine:
     before = self._requests[session][1]
     rid = self.submit(Request([*before.prompt, *before.tokens, *turn], force,
                               keep_session=keep_session))
-    self._continues[rid] = session
+    self._continues[rid] = self._sessions.pop(session)  # a session goes on once
     return rid
 
   def close_session(self, session: int):
-    """Frees a kept session's cache."""
+    """Frees a kept session's cache (not continued)."""
     self._sessions.pop(session, None)
 
   def output(self, rid: int) -> RequestOutput:
     return self._requests[rid][1]
+
+  def release(self, rid: int) -> RequestOutput:
+    """Forgets an ended request (a long-running server calls it once a result is delivered);
+    returns its output. Its kept session, if any, stays until continued or closed."""
+    if not self.output(rid).done:
+      raise ValueError(f"request {rid} has not ended")
+    return self._requests.pop(rid)[1]
 
   @property
   def busy(self) -> bool:
@@ -276,7 +218,7 @@ class Engine:
         rid = self._waiting.popleft()
         request, out = self._requests[rid]
         if rid in self._continues:  # feed what the kept cache lacks: its last token, the turn
-          row, length = self._sessions[self._continues.pop(rid)]
+          row, length = self._continues.pop(rid)
           with self._rules():
             self._cache = restore_row(self._cache, r, row)
           self._slots[r] = Slot(rid, list(out.prompt[length:]), length, list(request.force))
@@ -346,7 +288,7 @@ class Engine:
         found[i] = self.search_candidates(queries[i], candidates, self.config.retrieve_k)
       ids, scores = found[i]
       out.retrievals.append(Retrieval(slot.length - 1, list(ids), [float(s) for s in scores],
-                                      vectors[r]))
+                                      np.asarray(queries[i])))
       queued = (list(self.documents(ids[0])) if self.mode == "rag"
                 else [self.tokens.force_after_query])
       slot.queue = queued

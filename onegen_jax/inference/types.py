@@ -1,0 +1,76 @@
+"""What a caller gives the OneGen engine and gets back: task token ids, the generation config, a
+request, and its output (tokens, retrievals, why it stopped)."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+
+import numpy as np
+
+
+@dataclasses.dataclass(frozen=True)
+class TaskTokens:
+  """Token ids the engine acts on."""
+
+  query: int  # the query-side RET token
+  eos: int
+  force_after_query: int | None = None  # EL: [_CONTINUE_]
+
+
+@dataclasses.dataclass(frozen=True)
+class GenerationConfig:
+  max_new_tokens: int = 128  # output-stream tokens, inserted paragraphs not counted
+  max_retrievals: int = 5  # per request; a query RET token beyond it ends the request
+  retrieve_k: int = 1  # results kept per retrieval (the first one is inserted / linked)
+  temperature: float = 0.0  # 0: greedy
+  top_p: float = 1.0
+  batch_size: int = 8  # slots (cache rows)
+  capacity: int = 2048  # cache entries per slot: prompt + inserted + generated tokens
+  seed: int = 0
+  continuous: bool = True  # a freed slot takes the next request at once (else: static batches)
+
+
+@dataclasses.dataclass(frozen=True)
+class Request:
+  """prompt: token ids. force: tokens replacing the first output-stream choices. candidates: EL
+  entity uids every search of this request is restricted to (one list), or one list per query in
+  order. keep_session: keep the cache when it ends, for continue_session. seed: its sampling
+  stream (with the config's seed; None: the request id)."""
+
+  prompt: Sequence[int]
+  force: Sequence[int] = ()
+  candidates: Sequence[str] | Sequence[Sequence[str]] | None = None
+  keep_session: bool = False
+  seed: int | None = None
+
+
+@dataclasses.dataclass
+class Retrieval:
+  position: int  # index of the RET token in the request's full token sequence
+  ids: list[str]
+  scores: list[float]
+  vector: np.ndarray  # float32 [D], the query searched (the hidden state unless query_vectors)
+
+
+STOP_REASONS = ("eos", "max_new_tokens", "max_retrievals", "capacity")
+
+
+@dataclasses.dataclass
+class RequestOutput:
+  prompt: list[int]  # for a session continuation: the whole dialogue before the new turn's output
+  tokens: list[int]  # everything after the prompt: the output stream and insertions, in order
+  generated: list[bool]  # per entry of `tokens`: of the output stream (sampled, or forced in its
+  # place), not inserted by the engine (a retrieved paragraph, the token forced after a RET token)
+  retrievals: list[Retrieval]
+  stop_reason: str = ""  # one of STOP_REASONS once the request ended ("capacity": its next
+  # tokens would not fit its cache row)
+
+  @property
+  def finished(self) -> bool:
+    """Stopped on EOS."""
+    return self.stop_reason == "eos"
+
+  @property
+  def done(self) -> bool:
+    return bool(self.stop_reason)
