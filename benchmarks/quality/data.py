@@ -1,5 +1,19 @@
-"""Each task's files: converted from ../shared/data (or given), subsetted, chat-wrapped, written to
-OUT/data/MODE/{train,dev,db}.jsonl."""
+"""Each task's files: converted from the shaped ../shared/data (sources.py) or given, documents
+shortened (--doc_rows), chat-wrapped, subsetted, written to OUT/data/MODE/:
+
+  train.jsonl  training examples that fit the task's row and, with the documents their queries
+               bring, an empty batch (the others are left out and counted: nothing is cut, so
+               every example keeps its answer, its targets and its queries)
+  db.jsonl     the training db
+  dev.jsonl    the evaluated dev lines, each with `candidates`: one list of document uids per query
+               RET token of its answer (EL: the mention's REL candidates in the KB; RAG: the
+               question's own paragraphs, i.e. every document the line lists; given files without
+               it: the anchor's listed positives and negatives)
+  pool.jsonl   the evaluation pool: every document the evaluated dev lines list or name as a
+               candidate (RAG: all dev paragraphs; EL: the dev mentions' gold and candidate
+               entities)
+  kb.jsonl     the whole db (EL with --el_whole_kb)
+"""
 
 from __future__ import annotations
 
@@ -7,19 +21,21 @@ import argparse
 import copy
 import dataclasses
 import os
+import re
 
 import numpy as np
 
+from benchmarks.quality import sources
 from benchmarks.quality.cli import TaskSettings, say
 from onegen_jax.data import convert
 from onegen_jax.data.encoding import TaskTokenizer
 from onegen_jax.data.records import Message, document_uid, read_jsonl, write_jsonl
-from onegen_jax.data.tasks import Task
+from onegen_jax.data.tasks import EL, MULTIHOP, Task
 
 
 @dataclasses.dataclass(frozen=True)
 class DevLine:
-  """A dev line before chat wrapping (what the pipeline's query texts read)."""
+  """A dev line before chat wrapping (what the baselines' query texts read)."""
 
   user: str  # its user messages, joined
   answer: str  # its gold answer: the last assistant message, markup included
@@ -32,9 +48,11 @@ class TaskData:
 
   settings: TaskSettings
   train_path: str
-  dev_path: str  # the evaluated dev subset, wrapped
-  db_path: str
-  dev: list[DevLine]  # the same dev lines, unwrapped
+  dev_path: str  # the evaluated dev subset, wrapped, with candidates
+  db_path: str  # the training db
+  pool_path: str  # the evaluation pool
+  kb_path: str  # the whole db ("" when not evaluated against it)
+  dev: list[DevLine]
   counts: dict[str, int]
 
   @property
@@ -45,9 +63,30 @@ class TaskData:
 @dataclasses.dataclass
 class _Splits:
   train: list[dict]
-  dev: list[dict]
+  dev: list[dict]  # unwrapped, with candidates
   db: list[dict]
   dev_sets: list[str]  # source set of each dev line ("" when unknown)
+
+
+def template_field(template: str, field: str, text: str) -> str | None:
+  """The value of `{field}` in `text` produced by `template` (None if it does not match)."""
+  if "{" + field + "}" not in template:
+    return None
+  unescape = lambda s: s.replace("{{", "{").replace("}}", "}")
+  before, after = (unescape(s) for s in template.split("{" + field + "}", 1))
+  match = re.search(re.escape(before) + "(.*?)" + re.escape(after) + ("" if after else "$"),
+                    text, re.S)
+  return match.group(1) if match else None
+
+
+def short_document(line: dict, task: Task) -> dict:
+  """A db line as its assistant text only, prefixed with the title its instruction names (EL:
+  'title: description[SE]'); the inserted text of a RAG paragraph does not change."""
+  users = " ".join(m["content"] for m in line["messages"] if m["role"] == "user")
+  title = template_field(task.doc_instruction, "title", users)
+  body = "".join(m["content"] for m in line["messages"] if m["role"] == "assistant")
+  return {"uid": line["uid"],
+          "messages": [{"role": "assistant", "content": f"{title}: {body}" if title else body}]}
 
 
 def _dev_line(line: dict, source: str) -> DevLine:
@@ -56,30 +95,102 @@ def _dev_line(line: dict, source: str) -> DevLine:
   return DevLine(user, answer, source)
 
 
-def _anchor_docs(line: dict, field: str) -> list[str]:
-  """Document uids the line's anchors list under `field` ("positive" or "negative"), in order."""
-  uids = []
-  for m in line["messages"]:
-    for entry in m.get(field) or []:
-      uids += [entry] if isinstance(entry, str) else list(entry or [])
-  return list(dict.fromkeys(document_uid(u) for u in uids if u))
+def _entry_docs(entry) -> list[str]:
+  uids = [entry] if isinstance(entry, str) else list(entry or [])
+  return [document_uid(u) for u in uids if u]
 
 
-def _limit_db(db: list[dict], keep: list[dict], limit: int, rng: np.random.Generator) -> list[dict]:
-  """At most `limit` documents (0: all): every positive of the `keep` lines, then their listed
-  negatives, then random others."""
-  if not limit or limit >= len(db):
-    return db
-  positives = dict.fromkeys(u for line in keep for u in _anchor_docs(line, "positive"))
-  negatives = [u for line in keep for u in _anchor_docs(line, "negative") if u not in positives]
-  by_uid = {d["uid"]: d for d in db}
-  chosen = [u for u in positives if u in by_uid]
-  chosen += [u for u in dict.fromkeys(negatives) if u in by_uid][:max(limit - len(chosen), 0)]
-  taken = set(chosen)
-  others = [d["uid"] for d in db if d["uid"] not in taken]
-  chosen += [others[i] for i in sorted(rng.permutation(len(others))[:max(limit - len(chosen), 0)])]
-  taken = set(chosen)
-  return [d for d in db if d["uid"] in taken]
+def _entries(line: dict) -> list[tuple[list[str], list[str]]]:
+  """Per anchor (query RET token, in order): the documents of its positive and negative entries."""
+  return [(_entry_docs(pos), [d for n in (neg or []) for d in _entry_docs(n)])
+          for m in line["messages"]
+          for pos, neg in zip(m.get("positive") or [], m.get("negative") or [])]
+
+
+def _listed(line: dict) -> list[list[str]]:
+  """Per anchor: its positive and negative documents, positives first."""
+  return [list(dict.fromkeys(pos + neg)) for pos, neg in _entries(line)]
+
+
+def _with_candidates(line: dict, task: Task, spans: dict | None) -> dict:
+  """The dev line with `candidates` (kept when it has them; the module docstring says which)."""
+  if "candidates" in line:
+    return line
+  listed = _listed(line)
+  if spans is not None:  # EL converted here: each mention's REL candidates, by its span
+    _, mentions = task.linked_mentions(line["messages"][-1]["content"], [])
+    candidates = [spans.get((m["start"], m["end"]), []) for m in mentions]
+  elif task.mode == "rag":  # the question's own paragraphs, for each of its queries
+    own = list(dict.fromkeys(u for docs in listed for u in docs))
+    candidates = [own] * len(listed)
+  else:
+    candidates = listed
+  return {**line, "candidates": candidates}
+
+
+def _unsplit(nine: list, tenth: list) -> list:
+  """The inverse of convert's split (every tenth example to dev): the lines in file order."""
+  out, a, b = [], iter(nine), iter(tenth)
+  for i in range(len(nine) + len(tenth)):
+    out.append(next(b) if i % 10 == 9 else next(a))
+  return out
+
+
+def _converted_el(args: argparse.Namespace, hf_tokenizer, eos: str) -> _Splits:
+  chunking = sources.Chunking(args.el_chunk_tokens, args.el_chunk_sentences)
+  shaped = sources.el_sources(args.el_src, os.path.join(args.out, "data", "el_src"),
+                              hf_tokenizer, chunking, args.el_dev_every)
+  train_a, train_b, db = convert.convert_el(shaped.train_dir, eos)
+  dev_a, dev_b, _ = convert.convert_el(shaped.dev_dir, eos)
+  dev = [_with_candidates(line, EL, spans)
+         for line, spans in zip(_unsplit(dev_a, dev_b), shaped.dev_candidates)]
+  return _Splits(_unsplit(train_a, train_b), dev, db, ["el"] * len(dev))
+
+
+def _converted_rag(args: argparse.Namespace, hf_tokenizer, eos: str) -> _Splits:
+  sets = [s for s in args.qa_sets.split(",") if s]
+  dirs, extra, _ = sources.rag_sources(sets, args.qa_extra_corpus,
+                                       os.path.join(args.out, "data", "rag_src"), hf_tokenizer,
+                                       args.rag_paragraph_tokens)
+  splits, db = _Splits([], [], [], []), {}
+  for src in dirs:
+    train, dev, docs = convert.convert_qa(src, eos, extra_corpus=extra or None)
+    splits.train += train
+    splits.dev += [_with_candidates(line, MULTIHOP, None) for line in dev]
+    splits.dev_sets += [os.path.basename(os.path.normpath(src))] * len(dev)
+    for doc in docs:
+      db.setdefault(doc["uid"], doc)
+  splits.db = list(db.values())
+  return splits
+
+
+def _read(settings: TaskSettings, args: argparse.Namespace, hf_tokenizer) -> _Splits:
+  """The given reference-format files, or the shaped and converted ../shared/data."""
+  eos = hf_tokenizer.eos_token or "</s>"
+  if all(settings.given):
+    train, dev, db = (read_jsonl(p) for p in settings.given)
+    return _Splits(train, [_with_candidates(line, settings.task, None) for line in dev], db,
+                   [""] * len(dev))
+  return (_converted_el if settings.mode == "el" else _converted_rag)(args, hf_tokenizer, eos)
+
+
+def _wrap(lines: list[dict], hf_tokenizer) -> list[dict]:
+  """Copies of reference-format lines whose user messages are in the chat template."""
+  out = copy.deepcopy(lines)
+  for line in out:
+    for m in line["messages"]:
+      if m["role"] == "user":
+        m["content"] = hf_tokenizer.apply_chat_template(
+            [{"role": "user", "content": m["content"]}], tokenize=False, add_generation_prompt=True)
+  return out
+
+
+def _lengths(lines: list[dict], tokenizer: TaskTokenizer) -> np.ndarray:
+  """Tokens of each line's whole example, as training tokenises it (uncut)."""
+  encoded = tokenizer.tokenize_with_roles(
+      [[Message(m["role"], m["content"]) for m in line["messages"]] for line in lines],
+      tokenizer.task.query_token, 1 << 30)
+  return np.asarray([len(e.tokens) for e in encoded], np.int64)
 
 
 def _round_robin(sets: list[str], limit: int) -> list[int]:
@@ -97,84 +208,106 @@ def _round_robin(sets: list[str], limit: int) -> list[int]:
   return sorted(picked)
 
 
-def _wrap(lines: list[dict], hf_tokenizer) -> list[dict]:
-  """Copies of reference-format lines whose user messages are in the chat template."""
-  out = copy.deepcopy(lines)
-  for line in out:
-    for m in line["messages"]:
-      if m["role"] == "user":
-        m["content"] = hf_tokenizer.apply_chat_template(
-            [{"role": "user", "content": m["content"]}], tokenize=False, add_generation_prompt=True)
-  return out
+def _line_docs(line: dict) -> list[str]:
+  """Every document a line lists (positives first) or names as a candidate."""
+  listed = [u for docs in _listed(line) for u in docs]
+  named = [document_uid(u) for c in line.get("candidates", []) for u in c]
+  return list(dict.fromkeys(listed + named))
 
 
-def _converted(settings: TaskSettings, args: argparse.Namespace, eos: str) -> _Splits:
-  """The task's splits converted from ../shared/data by onegen_jax.data.convert."""
-  if settings.mode == "el":
-    train, dev, db = convert.convert_el(args.el_src, eos)
-    return _Splits(train, dev, db, ["el"] * len(dev))
-  splits, db = _Splits([], [], [], []), {}
-  for src in [s for s in args.qa_sets.split(",") if s]:
-    train, dev, docs = convert.convert_qa(src, eos, extra_corpus=args.qa_extra_corpus or None)
-    splits.train += train
-    splits.dev += dev
-    splits.dev_sets += [os.path.basename(os.path.normpath(src))] * len(dev)
-    for doc in docs:
-      db.setdefault(doc["uid"], doc)
-  splits.db = list(db.values())
-  return splits
+def _limit_db(db: list[dict], keep: list[dict], limit: int, rng: np.random.Generator) -> list[dict]:
+  """At most `limit` documents (0: all): every document the `keep` lines list, then random
+  others."""
+  if not limit or limit >= len(db):
+    return db
+  by_uid = {d["uid"]: d for d in db}
+  chosen = [u for u in dict.fromkeys(u for line in keep for u in _line_docs(line)) if u in by_uid]
+  others = [d["uid"] for d in db if d["uid"] not in set(chosen)]
+  chosen += [others[i] for i in sorted(rng.permutation(len(others))[:max(limit - len(chosen), 0)])]
+  taken = set(chosen)
+  return [d for d in db if d["uid"] in taken]
 
 
-def _read(settings: TaskSettings, args: argparse.Namespace, eos: str) -> _Splits:
-  """The given reference-format files, or the converted ones."""
-  if all(settings.given):
-    train, dev, db = (read_jsonl(p) for p in settings.given)
-    return _Splits(train, dev, db, [""] * len(dev))
-  if any(settings.given):
-    raise ValueError(f"give all of --{settings.mode}_train, --{settings.mode}_dev, "
-                     f"--{settings.mode}_db or none")
-  return _converted(settings, args, eos)
+def _pool(db: list[dict], dev: list[dict]) -> list[dict]:
+  """The documents of `db` that the dev lines list or name as candidates, in db order."""
+  wanted = {u for line in dev for u in _line_docs(line)}
+  return [d for d in db if d["uid"] in wanted]
 
 
-def _short_dev(dev: list[dict], tokenizer: TaskTokenizer, max_tokens: int) -> list[int]:
-  """Indices of the dev lines whose whole example is at most `max_tokens` tokens."""
-  encoded = tokenizer.tokenize_with_roles(
-      [[Message(m["role"], m["content"]) for m in line["messages"]] for line in dev],
-      tokenizer.task.query_token, 1 << 30)
-  return [i for i, e in enumerate(encoded) if len(e.tokens) <= max_tokens]
+def _first_fit(sizes: list[int], rows: int, seq_len: int) -> bool:
+  """Whether sequences of these lengths fit, in order and first-fit, into empty rows (the packer's
+  placement)."""
+  fill = [0] * rows
+  for n in sizes:
+    row = next((r for r in range(rows) if fill[r] + n <= seq_len), None)
+    if row is None:
+      return False
+    fill[row] += n
+  return True
+
+
+def _packable(lines: list[dict], lengths: np.ndarray, doc_lengths: dict[str, int],
+              settings: TaskSettings) -> np.ndarray:
+  """Per line: whether it fits an empty batch with the documents its queries bring (per valid
+  anchor, up to n_pos: its first positive and n_neg listed negatives), as the packer places them;
+  a batch that cannot hold one example stops training with an error, hours in."""
+  rows = settings.rows // settings.accum_steps
+  out = []
+  for line, n in zip(lines, lengths):
+    valid = [(pos, neg) for pos, neg in _entries(line) if pos and neg][:settings.n_pos]
+    docs = dict.fromkeys(d for pos, neg in valid for d in pos[:1] + neg[:settings.n_neg])
+    sizes = [int(n), *(doc_lengths[d] for d in docs if d in doc_lengths)]
+    out.append(n <= settings.seq_len and _first_fit(sizes, rows, settings.seq_len))
+  return np.asarray(out, bool)
 
 
 def _subset(splits: _Splits, settings: TaskSettings, args: argparse.Namespace,
-            tokenizer: TaskTokenizer) -> _Splits:
-  """The training limit, the dev filter and limit, and the db limit (seeded by --seed)."""
+            tokenizer: TaskTokenizer, wrap, counts: dict) -> tuple[_Splits, list[int]]:
+  """(the training lines that fit, wrapped; the evaluated dev lines, wrapped; the training db),
+  and the indices of the evaluated dev lines in `splits.dev`."""
   rng = np.random.default_rng(args.seed)
-  train, dev, dev_sets = splits.train, splits.dev, splits.dev_sets
+  train = splits.train
   if args.train_limit and args.train_limit < len(train):
     train = [train[i] for i in sorted(rng.permutation(len(train))[:args.train_limit])]
+  train = wrap(train)
+  lengths = _lengths(train, tokenizer)
+  doc_lengths = dict(zip((d["uid"] for d in splits.db), _lengths(splits.db, tokenizer).tolist()))
+  fits = _packable(train, lengths, doc_lengths, settings)
+  counts["train_too_long"] = int(np.sum(lengths > settings.seq_len))
+  counts["train_unpackable"] = int(np.sum(~fits)) - counts["train_too_long"]
+  train = [line for line, ok in zip(train, fits) if ok]
+  dev = wrap(splits.dev)
+  keep = list(range(len(dev)))
   if settings.dev_max_tokens:
-    keep = _short_dev(dev, tokenizer, settings.dev_max_tokens)
-    dev, dev_sets = [dev[i] for i in keep], [dev_sets[i] for i in keep]
-  picked = _round_robin(dev_sets, settings.dev_limit)
-  dev, dev_sets = [dev[i] for i in picked], [dev_sets[i] for i in picked]
-  return _Splits(train, dev, _limit_db(splits.db, train + dev, settings.db_limit, rng), dev_sets)
+    keep = [i for i, n in enumerate(_lengths(dev, tokenizer)) if n <= settings.dev_max_tokens]
+  picked = [keep[i] for i in _round_robin([splits.dev_sets[i] for i in keep], settings.dev_limit)]
+  db = _limit_db(splits.db, train, settings.db_limit, rng)
+  return _Splits(train, [dev[i] for i in picked], db, [splits.dev_sets[i] for i in picked]), picked
 
 
 def prepare_task(settings: TaskSettings, args: argparse.Namespace, hf_tokenizer,
                  tokenizer: TaskTokenizer) -> TaskData:
   """Converts (or reads) a task's data, takes the subsets and writes OUT/data/MODE/*.jsonl."""
-  splits = _read(settings, args, hf_tokenizer.eos_token or "</s>")
+  splits = _read(settings, args, hf_tokenizer)
+  if args.doc_rows == "short":
+    splits.db = [short_document(d, settings.task) for d in splits.db]
   counts = {"train_all": len(splits.train), "dev_all": len(splits.dev), "db_all": len(splits.db)}
-  splits = _subset(splits, settings, args, tokenizer)
-  counts.update(train=len(splits.train), dev=len(splits.dev), db=len(splits.db))
-  for s in sorted(set(splits.dev_sets)):
-    counts[f"dev_{s}"] = splits.dev_sets.count(s)
+  wrap = (lambda lines: _wrap(lines, hf_tokenizer)) if args.chat_template else copy.deepcopy
+  splits.db = wrap(splits.db)
+  kept, picked = _subset(splits, settings, args, tokenizer, wrap, counts)
+  files = {"train": kept.train, "dev": kept.dev, "db": kept.db, "pool": _pool(splits.db, kept.dev)}
+  if settings.mode == "el" and args.el_whole_kb:
+    files["kb"] = splits.db
+  counts.update({name: len(lines) for name, lines in files.items()})
+  counts["dev_queries"] = sum(len(line["candidates"]) for line in kept.dev)
+  for s in sorted(set(kept.dev_sets)):
+    counts[f"dev_{s}"] = kept.dev_sets.count(s)
   out = os.path.join(args.out, "data", settings.mode)
   os.makedirs(out, exist_ok=True)
-  paths = {}
-  for name in ("train", "dev", "db"):
-    lines = getattr(splits, name)
-    paths[name] = os.path.join(out, f"{name}.jsonl")
-    write_jsonl(paths[name], _wrap(lines, hf_tokenizer) if args.chat_template else lines)
+  paths = {name: os.path.join(out, f"{name}.jsonl") for name in files}
+  for name, lines in files.items():
+    write_jsonl(paths[name], lines)
   say(f"{settings.mode} data in {out}: {counts}")
-  dev = [_dev_line(line, s) for line, s in zip(splits.dev, splits.dev_sets)]
-  return TaskData(settings, paths["train"], paths["dev"], paths["db"], dev, counts)
+  dev = [_dev_line(splits.dev[i], s) for i, s in zip(picked, kept.dev_sets)]
+  return TaskData(settings, paths["train"], paths["dev"], paths["db"], paths["pool"],
+                  paths.get("kb", ""), dev, counts)

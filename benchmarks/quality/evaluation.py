@@ -1,5 +1,12 @@
-"""Evaluating one arm: retrieval on gold context (the gold answer teacher-forced, as training
-encodes it), then free generation with retrieval through the Engine, scored."""
+"""Evaluating one arm: retrieval on gold context (ranking.py: among each query's candidates, in the
+pool, in the whole db), then free one-pass generation with retrieval through the Engine, scored.
+
+The retrievers: an arm's own RET hidden states (the gold answer teacher-forced as training
+encodes it; documents encoded as training encoded them), MiniLM-L6 or BM25 over the query texts of
+minilm.py, or the candidate prior. The MiniLM pipeline generates with the arm's model and
+replaces each query RET token's hidden state by the MiniLM embedding of its query text (the
+Engine's `query_vectors` hook); insertion / linking then proceed as for OneGen.
+"""
 
 from __future__ import annotations
 
@@ -7,44 +14,31 @@ import argparse
 import dataclasses
 import os
 import time
-from collections.abc import Callable
 
 import numpy as np
 
+from benchmarks.quality import ranking
 from benchmarks.quality.arms import Arm
-from benchmarks.quality.data import DevLine, TaskData
+from benchmarks.quality.data import TaskData
+from benchmarks.quality.lexical import BM25
 from benchmarks.quality.minilm import (GeneratedQueries, MiniLM, RequestText, document_texts,
                                        gold_queries)
+from benchmarks.quality.ranking import DocScores, GoldAnchor
 from benchmarks.quality.results import Generation, GoldRecall
 from onegen_jax.data.encoding import TaskTokenizer
-from onegen_jax.data.reading import load_records
+from onegen_jax.data.reading import load_documents, load_records
 from onegen_jax.data.records import Document, Example, document_uid, read_jsonl, write_jsonl
 from onegen_jax.eval.scoring import score_el, score_rag
-from onegen_jax.inference.engine import Engine, GenerationConfig, RequestOutput
+from onegen_jax.inference.engine import GenerationConfig
 from onegen_jax.inference.requests import output_record, prompt_tokens, read_requests
 from onegen_jax.inference.run import LoadedRun, encode_db, make_engine
 from onegen_jax.retrieval.encode import EncodeItem, Encoder
 from onegen_jax.retrieval.index import ExactIndex, Index
 
-MAX_K = 5  # the k of R@k (at most the number of documents)
 RAG_MAX_RETRIEVALS = 5
-
-
-@dataclasses.dataclass(frozen=True)
-class GoldAnchor:
-  line: int  # dev line
-  position: int  # token position of the query RET token in the teacher-forced sequence
-  gold: frozenset[str]  # gold document uids (in the db)
-  minilm_query: str  # the pipeline's query text
-
-
-@dataclasses.dataclass
-class MiniLMSet:
-  """The pipeline's retriever with its document index and gold-anchor query vectors."""
-
-  model: MiniLM
-  index: ExactIndex
-  anchor_vectors: np.ndarray  # float32 [anchors, dim]
+_ROUND = 128  # row lengths of gold-sequence encoding are rounded up to this
+# ... and of documents: short rows, since encode_db reads at most 4 x rows keys a batch
+_DOC_ROUND = 64
 
 
 @dataclasses.dataclass
@@ -54,26 +48,34 @@ class EvalSet:
   data: TaskData
   gold_lines: list[dict]  # the dev lines as written (chat-wrapped): what the scorers read
   request_texts: list[RequestText]  # per dev line
-  items: list[EncodeItem]  # each dev sequence with anchors, read at them (in anchor order)
+  items: list[EncodeItem]  # each dev sequence with gold anchors, read at them (anchor order)
   anchors: list[GoldAnchor]
-  documents: list[Document]
-  texts: dict[str, str]  # document uid -> its inserted text
-  max_doc_tokens: int
-  minilm: MiniLMSet | None
+  pool: list[Document]
+  kb: list[Document]  # the whole db ([] when not evaluated)
+  texts: dict[str, str]  # pool document uid -> its inserted text
+  max_doc_tokens: int  # of the longest inserted text
+  doc_len: int  # row length of document encoding: holds the longest document row, uncut
+  encode_len: int  # row length that holds the longest dev sequence
+  k: int
+  cache: dict = dataclasses.field(default_factory=dict)  # baseline indexes, built once
 
 
-def _gold_anchors(examples: list[Example], dev: list[DevLine], texts: list[RequestText],
-                  tokenizer: TaskTokenizer,
-                  seq_len: int) -> tuple[list[EncodeItem], list[GoldAnchor]]:
-  """The dev sequences tokenised as training tokenises them, read at each query RET token whose
-  anchor has a positive in the db."""
+def _gold_anchors(examples: list[Example], lines: list[dict], texts: list[RequestText],
+                  data: TaskData, tokenizer: TaskTokenizer) -> tuple[list[EncodeItem],
+                                                                     list[GoldAnchor]]:
+  """The dev sequences tokenised as training tokenises them (uncut), read at each query RET
+  token whose anchor has a gold document in the pool."""
   task = tokenizer.task
-  encoded = tokenizer.tokenize_with_roles([e.messages for e in examples], task.query_token, seq_len)
+  encoded = tokenizer.tokenize_with_roles([e.messages for e in examples], task.query_token, 1 << 30)
   items, anchors = [], []
-  for i, (ex, enc, line, text) in enumerate(zip(examples, encoded, dev, texts)):
-    found = [GoldAnchor(i, position, frozenset(document_uid(u) for u in anchor.positives), query)
-             for position, anchor, query in zip(enc.rets.tolist(), ex.anchors,
-                                                 gold_queries(task, line, text))
+  for i, (ex, enc, line, text) in enumerate(zip(examples, encoded, lines, texts)):
+    queries, candidates = gold_queries(task, data.dev[i], text), line["candidates"]
+    if len(queries) != len(ex.anchors) or len(candidates) != len(ex.anchors):
+      raise ValueError(f"{data.dev_path}:{i + 1}: {len(ex.anchors)} query RET tokens, "
+                       f"{len(queries)} query texts, {len(candidates)} candidate lists")
+    found = [GoldAnchor(i, position, frozenset(document_uid(u) for u in anchor.positives),
+                        tuple(document_uid(u) for u in candidates[j]), queries[j])
+             for j, (position, anchor) in enumerate(zip(enc.rets.tolist(), ex.anchors))
              if anchor.positives]
     if found:
       items.append(EncodeItem(enc.tokens, tuple(a.position for a in found)))
@@ -81,132 +83,166 @@ def _gold_anchors(examples: list[Example], dev: list[DevLine], texts: list[Reque
   return items, anchors
 
 
-def build_eval_set(data: TaskData, tokenizer: TaskTokenizer, seq_len: int,
-                   minilm: MiniLM | None) -> EvalSet:
-  """The task's eval set (with the MiniLM index and queries when `minilm` is given)."""
+def build_eval_set(data: TaskData, tokenizer: TaskTokenizer, k: int) -> EvalSet:
+  """The task's eval set: dev lines, gold anchors, pool (and whole db) documents."""
   task = data.task
-  examples, _, documents, _ = load_records(task, data.dev_path, data.db_path)
+  examples, _, pool, _ = load_records(task, data.dev_path, data.pool_path)
+  lines = read_jsonl(data.dev_path)
   texts = [RequestText.of(task, line, tokenizer.hf.eos_token or "</s>") for line in data.dev]
-  items, anchors = _gold_anchors(examples, data.dev, texts, tokenizer, seq_len)
-  doc_texts = {d.uid: d.text(task) for d in documents}
-  max_doc_tokens = max(len(t) for t in tokenizer.tokenize(list(doc_texts.values())))
-  pipeline = None
-  if minilm is not None:
-    index = ExactIndex().build(minilm.embed(document_texts(task, documents)),
-                               [d.uid for d in documents])
-    pipeline = MiniLMSet(minilm, index, minilm.embed([a.minilm_query for a in anchors]))
-  return EvalSet(data, read_jsonl(data.dev_path), texts, items, anchors, documents, doc_texts,
-                 max_doc_tokens, pipeline)
+  items, anchors = _gold_anchors(examples, lines, texts, data, tokenizer)
+  doc_texts = {d.uid: d.text(task) for d in pool}
+  kb = load_documents(task, data.kb_path)[0] if data.kb_path else []
+  rows = tokenizer.tokenize_with_roles([d.messages for d in pool + kb], task.doc_token, 1 << 30)
+  round_up = lambda n, m: -(-n // m) * m
+  return EvalSet(data, lines, texts, items, anchors, pool, kb, doc_texts,
+                 max(len(t) for t in tokenizer.tokenize(list(doc_texts.values()))),
+                 round_up(max(len(r.tokens) for r in rows), _DOC_ROUND),
+                 round_up(max([len(i.tokens) for i in items] + [data.settings.seq_len]), _ROUND),
+                 k)
 
 
-class PipelineEngine(Engine):
-  """The Engine of the GIT model with a separate retriever: at each query RET token the model
-  emits, its hidden-state query is replaced by the MiniLM embedding of query_text(that row's
-  RequestOutput); insertion / linking then proceed as in OneGen (Engine._retrieve, the engine's
-  one retrieval step, does them)."""
-
-  minilm: MiniLM
-  query_text: Callable[[RequestOutput], str]
-
-  @classmethod
-  def of(cls, engine: Engine, minilm: MiniLM,
-         query_text: Callable[[RequestOutput], str]) -> PipelineEngine:
-    engine.__class__ = cls
-    engine.minilm, engine.query_text = minilm, query_text
-    return engine
-
-  def _retrieve(self, rows, vectors, outs, queues, lengths):
-    if rows:
-      vectors = np.zeros((len(vectors), self.minilm.dim), np.float32)
-      vectors[rows] = self.minilm.embed([self.query_text(outs[r]) for r in rows])
-    super()._retrieve(rows, vectors, outs, queues, lengths)
+def _recall(scores: DocScores | None, kb: DocScores | None, anchors: list[GoldAnchor],
+            k: int) -> GoldRecall:
+  """The figures of one retriever's scores on the pool (and the whole db)."""
+  out = GoldRecall(anchors=len(anchors), gold_in_candidates=ranking.gold_in_candidates(anchors))
+  if scores is not None:
+    out.cand_r1, out.cand_rk = (ranking.hits(scores, anchors, n, True) for n in (1, k))
+    out.pool_r1, out.pool_rk = (ranking.hits(scores, anchors, n, False) for n in (1, k))
+  if kb is not None:
+    out.kb_r1, out.kb_rk = (ranking.hits(kb, anchors, n, False) for n in (1, k))
+  return out
 
 
-def _self_index(eval_set: EvalSet, run: LoadedRun, args: argparse.Namespace,
-                workdir: str) -> tuple[Index, np.ndarray]:
-  """(an index of the db's keys encoded by the arm's model, the gold anchors' query vectors)."""
-  vectors, key_uids, _, _ = encode_db(run, eval_set.data.db_path, os.path.join(workdir, "index"),
-                                      rows=args.encode_rows, seq_len=args.seq_len)
-  index = ExactIndex().build(np.asarray(vectors), key_uids)
-  encoder = Encoder(run.model, run.mesh, rows=args.encode_rows, seq_len=args.seq_len,
+def _minilm_scores(eval_set: EvalSet, minilm: MiniLM) -> tuple[DocScores, DocScores | None,
+                                                                Index]:
+  """(pool scores, whole-db scores, the pipeline's index over the pool), built once per task."""
+  if "minilm" not in eval_set.cache:
+    task = eval_set.data.task
+    queries = minilm.embed([a.query_text for a in eval_set.anchors])
+    uids = [d.uid for d in eval_set.pool]
+    vectors = minilm.embed(document_texts(task, eval_set.pool))
+    kb = None
+    if eval_set.kb:
+      kb = DocScores([d.uid for d in eval_set.kb],
+                     queries @ minilm.embed(document_texts(task, eval_set.kb)).T)
+    eval_set.cache["minilm"] = (DocScores(uids, queries @ vectors.T), kb,
+                                ExactIndex().build(vectors, uids))
+  return eval_set.cache["minilm"]
+
+
+def _bm25_scores(eval_set: EvalSet) -> tuple[DocScores, DocScores | None]:
+  task, queries = eval_set.data.task, [a.query_text for a in eval_set.anchors]
+  score = lambda docs: DocScores([d.uid for d in docs],
+                                 BM25(document_texts(task, docs)).scores(queries))
+  return score(eval_set.pool), (score(eval_set.kb) if eval_set.kb else None)
+
+
+def _self_scores(eval_set: EvalSet, run: LoadedRun, args: argparse.Namespace,
+                 workdir: str) -> tuple[DocScores, DocScores | None, Index]:
+  """The arm's own keys of the pool (and whole db) and its gold query vectors, scored."""
+  seq_len = eval_set.doc_len
+  vectors, key_uids, _, _ = encode_db(run, eval_set.data.pool_path, os.path.join(workdir, "pool"),
+                                      rows=args.encode_rows, seq_len=seq_len)
+  encoder = Encoder(run.model, run.mesh, rows=args.encode_rows, seq_len=eval_set.encode_len,
                     max_reads=4 * args.encode_rows)
-  return index, encoder.encode(run.params, eval_set.items)
+  queries = encoder.encode(run.params, eval_set.items)
+  kb = None
+  if eval_set.kb:
+    kb_vectors, kb_uids, _, _ = encode_db(run, eval_set.data.kb_path, os.path.join(workdir, "kb"),
+                                          rows=args.encode_rows, seq_len=seq_len)
+    kb = ranking.from_keys(queries, kb_vectors, kb_uids)
+  return (ranking.from_keys(queries, vectors, key_uids), kb,
+          ExactIndex().build(np.asarray(vectors), key_uids))
 
 
-def _hits(ranked: list[list[str]], anchors: list[GoldAnchor], k: int) -> float:
-  if not anchors:
-    return float("nan")
-  return float(np.mean([bool(set(r[:k]) & a.gold) for r, a in zip(ranked, anchors)]))
+def gold_recall(eval_set: EvalSet, arm: Arm, run: LoadedRun | None, minilm: MiniLM | None,
+                args: argparse.Namespace, workdir: str) -> tuple[GoldRecall, Index | None]:
+  """The arm's retrieval figures on gold context, and the index its generation searches."""
+  start, index = time.time(), None
+  if arm.retriever == "prior":
+    out = GoldRecall(cand_r1=ranking.prior_hits(eval_set.anchors, 1),
+                     cand_rk=ranking.prior_hits(eval_set.anchors, eval_set.k),
+                     gold_in_candidates=ranking.gold_in_candidates(eval_set.anchors),
+                     anchors=len(eval_set.anchors))
+  elif arm.retriever == "bm25":
+    out = _recall(*_bm25_scores(eval_set), eval_set.anchors, eval_set.k)
+  else:
+    pool, kb, index = (_minilm_scores(eval_set, minilm) if arm.retriever == "minilm"
+                       else _self_scores(eval_set, run, args, workdir))
+    out = _recall(pool, kb, eval_set.anchors, eval_set.k)
+  out.retrieval_eval_s = time.time() - start
+  return out, index
 
 
-def gold_recall(index: Index, queries: np.ndarray, anchors: list[GoldAnchor]) -> GoldRecall:
-  """R@1 and R@k of the gold anchors' query vectors."""
-  k = min(MAX_K, index.num_documents)
-  ranked = index.search_documents(queries, k)[0] if anchors else []
-  return GoldRecall(_hits(ranked, anchors, 1), _hits(ranked, anchors, k), len(anchors))
+def _max_new_tokens(eval_set: EvalSet, tokenizer: TaskTokenizer) -> int:
+  """The task's --MODE_max_new_tokens, or (0) the longest gold answer + 16 tokens."""
+  given = eval_set.data.settings.max_new_tokens
+  answers = [line["messages"][-1]["content"] for line in eval_set.gold_lines]
+  return given or max(len(t) for t in tokenizer.tokenize(answers)) + 16
 
 
-def _generation_config(eval_set: EvalSet, prompts: list[list[int]], k: int,
+def _generation_config(eval_set: EvalSet, prompts: list[list[int]], max_new: int,
                        args: argparse.Namespace) -> GenerationConfig:
   """Room in the cache for the longest prompt, the new tokens and (RAG) the inserted paragraphs."""
   rag = eval_set.data.task.mode == "rag"
-  max_new = eval_set.data.settings.max_new_tokens
   inserted = RAG_MAX_RETRIEVALS * (eval_set.max_doc_tokens + 8) if rag else 0
   capacity = -(-(max(len(p) for p in prompts) + max_new + inserted + 16) // 256) * 256
   return GenerationConfig(max_new_tokens=max_new,
-                          max_retrievals=RAG_MAX_RETRIEVALS if rag else 1 << 30, retrieve_k=k,
-                          batch_size=args.gen_batch, capacity=capacity)
+                          max_retrievals=RAG_MAX_RETRIEVALS if rag else 1 << 30,
+                          retrieve_k=eval_set.k, batch_size=args.gen_batch, capacity=capacity)
 
 
-def _scores(eval_set: EvalSet, records: list[dict], k: int) -> Generation:
+def _scores(eval_set: EvalSet, records: list[dict]) -> Generation:
   gold = eval_set.gold_lines
   if eval_set.data.task.mode == "el":
     s = score_el(records, gold)
     return Generation(reference_f1=s["reference_f1"], strong_f1=s["strong_f1"],
                       reference_precision=s["reference_precision"],
                       reference_recall=s["reference_recall"])
-  s = score_rag(records, gold, ks=(1, k))
+  s = score_rag(records, gold, ks=(1, eval_set.k))
   sources = [line.source for line in eval_set.data.dev]
   by_set = {}
   for name in sorted(set(sources) - {""}):
     idx = [i for i, x in enumerate(sources) if x == name]
     sub = score_rag([records[i] for i in idx], [gold[i] for i in idx], ks=(1,))
     by_set[name] = {"em": sub["em"], "f1": sub["f1"]}
-  return Generation(em=s["em"], f1=s["f1"], r1=s["recall@1"], r5=s[f"recall@{k}"], by_set=by_set)
+  return Generation(em=s["em"], f1=s["f1"], r1=s["recall@1"], rk=s[f"recall@{eval_set.k}"],
+                    by_set=by_set)
 
 
-def generate(eval_set: EvalSet, run: LoadedRun, index: Index, arm: Arm,
+def generate(eval_set: EvalSet, run: LoadedRun, index: Index, arm: Arm, minilm: MiniLM | None,
              args: argparse.Namespace, workdir: str) -> Generation:
   """Free generation with retrieval over the dev prompts; predictions in WORKDIR."""
-  start = time.time()
-  prompts = prompt_tokens(run, read_requests(eval_set.data.dev_path), args.seq_len)
-  k = min(MAX_K, index.num_documents)
-  engine = make_engine(run, index, eval_set.texts, _generation_config(eval_set, prompts, k, args))
-  if arm.minilm:
-    texts = dict(zip(map(tuple, prompts), eval_set.request_texts))
-    engine = PipelineEngine.of(engine, eval_set.minilm.model,
-                               GeneratedQueries(run.tokenizer, texts))
-  # --force_first_query: each request's first output token is the query RET token (it then
-  # retrieves as a generated one would).
+  start, task = time.time(), eval_set.data.task
+  prompts = prompt_tokens(run, read_requests(eval_set.data.dev_path), 1 << 30)
+  config = _generation_config(eval_set, prompts, _max_new_tokens(eval_set, run.tokenizer), args)
+  hooks = {}
+  if arm.retriever == "minilm":
+    queries = GeneratedQueries(run.tokenizer, dict(zip(map(tuple, prompts),
+                                                       eval_set.request_texts)))
+    hooks["query_vectors"] = lambda outs, _: minilm.embed([queries(o) for o in outs])
+  engine = make_engine(run, index, eval_set.texts, config, **hooks)
+  # --force_first_query: each request's first output token is the query RET token.
   force = [[engine.tokens.query]] * len(prompts) if args.force_first_query else None
   outputs = engine.generate(prompts, force=force)
   records = [output_record(run, o) for o in outputs]
   write_jsonl(os.path.join(workdir, "predictions.jsonl"), records)
-  scores = _scores(eval_set, records, k)
+  scores = _scores(eval_set, records)
+  query = engine.tokens.query
   scores.finished = sum(o.finished for o in outputs) / max(len(outputs), 1)
+  scores.queries_emitted = sum(t == query and g for o in outputs
+                               for t, g in zip(o.tokens, o.generated))
+  scores.gold_queries = sum(line["messages"][-1]["content"].count(task.query_token)
+                            for line in eval_set.gold_lines)
   scores.retrievals_per_request = sum(len(o.retrievals) for o in outputs) / max(len(outputs), 1)
   scores.generation_s = time.time() - start
   return scores
 
 
-def evaluate_arm(eval_set: EvalSet, run: LoadedRun, arm: Arm, args: argparse.Namespace,
-                 workdir: str) -> tuple[GoldRecall, Generation | None]:
-  """Retrieval on gold context, then (unless the arm never writes) free generation, scored."""
-  start = time.time()
-  if arm.minilm:
-    index, queries = eval_set.minilm.index, eval_set.minilm.anchor_vectors
-  else:
-    index, queries = _self_index(eval_set, run, args, workdir)
-  gold = gold_recall(index, queries, eval_set.anchors)
-  gold.retrieval_eval_s = time.time() - start
-  return gold, (generate(eval_set, run, index, arm, args, workdir) if arm.writes else None)
+def evaluate_arm(eval_set: EvalSet, arm: Arm, run: LoadedRun | None, minilm: MiniLM | None,
+                 args: argparse.Namespace, workdir: str) -> tuple[GoldRecall, Generation | None]:
+  """Retrieval on gold context, then (for an arm that writes) free generation, scored."""
+  gold, index = gold_recall(eval_set, arm, run, minilm, args, workdir)
+  if not arm.writes:
+    return gold, None
+  return gold, generate(eval_set, run, index, arm, minilm, args, workdir)

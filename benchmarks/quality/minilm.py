@@ -14,7 +14,7 @@ from collections.abc import Sequence
 import numpy as np
 from transformers import AutoModel, AutoTokenizer
 
-from benchmarks.quality.data import DevLine
+from benchmarks.quality.data import DevLine, template_field
 from onegen_jax.data.encoding import TaskTokenizer
 from onegen_jax.data.records import Document
 from onegen_jax.data.tasks import Task
@@ -60,24 +60,13 @@ class MiniLM:
     return np.concatenate(out) if out else np.zeros((0, self.dim), np.float32)
 
 
-def _template_field(template: str, field: str, text: str) -> str | None:
-  """The value of `{field}` in `text` produced by `template` (None if it does not match)."""
-  if "{" + field + "}" not in template:
-    return None
-  unescape = lambda s: s.replace("{{", "{").replace("}}", "}")
-  before, after = (unescape(s) for s in template.split("{" + field + "}", 1))
-  match = re.search(re.escape(before) + "(.*?)" + re.escape(after) + ("" if after else "$"),
-                    text, re.S)
-  return match.group(1) if match else None
-
-
 def document_texts(task: Task, docs: Sequence[Document]) -> list[str]:
   """The text MiniLM embeds for each document: "title: text" when the instruction names a title."""
   out = []
   for d in docs:
     text = d.text(task)
     users = " ".join(m.content for m in d.messages if m.role == "user")
-    title = _template_field(task.doc_instruction, "title", users)
+    title = template_field(task.doc_instruction, "title", users)
     out.append(f"{html.unescape(title)}: {text}" if title else text)
   return out
 
@@ -101,7 +90,7 @@ class RequestText:
 
   @classmethod
   def of(cls, task: Task, line: DevLine, eos: str) -> RequestText:
-    question = _template_field(task.query_template, "input", line.user)
+    question = template_field(task.query_template, "input", line.user)
     source = task.linked_mentions(line.answer, [])[0] if task.mode == "el" else ""
     return cls((line.user if question is None else question).strip(),
                source.replace(eos, "").rstrip())

@@ -1,10 +1,17 @@
 """The model of every arm: the HF checkpoint imported once per task with the task's tokens, then
-trained (or not) into a LoadedRun the evaluation serves."""
+trained (or not) into a LoadedRun the evaluation serves.
+
+A trained arm is an ordinary training run in OUT/train/MODE/ARM-<training fingerprint>:
+checkpoints every --checkpoint_every steps (a rerun resumes from the latest one, data position
+included), metrics.jsonl with one line per step (L_gen, L_ret, in-batch accuracy, valid queries,
+GEN targets, packing), wall.jsonl with the duration of each completed fit call.
+"""
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import os
 import time
 
@@ -15,7 +22,7 @@ import numpy as np
 from benchmarks.quality.arms import Arm
 from benchmarks.quality.cli import say
 from benchmarks.quality.data import TaskData
-from benchmarks.quality.results import TrainStats
+from benchmarks.quality.results import TrainStats, read_json_lines
 from onegen_jax import hf, sharding
 from onegen_jax.checkpoint import Checkpointer
 from onegen_jax.data.encoding import TaskTokenizer
@@ -28,6 +35,9 @@ from onegen_jax.train.data import TrainData, make_train_data
 from onegen_jax.train.program import batch_shape, model_config
 
 PAD_VOCAB_TO = 128
+# Per micro-batch budgets, generous: a query takes at least ~8 tokens of its example (EL markup:
+# <MENTION>m</MENTION>[LK][_CONTINUE_]), a key at least ~16 tokens of its document row.
+TOKENS_PER_QUERY, TOKENS_PER_KEY = 8, 16
 
 
 def ensure_hf_dir(args: argparse.Namespace) -> str:
@@ -66,72 +76,101 @@ def import_model(hf_dir: str, task: Task, run_dir: str, num_layers: int = 0) -> 
   return run_dir
 
 
-class CountingData:
-  """The fit loop's data (a TrainData), counting what the train steps consume."""
-
-  def __init__(self, data: TrainData):
-    self._data = data
-    self.tokens = self.gen_targets = self.queries = self.batches = 0
-
-  def __next__(self) -> dict:
-    batch = next(self._data)
-    self.tokens += int(np.sum(batch["segment_ids"] > 0))
-    self.gen_targets += int(np.sum(batch["loss_weight"]))
-    self.queries += int(np.sum(batch["query_valid"]))
-    self.batches += 1
-    return batch
-
-  def __getattr__(self, name):
-    return getattr(self._data, name)
-
-
 def train_config(args: argparse.Namespace, data: TaskData, run_dir: str, arm: Arm,
                  dtype: str) -> ml_collections.ConfigDict:
   """The config of one trained arm: everything but config.loss is the same for every arm."""
   s = data.settings
-  micro = args.rows // args.accum_steps
+  micro_tokens = s.rows // args.accum_steps * s.seq_len
   c = base_config(data.task.name)
-  c.model.update(init_from=run_dir, dtype=dtype, remat_policy="full")
+  c.model.update(init_from=run_dir, dtype=dtype, remat_policy=args.remat)
   c.mesh.update(data=-1, fsdp=1)
   c.loss.update(temperature=args.temperature, **dataclasses.asdict(arm.loss))
   c.optim.update(lr=args.lr, schedule=args.schedule, warmup_steps=args.warmup_steps)
-  # Queries and keys per micro-batch: generous bounds (examples are packed until one is full).
-  c.batch.update(rows=args.rows, seq_len=args.seq_len, accum_steps=args.accum_steps,
-                 num_queries=8 * micro * s.n_pos, num_keys=8 * micro * s.n_pos * (1 + s.n_neg),
+  c.batch.update(rows=s.rows, seq_len=s.seq_len, accum_steps=args.accum_steps,
+                 num_queries=max(micro_tokens // TOKENS_PER_QUERY, s.n_pos),
+                 num_keys=max(micro_tokens // TOKENS_PER_KEY, s.n_pos * (1 + s.n_neg)),
                  num_negatives=max(s.n_neg, 1))
-  c.train.update(steps=args.steps, seed=args.seed, log_every=max(args.steps // 4, 1),
-                 eval_every=0)
-  c.checkpoint.update(every_steps=10**9)
+  c.train.update(steps=args.steps, seed=args.seed, log_every=1, eval_every=0)
+  c.checkpoint.update(every_steps=args.checkpoint_every, keep=1)
   c.data.update(train_path=data.train_path, db_path=data.db_path, dev_path="",
-                tokenizer_path=os.path.join(run_dir, "tokenizer"), max_len=args.seq_len,
+                tokenizer_path=os.path.join(run_dir, "tokenizer"), max_len=s.seq_len,
                 seed=args.seed, n_pos_per_sent=s.n_pos, n_neg_per_pos=s.n_neg)
   return c
 
 
-def _train(config: ml_collections.ConfigDict) -> tuple[dict, TrainStats]:
-  """(parameters, stats) after `config`'s training from its init_from run."""
+def derive_steps(data: TrainData, train_tokens: int) -> tuple[int, float]:
+  """(the steps whose batches hold at least `train_tokens` non-padding tokens, tokens per step),
+  measured by packing those very batches (the same for every arm); the data position is then set
+  back."""
+  state, total, steps = data.get_state(), 0, 0
+  while total < train_tokens:
+    total += int(np.sum(next(data)["segment_ids"] > 0))
+    steps += 1
+  data.set_state(state)
+  return max(steps, 1), total / max(steps, 1)
+
+
+def train_stats(workdir: str, rows: int, seq_len: int) -> TrainStats:
+  """The figures of a training run from its metrics.jsonl (the last line of each step wins) and
+  wall.jsonl."""
+  by_step = {m["step"]: m for m in read_json_lines(os.path.join(workdir, "metrics.jsonl"))
+             if m.get("split") == "train"}
+  steps = [by_step[k] for k in sorted(by_step)]
+  if not steps:
+    return TrainStats()
+  column = lambda name: np.asarray([m.get(name, np.nan) for m in steps], np.float64)
+  tail = slice(len(steps) - max(1, len(steps) // 10), None)
+  queries, targets, packing = (column(n) for n in
+                               ("num_valid_queries", "num_gen_targets", "packing_efficiency"))
+  return TrainStats(
+      train_s=float(sum(w["seconds"] for w in read_json_lines(os.path.join(workdir,
+                                                                           "wall.jsonl")))),
+      tokens=int(np.nansum(packing) * rows * seq_len), gen_targets=int(np.sum(targets)),
+      queries=int(np.sum(queries)), steps=len(steps),
+      steps_without_query=int(np.sum(queries == 0)),
+      steps_without_target=int(np.sum(targets == 0)), packing=float(np.nanmean(packing)),
+      tokens_per_s=steps[-1].get("tokens_per_s"),
+      final_loss_gen=float(np.mean(column("loss_gen")[tail])),
+      final_loss_ret=float(np.mean(column("loss_ret")[tail])),
+      final_accuracy=float(np.mean(column("retrieval_accuracy")[tail])))
+
+
+def train_arm(args: argparse.Namespace, data: TaskData, run_dir: str, arm: Arm, dtype: str,
+              workdir: str) -> tuple[dict, TrainStats, int]:
+  """(parameters, stats, planned steps) after training the arm in `workdir` (resumed there)."""
+  config = train_config(args, data, run_dir, arm, dtype)
+  train_data = make_train_data(config, batch_shape(config))
+  if not config.train.steps:
+    config.train.steps, per_step = derive_steps(train_data, args.train_tokens)
+    say(f"{data.settings.mode}/{arm.name}: train.steps = {config.train.steps} (their batches hold "
+        f">= {args.train_tokens:,} non-padding tokens, {per_step:,.0f} a step)")
+  metrics = read_json_lines(os.path.join(workdir, "metrics.jsonl"))
+  first = max((m["step"] for m in metrics), default=0)
   start = time.time()
-  counting = CountingData(make_train_data(config, batch_shape(config)))
-  state, final = loop.fit(config, None, data=counting)
+  state, final = loop.fit(config, workdir, data=train_data)
   params = jax.block_until_ready(state.params)
   del state
-  return params, TrainStats(
-      train_s=time.time() - start, train_loop_s=final.get("wall_s"), tokens=counting.tokens,
-      gen_targets=counting.gen_targets, queries=counting.queries, steps=counting.batches,
-      final_loss=final.get("train_loss"), final_loss_gen=final.get("train_loss_gen"),
-      final_loss_ret=final.get("train_loss_ret"))
+  last = final.get("preempted_at_step", config.train.steps)
+  with open(os.path.join(workdir, "wall.jsonl"), "a") as f:
+    f.write(json.dumps({"from_step": first, "to_step": last,
+                        "seconds": time.time() - start}) + "\n")
+  if "preempted_at_step" in final:  # SIGTERM: fit saved the step; the arm is not done
+    say(f"{data.settings.mode}/{arm.name}: stopped at step {last} of {config.train.steps} "
+        f"(SIGTERM; checkpoint saved in {workdir}); rerun the same command to resume")
+    raise SystemExit(0)
+  return params, train_stats(workdir, data.settings.rows, data.settings.seq_len), config.train.steps
 
 
 def arm_model(args: argparse.Namespace, data: TaskData, run_dir: str, arm: Arm, dtype: str,
-              tokenizer: TaskTokenizer) -> tuple[LoadedRun, TrainStats]:
+              tokenizer: TaskTokenizer, workdir: str) -> tuple[LoadedRun, TrainStats, int]:
   """The arm's model (compute dtype `dtype`): the imported run as is when arm.loss is None, else
-  the parameters after training the arm from it."""
+  the parameters after training the arm from it; its stats and planned steps."""
   if arm.loss is None:
     loaded = load_run(run_dir, task=data.task.name)
     model = Decoder(loaded.model.config.replace(dtype=dtype))
-    return dataclasses.replace(loaded, model=model, config={}), TrainStats()
+    return dataclasses.replace(loaded, model=model, config={}), TrainStats(), 0
   config = train_config(args, data, run_dir, arm, dtype)
-  params, stats = _train(config)
+  params, stats, steps = train_arm(args, data, run_dir, arm, dtype, workdir)
   say(f"{data.settings.mode}/{arm.name}: trained {stats}")
   return LoadedRun(Decoder(model_config(config.model)), params, sharding.make_mesh(data=-1),
-                   tokenizer, data.task, {}), stats
+                   tokenizer, data.task, {}), stats, steps

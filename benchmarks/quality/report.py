@@ -1,5 +1,5 @@
-"""The run's record: tables and notes, OUT/quality.json and OUT/quality.md, and its section at the
-end of benchmarks/RESULTS.md."""
+"""The run's record: tables and notes, OUT/quality.json and OUT/quality.md, and each task's section
+of benchmarks/RESULTS.md (replaced in place as each arm finishes)."""
 
 from __future__ import annotations
 
@@ -16,9 +16,12 @@ from benchmarks import common
 from benchmarks.quality.arms import BY_NAME
 from benchmarks.quality.cli import say
 from benchmarks.quality.minilm import WINDOW
-from benchmarks.quality.results import ArmResult, Generation, GoldRecall
+from benchmarks.quality.results import ArmResult, Generation, GoldRecall, TrainStats
 
 Results = dict[str, dict[str, ArmResult]]  # mode -> arm name -> figures
+CURVES_PNG = "quality_curves.png"  # next to RESULTS.md
+_MARK = "<!-- quality-study:{key}:{mode}:{end} -->"
+_TITLES = {"rag": "multi-hop RAG", "el": "entity linking"}
 
 
 @dataclasses.dataclass
@@ -44,75 +47,96 @@ def _cell(value, pct: bool = True) -> str:
   return f"{100 * value:.1f}" if pct else (f"{value:,.0f}" if value >= 100 else f"{value:.3g}")
 
 
+def _queries(g: Generation | None) -> str:
+  return f"{g.queries_emitted} / {g.gold_queries}" if g and g.gold_queries else "—"
+
+
 def _rows(results: dict[str, ArmResult], figures) -> list[list[str]]:
-  """A row per arm: its label, figures(generation, gold) as percentages, then tokens and times."""
+  """A row per arm: its label, figures(generation, gold) as percentages, queries emitted, then
+  tokens and queries trained, steps and times."""
   rows = []
   for name, r in results.items():
-    cells = figures(r.generation or Generation(), r.gold or GoldRecall())
+    g, t = r.generation, r.train
+    cells = figures(g or Generation(), r.gold or GoldRecall())
     if r.skipped:
-      rows.append([BY_NAME[name].label, f"skipped ({r.skipped})", *["—"] * (len(cells) + 2)])
+      rows.append([BY_NAME[name].label, f"skipped ({r.skipped})", *["—"] * (len(cells) + 5)])
       continue
-    rows.append([BY_NAME[name].label, *map(_cell, cells), _cell(r.train.tokens, False),
-                 _cell(r.train.train_s, False), _cell(r.eval_s, False)])
+    trained = [_cell(v, False) if t.steps else "—"
+               for v in (t.tokens, t.queries, t.steps, t.train_s)]
+    rows.append([BY_NAME[name].label, *map(_cell, cells), _queries(g), *trained,
+                 _cell(r.eval_s, False)])
   return rows
 
 
-def tables(results: Results) -> str:
-  parts = []
-  if "rag" in results:
-    rows = _rows(results["rag"], lambda g, r: [g.em, g.f1, g.r1, g.r5, r.gold_r1, r.gold_r5])
-    parts.append("Multi-hop RAG (dev questions; x100):\n\n" + common.markdown_table(
-        ["arm", "EM", "F1", "R@1 (generated)", "R@5 (generated)", "R@1 (gold context)",
-         "R@5 (gold context)", "tokens trained", "train s", "eval s"], rows))
-  if "el" in results:
-    rows = _rows(results["el"], lambda g, r: [g.reference_f1, g.strong_f1, r.gold_r1, r.gold_r5])
-    parts.append("Entity linking (dev documents; x100):\n\n" + common.markdown_table(
-        ["arm", "micro-F1 (reference)", "micro-F1 (GERBIL strong)",
-         "in-KB acc. (gold mentions)", "R@5 (gold mentions)", "tokens trained", "train s",
-         "eval s"], rows))
-  return "\n\n".join(parts)
+_TAIL = ["query tokens emitted / gold", "tokens trained", "queries trained", "steps", "train s",
+         "eval s"]
 
 
-def _flag_notes(args: argparse.Namespace, backend: str) -> list[str]:
-  notes = []
-  if args.force_first_query:
-    notes.append("--force_first_query: the first generated token of every request was forced "
-                 "to the query RET token (to exercise retrieval during generation); the "
-                 "generation metrics are not quality figures.")
-  if args.num_layers:
-    notes.append(f"--num_layers={args.num_layers}: only the first layers of the model were kept "
-                 "(debugging).")
-  if backend == "cpu":
-    notes.append(f"CPU proof run: {args.steps} steps per trained arm prove that every arm and "
-                 "metric path works; the figures say nothing about quality.")
-  return notes
+def table(mode: str, results: dict[str, ArmResult], k: int) -> str:
+  if mode == "rag":
+    rows = _rows(results, lambda g, r: [g.em, g.f1, g.r1, g.rk, r.cand_r1, r.cand_rk, r.pool_r1,
+                                        r.pool_rk])
+    return "Multi-hop RAG (dev questions; x100):\n\n" + common.markdown_table(
+        ["arm", "EM", "F1", "R@1 (generated)", f"R@{k} (generated)", "R@1 own paragraphs",
+         f"R@{k} own paragraphs", "R@1 pool", f"R@{k} pool", *_TAIL], rows)
+  rows = _rows(results, lambda g, r: [g.reference_f1, g.strong_f1, r.cand_r1, r.cand_rk,
+                                      r.pool_r1, r.pool_rk, r.kb_r1])
+  return "Entity linking (dev pieces; x100):\n\n" + common.markdown_table(
+      ["arm", "micro-F1 (reference)", "micro-F1 (GERBIL strong)", "in-KB acc@1 (candidates)",
+       f"R@{k} (candidates)", "acc@1 (pool)", f"R@{k} (pool)", "acc@1 (whole KB)", *_TAIL], rows)
 
 
-def notes(args: argparse.Namespace, data_counts: dict, backend: str, dtype: str,
+def tables(results: Results, k: int) -> str:
+  return "\n\n".join(table(mode, arms, k) for mode, arms in results.items())
+
+
+def _settings_note(args: argparse.Namespace, mode: str) -> str:
+  rows, seq, n_pos, n_neg = (getattr(args, f"{mode}_{f}") for f in ("rows", "seq_len", "n_pos",
+                                                                     "n_neg"))
+  shaping = (f"EL documents cut into pieces of <= {args.el_chunk_sentences or 'any'} sentences and "
+             f"<= {args.el_chunk_tokens or 'any'} text tokens (sentence ends, else word ends, "
+             f"never inside a mention); every {args.el_dev_every}th docs_train.jsonl document is "
+             "dev" if mode == "el" else
+             f"paragraphs cut to <= {args.rag_paragraph_tokens or 'any'} tokens (word end)")
+  return (f"Training per arm (sizes {args.sizes}): {args.train_tokens:,} non-padding tokens "
+          f"(--steps {args.steps or 'derived'}), {rows} rows x {seq} tokens (accum "
+          f"{args.accum_steps}), lr {args.lr} ({args.schedule}, warmup {args.warmup_steps}), "
+          f"remat {args.remat}; same seed and batches for every arm; {n_pos} anchors per example "
+          f"(every valid one when fewer), {n_neg} own negatives per anchor (BPR; InfoNCE also uses "
+          f"every in-batch key); InfoNCE temperature {args.temperature}. Data: {shaping}; "
+          f"training examples longer than {seq} tokens left out; document rows "
+          f"{args.doc_rows}.")
+
+
+def notes(args: argparse.Namespace, mode: str, data_counts: dict, backend: str, dtype: str,
           start: float) -> list[str]:
-  return [
-      *_flag_notes(args, backend),
-      f"Training per arm: {args.steps} steps x {args.rows} rows x {args.seq_len} tokens "
-      f"(accum {args.accum_steps}), lr {args.lr} ({args.schedule}), same seed and batches for "
-      f"every arm; RAG {args.rag_n_pos} anchors x {args.rag_n_neg} negatives, EL "
-      f"{args.el_n_pos} x {args.el_n_neg}; InfoNCE temperature {args.temperature}.",
-      f"Data: {json.dumps(data_counts)} (train/dev/db after subsetting; *_all before).",
-      "R@k (generated): fraction of a question's gold paragraphs among the top k of the "
-      "retrievals the model made while generating (score_rag); R@k (gold context): a query "
-      "RET token fed the gold text hits when a positive is in the top k. In-KB acc.: the same "
-      "at each gold mention's [LK], top 1.",
-      "Pipeline queries: the question + the sub-question written since the last paragraph (RAG); "
-      f"the mention + {WINDOW} characters of source text either side (EL). RIT never learns to "
-      "write: retrieval only.",
-      f"Whole run {time.time() - start:.0f} s on {backend}, compute dtype {dtype}.",
-      *args.note]
+  out = [_settings_note(args, mode),
+         f"Data: {json.dumps(data_counts.get(mode, {}))} (after subsetting; *_all before).",
+         "Gold context: each gold query RET token of a dev answer (teacher-forced; the baselines "
+         "embed its query text instead) ranked among its own candidates (RAG: the question's own "
+         "paragraphs, HotpotQA's distractor setting; EL: the mention's REL candidates in the KB, "
+         "a gold outside them a miss), in the pool (every document the evaluated dev lines list) "
+         "and (EL, --el_whole_kb) the whole KB. Generated: free greedy one-pass generation "
+         "searching the pool; R@k of score_rag; EL micro-F1 of the reference scorer and GERBIL "
+         "strong match. Query tokens emitted: generated query RET tokens vs those of the gold "
+         "answers.",
+         f"Baseline query texts: the question + the sub-question (RAG); the mention + {WINDOW} "
+         "characters of source text either side (EL). BM25: bm25s, stop words removed, ties "
+         "broken by uid. Prior: the first REL candidate in the KB.",
+         f"Run {time.time() - start:.0f} s on {backend}, compute dtype {dtype}."]
+  if args.force_first_query:
+    out.append("--force_first_query: the first generated token of every request was forced to "
+               "the query RET token; the generation metrics are not quality figures.")
+  if args.num_layers:
+    out.append(f"--num_layers={args.num_layers}: only the first layers of the model (debugging).")
+  return out + args.note
 
 
 def write(run: Run) -> str:
   """Writes OUT/quality.json and OUT/quality.md; returns the tables."""
-  table = tables(run.results)
-  machine = common.machine(f"compute dtype {run.dtype}")
   args = run.args
+  text = tables(run.results, args.recall_k)
+  machine = common.machine(f"compute dtype {run.dtype}")
   record = {"command": command(), "machine": machine,
             "date": f"{datetime.datetime.now().astimezone():%Y-%m-%d %H:%M %Z}",
             "args": dict(vars(args)), "backend": run.backend, "dtype": run.dtype,
@@ -120,45 +144,75 @@ def write(run: Run) -> str:
             "results": {mode: {name: r.to_json() for name, r in arms.items()}
                         for mode, arms in run.results.items()},
             "wall_s": time.time() - run.start,
-            "notes": notes(args, run.data_counts, run.backend, run.dtype, run.start)}
+            "notes": {mode: notes(args, mode, run.data_counts, run.backend, run.dtype, run.start)
+                      for mode in run.results}}
   with open(os.path.join(args.out, "quality.json"), "w") as f:
     json.dump(record, f, indent=2, default=float)
   with open(os.path.join(args.out, "quality.md"), "w") as f:
-    f.write(f"Command: `{command()}`\n\nMachine: {machine}\n\n{table}\n")
-  return table
+    f.write(f"Command: `{command()}`\n\nMachine: {machine}\n\n{text}\n")
+  return text
 
 
-def _read_record(path: str) -> tuple[dict, str, str, list[str]]:
-  """(quality.json, its date, its command, its notes), filling in what older files lack."""
-  with open(path) as f:
-    record = json.load(f)
-  modified = datetime.datetime.fromtimestamp(os.path.getmtime(path)).astimezone()
-  date = record.get("date") or f"{modified:%Y-%m-%d %H:%M %Z}"
-  command_line = record.get("command")
-  if not command_line:  # written before quality.json held it: quality.md's first line has it
-    with open(os.path.join(os.path.dirname(path), "quality.md")) as f:
-      command_line = f.readline().strip().removeprefix("Command: `").removesuffix("`")
-  run_notes = record.get("notes") or notes(argparse.Namespace(**record["args"]), record["data"],
-                                           record["backend"], record["dtype"],
-                                           time.time() - record["wall_s"])
-  return record, date, command_line, run_notes
+def _train_lines(results: dict[str, ArmResult]) -> list[str]:
+  """Per trained arm: steps, packing, steps without queries/targets, final losses."""
+  out = []
+  for name, r in results.items():
+    t: TrainStats = r.train
+    if t.steps:
+      out.append(f"{BY_NAME[name].label}: {t.steps}/{r.steps_planned} steps, packing "
+                 f"{_cell(t.packing)}%, {t.steps_without_query} steps without a query, "
+                 f"{t.steps_without_target} without a GEN target, {t.gen_targets:,} GEN targets, "
+                 f"{_cell(t.tokens_per_s, False)} tokens/s; last tenth: L_gen "
+                 f"{_cell(t.final_loss_gen, False)}, L_ret {_cell(t.final_loss_ret, False)}, "
+                 f"in-batch accuracy {_cell(t.final_accuracy)}%.")
+  return out
+
+
+def section(run: Run, mode: str) -> str:
+  """The task's RESULTS.md section: commands, machine, date, table, curves, notes."""
+  args, date = run.args, f"{datetime.datetime.now().astimezone():%Y-%m-%d %H:%M %Z}"
+  lines = [f"#### quality study: {_TITLES[mode]} (recorded {date})", "",
+           *[f"Command: `{c}`" for c in dict.fromkeys(r.command or command()
+                                                     for r in run.results[mode].values())], "",
+           f"Machine: {common.machine(f'compute dtype {run.dtype}')}", "",
+           table(mode, run.results[mode], args.recall_k), "",
+           f"Training curves (every task in OUT): ![training curves]({CURVES_PNG})", "",
+           *[f"- {n}" for n in _train_lines(run.results[mode])],
+           *[f"- {n}" for n in notes(args, mode, run.data_counts, run.backend, run.dtype,
+                                     run.start)]]
+  return "\n".join(lines)
+
+
+def record_task(run: Run, mode: str) -> None:
+  """Replaces the task's section (same --record_key) in benchmarks/RESULTS.md, else appends it."""
+  start, end = (_MARK.format(key=run.args.record_key, mode=mode, end=e) for e in ("start", "end"))
+  text = common._read_results()
+  block = f"{start}\n{section(run, mode)}\n{end}"
+  if start in text and end in text:
+    text = text[:text.index(start)] + block + text[text.index(end) + len(end):]
+  else:
+    text = text.rstrip() + "\n\n" + block + "\n"
+  with open(common.RESULTS, "w") as f:
+    f.write(text)
+  say(f"recorded the {mode} section in {common.RESULTS}")
 
 
 def append_section(path: str, extra_notes: tuple[str, ...] | list[str] = ()) -> None:
-  """Appends a run's section (command, machine, date, tables, notes from its quality.json) at the
-  end of benchmarks/RESULTS.md; nothing else in the file changes."""
-  record, date, command_line, run_notes = _read_record(path)
+  """Appends an earlier run's section (command, machine, date, tables, notes from its
+  quality.json) at the end of benchmarks/RESULTS.md; nothing else in the file changes."""
+  with open(path) as f:
+    record = json.load(f)
   results = {mode: {name: ArmResult.from_json(r) for name, r in arms.items()}
              for mode, arms in record["results"].items()}
-  section = "\n".join([
-      f'<a id="quality-{re.sub(r"[^0-9]", "", date)[:12]}"></a>',
-      f"### quality: OneGen vs GIT + MiniLM pipeline, RIT and no fine-tuning ({date})", "",
-      f"Command: `{command_line}`", "", f"Machine: {record['machine']}", "", tables(results), "",
-      *[f"- {n}" for n in [*run_notes, *extra_notes]], ""])
-  if os.path.exists(common.RESULTS):
-    with open(common.RESULTS, "a") as f:
-      f.write("\n" + section)
-  else:
-    with open(common.RESULTS, "w") as f:
-      f.write(common._read_results().rstrip() + "\n\n" + section)
+  run_notes = record.get("notes") or {}
+  run_notes = [n for mode in results for n in (run_notes.get(mode, []) if isinstance(
+      run_notes, dict) else run_notes)]
+  k = record.get("args", {}).get("recall_k", 5)
+  lines = [f'<a id="quality-{re.sub(r"[^0-9]", "", record["date"])[:12]}"></a>',
+           f"### quality: OneGen vs baselines ({record['date']})", "",
+           f"Command: `{record['command']}`", "", f"Machine: {record['machine']}", "",
+           tables(results, k), "", *[f"- {n}" for n in [*dict.fromkeys(run_notes), *extra_notes]],
+           ""]
+  with open(common.RESULTS, "a") as f:
+    f.write("\n" + "\n".join(lines))
   say(f"appended the section to {common.RESULTS}")

@@ -1,49 +1,65 @@
-"""The figures of one arm on one task, as quality.json holds them (results/MODE/ARM)."""
+"""The figures of one arm on one task, as quality.json and OUT/results/MODE/ARM.json hold them."""
 
 from __future__ import annotations
 
 import dataclasses
+import json
+import os
 
 
 @dataclasses.dataclass
 class TrainStats:
-  """What training an arm consumed and ended at (zeros for an untrained arm)."""
+  """What training an arm consumed and ended at (zeros for an untrained arm), read from the
+  run's metrics.jsonl (one line per step; a resumed run's repeated steps count once)."""
 
-  train_s: float = 0.0  # the whole fit call, compile included
-  train_loop_s: float | None = None  # fit's own wall_s
-  tokens: int = 0  # non-padding tokens of every batch, documents included
+  train_s: float = 0.0  # wall time of the fit calls that completed (compile included), summed
+  tokens: int = 0  # non-padding tokens of every step, documents included
   gen_targets: int = 0
-  queries: int = 0  # valid queries
-  steps: int = 0  # batches consumed
-  final_loss: float | None = None
-  final_loss_gen: float | None = None
+  queries: int = 0  # valid queries trained: the sum of num_valid_queries over the steps
+  steps: int = 0
+  steps_without_query: int = 0
+  steps_without_target: int = 0
+  packing: float | None = None  # mean fraction of non-padding token slots
+  tokens_per_s: float | None = None  # the last step's (fit's meter: since its start)
+  final_loss_gen: float | None = None  # means over the last tenth of the steps
   final_loss_ret: float | None = None
+  final_accuracy: float | None = None  # in-batch retrieval accuracy
 
 
 @dataclasses.dataclass
 class GoldRecall:
-  """Retrieval on gold context: the query RET tokens of the gold answers, teacher-forced."""
+  """Retrieval on gold context: each gold query RET token of the dev answers (teacher-forced) or,
+  for the baselines, its query text, ranked against documents. A query hits at k when a gold
+  document is among its top k; `candidates`: among its own candidates only (a gold document
+  outside them is a miss); `pool`: among every pool document; `kb`: the whole db (EL)."""
 
-  gold_r1: float | None = None  # NaN when no anchor has a gold document in the db
-  gold_r5: float | None = None  # top k = min(5, documents)
-  gold_anchors: int = 0
+  cand_r1: float | None = None
+  cand_rk: float | None = None
+  pool_r1: float | None = None
+  pool_rk: float | None = None
+  kb_r1: float | None = None
+  kb_rk: float | None = None
+  gold_in_candidates: float | None = None  # fraction of the queries whose gold is a candidate
+  anchors: int = 0  # gold queries ranked
   retrieval_eval_s: float | None = None
 
 
 @dataclasses.dataclass
 class Generation:
-  """Free generation with retrieval, scored (RAG: em..r5, by_set; EL: the micro P/R/F1)."""
+  """Free generation with retrieval, scored (RAG: em..rk, by_set; EL: the micro P/R/F1)."""
 
   em: float | None = None
   f1: float | None = None
-  r1: float | None = None  # end-to-end Recall@1 of score_rag
-  r5: float | None = None  # ... @k, k = min(5, documents)
+  r1: float | None = None  # end-to-end Recall@1 of score_rag (in the pool)
+  rk: float | None = None  # ... @k
   by_set: dict[str, dict[str, float]] = dataclasses.field(default_factory=dict)  # set -> em, f1
   reference_f1: float | None = None
   strong_f1: float | None = None
   reference_precision: float | None = None
   reference_recall: float | None = None
   finished: float | None = None  # fraction of requests stopped on EOS
+  queries_emitted: int = 0  # query RET tokens the model generated (each one retrieved)
+  gold_queries: int = 0  # query RET tokens in the gold answers of the same requests
   retrievals_per_request: float | None = None
   generation_s: float | None = None
 
@@ -60,18 +76,44 @@ class ArmResult:
   skipped: str = ""  # why the arm did not run ("budget"); "" when it ran
   train: TrainStats = dataclasses.field(default_factory=TrainStats)
   gold: GoldRecall | None = None
-  generation: Generation | None = None  # None: not scored on generation (RIT)
+  generation: Generation | None = None  # None: not scored on generation (RIT, baselines)
   eval_s: float | None = None
-  arm_s: float | None = None  # training and evaluation
+  arm_s: float | None = None  # training and evaluation in the invocation that finished it
+  steps_planned: int = 0  # train.steps of the arm (0: untrained)
+  command: str = ""  # the invocation that finished it
 
   def to_json(self) -> dict:
     return dataclasses.asdict(self)
 
   @classmethod
   def from_json(cls, values: dict) -> ArmResult:
-    """Reads to_json's form, and the flat form of quality.json files written before it."""
-    flat = "train" not in values
-    part = lambda name: values if flat else values.get(name)
-    return cls(values.get("skipped", ""), _read(TrainStats, part("train")) or TrainStats(),
-               _read(GoldRecall, part("gold")), _read(Generation, part("generation")),
-               values.get("eval_s"), values.get("arm_s"))
+    """Reads to_json's form (figures this version does not know are left out)."""
+    return cls(values.get("skipped", ""), _read(TrainStats, values.get("train")) or TrainStats(),
+               _read(GoldRecall, values.get("gold")), _read(Generation, values.get("generation")),
+               values.get("eval_s"), values.get("arm_s"), values.get("steps_planned", 0),
+               values.get("command", ""))
+
+
+def read_json_lines(path: str) -> list[dict]:
+  """The objects of a JSON-lines file ([] when it does not exist yet)."""
+  if not os.path.exists(path):
+    return []
+  with open(path) as f:
+    return [json.loads(line) for line in f if line.strip()]
+
+
+def save_arm(path: str, result: ArmResult, fingerprint: str) -> None:
+  """Writes a finished arm's figures (atomically: a killed write leaves no half file)."""
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  with open(path + ".tmp", "w") as f:
+    json.dump({"fingerprint": fingerprint, **result.to_json()}, f, indent=1, default=float)
+  os.replace(path + ".tmp", path)
+
+
+def load_arm(path: str, fingerprint: str) -> ArmResult | None:
+  """The arm's saved figures if it finished under the same fingerprint, else None."""
+  if not os.path.exists(path):
+    return None
+  with open(path) as f:
+    values = json.load(f)
+  return ArmResult.from_json(values) if values.get("fingerprint") == fingerprint else None
