@@ -18,7 +18,7 @@ from onegen_jax.train.loop import fit
 from onegen_jax.train.program import batch_shape
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-STEPS = 240
+STEPS = 120
 
 
 def _launch(workdir, *flags, wait=True):
