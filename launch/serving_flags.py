@@ -1,5 +1,5 @@
-"""Flags that launch.infer and launch.build_index share: processes, the device mesh, the compute
-dtype. Each command runs the same way on every host of a multi-host run (as launch.train does):
+"""Flags that launch.infer and launch.build_index share: processes (process_flags.py), the device
+mesh, the compute dtype. Each command runs the same way on every host of a multi-host run (as launch.train does):
 
   python -m launch.build_index ... --distributed --mesh_fsdp=4 --mesh_tensor=8   # TPU pod
   python -m launch.build_index ... --distributed --coordinator_address=HOST:PORT \\
@@ -11,17 +11,11 @@ rules: vocab, heads, kv heads and mlp over 'tensor', the embedding dimension ove
 encoder's rows and the engine's batch over data x fsdp; the KV cache's kv heads over 'tensor'.
 """
 
-import jax
 from absl import flags
 
+from launch import process_flags
 from onegen_jax import sharding
 
-_DISTRIBUTED = flags.DEFINE_bool("distributed", False, "Multi-process run: call "
-                                 "jax.distributed.initialize() (auto-detects TPU pods and SLURM; "
-                                 "elsewhere give the three flags below).")
-_COORDINATOR = flags.DEFINE_string("coordinator_address", None, "host:port of process 0.")
-_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes.")
-_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index.")
 _MESH_DATA = flags.DEFINE_integer("mesh_data", -1, "Mesh 'data' size (-1: what fills the "
                                   "devices).")
 _MESH_FSDP = flags.DEFINE_integer("mesh_fsdp", 1, "Mesh 'fsdp' size: parameters sharded on "
@@ -34,7 +28,6 @@ _DTYPE = flags.DEFINE_enum("dtype", None, ["bfloat16", "float32"], "Compute dtyp
 
 def start() -> dict:
   """Joins the other processes when --distributed; returns load_run's mesh and dtype arguments."""
-  if _DISTRIBUTED.value:
-    jax.distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+  process_flags.join()
   mesh = sharding.make_mesh(_MESH_DATA.value, _MESH_FSDP.value, _MESH_TENSOR.value)
   return {"mesh": mesh, "dtype": _DTYPE.value}

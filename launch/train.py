@@ -17,6 +17,7 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from launch import process_flags
 from onegen_jax.data.records import ConfigError, DataError
 from onegen_jax.train.aot import compile_train_step
 from onegen_jax.train.loop import fit
@@ -29,12 +30,6 @@ _COMPILE_ONLY = flags.DEFINE_bool("compile_only", False, "Compile the train step
                                   "ahead of time and report its memory, without training.")
 _TOPOLOGY = flags.DEFINE_string("topology", None, "TPU slice for --compile_only, e.g. v5p-64, "
                                 "v5e-256, v4-32, v6e-64.")
-_DISTRIBUTED = flags.DEFINE_bool("distributed", False, "Multi-process run: call "
-                                  "jax.distributed.initialize() (auto-detects TPU pods and SLURM; "
-                                  "elsewhere give the three flags below).")
-_COORDINATOR = flags.DEFINE_string("coordinator_address", None, "host:port of process 0.")
-_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes.")
-_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index.")
 flags.mark_flag_as_required("config")
 
 
@@ -60,8 +55,7 @@ def main(argv):
     logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO
   if _COMPILE_ONLY.value:
     return _compile_only(_CONFIG.value)
-  if _DISTRIBUTED.value:
-    jax.distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+  process_flags.join()
   try:
     _, final = fit(_CONFIG.value, _WORKDIR.value)
   except (ConfigError, DataError) as e:  # KEY: problem; every bad line as FILE:LINE: field: problem

@@ -95,15 +95,12 @@ def test_sharded_forward_and_decode_equal_unsharded(mesh_shape):
                    CONFIG.num_kv_heads // mesh_shape[2], CONFIG.dim_per_head)
 
 
-@pytest.fixture(scope="module")
-def random_run(tmp_path_factory):
-  """A run directory of the tiny decoder (random parameters) over generated EL data."""
-  root = tmp_path_factory.mktemp("serve")
-  make_dataset("el", str(root / "data"), seed=0, num_train=20, num_dev=4)
-  model_config = preset("tiny")
+def _random_run(root, model_config, seed: int, num_dev: int):
+  """A run directory under root (random parameters of model_config) over generated EL data."""
+  make_dataset("el", str(root / "data"), seed=0, num_train=20, num_dev=num_dev)
   model = Decoder(model_config)
   probe = jnp.ones((1, 4), jnp.int32)
-  params = nn.unbox(model.init(jax.random.key(0), probe, probe, jnp.arange(4)[None]))["params"]
+  params = nn.unbox(model.init(jax.random.key(seed), probe, probe, jnp.arange(4)[None]))["params"]
   config = {"data": {"task": "el", "tokenizer_path": str(root / "data" / "tokenizer")},
             "batch": {"seq_len": 256}}
   ckpt = Checkpointer(str(root / "run"))
@@ -111,6 +108,12 @@ def random_run(tmp_path_factory):
   ckpt.wait()
   ckpt.close()
   return root
+
+
+@pytest.fixture(scope="module")
+def random_run(tmp_path_factory):
+  """The tiny decoder's run directory."""
+  return _random_run(tmp_path_factory.mktemp("serve"), preset("tiny"), seed=0, num_dev=4)
 
 
 def _build_index_two_processes(root, out):
@@ -149,20 +152,8 @@ def test_two_process_build_index_writes_the_vectors_of_one(random_run):
 
 @pytest.fixture(scope="module")
 def wide_run(tmp_path_factory):
-  """A run directory of CONFIG (every head axis divides 8, random parameters) over generated EL
-  data."""
-  root = tmp_path_factory.mktemp("wide")
-  make_dataset("el", str(root / "data"), seed=0, num_train=20, num_dev=6)
-  model = Decoder(CONFIG)
-  probe = jnp.ones((1, 4), jnp.int32)
-  params = nn.unbox(model.init(jax.random.key(1), probe, probe, jnp.arange(4)[None]))["params"]
-  config = {"data": {"task": "el", "tokenizer_path": str(root / "data" / "tokenizer")},
-            "batch": {"seq_len": 256}}
-  ckpt = Checkpointer(str(root / "run"))
-  ckpt.save_params(0, params, config, CONFIG)
-  ckpt.wait()
-  ckpt.close()
-  return root
+  """CONFIG's run directory (every head axis divides 8)."""
+  return _random_run(tmp_path_factory.mktemp("wide"), CONFIG, seed=1, num_dev=6)
 
 
 def _engine_outputs(root, mesh, index, texts):
