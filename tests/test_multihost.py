@@ -3,7 +3,6 @@ checkpoint and resume, and match one process with 8 devices reading the same two
 
 import json
 import os
-import socket
 import subprocess
 import sys
 
@@ -11,6 +10,7 @@ import jax
 import numpy as np
 import pytest
 
+from processes import run_two_processes
 from onegen_jax.checkpoint import Checkpointer
 from onegen_jax.data.generate import make_dataset
 
@@ -33,23 +33,9 @@ def _flags(data, workdir, steps):
 
 
 def _run_two_processes(data, workdir, steps):
-  with socket.socket() as s:
-    s.bind(("localhost", 0))
-    port = s.getsockname()[1]
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu")
-  # Output goes to files: a full pipe would stall one process inside a collective.
-  logs = [(open(workdir.parent / f"{workdir.name}-{i}.out", "w+"),
-           open(workdir.parent / f"{workdir.name}-{i}.err", "w+")) for i in range(2)]
-  procs = [subprocess.Popen(
-      [sys.executable, "-m", "launch.train", *_flags(data, workdir, steps), "--distributed",
-       f"--coordinator_address=localhost:{port}", "--num_processes=2", f"--process_id={i}"],
-      cwd=ROOT, env=env, stdout=out, stderr=err, text=True) for i, (out, err) in enumerate(logs)]
-  for p, (out, err) in zip(procs, logs):
-    p.wait(timeout=600)
-    err.seek(0)
-    assert p.returncode == 0, err.read()[-4000:]
-  logs[0][0].seek(0)
-  return json.loads(logs[0][0].read().strip().splitlines()[-1])
+  out = run_two_processes("launch.train", _flags(data, workdir, steps),
+                          str(workdir.parent / workdir.name))
+  return json.loads(out.strip().splitlines()[-1])
 
 
 def _params(workdir, step, abstract):

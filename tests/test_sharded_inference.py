@@ -5,10 +5,6 @@ and updated in place; launch.build_index across two processes writes one process
 import contextlib
 import functools
 import json
-import os
-import socket
-import subprocess
-import sys
 
 import flax.linen as nn
 import jax
@@ -16,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import ROOT
+from processes import run_two_processes
 from onegen_jax import sharding
 from onegen_jax.checkpoint import Checkpointer
 from onegen_jax.data.generate import make_dataset
@@ -118,24 +114,10 @@ def random_run(tmp_path_factory):
 
 def _build_index_two_processes(root, out):
   """launch.build_index as 2 processes of 4 CPU devices each on a (2, 2, 2) mesh."""
-  with socket.socket() as s:
-    s.bind(("localhost", 0))
-    port = s.getsockname()[1]
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu")
-  logs = [(open(root / f"build-{i}.out", "w+"), open(root / f"build-{i}.err", "w+"))
-          for i in range(2)]  # files, not pipes: a full pipe would stall a collective
-  procs = [subprocess.Popen(
-      [sys.executable, "-m", "launch.build_index", f"--workdir={root / 'run'}",
-       f"--db={root / 'data' / 'db.jsonl'}", f"--out={out}", "--mesh_data=2", "--mesh_fsdp=2",
-       "--mesh_tensor=2", "--distributed", f"--coordinator_address=localhost:{port}",
-       "--num_processes=2", f"--process_id={i}"],
-      cwd=ROOT, env=env, stdout=o, stderr=e, text=True) for i, (o, e) in enumerate(logs)]
-  for p, (o, e) in zip(procs, logs):
-    p.wait(timeout=300)
-    e.seek(0)
-    assert p.returncode == 0, e.read()[-4000:]
-  logs[0][0].seek(0)
-  return json.loads([line for line in logs[0][0] if line.startswith("{")][-1])
+  out = run_two_processes("launch.build_index", [
+      f"--workdir={root / 'run'}", f"--db={root / 'data' / 'db.jsonl'}", f"--out={out}",
+      "--mesh_data=2", "--mesh_fsdp=2", "--mesh_tensor=2"], str(root / "build"), timeout=300)
+  return json.loads([line for line in out.splitlines() if line.startswith("{")][-1])
 
 
 def test_two_process_build_index_writes_the_vectors_of_one(random_run):
