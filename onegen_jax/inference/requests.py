@@ -16,21 +16,18 @@ def read_requests(path: str) -> list[tuple[Message, ...]]:
   """The prompt of each line of a reference-format jsonl file: its messages before the last
   assistant message (records.prompt_messages; system messages included, as in training)."""
   requests, problems = [], []
-  with open(path, encoding="utf-8") as f:
-    for number, line in enumerate(f, 1):
-      if not line.strip():
-        continue
-      try:
-        messages = [Message(m["role"], m["content"]) for m in json.loads(line)["messages"]]
-        bad = [m.role for m in messages if m.role not in ROLES or not isinstance(m.content, str)]
-        if bad:
-          raise ValueError(f"a message with role {bad[0]!r} or without string content")
-        prompt = prompt_messages(messages)
-        if not prompt:
-          raise ValueError("no message before the assistant's (nothing to prompt with)")
-        requests.append(prompt)
-      except (ValueError, KeyError, TypeError) as e:
-        problems.append(f"{path}:{number}: messages: {e}")
+  for number, line in nonblank_lines(path):
+    try:
+      messages = [Message(m["role"], m["content"]) for m in json.loads(line)["messages"]]
+      bad = [m.role for m in messages if m.role not in ROLES or not isinstance(m.content, str)]
+      if bad:
+        raise ValueError(f"a message with role {bad[0]!r} or without string content")
+      prompt = prompt_messages(messages)
+      if not prompt:
+        raise ValueError("no message before the assistant's (nothing to prompt with)")
+      requests.append(prompt)
+    except (ValueError, KeyError, TypeError) as e:
+      problems.append(f"{path}:{number}: messages: {e}")
   if problems:
     raise ValueError("\n".join(problems))
   return requests

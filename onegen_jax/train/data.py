@@ -139,9 +139,15 @@ class SyntheticData:
     self.set_state({"epoch": 0, "batch": 0})
 
   def examples_per_step(self, steps: int) -> float:
-    """Examples per step over an epoch's batches (each example holds >= 1 query)."""
-    batches = self._epoch_batches(0)
-    return len(self.task.train) / len(batches) * self.accum_steps
+    """Mean examples per step over the next `steps` steps (the packed segments that hold a query:
+    every synthetic example has one); the position is then set back."""
+    state, examples = self.get_state(), 0
+    for _ in range(steps * self.accum_steps):
+      batch = self._next_one()
+      rows, cols = batch["query_index"][batch["query_valid"]].T
+      examples += len(set(zip(rows.tolist(), batch["segment_ids"][rows, cols].tolist())))
+    self.set_state(state)
+    return examples / steps
 
   def _epoch_batches(self, epoch: int) -> list[dict]:
     order = np.random.default_rng((self.seed, epoch)).permutation(len(self.task.train))
