@@ -52,6 +52,9 @@ class BatchFill:
     self.examples, self.steps, self.closed, self.warned = 0, 0, collections.Counter(), False
 
   def add(self, infos: list[dict]):
+    """One step's batch infos; data that reports none (the synthetic task) leaves no figure."""
+    if not infos:
+      return
     self.examples += sum(i["examples"] for i in infos)
     self.steps += 1
     self.closed.update(i["limited_by"] for i in infos)
