@@ -12,18 +12,15 @@ OUT.jsonl): launch/serving_flags.py.
 """
 
 import json
-import os
 
 import jax
-import numpy as np
 from absl import app, flags
 
 from launch import serving_flags
-from onegen_jax.inference.engine import GenerationConfig, Request
+from onegen_jax.inference.engine import Request
 from onegen_jax.inference.requests import (output_record, prompt_tokens, read_candidates,
                                            read_requests)
-from onegen_jax.inference.run import load_run, make_engine
-from onegen_jax.retrieval.index import load_index
+from onegen_jax.inference.run import generation_config, load_index_dir, load_run, make_engine
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory.")
 _INDEX = flags.DEFINE_string("index", None, "Directory written by launch.build_index.")
@@ -45,17 +42,12 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   run = load_run(_WORKDIR.value, _STEP.value, **serving_flags.start())
-  index = load_index(_INDEX.value)
-  with open(os.path.join(_INDEX.value, "documents.json")) as f:
-    texts = json.load(f)
-  config = GenerationConfig(
-      max_new_tokens=_MAX_NEW.value,
-      max_retrievals=_MAX_RETRIEVALS.value if run.task.mode == "rag" else 1 << 30,
+  index, texts, vectors = load_index_dir(_INDEX.value)
+  config = generation_config(
+      run.task, _MAX_RETRIEVALS.value, max_new_tokens=_MAX_NEW.value,
       temperature=_TEMPERATURE.value, top_p=_TOP_P.value, batch_size=_BATCH.value,
       capacity=_CAPACITY.value, retrieve_k=_RETRIEVE_K.value)
   candidates = read_candidates(_INPUT.value)
-  vectors = (np.load(os.path.join(_INDEX.value, "vectors.npy"), mmap_mode="r")
-             if any(c is not None for c in candidates) else None)
   engine = make_engine(run, index, texts, config, vectors=vectors)
   prompts = prompt_tokens(run, read_requests(_INPUT.value), _MAX_PROMPT.value)
   outputs = engine.run([engine.submit(Request(p, candidates=c))

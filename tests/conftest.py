@@ -9,8 +9,12 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")  # libtpu (the tpu extra) is insta
 os.environ["XLA_FLAGS"] = ("--xla_force_host_platform_device_count=8 " +
                            os.environ.get("XLA_FLAGS", "")).strip()
 
+import dataclasses  # noqa: E402
 import functools  # noqa: E402
+import json  # noqa: E402
 import math  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
 
 import jax  # noqa: E402
 import pytest  # noqa: E402
@@ -20,8 +24,11 @@ jax.config.update("jax_compilation_cache_dir", os.environ.get(
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
 jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
 
-from configs import el  # noqa: E402
+from configs import el, multihop  # noqa: E402
 from onegen_jax.data import synthetic  # noqa: E402
+from onegen_jax.data.generate import make_dataset  # noqa: E402
+from onegen_jax.data.tasks import get_task  # noqa: E402
+from onegen_jax.inference.engine import GenerationConfig  # noqa: E402
 from onegen_jax.data.packing import BatchShape, pack_batches  # noqa: E402
 from onegen_jax.train import loop, program as program_lib  # noqa: E402
 
@@ -81,3 +88,60 @@ def trained_demo():
 def program():
   """Builds (and caches) a compiled TrainProgram of the tiny model: program(mesh=(d, f, t), ...)."""
   return _program
+
+
+# The generation settings of the end-to-end tests (library, command line and server alike).
+E2E_CONFIG = GenerationConfig(max_new_tokens=48, batch_size=4, capacity=512, retrieve_k=3)
+
+
+@pytest.fixture(scope="session", params=["el", "multihop"])
+def trained(request, tmp_path_factory):
+  """(task, mode, data dir, root, config) of the el.py / multihop.py demo model trained 150 steps
+  on generated data (6 dev lines); the run is ROOT/run."""
+  module = {"el": el, "multihop": multihop}[request.param]
+  root = tmp_path_factory.mktemp(request.param)
+  data = root / "data"
+  make_dataset(request.param, str(data), seed=0, num_train=120, num_dev=6)
+  config = module.get_config("demo")
+  config.train.update(steps=150, eval_every=0, log_every=150)
+  config.data.update(generate="", train_path=f"{data}/train.jsonl", db_path=f"{data}/db.jsonl",
+                     dev_path=f"{data}/dev.jsonl", tokenizer_path=f"{data}/tokenizer")
+  loop.fit(config, str(root / "run"))
+  return request.param, get_task(request.param).mode, data, root, config
+
+
+def launch(workdir, module: str, *flags) -> dict:
+  """Runs `python -m launch.MODULE *flags` (8 emulated devices) to its end; asserts it exits 0;
+  returns the JSON of its last stdout line."""
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8")
+  with open(os.path.join(workdir, f"{module}.out"), "w+") as out:
+    proc = subprocess.run([sys.executable, "-m", f"launch.{module}", *flags], cwd=ROOT, env=env,
+                          stdout=out, stderr=subprocess.PIPE, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out.seek(0)
+    return json.loads(out.read().strip().splitlines()[-1])
+
+
+@dataclasses.dataclass(frozen=True)
+class Chain:
+  """What build_index (scann) and infer (E2E_CONFIG, the dev lines) wrote from the command line."""
+
+  index: str
+  predictions: str
+  built: dict
+  ran: dict
+
+
+@pytest.fixture(scope="session")
+def chain(trained, tmp_path_factory) -> Chain:
+  _, _, data, root, _ = trained
+  out = tmp_path_factory.mktemp("chain")
+  built = launch(out, "build_index", f"--workdir={root / 'run'}", f"--db={data}/db.jsonl",
+                 "--backend=scann", f"--out={out / 'index'}")
+  c = E2E_CONFIG
+  ran = launch(out, "infer", f"--workdir={root / 'run'}", f"--index={out / 'index'}",
+               f"--input={data}/dev.jsonl", f"--output={out / 'pred.jsonl'}",
+               f"--max_new_tokens={c.max_new_tokens}", f"--batch_size={c.batch_size}",
+               f"--capacity={c.capacity}", f"--retrieve_k={c.retrieve_k}",
+               f"--max_retrievals={c.max_retrievals}")
+  return Chain(str(out / "index"), str(out / "pred.jsonl"), built, ran)

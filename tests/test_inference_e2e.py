@@ -3,48 +3,22 @@ run one-pass RAG and entity-linking inference, score the outputs; and the three 
 
 import dataclasses
 import json
-import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 
-from conftest import ROOT
-from configs import el, multihop
+from conftest import E2E_CONFIG as CONFIG, launch
 from engine_util import ScriptedIndex
-from onegen_jax.data.generate import make_dataset
 from onegen_jax.data.pipeline import build_data
 from onegen_jax.data.records import canonical_key, read_jsonl, write_jsonl
-from onegen_jax.data.tasks import get_task
 from onegen_jax.eval.scoring import score_el, score_rag
-from onegen_jax.inference.engine import GenerationConfig
 from onegen_jax.inference.requests import (output_record, output_stream, prompt_tokens,
                                            read_requests)
 from onegen_jax.inference.run import encode_db, load_run, make_engine
 from onegen_jax.retrieval.encode import Encoder
 from onegen_jax.retrieval.index import ApproxIndex, ExactIndex, ScannIndex
-from onegen_jax.train.loop import fit
 from onegen_jax.train.program import batch_shape
 from onegen_jax.train.retrieval_eval import dev_recall
-
-TASKS = {"el": el, "multihop": multihop}
-
-
-@pytest.fixture(scope="module", params=sorted(TASKS))
-def trained(request, tmp_path_factory):
-  """(task, mode, data dir, run dir, config) of the demo model trained 150 steps on generated
-  data."""
-  module, mode = TASKS[request.param], get_task(request.param).mode
-  root = tmp_path_factory.mktemp(request.param)
-  data = root / "data"
-  make_dataset(request.param, str(data), seed=0, num_train=120, num_dev=6)
-  config = module.get_config("demo")
-  config.train.update(steps=150, eval_every=0, log_every=150)
-  config.data.update(generate="", train_path=f"{data}/train.jsonl", db_path=f"{data}/db.jsonl",
-                     dev_path=f"{data}/dev.jsonl", tokenizer_path=f"{data}/tokenizer")
-  fit(config, str(root / "run"))
-  return request.param, mode, data, root, config
 
 
 @pytest.fixture(scope="module")
@@ -58,9 +32,6 @@ def served(trained):
   outs = {name: make_engine(run, backend().build(np.asarray(vectors), uids), texts, CONFIG).generate(prompts)
           for name, backend in (("exact", ExactIndex), ("scann", ScannIndex), ("approx", ApproxIndex))}
   return run, np.asarray(vectors), uids, texts, prompts, outs
-
-
-CONFIG = GenerationConfig(max_new_tokens=48, batch_size=4, capacity=512, retrieve_k=3)
 
 
 def test_one_pass_inference_with_each_backend(trained, served):
@@ -121,33 +92,16 @@ def test_gold_answers_through_the_engine_retrieve_as_training_evaluates(trained,
 FLOOR = {"el": 0.25, "multihop": 0.4}
 
 
-def test_command_line_chain(trained, served, tmp_path):
+def test_command_line_chain(trained, served, chain, tmp_path):
   """build_index, infer and evaluate from the command line give what the library gives."""
   task, mode, data, root, _ = trained
   run, _, _, _, _, outs = served
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8")
-
-  def launch(module, *flags):
-    with open(tmp_path / f"{module}.out", "w+") as out:
-      proc = subprocess.run([sys.executable, "-m", f"launch.{module}", *flags], cwd=ROOT, env=env,
-                            stdout=out, stderr=subprocess.PIPE, text=True, timeout=600)
-      assert proc.returncode == 0, proc.stderr[-3000:]
-      out.seek(0)
-      return json.loads(out.read().strip().splitlines()[-1])
-
-  built = launch("build_index", f"--workdir={root / 'run'}", f"--db={data}/db.jsonl",
-                 "--backend=scann", f"--out={tmp_path / 'index'}")
-  assert built["keys"] >= built["documents"] > 0 and built["documents_dropped"] == 0
-  ran = launch("infer", f"--workdir={root / 'run'}", f"--index={tmp_path / 'index'}",
-               f"--input={data}/dev.jsonl", f"--output={tmp_path / 'pred.jsonl'}",
-               f"--max_new_tokens={CONFIG.max_new_tokens}", f"--batch_size={CONFIG.batch_size}",
-               f"--capacity={CONFIG.capacity}", f"--retrieve_k={CONFIG.retrieve_k}",
-               f"--max_retrievals={CONFIG.max_retrievals}")
-  assert ran["requests"] == 6
-  predictions = read_jsonl(str(tmp_path / "pred.jsonl"))
+  assert chain.built["keys"] >= chain.built["documents"] > 0
+  assert chain.built["documents_dropped"] == 0 and chain.ran["requests"] == 6
+  predictions = read_jsonl(chain.predictions)
   assert predictions == [json.loads(json.dumps(output_record(run, out)))
                          for out in outs["scann"]]
-  scores = launch("evaluate", f"--task={task}", f"--predictions={tmp_path / 'pred.jsonl'}",
+  scores = launch(tmp_path, "evaluate", f"--task={task}", f"--predictions={chain.predictions}",
                   f"--gold={data}/dev.jsonl")
   gold = read_jsonl(f"{data}/dev.jsonl")
   assert scores == pytest.approx((score_rag if mode == "rag" else score_el)(predictions, gold))
@@ -155,7 +109,7 @@ def test_command_line_chain(trained, served, tmp_path):
     entities = sorted({line["uid"] for line in read_jsonl(f"{data}/db.jsonl")})
     lines = [dict(g, candidates=entities[i::5][:4]) for i, g in enumerate(gold)]
     write_jsonl(str(tmp_path / "with_candidates.jsonl"), lines)
-    launch("infer", f"--workdir={root / 'run'}", f"--index={tmp_path / 'index'}",
+    launch(tmp_path, "infer", f"--workdir={root / 'run'}", f"--index={chain.index}",
            f"--input={tmp_path / 'with_candidates.jsonl'}", f"--output={tmp_path / 'cand.jsonl'}",
            "--max_new_tokens=24", "--retrieve_k=2")
     restricted = read_jsonl(str(tmp_path / "cand.jsonl"))

@@ -15,8 +15,11 @@ Nothing is re-encoded and no query is encoded twice.
 Public hooks (tests, benchmarks, the server): `Request.force` replaces the model's first
 output-stream choices with given tokens (retrievals and insertions happen as for generated ones);
 `Request.candidates` restricts EL searches to given entities; `query_vectors` replaces the vectors
-searched (a pipeline baseline embeds the text instead); `submit` / `step` / `done` is the stepping
-interface; `Request.keep_session` keeps a finished request's cache so `continue_session` appends a
+searched (a pipeline baseline embeds the text instead); `submit` / `step` / `cancel` / `release`
+is the stepping interface; a Request may set its own max_new_tokens, retrieve_k, temperature and
+top_p (one compiled step serves them all); an exception acting on one request's retrieval (a
+document missing from `documents`) ends that request with stop_reason "error", not the batch;
+`Request.keep_session` keeps a finished request's cache so `continue_session` appends a
 user turn and goes on over it (multi-round dialogues). Greedy outputs do not depend on what else
 is batched: a request gives the same tokens alone, in a static batch or continuously batched.
 """
@@ -47,28 +50,34 @@ SearchFn = Callable[[np.ndarray, int], tuple[list[list[str]], np.ndarray]]
 CandidateSearchFn = Callable[[np.ndarray, Sequence[str], int], tuple[list[str], np.ndarray]]
 
 
-def _sample(logits: jnp.ndarray, keys: jax.Array, temperature: float, top_p: float) -> jnp.ndarray:
-  """logits float32 [B, V], one rng key per row [B] -> token ids int32 [B] (greedy when
-  temperature == 0)."""
-  if temperature == 0.0:
-    return jnp.argmax(logits, axis=-1).astype(jnp.int32)
-  logits = logits / temperature
-  if top_p < 1.0:
-    sorted_logits = jnp.sort(logits, axis=-1)[:, ::-1]
+def _sample(logits: jnp.ndarray, keys: jax.Array, temperature: jnp.ndarray,
+            top_p: jnp.ndarray) -> jnp.ndarray:
+  """logits float32 [B, V], one rng key per row [B], each row's temperature and top_p float32 [B]
+  -> token ids int32 [B] (greedy where temperature == 0; no nucleus cut where top_p >= 1)."""
+  greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+
+  def sampled():
+    scaled = logits / jnp.where(temperature > 0, temperature, 1.0)[:, None]
+    sorted_logits = jnp.sort(scaled, axis=-1)[:, ::-1]
     cumulative = jnp.cumsum(jax.nn.softmax(sorted_logits, axis=-1), axis=-1)
     # Keep the smallest prefix whose probability reaches top_p (always the top token).
-    cutoff_index = jnp.sum(cumulative < top_p, axis=-1, keepdims=True)
+    cutoff_index = jnp.minimum(jnp.sum(cumulative < top_p[:, None], axis=-1, keepdims=True),
+                               logits.shape[-1] - 1)
     cutoff = jnp.take_along_axis(sorted_logits, cutoff_index, axis=-1)
-    logits = jnp.where(logits < cutoff, -jnp.inf, logits)
-  return jax.vmap(jax.random.categorical)(keys, logits).astype(jnp.int32)
+    cutoff = jnp.where(top_p[:, None] < 1.0, cutoff, -jnp.inf)
+    drawn = jax.vmap(jax.random.categorical)(keys, jnp.where(scaled < cutoff, -jnp.inf, scaled))
+    return jnp.where(temperature > 0, drawn.astype(jnp.int32), greedy)
+
+  return jax.lax.cond(jnp.any(temperature > 0), sampled, lambda: greedy)
 
 
-def _step_fn(model, temperature, top_p, vocab_size, seed, params, tokens, cache_len, cache, last,
-             counters, window):
+def _step_fn(model, vocab_size, seed, params, tokens, cache_len, cache, last, counters, sampling,
+             window):
   """Feeds tokens [B, T] after each row's cache_len [B], attending to the first `window` cache
   entries; returns (next token [B] and normalised hidden [B, D] at each row's `last` fed index,
   new cache). counters int32 [B, 2]: (request seed, its step) of each row, which key its
-  sampling, so a request samples the same tokens whatever it is batched with."""
+  sampling, so a request samples the same tokens whatever it is batched with; sampling float32
+  [B, 2]: each row's (temperature, top_p)."""
   keys = jax.vmap(lambda c: jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), c[0]),
                                                c[1]))(counters)
   hidden, cache = model.apply({"params": params}, tokens, cache_len, cache, window,
@@ -78,7 +87,7 @@ def _step_fn(model, temperature, top_p, vocab_size, seed, params, tokens, cache_
   logits = logits.astype(jnp.float32)
   if vocab_size is not None:
     logits = jnp.where(jnp.arange(logits.shape[-1]) < vocab_size, logits, -jnp.inf)
-  return _sample(logits, keys, temperature, top_p), l2_normalize(final), cache
+  return (_sample(logits, keys, sampling[:, 0], sampling[:, 1]), l2_normalize(final), cache)
 
 
 class Engine:
@@ -105,9 +114,8 @@ class Engine:
     self.documents, self.config, self.mode = documents, config, mode
     self.search_candidates, self.query_vectors = search_candidates, query_vectors
     self.mesh = mesh
-    self._step = jax.jit(functools.partial(_step_fn, model, config.temperature, config.top_p,
-                                           vocab_size, config.seed), donate_argnums=(3,),
-                         static_argnames="window")
+    self._step = jax.jit(functools.partial(_step_fn, model, vocab_size, config.seed),
+                         donate_argnums=(3,), static_argnames="window")
     with self._rules():
       self._cache = init_cache(model.config, config.batch_size, config.capacity, mesh)
     self._slots: list[Slot | None] = [None] * config.batch_size
@@ -128,25 +136,56 @@ class Engine:
     self._waiting.append(rid)
     return rid
 
-  def continue_session(self, session: int, turn: Sequence[int], force: Sequence[int] = (),
-                       keep_session: bool = True) -> int:
+  def continue_session(self, session: int, turn: Sequence[int], keep_session: bool = True,
+                       **settings) -> int:
     """Appends a user turn (token ids) to the finished request `session` (submitted with
     keep_session) and queues its continuation over the kept cache; returns the new request id,
-    whose prompt is the whole dialogue so far plus `turn`."""
+    whose prompt is the whole dialogue so far plus `turn`. settings: the new request's other
+    Request fields (force, max_new_tokens, ...)."""
     if not turn:
       raise ValueError("a continuation needs at least one token of user turn")
     if session not in self._sessions:
       raise KeyError(f"request {session} has no kept session (unknown, not finished, or "
                      "submitted without keep_session)")
     before = self._requests[session][1]
-    rid = self.submit(Request([*before.prompt, *before.tokens, *turn], force,
-                              keep_session=keep_session))
+    rid = self.submit(Request([*before.prompt, *before.tokens, *turn], keep_session=keep_session,
+                              **settings))
     self._continues[rid] = self._sessions.pop(session)  # a session goes on once
     return rid
+
+  def has_session(self, rid: int) -> bool:
+    """Whether an ended request's cache is kept (continue_session may go on from it)."""
+    return rid in self._sessions
 
   def close_session(self, session: int):
     """Frees a kept session's cache (not continued)."""
     self._sessions.pop(session, None)
+
+  def cancel(self, rid: int) -> bool:
+    """Ends a waiting or running request now (stop_reason "cancelled"): its slot takes the next
+    request at the next step and its cache is not kept (a cancelled continuation ends its
+    session). Returns whether it was still going."""
+    out = self.output(rid)
+    if out.done:
+      return False
+    if rid in self._waiting:
+      self._waiting.remove(rid)
+      self._continues.pop(rid, None)
+      out.stop_reason = "cancelled"
+    else:
+      self._end(next(r for r, s in enumerate(self._slots) if s is not None and s.rid == rid),
+                "cancelled")
+    return True
+
+  @property
+  def waiting(self) -> int:
+    """Requests queued for a slot."""
+    return len(self._waiting)
+
+  @property
+  def running(self) -> int:
+    """Busy slots."""
+    return sum(s is not None for s in self._slots)
 
   def output(self, rid: int) -> RequestOutput:
     return self._requests[rid][1]
@@ -161,7 +200,7 @@ class Engine:
   @property
   def busy(self) -> bool:
     """Whether any request waits or runs."""
-    return bool(self._waiting) or any(s is not None for s in self._slots)
+    return bool(self._waiting) or self.running > 0
 
   def step(self) -> list[int]:
     """Admits waiting requests into free slots, feeds every busy slot once, acts on queries and
@@ -181,9 +220,11 @@ class Engine:
     window = min(self.config.capacity, cache_window(int(lengths.max()) + width))
     counters = np.array([[self._stream(s.rid), s.steps] if s else [0, 0] for s in self._slots],
                         np.int32)
+    sampling = np.array([[self._setting(s.rid, "temperature"), self._setting(s.rid, "top_p")]
+                         if s else [0.0, 1.0] for s in self._slots], np.float32)
     with self._rules():
       next_tok, vectors, self._cache = self._step(self.params, fed, lengths, self._cache, last,
-                                                  counters, window=window)
+                                                  counters, sampling, window=window)
     next_tok, vectors = np.asarray(jax.device_get(next_tok)), np.asarray(jax.device_get(vectors))
     for r in busy:
       self._slots[r].length += len(self._slots[r].queue)
@@ -233,7 +274,7 @@ class Engine:
               >= cfg.max_retrievals]:
       querying.remove(r)
       ended.append(self._end(r, "max_retrievals"))
-    self._retrieve(querying, vectors)
+    ended += self._retrieve(querying, vectors)
     for r in busy:
       slot = self._slots[r]
       if slot is None or r in querying:
@@ -246,13 +287,16 @@ class Engine:
       slot.queue = [token]
       if token == tok.eos:
         ended.append(self._end(r, "eos"))
-      elif slot.new_tokens >= cfg.max_new_tokens:
+      elif slot.new_tokens >= self._setting(slot.rid, "max_new_tokens"):
         ended.append(self._end(r, "max_new_tokens"))
     return ended
 
   def _rules(self):
     """The mesh and logical rules while tracing and running on a mesh (nothing without one)."""
     return sharding.activate(self.mesh) if self.mesh is not None else contextlib.nullcontext()
+
+  def _setting(self, rid: int, name: str):
+    return self._requests[rid][0].setting(name, self.config)
 
   def _stream(self, rid: int) -> int:
     seed = self._requests[rid][0].seed
@@ -267,33 +311,43 @@ class Engine:
     slot = self._slots[r]
     request, out = self._requests[slot.rid]
     out.stop_reason = reason
-    if request.keep_session:
+    if request.keep_session and reason not in ("cancelled", "error"):
       with self._rules():
         row = save_row(self._cache, r, cache_window(slot.length))
       self._sessions[slot.rid] = (row, slot.length)
     self._slots[r] = None
     return slot.rid
 
-  def _retrieve(self, rows: list[int], vectors: np.ndarray):
-    """Searches the query vectors of `rows` at once and queues what follows each retrieval."""
+  def _retrieve(self, rows: list[int], vectors: np.ndarray) -> list[int]:
+    """Searches the query vectors of `rows` at once and queues what follows each retrieval;
+    returns the requests that failed (an exception acting on their own retrieval: stop_reason
+    "error", the others go on)."""
     if not rows:
-      return
+      return []
     outs = [self.output(self._slots[r].rid) for r in rows]
     queries = vectors[rows] if self.query_vectors is None else self.query_vectors(outs, vectors[rows])
-    found = list(zip(*self.search(queries, self.config.retrieve_k)))  # (ids, scores) per row
+    ks = [self._setting(self._slots[r].rid, "retrieve_k") for r in rows]
+    found = list(zip(*self.search(queries, max(ks))))  # (ids, scores) per row
+    failed = []
     for i, r in enumerate(rows):
       slot, out = self._slots[r], outs[i]
-      candidates = self._candidates(slot.rid, len(out.retrievals))
-      if candidates is not None:
-        found[i] = self.search_candidates(queries[i], candidates, self.config.retrieve_k)
-      ids, scores = found[i]
-      out.retrievals.append(Retrieval(slot.length - 1, list(ids), [float(s) for s in scores],
+      try:
+        candidates = self._candidates(slot.rid, len(out.retrievals))
+        if candidates is not None:
+          found[i] = self.search_candidates(queries[i], candidates, ks[i])
+        ids, scores = list(found[i][0])[:ks[i]], list(found[i][1])[:ks[i]]
+        queued = (list(self.documents(ids[0])) if self.mode == "rag"
+                  else [self.tokens.force_after_query])
+      except Exception as e:  # pylint: disable=broad-except  (that request fails, not the batch)
+        out.error = f"{type(e).__name__}: {e}"
+        failed.append(self._end(r, "error"))
+        continue
+      out.retrievals.append(Retrieval(slot.length - 1, ids, [float(s) for s in scores],
                                       np.asarray(queries[i])))
-      queued = (list(self.documents(ids[0])) if self.mode == "rag"
-                else [self.tokens.force_after_query])
       slot.queue = queued
       out.tokens += queued
       out.generated += [False] * len(queued)
+    return failed
 
   def _candidates(self, rid: int, query_index: int) -> Sequence[str] | None:
     """The candidate uids of a request's query_index-th query (None: unrestricted)."""

@@ -76,11 +76,17 @@ def output_stream(tokenizer: TaskTokenizer, tokens: Sequence[int], prompt_len: i
   return out
 
 
+def output_text(tokenizer: TaskTokenizer, tokens: Sequence[int]) -> str:
+  """The text of output tokens: every token but EOS, special tokens kept, no clean-up of spaces
+  (the text of a prefix is a prefix of the text, so streamed pieces add up to it)."""
+  eos = tokenizer.hf.eos_token_id
+  return tokenizer.hf.decode([t for t in tokens if t != eos], skip_special_tokens=False,
+                             clean_up_tokenization_spaces=False)
+
+
 def output_record(run: LoadedRun, out: RequestOutput) -> dict:
   """One JSON-ready result: text, retrievals per step, and for EL the linked mentions."""
-  hf = run.tokenizer.hf
-  tokens = [t for t in out.tokens if t != hf.eos_token_id]
-  text = hf.decode(tokens, skip_special_tokens=False)
+  text = output_text(run.tokenizer, out.tokens)
   record = {"text": text, "finished": out.finished, "stop_reason": out.stop_reason,
             "retrievals": [{"position": r.position, "ids": r.ids, "scores": r.scores}
                            for r in out.retrievals]}

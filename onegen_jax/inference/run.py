@@ -6,6 +6,7 @@ to an index (`make_engine`). Used by launch/build_index.py, launch/infer.py and 
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 
 import flax.linen as nn
@@ -26,7 +27,7 @@ from onegen_jax.inference.engine import Engine, GenerationConfig, TaskTokens
 from onegen_jax.model.decoder import Decoder, abstract_params
 from onegen_jax.retrieval.candidates import CandidateScorer
 from onegen_jax.retrieval.encode import EncodeItem, Encoder
-from onegen_jax.retrieval.index import Index
+from onegen_jax.retrieval.index import Index, load_index
 
 
 @dataclasses.dataclass
@@ -118,6 +119,22 @@ def encode_db(run: LoadedRun, db_path: str, out_dir: str, chunk: int = 4096,
     vectors.flush()
   texts = {d.uid: d.text(run.task) for d in docs}
   return vectors, database.key_uids, texts, report
+
+
+def load_index_dir(path: str) -> tuple[Index, dict[str, str], np.ndarray]:
+  """What launch.build_index wrote to `path`: the index, document uid -> inserted text
+  (documents.json), and the key vectors float32 [keys, D] in the index's order (memory-mapped;
+  EL requests with candidates are scored against them)."""
+  with open(os.path.join(path, "documents.json")) as f:
+    texts = json.load(f)
+  return load_index(path), texts, np.load(os.path.join(path, "vectors.npy"), mmap_mode="r")
+
+
+def generation_config(task: Task, max_retrievals: int, **settings) -> GenerationConfig:
+  """The engine settings of a task: RAG stops at `max_retrievals` queries; EL links every
+  mention (no limit)."""
+  return GenerationConfig(max_retrievals=max_retrievals if task.mode == "rag" else 1 << 30,
+                          **settings)
 
 
 def make_engine(run: LoadedRun, index: Index, texts: dict[str, str], config: GenerationConfig,

@@ -20,11 +20,12 @@ class TaskTokens:
 
 @dataclasses.dataclass(frozen=True)
 class GenerationConfig:
+  # The next four are defaults: a Request may set its own.
   max_new_tokens: int = 128  # output-stream tokens, inserted paragraphs not counted
-  max_retrievals: int = 5  # per request; a query RET token beyond it ends the request
   retrieve_k: int = 1  # results kept per retrieval (the first one is inserted / linked)
   temperature: float = 0.0  # 0: greedy
   top_p: float = 1.0
+  max_retrievals: int = 5  # per request; a query RET token beyond it ends the request
   batch_size: int = 8  # slots (cache rows)
   capacity: int = 2048  # cache entries per slot: prompt + inserted + generated tokens
   seed: int = 0
@@ -36,13 +37,23 @@ class Request:
   """prompt: token ids. force: tokens replacing the first output-stream choices. candidates: EL
   entity uids every search of this request is restricted to (one list), or one list per query in
   order. keep_session: keep the cache when it ends, for continue_session. seed: its sampling
-  stream (with the config's seed; None: the request id)."""
+  stream (with the config's seed; None: the request id). max_new_tokens, retrieve_k,
+  temperature, top_p: this request's (None: the GenerationConfig's)."""
 
   prompt: Sequence[int]
   force: Sequence[int] = ()
   candidates: Sequence[str] | Sequence[Sequence[str]] | None = None
   keep_session: bool = False
   seed: int | None = None
+  max_new_tokens: int | None = None
+  retrieve_k: int | None = None
+  temperature: float | None = None
+  top_p: float | None = None
+
+  def setting(self, name: str, config: GenerationConfig):
+    """This request's value of a per-request setting, else the config's."""
+    own = getattr(self, name)
+    return getattr(config, name) if own is None else own
 
 
 @dataclasses.dataclass
@@ -53,7 +64,7 @@ class Retrieval:
   vector: np.ndarray  # float32 [D], the query searched (the hidden state unless query_vectors)
 
 
-STOP_REASONS = ("eos", "max_new_tokens", "max_retrievals", "capacity")
+STOP_REASONS = ("eos", "max_new_tokens", "max_retrievals", "capacity", "cancelled", "error")
 
 
 @dataclasses.dataclass
@@ -64,7 +75,8 @@ class RequestOutput:
   # place), not inserted by the engine (a retrieved paragraph, the token forced after a RET token)
   retrievals: list[Retrieval]
   stop_reason: str = ""  # one of STOP_REASONS once the request ended ("capacity": its next
-  # tokens would not fit its cache row)
+  # tokens would not fit its cache row; "cancelled": Engine.cancel; "error": see `error`)
+  error: str = ""  # why it failed (stop_reason "error"): an exception acting on its retrieval
 
   @property
   def finished(self) -> bool:

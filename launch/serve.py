@@ -1,0 +1,95 @@
+"""Serves a trained OneGen run over HTTP: one-pass RAG or entity linking, continuously batched.
+
+  python -m launch.serve --workdir=RUN --index=DIR [--task=rag|el] [--host=127.0.0.1 --port=8000]
+
+DIR: what launch.build_index wrote. The engine runs in one background thread that owns the
+device; HTTP handlers queue requests and await them, so concurrent requests share its batches
+(--max_batch slots, --capacity cache entries each). The API, its errors and its streaming:
+onegen_jax/serving/app.py. SIGTERM (or Ctrl-C): stop accepting, let running requests finish for
+--drain_s seconds, then end those still running with 503 / an SSE `error` event, and exit.
+Mesh and dtype flags: launch/serving_flags.py (one process).
+
+  curl -s localhost:8000/v1/generate -d '{"prompt": "...", "max_new_tokens": 64}'
+"""
+
+import logging
+import signal
+
+import jax
+import uvicorn
+from absl import app, flags
+
+from launch import serving_flags
+from onegen_jax.inference.run import generation_config, load_index_dir, load_run, make_engine
+from onegen_jax.serving.app import create_app
+from onegen_jax.serving.schema import Limits
+from onegen_jax.serving.worker import EngineWorker
+
+_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory.")
+_INDEX = flags.DEFINE_string("index", None, "Directory written by launch.build_index.")
+_TASK = flags.DEFINE_enum("task", None, ["rag", "el"], "Checked against the run's task (default: "
+                          "the run's).")
+_STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: latest).")
+_HOST = flags.DEFINE_string("host", "127.0.0.1", "Address to listen on.")
+_PORT = flags.DEFINE_integer("port", 8000, "Port to listen on.")
+_MAX_BATCH = flags.DEFINE_integer("max_batch", 8, "Requests decoded together (cache rows).")
+_CAPACITY = flags.DEFINE_integer("capacity", 2048, "Cache entries per request: prompt, "
+                                 "insertions and output.")
+_MAX_NEW = flags.DEFINE_integer("max_new_tokens", 256, "A request's default max_new_tokens.")
+_MAX_NEW_LIMIT = flags.DEFINE_integer("max_new_tokens_limit", 0, "The largest max_new_tokens a "
+                                      "request may ask (0: --capacity - 1).")
+_MAX_RETRIEVALS = flags.DEFINE_integer("max_retrievals", 5, "Retrievals per request (rag).")
+_RETRIEVE_K = flags.DEFINE_integer("retrieve_k", 10, "A request's default results per retrieval.")
+_MAX_RETRIEVE_K = flags.DEFINE_integer("max_retrieve_k", 100, "The largest retrieve_k.")
+_MAX_BODY = flags.DEFINE_integer("max_body_bytes", 1 << 20, "Larger request bodies get 413.")
+_MAX_SESSIONS = flags.DEFINE_integer("max_sessions", 64, "Open sessions (kept caches) at most.")
+_DRAIN_S = flags.DEFINE_float("drain_s", 30.0, "On SIGTERM, how long running requests may go "
+                              "on before they are ended.")
+flags.mark_flags_as_required(["workdir", "index"])
+
+
+class _DrainingServer(uvicorn.Server):
+  """uvicorn's server, telling the engine worker to drain when a shutdown signal arrives."""
+
+  def __init__(self, config: uvicorn.Config, worker: EngineWorker, drain_s: float):
+    super().__init__(config)
+    self.worker, self.drain_s = worker, drain_s
+
+  def handle_exit(self, sig, frame):
+    """Drains, then shuts down (a second Ctrl-C: at once). Unlike uvicorn's own handler, the
+    signal is not raised again after shutdown: a drained server exits 0."""
+    self.worker.drain(self.drain_s)  # signal-safe: sets a deadline
+    if self.should_exit and sig == signal.SIGINT:
+      self.force_exit = True
+    self.should_exit = True
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  run = load_run(_WORKDIR.value, _STEP.value, **serving_flags.start())
+  if jax.process_count() > 1:
+    raise app.UsageError("launch.serve runs as one process (its devices may still be a mesh)")
+  if _TASK.value and _TASK.value != run.task.mode:
+    raise app.UsageError(f"--task={_TASK.value}, but {_WORKDIR.value} is a {run.task.mode} run "
+                         f"({run.task.name})")
+  index, texts, vectors = load_index_dir(_INDEX.value)
+  config = generation_config(run.task, _MAX_RETRIEVALS.value, max_new_tokens=_MAX_NEW.value,
+                             batch_size=_MAX_BATCH.value, capacity=_CAPACITY.value,
+                             retrieve_k=_RETRIEVE_K.value)
+  limits = Limits(capacity=_CAPACITY.value, max_new_tokens=_MAX_NEW.value,
+                  max_new_tokens_limit=_MAX_NEW_LIMIT.value or _CAPACITY.value - 1,
+                  retrieve_k=_RETRIEVE_K.value, max_retrieve_k=_MAX_RETRIEVE_K.value,
+                  max_body_bytes=_MAX_BODY.value)
+  worker = EngineWorker(lambda: make_engine(run, index, texts, config, vectors=vectors),
+                        max_sessions=_MAX_SESSIONS.value)
+  logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+  server = _DrainingServer(
+      uvicorn.Config(create_app(run, worker, limits), host=_HOST.value, port=_PORT.value,
+                     timeout_graceful_shutdown=int(_DRAIN_S.value) + 10, log_level="info"),
+      worker, _DRAIN_S.value)
+  server.run()
+
+
+if __name__ == "__main__":
+  app.run(main)

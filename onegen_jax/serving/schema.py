@@ -1,0 +1,114 @@
+"""Request bodies of the HTTP API, checked strictly (wrong types are errors, not coerced), and
+their translation into engine requests: the prompt is tokenised by the one function launch.infer
+and training use (`inference.requests.prompt_tokens`), so a reference-format line's messages give
+the same tokens over HTTP as through `launch.infer`."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import Literal
+
+import pydantic
+
+from onegen_jax.data.records import Message, prompt_messages
+from onegen_jax.inference.requests import prompt_tokens
+from onegen_jax.inference.run import LoadedRun
+from onegen_jax.inference.types import Request
+from onegen_jax.serving.worker import ClientError
+
+
+@dataclasses.dataclass(frozen=True)
+class Limits:
+  """What the server accepts: capacity (cache entries per request: prompt + output), default and
+  largest max_new_tokens, default and largest retrieve_k, the largest body in bytes."""
+
+  capacity: int
+  max_new_tokens: int
+  max_new_tokens_limit: int
+  retrieve_k: int
+  max_retrieve_k: int
+  max_body_bytes: int
+
+
+class MessageBody(pydantic.BaseModel):
+  """A message; its other fields (a reference-format line's positive / negative) are ignored."""
+
+  model_config = pydantic.ConfigDict(extra="ignore", strict=True)
+  role: Literal["system", "user", "assistant"]
+  content: str
+
+
+class TurnBody(pydantic.BaseModel):
+  """A session's next turn: the user's new message(s), or `prompt` (one user message)."""
+
+  model_config = pydantic.ConfigDict(extra="forbid", strict=True)
+  messages: list[MessageBody] | None = None
+  prompt: str | None = None
+  max_new_tokens: int | None = None
+  temperature: float = pydantic.Field(0.0, ge=0.0, le=100.0)
+  top_p: float = pydantic.Field(1.0, gt=0.0, le=1.0)
+  retrieve_k: int | None = None
+  seed: int | None = None
+  stream: bool = False
+  candidates: list[str] | list[list[str]] | None = None
+
+
+class GenerateBody(TurnBody):
+  """A new request: the conversation so far (every message before its last assistant message is
+  the prompt, as in launch.infer's input lines) or `prompt`; keep_session opens a session."""
+
+  keep_session: bool = False
+
+
+def parse(body: bytes, model: type[TurnBody]) -> TurnBody:
+  """The body as `model`; ClientError 400 for malformed JSON, 422 for a missing, unknown or
+  wrong-typed field (one line: the field and the problem)."""
+  try:
+    data = json.loads(body)
+  except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    raise ClientError(400, f"malformed JSON: {e}") from None
+  if not isinstance(data, dict):
+    raise ClientError(400, f"the body must be a JSON object, got {type(data).__name__}")
+  try:
+    return model.model_validate(data)
+  except pydantic.ValidationError as e:
+    first = e.errors()[0]
+    where = ".".join(str(part) for part in first["loc"]) or "body"
+    more = f" (and {e.error_count() - 1} more)" if e.error_count() > 1 else ""
+    raise ClientError(422, f"{where}: {first['msg']}{more}") from None
+
+
+def engine_request(body: TurnBody, run: LoadedRun, limits: Limits, turn: bool = False
+                   ) -> Request:
+  """The engine request of a checked body; `turn`: the prompt is a session's new turn (its
+  messages only, no assistant message). ClientError 422 for settings out of range, 400 for a
+  prompt that does not fit the cache."""
+  if (body.messages is None) == (body.prompt is None):
+    raise ClientError(422, "give exactly one of `messages` and `prompt`")
+  messages = ([Message(m.role, m.content) for m in body.messages] if body.messages is not None
+              else [Message("user", body.prompt)])
+  if turn and any(m.role == "assistant" for m in messages):
+    raise ClientError(422, "messages: a turn holds the user's messages; the assistant's come "
+                      "from the session")
+  prompt = tuple(messages) if turn else prompt_messages(messages)
+  if not prompt:
+    raise ClientError(422, "messages: nothing before the assistant's message to prompt with")
+  max_new = body.max_new_tokens if body.max_new_tokens is not None else limits.max_new_tokens
+  if not 1 <= max_new <= limits.max_new_tokens_limit:
+    raise ClientError(422, f"max_new_tokens: {max_new} is out of range [1, "
+                      f"{limits.max_new_tokens_limit}]")
+  k = body.retrieve_k if body.retrieve_k is not None else limits.retrieve_k
+  if not 1 <= k <= limits.max_retrieve_k:
+    raise ClientError(422, f"retrieve_k: {k} is out of range [1, {limits.max_retrieve_k}]")
+  if body.candidates is not None and run.task.mode != "el":
+    raise ClientError(422, "candidates: only entity linking restricts searches to candidates")
+  tokens = prompt_tokens(run, [prompt], max_len=1 << 62)[0]
+  if not tokens:
+    raise ClientError(422, "messages: the prompt has no tokens")
+  if not turn and len(tokens) + 1 > limits.capacity:
+    raise ClientError(400, f"the prompt has {len(tokens)} tokens; the cache holds "
+                      f"{limits.capacity} per request (prompt + output)")
+  return Request(tokens, candidates=body.candidates, seed=body.seed, max_new_tokens=max_new,
+                 retrieve_k=k, temperature=body.temperature, top_p=body.top_p,
+                 keep_session=getattr(body, "keep_session", False) or turn)
