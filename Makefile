@@ -1,11 +1,12 @@
 # make demo: train the tiny OneGen model on generated entity-linking data (CPU, ~1 minute).
 # make test: the test suite on an emulated 8-device CPU mesh.
+# make serve: the demo model over HTTP on localhost:8000 (after make demo; index built once).
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 MESH_FLAGS := XLA_FLAGS=--xla_force_host_platform_device_count=8
 
-.PHONY: demo test install clean real-model
+.PHONY: demo test install clean real-model serve
 
 install: $(VENV)/.installed
 
@@ -16,8 +17,14 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 demo: install
-	rm -rf runs/demo  # a fresh run each time (the same --workdir would resume)
+	rm -rf runs/demo runs/demo-index  # a fresh run each time (the same --workdir would resume)
 	$(MESH_FLAGS) $(PY) -m launch.train --config=configs/el.py:demo --workdir=runs/demo
+
+serve: install
+	@test -d runs/demo || { echo "no runs/demo: run make demo first"; exit 1; }
+	test -f runs/demo-index/index.json || $(PY) -m launch.build_index --workdir=runs/demo \
+	    --db=runs/demo-data/el/db.jsonl --out=runs/demo-index
+	$(PY) -m launch.serve --workdir=runs/demo --index=runs/demo-index --port=8000
 
 test: install
 	$(PY) -m pytest -q --durations=10 $(PYTEST_ARGS)

@@ -4,8 +4,10 @@ gets its 4xx and the server goes on, a client that leaves frees its slot, SIGTER
 in flight explicitly."""
 
 import concurrent.futures
+import dataclasses
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -254,3 +256,57 @@ def test_sigterm_ends_in_flight_requests_explicitly(trained, chain, long_request
     kind, data = stream.result(timeout=60)[-1]
     assert kind == "error" and data["status"] == 503 and "shut down" in data["error"]
   assert proc.wait(60) == 0
+
+
+@pytest.mark.parametrize("trained", ["multihop"], indirect=True)
+def test_an_internal_error_fails_that_request_only(trained, chain, tmp_path):
+  """An index whose documents.json lacks the paragraph one dev request retrieves first (a broken
+  index, not bad input): that request gets 500 with an id, which the log names with the cause;
+  the requests batched with it get their launch.infer answers."""
+  want = read_jsonl(chain.predictions)
+  firsts = [r["retrievals"][0]["ids"][0] if r["retrievals"] else None for r in want]
+  broken = next(i for i, uid in enumerate(firsts) if uid and firsts.count(uid) == 1)
+  index = tmp_path / "index"
+  shutil.copytree(chain.index, index)
+  texts = json.loads((index / "documents.json").read_text())
+  del texts[firsts[broken]]
+  (index / "documents.json").write_text(json.dumps(texts))
+  log = tmp_path / "server.log"
+  url, proc = start_server(trained, dataclasses.replace(chain, index=str(index)), log)
+  try:
+    with httpx.Client(base_url=url, timeout=120) as client, \
+         concurrent.futures.ThreadPoolExecutor(len(want)) as pool:
+      responses = list(pool.map(lambda line: client.post("/v1/generate",
+                                                         json={"messages": line["messages"]}),
+                                dev_lines(trained)))
+      assert responses[broken].status_code == 500
+      error = responses[broken].json()
+      assert error["error"] == "internal error" and error["id"].startswith("err-")
+      ok = [i for i in range(len(want)) if i != broken]
+      assert all(responses[i].status_code == 200 for i in ok)
+      assert_same_answers([responses[i].json() for i in ok], [want[i] for i in ok])
+      assert client.get("/health").status_code == 200
+  finally:
+    proc.terminate()
+    proc.wait(60)
+  logged = [line for line in log.read_text().splitlines() if error["id"] in line]
+  assert logged and "KeyError" in logged[0] and firsts[broken] in logged[0]
+
+
+@pytest.mark.parametrize("trained", ["el"], indirect=True)
+def test_the_load_benchmark_runs(trained, chain, tmp_path):
+  """benchmarks/serve_load.py at its smallest (2 client counts, 4 requests), RESULTS.md left
+  alone: it starts the server, checks the answers agree across client counts, prints its table."""
+  index = tmp_path / "index"
+  shutil.copytree(chain.index, index)
+  results = os.path.join(ROOT, "benchmarks", "RESULTS.md")
+  before = open(results).read()
+  run = subprocess.run(
+      [sys.executable, "-m", "benchmarks.serve_load", f"--workdir={trained[3] / 'run'}",
+       f"--index={index}", f"--requests_file={trained[2]}/dev.jsonl", "--clients=1,2",
+       "--requests=4", "--max_new_tokens=8", "--max_batch=2", "--capacity=512", "--no_record"],
+      cwd=ROOT, capture_output=True, text=True, timeout=300,
+      env=dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8"))
+  assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-3000:]
+  assert "| 2 | 4 |" in run.stdout and '"same_answers_at_every_level": true' in run.stdout
+  assert open(results).read() == before
