@@ -2,16 +2,20 @@
 which is inserted as <paragraph>...</paragraph> into the same context.
 
 Launch:
+  python -m launch.train --config=configs/selfrag.py:demo
   python -m launch.train --config=configs/selfrag.py:PRESET --workdir=RUN \\
       --config.model.init_from=IMPORTED_RUN --config.data.train_path=... --config.data.db_path=... \\
       --config.data.tokenizer_path=...
   python -m launch.train --config=configs/selfrag.py:PRESET --compile_only --topology=v5p-64
 
-Variants: one per model of the paper's table (onegen_jax/train/config.py).
+Variants: `demo` (the tiny decoder on the project's generated Self-RAG data, written to
+runs/demo-data/selfrag on first use; CPU, about a minute) and one per model of the paper's table
+(onegen_jax/train/config.py). Inference: `launch.infer --task=selfrag
+--mode=adaptive_retrieval|always_retrieve|no_retrieval` (onegen_jax/inference/selfrag.py).
 """
 
-from onegen_jax.train.config import paper_config
+from onegen_jax.train.config import demo_config, paper_config
 
 
-def get_config(arg: str):
-  return paper_config("selfrag", arg)
+def get_config(arg: str = "demo"):
+  return demo_config("selfrag") if arg == "demo" else paper_config("selfrag", arg)

@@ -3,6 +3,9 @@
   python -m launch.convert_data --task=el --src=../shared/data/el --out=/tmp/el_real
   python -m launch.convert_data --task=multihop --src=../shared/data/qa/hotpotqa_train100 \
       --out=/tmp/hotpotqa [--extra_corpus=../shared/data/qa/2wiki_corpus/corpus.jsonl]
+  python -m launch.convert_data --task=selfrag --src=selfrag_train.jsonl --out=/tmp/selfrag
+  python -m launch.convert_data --task=selfrag --src=../shared/data/qa/nq_open_oracle \
+      --out=/tmp/selfrag_nq    # reflection tokens by stated rules (data/convert_selfrag.py)
 
 Writes train.jsonl, dev.jsonl (every tenth example), db.jsonl and tokenizer/ (a byte-level BPE
 trained on the converted text; point config.data.tokenizer_path at a model's own tokenizer instead
@@ -13,8 +16,10 @@ from absl import app, flags
 
 from onegen_jax.data.convert import convert_dataset
 
-_TASK = flags.DEFINE_enum("task", None, ["el", "multihop"], "Which task's data to convert.")
-_SRC = flags.DEFINE_string("src", None, "el/ folder, or a qa/<set>/ folder with qa.jsonl.")
+_TASK = flags.DEFINE_enum("task", None, ["el", "multihop", "selfrag"],
+                          "Which task's data to convert.")
+_SRC = flags.DEFINE_string("src", None, "el/ folder, or a qa/<set>/ folder with qa.jsonl, or "
+                           "(selfrag) Self-RAG's training jsonl file.")
 _OUT = flags.DEFINE_string("out", None, "Output directory.")
 _VOCAB = flags.DEFINE_integer("vocab_size", 4096, "Vocabulary size of the trained BPE tokenizer.")
 _EOS = flags.DEFINE_string("eos", "</s>", "End-of-sequence string appended to every answer.")

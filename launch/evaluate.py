@@ -11,7 +11,7 @@ from absl import app, flags
 
 from onegen_jax.data.records import read_jsonl
 from onegen_jax.data.tasks import TASKS, get_task
-from onegen_jax.eval.scoring import score_el, score_rag
+from onegen_jax.eval.scoring import score_el, score_rag, score_selfrag
 
 _TASK = flags.DEFINE_enum("task", None, sorted(TASKS), "The run's task (its configs/ name).")
 _PREDICTIONS = flags.DEFINE_string("predictions", None, "launch.infer output.")
@@ -23,7 +23,10 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   predictions, gold = read_jsonl(_PREDICTIONS.value), read_jsonl(_GOLD.value)
-  score = score_rag if get_task(_TASK.value).mode == "rag" else score_el
+  if _TASK.value == "selfrag":  # launch.infer --mode=... output (Self-RAG's procedure)
+    score = score_selfrag
+  else:
+    score = score_rag if get_task(_TASK.value).mode == "rag" else score_el
   print(json.dumps(score(predictions, gold), sort_keys=True))
 
 

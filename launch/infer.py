@@ -9,6 +9,12 @@ OUT.jsonl: one JSON object per request: text, stop_reason, retrievals (position,
 step, and for el the plain text with the linked mentions (character offsets, entity).
 Mesh, dtype and process flags (every process runs the same requests; process 0 writes
 OUT.jsonl): launch/serving_flags.py.
+
+Self-RAG (a selfrag run): --mode=adaptive_retrieval|always_retrieve|no_retrieval runs Self-RAG's
+short-form procedure (onegen_jax/inference/selfrag.py: retrieval decided by P([Retrieval]) vs
+--threshold, the model's own query, --ndocs evidence rows continuing one prefill, critique
+weights --w_rel/--w_sup/--w_use); each output line then holds the answer, whether it retrieved,
+and every candidate's document, text and scores.
 """
 
 import json
@@ -21,6 +27,7 @@ from onegen_jax.inference.engine import Request
 from onegen_jax.inference.requests import (output_record, prompt_tokens, read_candidates,
                                            read_requests)
 from onegen_jax.inference.run import generation_config, load_index_dir, load_run, make_engine
+from onegen_jax.inference.selfrag import MODES, SelfRag, SelfRagConfig, watched_ids
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory.")
 _INDEX = flags.DEFINE_string("index", None, "Directory written by launch.build_index.")
@@ -35,6 +42,16 @@ _TOP_P = flags.DEFINE_float("top_p", 1.0, "Nucleus sampling mass.")
 _MAX_PROMPT = flags.DEFINE_integer("max_prompt_len", 1024, "Prompts are cut to this many tokens.")
 _CAPACITY = flags.DEFINE_integer("capacity", 2048, "KV-cache entries per request.")
 _RETRIEVE_K = flags.DEFINE_integer("retrieve_k", 10, "Results kept per retrieval (first is used).")
+_TASK = flags.DEFINE_string("task", None, "Checked against the run's task (default: the run's).")
+_MODE = flags.DEFINE_enum("mode", None, list(MODES), "selfrag: Self-RAG's procedure (default: "
+                          "plain one-pass generation).")
+_THRESHOLD = flags.DEFINE_float("threshold", 0.2, "selfrag adaptive_retrieval: retrieve when "
+                                "P([Retrieval]) / (P([Retrieval]) + P([No Retrieval])) exceeds it.")
+_NDOCS = flags.DEFINE_integer("ndocs", 5, "selfrag: documents retrieved, one continuation each.")
+_W_REL = flags.DEFINE_float("w_rel", 1.0, "selfrag: weight of the relevance score.")
+_W_SUP = flags.DEFINE_float("w_sup", 1.0, "selfrag: weight of the support score.")
+_W_USE = flags.DEFINE_float("w_use", 0.5, "selfrag: weight of the utility score.")
+_SEQ_SCORE = flags.DEFINE_bool("use_seq_score", True, "selfrag: add exp(mean token log-prob).")
 flags.mark_flags_as_required(["workdir", "index", "input", "output"])
 
 
@@ -42,23 +59,42 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   run = load_run(_WORKDIR.value, _STEP.value, **serving_flags.start())
+  if _TASK.value and _TASK.value != run.task.name:
+    raise app.UsageError(f"--task={_TASK.value}, but {_WORKDIR.value} is a {run.task.name} run")
+  if _MODE.value and run.task.name != "selfrag":
+    raise app.UsageError(f"--mode is Self-RAG's; {_WORKDIR.value} is a {run.task.name} run")
   index, texts, vectors = load_index_dir(_INDEX.value)
-  config = generation_config(
-      run.task, _MAX_RETRIEVALS.value, max_new_tokens=_MAX_NEW.value,
-      temperature=_TEMPERATURE.value, top_p=_TOP_P.value, batch_size=_BATCH.value,
-      capacity=_CAPACITY.value, retrieve_k=_RETRIEVE_K.value)
+  settings = dict(max_new_tokens=_MAX_NEW.value, temperature=_TEMPERATURE.value,
+                  top_p=_TOP_P.value, batch_size=_BATCH.value, capacity=_CAPACITY.value,
+                  retrieve_k=_RETRIEVE_K.value)
+  if _MODE.value:
+    settings["watch"] = watched_ids(run.tokenizer)
+  # Self-RAG: a query inside an evidence continuation ends it (max_retrievals 0).
+  config = generation_config(run.task, 0 if _MODE.value else _MAX_RETRIEVALS.value, **settings)
   candidates = read_candidates(_INPUT.value)
   engine = make_engine(run, index, texts, config, vectors=vectors)
   prompts = prompt_tokens(run, read_requests(_INPUT.value), _MAX_PROMPT.value)
-  outputs = engine.run([engine.submit(Request(p, candidates=c))
-                        for p, c in zip(prompts, candidates)], progress=True)
+  if _MODE.value:
+    selfrag = SelfRag(engine, run.tokenizer, index.search_documents, engine.documents,
+                      SelfRagConfig(_MODE.value, _THRESHOLD.value, _NDOCS.value, _W_REL.value,
+                                    _W_SUP.value, _W_USE.value, _SEQ_SCORE.value, _MAX_NEW.value))
+    records = [r.record() for r in selfrag.run(prompts)]
+  else:
+    outputs = engine.run([engine.submit(Request(p, candidates=c))
+                          for p, c in zip(prompts, candidates)], progress=True)
+    records = [output_record(run, out) for out in outputs]
   if jax.process_index() != 0:  # every process ran the same requests
     return
   with open(_OUTPUT.value, "w") as f:
-    for out in outputs:
-      f.write(json.dumps(output_record(run, out)) + "\n")
-  print(json.dumps({"requests": len(outputs), "finished": sum(o.finished for o in outputs),
-                    "retrievals": sum(len(o.retrievals) for o in outputs), "output": _OUTPUT.value}))
+    for record in records:
+      f.write(json.dumps(record) + "\n")
+  summary = {"requests": len(records), "output": _OUTPUT.value}
+  if _MODE.value:
+    summary["retrieved"] = sum(r["retrieved"] for r in records)
+  else:
+    summary.update(finished=sum(o.finished for o in outputs),
+                   retrievals=sum(len(o.retrievals) for o in outputs))
+  print(json.dumps(summary))
 
 
 if __name__ == "__main__":

@@ -16,6 +16,9 @@ paragraph. Negatives: the question's other paragraphs, topped up to `min_negativ
 random corpus paragraphs (NQ-open gives none). The answer ends with
 `<FINAL-ANSWER>a</FINAL-ANSWER>` and the EOS string.
 
+Self-RAG (`--task=selfrag`): data/convert_selfrag.py (Self-RAG's training file, or the NQ-open
+oracle with rule-based reflection tokens).
+
 Every tenth example goes to dev.jsonl. Deterministic.
 """
 
@@ -31,7 +34,8 @@ import numpy as np
 
 from onegen_jax.data.generate import conversation, db_entry, write_dataset
 from onegen_jax.data.records import read_jsonl
-from onegen_jax.data.tasks import EL, MULTIHOP
+from onegen_jax.data.convert_selfrag import convert_nq_oracle, convert_selfrag_file
+from onegen_jax.data.tasks import EL, MULTIHOP, SELFRAG
 
 _MAX_NEGATIVES = 10
 
@@ -149,7 +153,11 @@ def convert_dataset(task_name: str, src: str, out_dir: str, vocab_size: int = 40
     task, splits = EL, convert_el(src, eos)
   elif task_name == "multihop":
     task, splits = MULTIHOP, convert_qa(src, eos, extra_corpus=extra_corpus)
+  elif task_name == "selfrag":  # Self-RAG's training jsonl, or an NQ-style qa/<set>/ folder
+    task = SELFRAG
+    splits = (convert_selfrag_file(src, eos) if os.path.isfile(src)
+              else convert_nq_oracle(src, eos))
   else:
-    raise ValueError(f"unknown task {task_name!r}; known: el, multihop")
+    raise ValueError(f"unknown task {task_name!r}; known: el, multihop, selfrag")
   write_dataset(out_dir, task, *splits, vocab_size=vocab_size)
   return {name: len(records) for name, records in zip(("train", "dev", "db"), splits)}

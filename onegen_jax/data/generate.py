@@ -12,6 +12,17 @@ hops; the answer asks a sub-question, emits [Question Representation], reads the
 `<paragraph>...</paragraph>` and continues (positive: the sentence holding the fact, negatives:
 the same sentence of similar documents).
 
+Self-RAG: the same invented world. A question about a person's birthplace or a company's founder
+can be answered only from the corpus: the answer retrieves (`[Retrieval][Question
+Representation]`), reads the entity's paragraph and critiques it (`[Relevant]{answer}[Fully
+supported][Utility:5]`) and also trains on a distractor paragraph (another entity of the same
+kind: `[Irrelevant]{the distractor's value}[No support /
+Contradictory][Utility:2]`, no retrieval target). A question asking to repeat a word needs no
+retrieval (`[No Retrieval]{word}[Utility:5]`). Dev questions ask about a fifth of the entities
+that training never asks about (their answers are only in the corpus, not in the weights). Dev
+lines carry "answers" and "needs_retrieval" (the generator's rule), so a trained model's
+decisions and answers can be checked.
+
 Everything is a deterministic function of the seed.
 """
 
@@ -25,7 +36,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
 from onegen_jax.data.records import write_jsonl
-from onegen_jax.data.tasks import EL, MULTIHOP, Task
+from onegen_jax.data.tasks import EL, MULTIHOP, SELFRAG, Task
 
 EOS, PAD = "</s>", "<pad>"
 _SYLLABLES = ("ka", "lo", "mi", "ren", "dor", "sa", "vel", "tin", "bra", "mor", "quen", "zar",
@@ -193,6 +204,52 @@ def make_multihop(seed: int = 0, num_people: int = 60, num_companies: int = 60,
   return examples[:num_train], examples[num_train:], db
 
 
+def make_selfrag(seed: int = 0, num_people: int = 60, num_companies: int = 60,
+                 num_cities: int = 20, num_train: int = 800,
+                 num_dev: int = 80) -> tuple[list[dict], list[dict], list[dict]]:
+  """(train, dev, db) of the Self-RAG task (module docstring)."""
+  rng = np.random.default_rng([seed, 3])
+  rq, rd = SELFRAG.query_token, SELFRAG.doc_token
+  w = _world(rng, num_people, num_companies, num_cities)
+  words = _words(rng, 80, 3)
+  uid_of = {title: uid for uid, (title, _) in w.sentences.items()}
+  text_of = {uid: f"{title}\n{' '.join(sents)}" for uid, (title, sents) in w.sentences.items()}
+  db = [db_entry(SELFRAG, uid, title, text_of[uid] + rd)
+        for uid, (title, _) in w.sentences.items() if not uid.startswith("city")]
+  facts = ([(f"Where was {p} born?", p, w.born_in) for p in w.people]
+           + [(f"Who founded {c}?", c, w.founder) for c in w.companies])
+  order = rng.permutation(len(facts))
+  held_out = {int(i) for i in order[:len(facts) // 5]}  # dev asks only these: not memorised
+
+  def retrieval(uid: str, verdict: str) -> str:
+    return f"[Retrieval]{rq}<paragraph>{text_of[uid]}</paragraph>{verdict}"
+
+  def example(rng, dev: bool) -> list[dict]:
+    if rng.random() < 0.3:
+      word = str(rng.choice(words))
+      line = conversation(SELFRAG.query_template.format(input=f"Repeat the word {word}."),
+                          f"[No Retrieval]{word}[Utility:5]{EOS}")
+      return [dict(line, answers=[word], needs_retrieval=False) if dev else line]
+    pool = sorted(held_out) if dev else [i for i in range(len(facts)) if i not in held_out]
+    question, entity, relation = facts[pool[rng.integers(len(pool))]]
+    uid = uid_of[entity]
+    prompt = SELFRAG.query_template.format(input=question)
+    same_kind = [e for _, e, r in facts if r is relation and e != entity]
+    negatives = [uid_of[e] for e in rng.choice(same_kind, 2, replace=False)]
+    gold = conversation(prompt, retrieval(uid, f"[Relevant]{relation[entity]}[Fully supported]"
+                                               f"[Utility:5]{EOS}"), [uid], [negatives])
+    if dev:
+      return [dict(gold, answers=[relation[entity]], needs_retrieval=True)]
+    distractor = str(rng.choice(same_kind))
+    return [gold, conversation(prompt, retrieval(
+        uid_of[distractor], f"[Irrelevant]{relation[distractor]}[No support / Contradictory]"
+                            f"[Utility:2]{EOS}"), [None], [[]])]
+
+  train = [line for _ in range(num_train) for line in example(rng, dev=False)][:num_train]
+  dev = [example(rng, dev=True)[0] for _ in range(num_dev)]
+  return train, dev, db
+
+
 def texts(*files: list[dict]) -> list[str]:
   """Every message content of the given records."""
   return [m["content"] for records in files for r in records for m in r["messages"]]
@@ -224,7 +281,8 @@ def write_dataset(out_dir: str, task: Task, train: list[dict], dev: list[dict], 
   train_tokenizer(texts(train, dev, db), task, os.path.join(out_dir, "tokenizer"), vocab_size)
 
 
-GENERATORS = {"el": (EL, make_el), "multihop": (MULTIHOP, make_multihop)}
+GENERATORS = {"el": (EL, make_el), "multihop": (MULTIHOP, make_multihop),
+              "selfrag": (SELFRAG, make_selfrag)}
 
 
 def make_dataset(task_name: str, out_dir: str, seed: int = 0, vocab_size: int = 512, **sizes):

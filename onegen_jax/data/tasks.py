@@ -146,7 +146,8 @@ MULTIHOP = Task(
 
 SELFRAG = dataclasses.replace(
     MULTIHOP, name="selfrag", gen_tokens=tuple(t for t, _ in _SELF_RAG_GEN),
-    descriptions=_SELF_RAG_GEN + _RAG_RET + _PARAGRAPH, n_pos_per_sent=1, n_neg_per_pos=2)
+    descriptions=_SELF_RAG_GEN + _RAG_RET + _PARAGRAPH, n_pos_per_sent=1, n_neg_per_pos=2,
+    query_template="### Instruction:\n{input}\n\n### Response:\n")  # Self-RAG's prompt_no_input
 
 TASKS = {task.name: task for task in (EL, MULTIHOP, SELFRAG)}
 

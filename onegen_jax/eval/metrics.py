@@ -190,3 +190,16 @@ def _mean(values: Iterable[float]) -> float:
   if not values:
     raise ValueError("nothing to average")
   return sum(values) / len(values)
+
+
+def match(prediction: str, gold: str | Sequence[str]) -> float:
+  """Self-RAG's `match`: 1 when any gold answer string occurs in the prediction (as is)."""
+  return float(any(g in prediction for g in _aliases(gold)))
+
+
+def label_accuracy(prediction: str, gold: str | Sequence[str]) -> float:
+  """Closed answers (PubHealth true/false, ARC A-D): the prediction's first word, lowercased and
+  without punctuation, is a gold label."""
+  plain = lambda text: "".join(ch for ch in text.lower() if ch not in _PUNCTUATION).split()
+  words = plain(prediction)
+  return float(bool(words) and words[0] in {" ".join(plain(g)) for g in _aliases(gold)})

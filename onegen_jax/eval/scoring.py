@@ -4,6 +4,11 @@ RAG: the answer is the text inside <FINAL-ANSWER>...</FINAL-ANSWER> of the last 
 (the whole text when absent); the gold documents are the documents of the positive keys.
 Recall@k of a question = fraction of its gold documents among the union of the top k documents
 of every retrieval step, averaged over questions with gold documents.
+Self-RAG: a line's gold answers are its "answers" (else the gold assistant text without
+reflection tokens, paragraphs and EOS); whether it needs retrieval is its "needs_retrieval" (else
+whether the gold answer retrieves). match: a gold answer occurs in the predicted answer;
+accuracy: the predicted answer's first word is a gold label (PubHealth, ARC); decisions: the
+fraction of lines whose retrieval decision equals the gold one; each also per need.
 EL: gold mentions are the <MENTION>...</MENTION> spans of the gold assistant text (markup and
 RET tokens removed gives the plain text the offsets refer to), linked to the positive of the
 [LK] that follows each mention (null = NIL).
@@ -68,3 +73,35 @@ def score_el(predictions: list[dict], gold: list[dict]) -> dict[str, float]:
           "strong_recall": strong.recall, "strong_f1": strong.f1,
           "gold_mention_accuracy": metrics.el_gold_mention_accuracy(list(gold_spans), pred_spans),
           "documents": len(gold)}
+
+
+def _selfrag_gold(line: dict) -> tuple[list[str], bool]:
+  """(gold answers, needs retrieval) of a Self-RAG line."""
+  text = _gold_assistant(line)["content"]
+  needs = line.get("needs_retrieval", "[Retrieval]" in text)
+  if "answers" in line:
+    return list(line["answers"]), bool(needs)
+  text = re.sub(r"<paragraph>.*?</paragraph>", "", text, flags=re.S)
+  text = re.sub(r"\[[^\[\]]*\]", "", text).replace("</s>", "")
+  return [text.strip()], bool(needs)
+
+
+def score_selfrag(predictions: list[dict], gold: list[dict]) -> dict[str, float]:
+  if len(predictions) != len(gold):
+    raise ValueError(f"{len(predictions)} predictions for {len(gold)} gold lines")
+  if predictions and "retrieved" not in predictions[0]:
+    raise ValueError("Self-RAG predictions come from launch.infer --mode=adaptive_retrieval|"
+                     "always_retrieve|no_retrieval (these lines have no `retrieved`)")
+  golds = [_selfrag_gold(g) for g in gold]
+  rows = [(metrics.match(p["answer"], a), metrics.label_accuracy(p["answer"], a),
+           float(bool(p["retrieved"]) == needs), needs, bool(p["retrieved"]))
+          for p, (a, needs) in zip(predictions, golds)]
+  mean = lambda values: sum(values) / len(values) if values else 0.0
+  scores = {"match": mean([r[0] for r in rows]), "accuracy": mean([r[1] for r in rows]),
+            "decision_agreement": mean([r[2] for r in rows]),
+            "retrieval_rate": mean([float(r[4]) for r in rows]), "questions": float(len(rows))}
+  for name, needs in (("needs_retrieval", True), ("no_retrieval_needed", False)):
+    part = [r for r in rows if r[3] == needs]
+    scores[f"match_{name}"] = mean([r[0] for r in part])
+    scores[f"questions_{name}"] = float(len(part))
+  return scores

@@ -71,13 +71,15 @@ def _sample(logits: jnp.ndarray, keys: jax.Array, temperature: jnp.ndarray,
   return jax.lax.cond(jnp.any(temperature > 0), sampled, lambda: greedy)
 
 
-def _step_fn(model, vocab_size, seed, params, tokens, cache_len, cache, last, counters, sampling,
-             window):
+def _step_fn(model, vocab_size, seed, watch, params, tokens, cache_len, cache, last, counters,
+             sampling, forced, window):
   """Feeds tokens [B, T] after each row's cache_len [B], attending to the first `window` cache
-  entries; returns (next token [B] and normalised hidden [B, D] at each row's `last` fed index,
-  new cache). counters int32 [B, 2]: (request seed, its step) of each row, which key its
-  sampling, so a request samples the same tokens whatever it is batched with; sampling float32
-  [B, 2]: each row's (temperature, top_p)."""
+  entries. counters int32 [B, 2]: (request seed, its step) of each row, which key its sampling,
+  so a request samples the same tokens whatever it is batched with; sampling float32 [B, 2]: each
+  row's (temperature, top_p); forced int32 [B]: the token a row's next output is forced to (-1:
+  none); watch: static token ids. Returns, at each row's `last` fed index: the next token [B]
+  (sampled), the normalised hidden state [B, D], the log-probability of the row's next output
+  token (forced or sampled) [B] and of each watched id [B, len(watch)]; and the new cache."""
   keys = jax.vmap(lambda c: jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), c[0]),
                                                c[1]))(counters)
   hidden, cache = model.apply({"params": params}, tokens, cache_len, cache, window,
@@ -87,7 +89,12 @@ def _step_fn(model, vocab_size, seed, params, tokens, cache_len, cache, last, co
   logits = logits.astype(jnp.float32)
   if vocab_size is not None:
     logits = jnp.where(jnp.arange(logits.shape[-1]) < vocab_size, logits, -jnp.inf)
-  return (_sample(logits, keys, sampling[:, 0], sampling[:, 1]), l2_normalize(final), cache)
+  sampled = _sample(logits, keys, sampling[:, 0], sampling[:, 1])
+  log_probs = jax.nn.log_softmax(logits, axis=-1)
+  chosen = jnp.where(forced >= 0, forced, sampled)
+  chosen_log_prob = jnp.take_along_axis(log_probs, chosen[:, None], axis=-1)[:, 0]
+  watched = log_probs[:, jnp.asarray(watch, jnp.int32)] if watch else log_probs[:, :0]
+  return sampled, l2_normalize(final), chosen_log_prob, watched, cache
 
 
 class Engine:
@@ -114,7 +121,8 @@ class Engine:
     self.documents, self.config, self.mode = documents, config, mode
     self.search_candidates, self.query_vectors = search_candidates, query_vectors
     self.mesh = mesh
-    self._step = jax.jit(functools.partial(_step_fn, model, vocab_size, config.seed),
+    self._step = jax.jit(functools.partial(_step_fn, model, vocab_size, config.seed,
+                                           tuple(config.watch)),
                          donate_argnums=(3,), static_argnames="window")
     with self._rules():
       self._cache = init_cache(model.config, config.batch_size, config.capacity, mesh)
@@ -122,6 +130,7 @@ class Engine:
     self._waiting: collections.deque[int] = collections.deque()
     self._requests: dict[int, tuple[Request, RequestOutput]] = {}
     self._next_id = 0
+    self.tokens_fed = 0  # tokens fed through the model so far (prompts, insertions, outputs)
     self._sessions: dict[int, tuple[tuple, int]] = {}  # request id -> (cache row, length)
     self._continues: dict[int, tuple[tuple, int]] = {}  # request id -> its session's (row, length)
 
@@ -144,14 +153,38 @@ class Engine:
     Request fields (force, max_new_tokens, ...)."""
     if not turn:
       raise ValueError("a continuation needs at least one token of user turn")
+    row, length = self._kept(session)
+    before = self._requests[session][1]
+    unfed = [*before.prompt, *before.tokens][length:]  # its last output token
+    return self.branch(session, [[*unfed, *turn]], keep_session=keep_session, **settings)[0]
+
+  def branch(self, session: int, suffixes: Sequence[Sequence[int]], keep_session: bool = False,
+             **settings) -> list[int]:
+    """Continues the kept cache of the finished request `session` in one new request per suffix,
+    each in its own slot: request i's prompt is the tokens the cache holds (the dialogue without
+    its last, never fed, output token) plus suffixes[i]. The cache row is copied on device and
+    only the suffix is fed: the shared prefix is computed once. The session is used up."""
+    row, length = self._kept(session)
+    before = self._requests[session][1]
+    cached = [*before.prompt, *before.tokens][:length]
+    if not suffixes or not all(suffixes):
+      raise ValueError("every branch needs at least one token to feed")
+    longest = length + max(map(len, suffixes))
+    if longest + 1 > self.config.capacity:
+      raise ValueError(f"a prompt of {longest} tokens does not fit capacity={self.config.capacity}")
+    del self._sessions[session]  # a session goes on once
+    ids = []
+    for suffix in suffixes:
+      rid = self.submit(Request([*cached, *suffix], keep_session=keep_session, **settings))
+      self._continues[rid] = (row, length)
+      ids.append(rid)
+    return ids
+
+  def _kept(self, session: int) -> tuple[tuple, int]:
     if session not in self._sessions:
       raise KeyError(f"request {session} has no kept session (unknown, not finished, or "
                      "submitted without keep_session)")
-    before = self._requests[session][1]
-    rid = self.submit(Request([*before.prompt, *before.tokens, *turn], keep_session=keep_session,
-                              **settings))
-    self._continues[rid] = self._sessions.pop(session)  # a session goes on once
-    return rid
+    return self._sessions[session]
 
   def has_session(self, rid: int) -> bool:
     """Whether an ended request's cache is kept (continue_session may go on from it)."""
@@ -222,14 +255,19 @@ class Engine:
                         np.int32)
     sampling = np.array([[self._setting(s.rid, "temperature"), self._setting(s.rid, "top_p")]
                          if s else [0.0, 1.0] for s in self._slots], np.float32)
+    forced = np.array([s.force[0] if s and s.force else -1 for s in self._slots], np.int32)
     with self._rules():
-      next_tok, vectors, self._cache = self._step(self.params, fed, lengths, self._cache, last,
-                                                  counters, sampling, window=window)
-    next_tok, vectors = np.asarray(jax.device_get(next_tok)), np.asarray(jax.device_get(vectors))
+      *results, self._cache = self._step(self.params, fed, lengths, self._cache, last, counters,
+                                         sampling, forced, window=window)
+    next_tok, vectors, log_probs, watched = map(np.asarray, jax.device_get(results))
+    self.tokens_fed += sum(len(self._slots[r].queue) for r in busy)
     for r in busy:
-      self._slots[r].length += len(self._slots[r].queue)
-      self._slots[r].steps += 1
-    return ended + self._advance(busy, next_tok, vectors)
+      slot = self._slots[r]
+      if slot.steps == 0:
+        self.output(slot.rid).prompt_vector = vectors[r]
+      slot.length += len(slot.queue)
+      slot.steps += 1
+    return ended + self._advance(busy, next_tok, vectors, log_probs, watched)
 
   # -- batch helpers -----------------------------------------------------------------------------
   def generate(self, prompts: Sequence[Sequence[int]], progress: bool = False,
@@ -266,8 +304,10 @@ class Engine:
         else:
           self._slots[r] = Slot(rid, list(request.prompt), 0, list(request.force))
 
-  def _advance(self, busy: list[int], next_tok: np.ndarray, vectors: np.ndarray) -> list[int]:
-    """Retrievals for the rows that fed a query RET token, the next token for the others."""
+  def _advance(self, busy: list[int], next_tok: np.ndarray, vectors: np.ndarray,
+               log_probs: np.ndarray, watched: np.ndarray) -> list[int]:
+    """Retrievals for the rows that fed a query RET token, the next token for the others (with
+    its log-probability and the watched tokens')."""
     cfg, tok, ended = self.config, self.tokens, []
     querying = [r for r in busy if self._is_query(r)]
     for r in [r for r in querying if len(self.output(self._slots[r].rid).retrievals)
@@ -283,6 +323,9 @@ class Engine:
       token = slot.force.pop(0) if slot.force else int(next_tok[r])
       out.tokens.append(token)
       out.generated.append(True)
+      out.log_probs.append(float(log_probs[r]))
+      if self.config.watch:
+        out.watched.append(watched[r])
       slot.new_tokens += 1
       slot.queue = [token]
       if token == tok.eos:

@@ -30,6 +30,7 @@ class GenerationConfig:
   capacity: int = 2048  # cache entries per slot: prompt + inserted + generated tokens
   seed: int = 0
   continuous: bool = True  # a freed slot takes the next request at once (else: static batches)
+  watch: tuple[int, ...] = ()  # token ids whose log-probabilities each output step records
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,6 +78,13 @@ class RequestOutput:
   stop_reason: str = ""  # one of STOP_REASONS once the request ended ("capacity": its next
   # tokens would not fit its cache row; "cancelled": Engine.cancel; "error": see `error`)
   error: str = ""  # why it failed (stop_reason "error"): an exception acting on its retrieval
+  # Per output-stream token: its log-probability at its step (sampled or forced), and the
+  # log-probabilities float32 [len(config.watch)] of the watched ids there (when any are).
+  log_probs: list[float] = dataclasses.field(default_factory=list)
+  watched: list[np.ndarray] = dataclasses.field(default_factory=list)
+  # float32 [D]: the normalised hidden state of the last token of its first fed chunk (the
+  # prompt; for a continuation, what it feeds after the kept cache).
+  prompt_vector: np.ndarray | None = None
 
   @property
   def finished(self) -> bool:
