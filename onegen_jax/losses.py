@@ -33,6 +33,32 @@ def cross_entropy_sum(logits: jnp.ndarray, targets: jnp.ndarray, weights: jnp.nd
   return jnp.sum((log_z - target_logit) * weights), jnp.sum(weights)
 
 
+def chunked_cross_entropy_sum(logits_fn, hidden: jnp.ndarray, targets: jnp.ndarray,
+                              weights: jnp.ndarray, num_chunks: int):
+  """cross_entropy_sum without ever holding the whole [B, S, V] logits (MaxText's vocab tiling).
+
+  hidden [B, S, D] is cut along the sequence into `num_chunks` chunks of S / num_chunks tokens;
+  a `lax.scan` computes each chunk's logits (logits_fn: [B, s, D] -> [B, s, V]) and reduces them
+  to a sum at once. The chunk body is rematerialised (jax.checkpoint), so the backward pass too
+  holds one chunk's logits at a time. Equals cross_entropy_sum(logits_fn(hidden), ...) up to
+  float32 summation order.
+  """
+  rows, seq_len = targets.shape
+  if seq_len % num_chunks:
+    raise ValueError(f"loss.gen_chunks={num_chunks} does not divide the sequence length {seq_len}")
+  size = seq_len // num_chunks
+  chunks = lambda x: jnp.moveaxis(x.reshape(rows, num_chunks, size, *x.shape[2:]), 1, 0)
+
+  @jax.checkpoint
+  def chunk(total, xs):
+    h, t, w = xs
+    return total + cross_entropy_sum(logits_fn(h), t, w)[0], None
+
+  total, _ = jax.lax.scan(chunk, jnp.zeros((), jnp.float32),
+                          (chunks(hidden), chunks(targets), chunks(weights)))
+  return total, jnp.sum(weights)
+
+
 def l2_normalize(x: jnp.ndarray, eps: float = 1e-12) -> jnp.ndarray:
   """Each row of x [..., D] scaled to unit L2 norm, in float32."""
   x = x.astype(jnp.float32)
@@ -105,10 +131,14 @@ def bpr_sum(queries: jnp.ndarray, keys: jnp.ndarray, positive: jnp.ndarray,
   return jnp.sum(jnp.where(valid, per_query, 0.0)), jnp.sum(valid.astype(jnp.float32))
 
 
-def loss_sums(logits: jnp.ndarray, hidden: jnp.ndarray, batch: dict, loss_type: str,
-              temperature: float) -> LossSums:
-  """All OneGen loss sums of one (micro-)batch in the batch contract (see docs/architecture.md)."""
-  gen_sum, gen_count = cross_entropy_sum(logits, batch["targets"], batch["loss_weight"])
+def loss_sums(logits: jnp.ndarray | None, hidden: jnp.ndarray, batch: dict, loss_type: str,
+              temperature: float, gen_sums: tuple | None = None) -> LossSums:
+  """All OneGen loss sums of one (micro-)batch in the batch contract (see docs/architecture.md).
+
+  gen_sums: L_gen's (sum, count) computed already (chunked_cross_entropy_sum); logits then None.
+  """
+  gen_sum, gen_count = gen_sums if gen_sums is not None else cross_entropy_sum(
+      logits, batch["targets"], batch["loss_weight"])
   queries = gather_vectors(hidden, batch["query_index"])
   keys = gather_vectors(hidden, batch["key_index"])
   valid = valid_queries(batch["query_valid"], batch["positive"], batch["key_valid"])

@@ -10,6 +10,7 @@ import functools
 
 import jax
 import numpy as np
+import pytest
 
 from onegen_jax import losses, sharding
 from onegen_jax.data.packing import BatchShape, pack_batches, stack_micro_batches
@@ -204,3 +205,24 @@ def test_launcher_rejects_a_misspelled_key():
   run = _launch("--config.optim.lrr=1e-3")
   assert run.returncode != 0
   assert "lrr" in run.stderr
+
+
+def test_chunked_gen_loss_equals_the_plain_one(program, batches):
+  """loss.gen_chunks = 4 (L_gen over 4 sequence chunks of 16 tokens, one chunk's logits at a
+  time): the loss sums and every gradient equal the plain [B, S, V] computation on the (4, 1, 2)
+  mesh (vocab over 'tensor')."""
+  prog = program(mesh=(4, 1, 2))
+  params = prog.init_state(seed=0).params
+  batch = batches[0]
+  with sharding.activate(prog.mesh):
+    results = [jax.jit(functools.partial(grads_and_sums, prog.model, LossConfig(gen_chunks=c),
+                                         accum_steps=1))(params, batch) for c in (1, 4)]
+  (g_plain, s_plain), (g_chunked, s_chunked) = jax.device_get(results)
+  assert s_chunked.gen_count == s_plain.gen_count > 0
+  for name in ("gen_sum", "ret_sum"):
+    np.testing.assert_allclose(getattr(s_chunked, name), getattr(s_plain, name), rtol=1e-6)
+  for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(g_chunked), jax.tree.leaves(g_plain)):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-8, err_msg=jax.tree_util.keystr(path))
+  with pytest.raises(ValueError, match="gen_chunks=5 does not divide"):
+    jax.eval_shape(functools.partial(grads_and_sums, prog.model, LossConfig(gen_chunks=5),
+                                     accum_steps=1), params, batch)

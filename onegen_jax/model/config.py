@@ -15,7 +15,8 @@ REMAT_POLICIES = (
     "dots_with_no_batch_dims",  # save weight matmul outputs, recompute the rest
     "dots",  # save every matmul output
 )
-ATTENTION_IMPLS = ("xla", "cudnn")
+# "auto": splash on TPU, cuDNN on GPU (bf16/fp16 compute), XLA otherwise; see model/decoder.py.
+ATTENTION_IMPLS = ("auto", "splash", "cudnn", "xla")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,7 +53,7 @@ class ModelConfig:
   dtype: str = "bfloat16"
   scan_layers: bool = True
   remat_policy: str = "full"
-  attention_impl: str = "xla"
+  attention_impl: str = "auto"
 
   def __post_init__(self):
     if self.num_heads % self.num_kv_heads:

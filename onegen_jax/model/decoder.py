@@ -17,9 +17,10 @@ import jax.numpy as jnp
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from onegen_jax import sharding
-from onegen_jax.model.attention import packed_causal_mask
+from onegen_jax.model.attention import packed_causal_mask, resolve_impl
 from onegen_jax.model.config import ModelConfig
 from onegen_jax.model.rope import apply_rope, inverse_frequencies
+from onegen_jax.model.splash import splash_attention
 
 _REMAT_POLICIES = {
     "full": jax.checkpoint_policies.nothing_saveable,
@@ -80,7 +81,9 @@ class Attention(nn.Module):
                write_index: jnp.ndarray | None = None):
     """x: [B, T, D]; positions: int32 [B, T]. Returns (out [B, T, D], cache).
 
-    Without a cache (training), mask is bool [B, 1, T, T] over these tokens. With a cache (k, v),
+    Without a cache (training, encoding), mask is bool [B, 1, T, T] over these tokens, or, when
+    the kernel is splash (`resolve_impl`), the packed rows' segment ids int32 [B, T] themselves
+    (splash builds no dense mask). With a cache (k, v),
     each the whole stack [L, B, C, K, H], this layer's new keys and values are written into slice
     `layer` at `write_index` int32 [B] (per row), and mask is bool [B, 1, T, W] over the first W
     entries of the updated slice (the window attended). The stack is updated, not rebuilt: under
@@ -101,10 +104,14 @@ class Attention(nn.Module):
     inv_freq = inverse_frequencies(head_dim, cfg.rope_theta, cfg.rope_scaling)
     q = apply_rope(q, positions, inv_freq)
     k = apply_rope(k, positions, inv_freq)
+    impl = resolve_impl(cfg.attention_impl, cfg.dtype, cached=bool(cache))
     if cache:
       cache = tuple(_write_layer(c, new, layer, write_index) for c, new in zip(cache, (k, v)))
       k, v = (_read_layer(c, layer, mask.shape[-1]) for c in cache)
-    out = jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=cfg.attention_impl)
+    if impl == "splash":
+      out = splash_attention(q, k, v, mask)
+    else:
+      out = jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=impl)
     out = nn.with_logical_constraint(out, ("batch", "length", "act_heads", None))
     out = out.reshape(batch, seq_len, cfg.num_heads * head_dim)
     return _dense(cfg.hidden_size, ("heads", "embed"), cfg, "o_proj")(out), cache
@@ -193,7 +200,10 @@ class Decoder(nn.Module):
   def hidden_states(self, tokens: jnp.ndarray, segment_ids: jnp.ndarray,
                     positions: jnp.ndarray) -> jnp.ndarray:
     """tokens, segment_ids, positions: int32 [B, S] -> hidden [B, S, D] after the final norm."""
-    x, _ = self._layers(self._embed(tokens), packed_causal_mask(segment_ids), positions)
+    cfg = self.config
+    splash = resolve_impl(cfg.attention_impl, cfg.dtype) == "splash"
+    mask = segment_ids if splash else packed_causal_mask(segment_ids)
+    x, _ = self._layers(self._embed(tokens), mask, positions)
     return self.norm(x)
 
   def extend(self, tokens: jnp.ndarray, cache_len: jnp.ndarray, cache: tuple,

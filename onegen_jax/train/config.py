@@ -38,14 +38,18 @@ def base_config(task: str) -> ConfigDict:
   c.task = task
   # Decoder: a preset plus overrides of any field of onegen_jax.model.config.ModelConfig;
   # init_from: a run directory (e.g. from launch.import_hf) whose parameters start training.
+  # attention_impl: auto (splash on TPU, cuDNN on GPU, XLA on CPU), splash, cudnn or xla.
   c.model = ConfigDict(dict(preset="tiny", dtype="bfloat16", param_dtype="float32",
-                            remat_policy="full", scan_layers=True, attention_impl="xla",
+                            remat_policy="full", scan_layers=True, attention_impl="auto",
                             init_from=""))
   # Mesh axis sizes; -1 fills the remaining devices.
   c.mesh = ConfigDict(dict(data=1, fsdp=-1, tensor=1))
   # lambda_gen * L_gen + lambda_ret * L_ret; "bpr" (the reference's setting) or "infonce"
   # (temperature applies to InfoNCE only).
-  c.loss = ConfigDict(dict(loss_type="bpr", temperature=0.02, lambda_gen=1.0, lambda_ret=1.0))
+  # gen_chunks: L_gen over this many sequence chunks, each chunk's [rows, S/c, V] logits made and
+  # dropped in turn (large vocabularies: Qwen2 152k, Llama-3.1 128k); 1 = whole logits at once.
+  c.loss = ConfigDict(dict(loss_type="bpr", temperature=0.02, lambda_gen=1.0, lambda_ret=1.0,
+                           gen_chunks=1))
   # AdamW after global-norm clipping; schedule "linear" (reference), "warmup_cosine", "constant".
   c.optim = ConfigDict(dict(lr=2e-5, schedule="linear", warmup_steps=0, b1=0.9, b2=0.999,
                             eps=1e-8, weight_decay=0.0, clip_norm=1.0))
@@ -98,7 +102,7 @@ def paper_config(task: str, preset: str) -> ConfigDict:
 
 
 def demo_config(task: str) -> ConfigDict:
-  """The tiny decoder on the project's generated data for `task` ("el" or "multihop"), written to
+  """The tiny decoder on the project's generated data for `task` (el, multihop, selfrag), written to
   runs/demo-data/TASK on first use; trains on CPU in about a minute."""
   c = base_config(task)
   c.model.update(preset="tiny", dtype="float32")

@@ -40,6 +40,9 @@ class LossConfig:
   temperature: float = 0.02  # InfoNCE only
   lambda_gen: float = 1.0
   lambda_ret: float = 1.0
+  # L_gen in this many sequence chunks (losses.chunked_cross_entropy_sum): the step never holds
+  # the whole [rows, S, V] logits. 1: plain (one logits tensor).
+  gen_chunks: int = 1
 
 
 def batch_shardings(mesh: Mesh, field_ndims: dict[str, int], micro: bool) -> dict:
@@ -78,9 +81,20 @@ class TrainProgram:
 
 
 def _loss_and_sums(model: Decoder, loss_cfg: LossConfig, params, batch: dict, gen_total, ret_total):
-  logits, hidden = model.apply({"params": params}, batch["tokens"], batch["segment_ids"],
-                               batch["positions"])
-  sums = losses.loss_sums(logits, hidden, batch, loss_cfg.loss_type, loss_cfg.temperature)
+  variables = {"params": params}
+  if loss_cfg.gen_chunks > 1:
+    hidden = model.apply(variables, batch["tokens"], batch["segment_ids"], batch["positions"],
+                         method=Decoder.hidden_states)
+    logits_fn = lambda h: model.apply(
+        variables, nn.with_logical_constraint(h, ("batch", "length", "act_embed")),
+        method=Decoder.logits)
+    gen = losses.chunked_cross_entropy_sum(logits_fn, hidden, batch["targets"],
+                                           batch["loss_weight"], loss_cfg.gen_chunks)
+    sums = losses.loss_sums(None, hidden, batch, loss_cfg.loss_type, loss_cfg.temperature, gen)
+  else:
+    logits, hidden = model.apply(variables, batch["tokens"], batch["segment_ids"],
+                                 batch["positions"])
+    sums = losses.loss_sums(logits, hidden, batch, loss_cfg.loss_type, loss_cfg.temperature)
   return losses.combine(sums, gen_total, ret_total, loss_cfg.lambda_gen, loss_cfg.lambda_ret), sums
 
 
