@@ -18,4 +18,8 @@ from onegen_jax.train.config import demo_config, paper_config
 
 
 def get_config(arg: str = "demo"):
-  return demo_config("selfrag") if arg == "demo" else paper_config("selfrag", arg)
+  if arg != "demo":
+    return paper_config("selfrag", arg)
+  c = demo_config("selfrag")
+  c.train.steps = 1000  # the critic tokens (one or three per example) need more steps than EL
+  return c

@@ -204,7 +204,7 @@ def make_multihop(seed: int = 0, num_people: int = 60, num_companies: int = 60,
   return examples[:num_train], examples[num_train:], db
 
 
-def make_selfrag(seed: int = 0, num_people: int = 60, num_companies: int = 60,
+def make_selfrag(seed: int = 0, num_people: int = 200, num_companies: int = 200,
                  num_cities: int = 20, num_train: int = 800,
                  num_dev: int = 80) -> tuple[list[dict], list[dict], list[dict]]:
   """(train, dev, db) of the Self-RAG task (module docstring)."""
@@ -234,7 +234,10 @@ def make_selfrag(seed: int = 0, num_people: int = 60, num_companies: int = 60,
     question, entity, relation = facts[pool[rng.integers(len(pool))]]
     uid = uid_of[entity]
     prompt = SELFRAG.query_template.format(input=question)
-    same_kind = [e for _, e, r in facts if r is relation and e != entity]
+    # Distractors and negatives from the training entities only: a held-out entity's paragraph
+    # seen only as a distractor would teach "unseen entity -> [Irrelevant]".
+    same_kind = [e for i, (_, e, r) in enumerate(facts)
+                 if r is relation and e != entity and i not in held_out]
     negatives = [uid_of[e] for e in rng.choice(same_kind, 2, replace=False)]
     gold = conversation(prompt, retrieval(uid, f"[Relevant]{relation[entity]}[Fully supported]"
                                                f"[Utility:5]{EOS}"), [uid], [negatives])
