@@ -12,6 +12,7 @@ Mesh and dtype flags: launch/serving_flags.py (one process).
   curl -s localhost:8000/v1/generate -d '{"prompt": "...", "max_new_tokens": 64}'
 """
 
+import dataclasses
 import logging
 import signal
 
@@ -21,6 +22,7 @@ from absl import app, flags
 
 from launch import serving_flags
 from onegen_jax.inference.run import generation_config, load_index_dir, load_run, make_engine
+from onegen_jax.inference.selfrag import SelfRag, watched_ids
 from onegen_jax.serving.app import create_app
 from onegen_jax.serving.schema import Limits
 from onegen_jax.serving.worker import EngineWorker
@@ -64,6 +66,16 @@ class _DrainingServer(uvicorn.Server):
     self.should_exit = True
 
 
+def selfrag_runner(run, index, texts, config):
+  """For a selfrag run: config -> a Self-RAG runner on one engine of its own (watching the
+  reflection tokens; a query inside a continuation ends it); None for other tasks."""
+  if run.task.name != "selfrag":
+    return None
+  engine = make_engine(run, index, texts, dataclasses.replace(
+      config, watch=watched_ids(run.tokenizer), max_retrievals=0))
+  return lambda sr: SelfRag(engine, run.tokenizer, index.search_documents, engine.documents, sr)
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
@@ -82,7 +94,8 @@ def main(argv):
                   retrieve_k=_RETRIEVE_K.value, max_retrieve_k=_MAX_RETRIEVE_K.value,
                   max_body_bytes=_MAX_BODY.value)
   worker = EngineWorker(lambda: make_engine(run, index, texts, config, vectors=vectors),
-                        max_sessions=_MAX_SESSIONS.value)
+                        max_sessions=_MAX_SESSIONS.value,
+                        make_selfrag=selfrag_runner(run, index, texts, config))
   logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
   server = _DrainingServer(
       uvicorn.Config(create_app(run, worker, limits), host=_HOST.value, port=_PORT.value,

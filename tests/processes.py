@@ -1,10 +1,14 @@
-"""Running a launcher as two real processes on localhost (jax.distributed, gloo CPU collectives,
-4 CPU devices each), the way every host of a pod runs the same command."""
+"""Launchers as real processes on localhost: a launcher as two processes (jax.distributed, gloo
+CPU collectives, 4 CPU devices each), the way every host of a pod runs the same command; the HTTP
+server on a free port."""
 
 import os
 import socket
 import subprocess
 import sys
+import time
+
+import httpx
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -28,3 +32,28 @@ def run_two_processes(module: str, flags: list[str], logs: str, timeout: int = 6
     assert p.returncode == 0, err.read()[-4000:]
   files[0][0].seek(0)
   return files[0][0].read()
+
+
+def serve(workdir, index, log_path, *flags) -> tuple[str, subprocess.Popen]:
+  """(base url, process) of `launch.serve --workdir --index *flags` on a free localhost port,
+  once its /health answers (output to log_path)."""
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+  log = open(log_path, "w")
+  proc = subprocess.Popen(
+      [sys.executable, "-m", "launch.serve", f"--workdir={workdir}", f"--index={index}",
+       f"--port={port}", *flags], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
+      env=dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8"))
+  url = f"http://127.0.0.1:{port}"
+  deadline = time.monotonic() + 180
+  while time.monotonic() < deadline:
+    assert proc.poll() is None, open(log_path).read()[-3000:]
+    try:
+      if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+        return url, proc
+    except httpx.TransportError:
+      pass
+    time.sleep(0.3)
+  proc.kill()
+  raise AssertionError(f"no /health in 180 s: {open(log_path).read()[-3000:]}")

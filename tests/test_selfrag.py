@@ -3,15 +3,18 @@ evidence rows, cached continuations against a full forward, the chosen answer; t
 through the command-line chain (make_data -> train -> build_index -> infer -> evaluate); the
 converters."""
 
+import concurrent.futures
 import json
 import math
 
+import httpx
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from conftest import launch
+from processes import serve
 from onegen_jax.data.convert_selfrag import convert_nq_oracle, convert_selfrag_file
 from onegen_jax.data.records import read_jsonl, write_jsonl
 from onegen_jax.eval.scoring import score_selfrag
@@ -215,3 +218,31 @@ def test_the_converters_write_selfrag_lines(tmp_path):
   distractors = [t for t in train if t["messages"][1].get("positive") == [None]]
   assert distractors and all("[Irrelevant]" in t["messages"][1]["content"] for t in distractors)
   assert json.dumps(train)  # JSON-ready
+
+
+def test_the_server_runs_selfrag_as_launch_infer_does(chain, tmp_path):
+  """launch.serve on the selfrag run: each dev line with "selfrag": {"mode", "ndocs"}, sent
+  concurrently (batched together), gets launch.infer --mode's line; selfrag with stream is 422."""
+  root, _ = chain
+  url, proc = serve(root / "run", root / "index", tmp_path / "server.log", "--max_batch=8",
+                    "--max_new_tokens=24")
+  lines = read_jsonl(f"{root}/data/dev.jsonl")
+  try:
+    with httpx.Client(base_url=url, timeout=300) as client, \
+         concurrent.futures.ThreadPoolExecutor(len(lines)) as pool:
+      for mode in ("adaptive_retrieval", "no_retrieval"):
+        post = lambda line: client.post("/v1/generate", json={
+            "messages": line["messages"], "selfrag": {"mode": mode, "ndocs": 3}})
+        got = [r.json() for r in pool.map(post, lines)]
+        want = read_jsonl(f"{root / mode}.jsonl")
+        for g, w in zip(got, want):
+          assert (g["answer"], g["retrieved"], g["best"]) == (w["answer"], w["retrieved"], w["best"])
+          assert [c["id"] for c in g["candidates"]] == [c["id"] for c in w["candidates"]]
+          assert [c["score"] for c in g["candidates"]] == pytest.approx(
+              [c["score"] for c in w["candidates"]], abs=1e-4)
+      bad = client.post("/v1/generate", json={"messages": lines[0]["messages"], "stream": True,
+                                               "selfrag": {"mode": "always_retrieve"}})
+      assert bad.status_code == 422 and "selfrag" in bad.json()["error"]
+  finally:
+    proc.terminate()
+    proc.wait(60)

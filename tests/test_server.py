@@ -9,7 +9,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -18,6 +17,7 @@ import httpx
 import pytest
 
 from conftest import E2E_CONFIG as CONFIG, ROOT
+from processes import serve
 from onegen_jax.data.records import read_jsonl
 
 # Sampling this hot makes the tiny model's outputs long (EOS is rarely drawn); a request's seed
@@ -26,32 +26,12 @@ LONG = {"temperature": 20.0, "max_new_tokens": 400}
 
 
 def start_server(trained, chain, log_path, *flags):
-  """(base url, process) of launch.serve on the trained run and the chain's index, once its
-  /health answers."""
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-  log = open(log_path, "w")
-  proc = subprocess.Popen(
-      [sys.executable, "-m", "launch.serve", f"--workdir={trained[3] / 'run'}",
-       f"--index={chain.index}", f"--port={port}", f"--max_batch={CONFIG.batch_size}",
-       f"--capacity={CONFIG.capacity}", f"--retrieve_k={CONFIG.retrieve_k}",
-       f"--max_new_tokens={CONFIG.max_new_tokens}", f"--max_retrievals={CONFIG.max_retrievals}",
-       "--max_body_bytes=20000", *flags],
-      cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
-      env=dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8"))
-  url = f"http://127.0.0.1:{port}"
-  deadline = time.monotonic() + 180
-  while time.monotonic() < deadline:
-    assert proc.poll() is None, open(log_path).read()[-3000:]
-    try:
-      if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-        return url, proc
-    except httpx.TransportError:
-      pass
-    time.sleep(0.3)
-  proc.kill()
-  raise AssertionError(f"no /health in 180 s: {open(log_path).read()[-3000:]}")
+  """(base url, process) of launch.serve on the trained run and the chain's index with the e2e
+  settings, once its /health answers."""
+  return serve(trained[3] / "run", chain.index, log_path, f"--max_batch={CONFIG.batch_size}",
+               f"--capacity={CONFIG.capacity}", f"--retrieve_k={CONFIG.retrieve_k}",
+               f"--max_new_tokens={CONFIG.max_new_tokens}",
+               f"--max_retrievals={CONFIG.max_retrievals}", "--max_body_bytes=20000", *flags)
 
 
 @pytest.fixture(scope="module")

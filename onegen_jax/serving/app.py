@@ -8,7 +8,10 @@
 
 A result is `inference.requests.output_record` (what launch.infer writes per line: text,
 finished, stop_reason, retrievals, and for EL plain_text and mentions) plus `id`, `usage` and,
-for a session, `session_id`. With "stream": true the answer is server-sent events: `token`
+for a session, `session_id`. A selfrag model's request with "selfrag": {"mode", "threshold",
+"ndocs", "w_rel", "w_sup", "w_use", "use_seq_score"} runs Self-RAG's procedure (its own engine,
+batched with the other Self-RAG requests queued at the same time) and gets what launch.infer
+--mode writes (answer, retrieved, candidates with scores). With "stream": true the answer is server-sent events: `token`
 ({"text": the new text, "tokens": their ids}; the texts add up to the result's text),
 `retrieval` ({"position", "ids", "scores"}), then `done` (the result) or `error`.
 
@@ -35,6 +38,7 @@ from starlette.exceptions import HTTPException
 
 from onegen_jax.inference.requests import output_record, output_text
 from onegen_jax.inference.run import LoadedRun
+from onegen_jax.inference.selfrag import SelfRagResult
 from onegen_jax.inference.types import RequestOutput
 from onegen_jax.serving import schema
 from onegen_jax.serving.worker import ClientError, EngineWorker, Job, Update, InternalError
@@ -71,8 +75,10 @@ def create_app(run: LoadedRun, worker: EngineWorker, limits: schema.Limits) -> f
   @app.post("/v1/generate")
   async def generate(request: fastapi.Request):
     body = schema.parse(await _body(request, limits.max_body_bytes), schema.GenerateBody)
-    job = Job(schema.engine_request(body, run, limits), asyncio.get_running_loop(),
-              session=uuid.uuid4().hex if body.keep_session else None)
+    prepared = schema.engine_request(body, run, limits)
+    job = Job(prepared, asyncio.get_running_loop(),
+              session=uuid.uuid4().hex if body.keep_session else None,
+              selfrag=schema.selfrag_config(body, run, limits, prepared))
     return await _answer(request, job, body.stream)
 
   @app.post("/v1/sessions/{session_id}/turns")
@@ -154,6 +160,8 @@ def create_app(run: LoadedRun, worker: EngineWorker, limits: schema.Limits) -> f
     if isinstance(update.error, InternalError):
       return _internal(update.error.error_id)
     out = update.output
+    if isinstance(out, SelfRagResult):
+      return responses.JSONResponse({**out.record(), "id": f"req-selfrag-{uuid.uuid4().hex[:8]}"})
     if out.stop_reason == "error":
       error_id = _error_id()
       log.error("request failed (%s): %s", error_id, out.error)

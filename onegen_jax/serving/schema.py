@@ -14,6 +14,7 @@ import pydantic
 from onegen_jax.data.records import Message, prompt_messages
 from onegen_jax.inference.requests import prompt_tokens
 from onegen_jax.inference.run import LoadedRun
+from onegen_jax.inference.selfrag import MODES, SelfRagConfig
 from onegen_jax.inference.types import Request
 from onegen_jax.serving.worker import ClientError
 
@@ -54,11 +55,46 @@ class TurnBody(pydantic.BaseModel):
   candidates: list[str] | list[list[str]] | None = None
 
 
+class SelfRagBody(pydantic.BaseModel):
+  """Self-RAG's procedure (a selfrag run only): launch.infer's --mode and its settings."""
+
+  model_config = pydantic.ConfigDict(extra="forbid", strict=True)
+  mode: Literal[MODES] = "adaptive_retrieval"
+  threshold: float = pydantic.Field(0.2, ge=0.0, le=1.0)
+  ndocs: int = pydantic.Field(5, ge=1)
+  w_rel: float = 1.0
+  w_sup: float = 1.0
+  w_use: float = 0.5
+  use_seq_score: bool = True
+
+
 class GenerateBody(TurnBody):
   """A new request: the conversation so far (every message before its last assistant message is
-  the prompt, as in launch.infer's input lines) or `prompt`; keep_session opens a session."""
+  the prompt, as in launch.infer's input lines) or `prompt`; keep_session opens a session;
+  selfrag runs Self-RAG's procedure instead of plain one-pass generation."""
 
   keep_session: bool = False
+  selfrag: SelfRagBody | None = None
+
+
+def selfrag_config(body: GenerateBody, run: LoadedRun, limits: Limits,
+                   request: Request) -> SelfRagConfig | None:
+  """The Self-RAG settings of a body (None without `selfrag`); ClientError 422 where they do not
+  apply, 400 when the prompt leaves no room in the cache."""
+  if body.selfrag is None:
+    return None
+  sr = body.selfrag
+  if run.task.name != "selfrag":
+    raise ClientError(422, f"selfrag: this server runs a {run.task.name} model")
+  if body.stream or body.keep_session or body.candidates is not None:
+    raise ClientError(422, "selfrag: stream, keep_session and candidates do not apply")
+  if sr.ndocs > limits.max_retrieve_k:
+    raise ClientError(422, f"selfrag.ndocs: {sr.ndocs} is over {limits.max_retrieve_k}")
+  if len(request.prompt) + 3 + request.max_new_tokens > limits.capacity:
+    raise ClientError(400, f"the prompt ({len(request.prompt)} tokens) and max_new_tokens "
+                      f"leave no room for a paragraph in the cache ({limits.capacity})")
+  return SelfRagConfig(sr.mode, sr.threshold, sr.ndocs, sr.w_rel, sr.w_sup, sr.w_use,
+                       sr.use_seq_score, request.max_new_tokens)
 
 
 def parse(body: bytes, model: type[TurnBody]) -> TurnBody:

@@ -29,6 +29,7 @@ import uuid
 from collections.abc import Callable, Sequence
 
 from onegen_jax.inference.engine import Engine
+from onegen_jax.inference.selfrag import SelfRag, SelfRagConfig, SelfRagResult
 from onegen_jax.inference.types import Request, RequestOutput, Retrieval
 
 log = logging.getLogger("onegen_jax.serving")
@@ -53,7 +54,7 @@ class Update:
 
   tokens: list[int]
   retrievals: list[Retrieval]
-  output: RequestOutput | None = None
+  output: RequestOutput | SelfRagResult | None = None
   error: Exception | None = None
 
 
@@ -67,6 +68,7 @@ class Job:
   loop: asyncio.AbstractEventLoop
   session: str | None = None
   turn: Sequence[int] | None = None
+  selfrag: SelfRagConfig | None = None  # run Self-RAG's procedure (its own engine) instead
   updates: asyncio.Queue = dataclasses.field(default_factory=asyncio.Queue)
   rid: int | None = None
   sent_tokens: int = 0
@@ -80,9 +82,13 @@ class EngineWorker:
   """Owns an Engine (from `make_engine`) in a thread. Thread-safe: submit, cancel, close_session,
   drain, has_session, metrics."""
 
-  def __init__(self, make_engine: Callable[[], Engine], max_sessions: int = 64):
+  def __init__(self, make_engine: Callable[[], Engine], max_sessions: int = 64,
+               make_selfrag: Callable[[SelfRagConfig], SelfRag] | None = None):
+    """make_selfrag: a Self-RAG runner (with its own engine) for a config; jobs with `selfrag`
+    run on it between steps of the main engine, all those queued together in one batch."""
     self._make_engine = make_engine
     self.engine = make_engine()
+    self._make_selfrag = make_selfrag
     self.max_sessions = max_sessions
     self._lock = threading.Condition()
     self._inbox: list[Job] = []  # jobs to admit
@@ -180,8 +186,12 @@ class EngineWorker:
         closes, self._closes = self._closes, []
       for name in closes:
         self._forget_session_cache(name)
+      selfrag = [job for job in inbox if job.selfrag is not None]
+      if selfrag:
+        self._run_selfrag(selfrag)
       for job in inbox:
-        self._admit(job)
+        if job.selfrag is None:
+          self._admit(job)
       for job in cancels:
         if job.rid is not None and self.engine.cancel(job.rid):
           self._finish(job.rid)
@@ -215,6 +225,24 @@ class EngineWorker:
       job.post(Update([], [], error=ClientError(400, str(e))))
       return
     self._jobs[job.rid] = job
+
+  def _run_selfrag(self, jobs: list[Job]):
+    """Runs Self-RAG jobs to their end, batched by config (the main engine waits meanwhile)."""
+    by_config: dict[SelfRagConfig, list[Job]] = collections.defaultdict(list)
+    for job in jobs:
+      by_config[job.selfrag].append(job)
+    for config, group in by_config.items():
+      try:
+        results = self._make_selfrag(config).run([job.request.prompt for job in group])
+      except Exception:  # pylint: disable=broad-except  (fail these jobs, go on)
+        error_id = f"err-{uuid.uuid4().hex[:12]}"
+        log.error("Self-RAG run failed (%s)\n%s", error_id, traceback.format_exc())
+        results = [None] * len(group)
+      for job, result in zip(group, results):
+        with self._lock:
+          self._stats.ended("selfrag" if result is not None else "error")
+        job.post(Update([], [], output=result) if result is not None
+                 else Update([], [], error=InternalError(error_id)))
 
   def _step(self):
     started = time.monotonic()
