@@ -198,9 +198,9 @@ class SelfRag:
   def answer(self, text: str) -> str:
     """The answer in a continuation: no reflection, retrieval or paragraph tokens, EOS or
     newlines."""
-    task = self.tokenizer.task
-    for token in (*task.special_tokens, self.tokenizer.hf.eos_token or ""):
-      text = text.replace(token, "") if token else text
+    eos = self.tokenizer.hf.eos_token
+    for token in (*self.tokenizer.task.special_tokens, *([eos] if eos else [])):
+      text = text.replace(token, "")
     return text.replace("\n", "").strip()
 
   # -- helpers ---------------------------------------------------------------------------------

@@ -41,6 +41,7 @@ from onegen_jax.inference.run import LoadedRun
 from onegen_jax.inference.selfrag import SelfRagResult
 from onegen_jax.inference.types import RequestOutput
 from onegen_jax.serving import schema
+from onegen_jax.serving.metrics import prometheus_text
 from onegen_jax.serving.worker import ClientError, EngineWorker, Job, Update, InternalError
 
 log = logging.getLogger("onegen_jax.serving")
@@ -230,25 +231,3 @@ def _error_id() -> str:
 
 def _internal(error_id: str) -> responses.JSONResponse:
   return responses.JSONResponse({"error": "internal error", "id": error_id}, status_code=500)
-
-
-_METRICS = {  # worker.metrics() name -> (Prometheus type, help)
-    "queue_length": ("gauge", "Requests waiting for a slot."),
-    "slots_busy": ("gauge", "Cache rows running a request."),
-    "slots_total": ("gauge", "Cache rows (--max_batch)."),
-    "batch_occupancy": ("gauge", "Busy slots / slots, mean over the steps of the last 10 s."),
-    "tokens_per_second": ("gauge", "Generated tokens per second over the last 10 s."),
-    "retrievals_per_second": ("gauge", "Retrievals per second over the last 10 s."),
-    "sessions_open": ("gauge", "Sessions whose cache is kept."),
-    "draining": ("gauge", "1 while shutting down."),
-}
-
-
-def prometheus_text(figures: dict[str, float]) -> str:
-  """worker.metrics() in the Prometheus text format (counters: the `*_total` figures)."""
-  lines = []
-  for name, value in sorted(figures.items()):
-    kind, help_text = _METRICS.get(name, ("counter", name.replace("_", " ") + "."))
-    lines += [f"# HELP onegen_{name} {help_text}", f"# TYPE onegen_{name} {kind}",
-              f"onegen_{name} {float(value):g}"]
-  return "\n".join(lines) + "\n"

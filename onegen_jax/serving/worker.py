@@ -31,11 +31,11 @@ from collections.abc import Callable, Sequence
 from onegen_jax.inference.engine import Engine
 from onegen_jax.inference.selfrag import SelfRag, SelfRagConfig, SelfRagResult
 from onegen_jax.inference.types import Request, RequestOutput, Retrieval
+from onegen_jax.serving.metrics import Stats
 
 log = logging.getLogger("onegen_jax.serving")
 
 _IDLE_WAIT_S = 0.05  # how often an idle thread looks at the drain deadline
-_RATE_WINDOW_S = 10.0  # the window of the tokens/s, retrievals/s and occupancy figures
 
 
 class ClientError(Exception):
@@ -99,7 +99,7 @@ class EngineWorker:
     self._kept: dict[str, int] = {}  # name -> the ended request whose cache it keeps (thread only)
     self._drain_at: float | None = None  # set from a signal handler: a plain attribute
     self._stopped = False
-    self._stats = _Stats(self.engine.config.batch_size)
+    self._stats = Stats(self.engine.config.batch_size)
     self._thread = threading.Thread(target=self._run, name="onegen-engine", daemon=True)
 
   # -- called from the event loop ----------------------------------------------------------------
@@ -321,34 +321,3 @@ def _settings(request: Request) -> dict:
   """The per-request settings of a turn's template request (continue_session's arguments)."""
   return {f: getattr(request, f) for f in ("force", "candidates", "max_new_tokens", "retrieve_k",
                                            "temperature", "top_p", "seed")}
-
-
-class _Stats:
-  """Step records of the last window and totals (guarded by the worker's lock)."""
-
-  def __init__(self, slots: int):
-    self.slots = slots
-    self.steps: collections.deque = collections.deque()  # (time, busy slots, generated, retrieved)
-    self.totals = collections.Counter()
-
-  def add(self, now: float, busy: int, generated: int, retrieved: int):
-    self.steps.append((now, busy, generated, retrieved))
-    self.totals.update(steps=1, generated_tokens=generated, retrievals=retrieved)
-    while self.steps and self.steps[0][0] < now - _RATE_WINDOW_S:
-      self.steps.popleft()
-
-  def ended(self, stop_reason: str):
-    self.totals[f"requests_{stop_reason}"] += 1
-
-  def figures(self) -> dict[str, float]:
-    now = time.monotonic()
-    recent = [s for s in self.steps if s[0] >= now - _RATE_WINDOW_S]
-    span = max(now - recent[0][0], 1e-3) if recent else 1.0
-    return {
-        "slots_total": self.slots,
-        "batch_occupancy": (sum(s[1] for s in recent) / (len(recent) * self.slots)
-                            if recent else 0.0),
-        "tokens_per_second": sum(s[2] for s in recent) / span,
-        "retrievals_per_second": sum(s[3] for s in recent) / span,
-        **{f"{k}_total": v for k, v in self.totals.items()},
-    }
