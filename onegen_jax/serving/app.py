@@ -42,7 +42,8 @@ from onegen_jax.inference.selfrag import SelfRagResult
 from onegen_jax.inference.types import RequestOutput
 from onegen_jax.serving import schema
 from onegen_jax.serving.metrics import prometheus_text
-from onegen_jax.serving.worker import ClientError, EngineWorker, Job, Update, InternalError
+from onegen_jax.serving.worker import (ClientError, EngineWorker, InternalError, Job, Update,
+                                       new_error_id)
 
 log = logging.getLogger("onegen_jax.serving")
 _DISCONNECT_POLL_S = 0.25  # how often a waiting handler checks that its client is still there
@@ -69,7 +70,7 @@ def create_app(run: LoadedRun, worker: EngineWorker, limits: schema.Limits) -> f
 
   @app.exception_handler(Exception)
   async def internal_error(_, e: Exception):
-    error_id = _error_id()
+    error_id = new_error_id()
     log.exception("request failed (%s)", error_id, exc_info=e)
     return _internal(error_id)
 
@@ -164,7 +165,7 @@ def create_app(run: LoadedRun, worker: EngineWorker, limits: schema.Limits) -> f
     if isinstance(out, SelfRagResult):
       return responses.JSONResponse({**out.record(), "id": f"req-selfrag-{uuid.uuid4().hex[:8]}"})
     if out.stop_reason == "error":
-      error_id = _error_id()
+      error_id = new_error_id()
       log.error("request failed (%s): %s", error_id, out.error)
       return _internal(error_id)
     if out.stop_reason == "cancelled":  # only a draining server cancels a request it answers
@@ -223,10 +224,6 @@ async def _body(request: fastapi.Request, limit: int) -> bytes:
 
 def _sse(event: str, data: dict) -> str:
   return f"event: {event}\ndata: {json.dumps(data)}\n\n"
-
-
-def _error_id() -> str:
-  return f"err-{uuid.uuid4().hex[:12]}"
 
 
 def _internal(error_id: str) -> responses.JSONResponse:

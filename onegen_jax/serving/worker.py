@@ -234,15 +234,15 @@ class EngineWorker:
     for config, group in by_config.items():
       try:
         results = self._make_selfrag(config).run([job.request.prompt for job in group])
+        updates = [Update([], [], output=result) for result in results]
       except Exception:  # pylint: disable=broad-except  (fail these jobs, go on)
-        error_id = f"err-{uuid.uuid4().hex[:12]}"
+        error_id = new_error_id()
         log.error("Self-RAG run failed (%s)\n%s", error_id, traceback.format_exc())
-        results = [None] * len(group)
-      for job, result in zip(group, results):
+        updates = [Update([], [], error=InternalError(error_id))] * len(group)
+      for job, update in zip(group, updates):
         with self._lock:
-          self._stats.ended("selfrag" if result is not None else "error")
-        job.post(Update([], [], output=result) if result is not None
-                 else Update([], [], error=InternalError(error_id)))
+          self._stats.ended("selfrag" if update.error is None else "error")
+        job.post(update)
 
   def _step(self):
     started = time.monotonic()
@@ -250,7 +250,7 @@ class EngineWorker:
     try:
       ended = self.engine.step()
     except Exception:  # pylint: disable=broad-except  (fail what was in the engine, go on)
-      error_id = f"err-{uuid.uuid4().hex[:12]}"
+      error_id = new_error_id()
       log.error("engine step failed (%s); failing %d requests and restarting the engine\n%s",
                 error_id, len(self._jobs), traceback.format_exc())
       for job in self._jobs.values():
@@ -307,6 +307,11 @@ class EngineWorker:
     if rid is not None:
       self.engine.close_session(rid)
       self.engine.release(rid)
+
+
+def new_error_id() -> str:
+  """The id an internal error is answered and logged under."""
+  return f"err-{uuid.uuid4().hex[:12]}"
 
 
 class InternalError(Exception):
