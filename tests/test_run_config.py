@@ -89,6 +89,7 @@ def test_the_fit_loop_logs_examples_per_step_and_warns_about_the_key_budget(caps
   assert 1 <= final["train_examples_per_step"] <= 4
   assert out.count("warning: the key budget (batch.num_keys=16) closed") == 1
   assert "rows were left empty" in out
+  assert " eval: " not in out and not any(k.startswith("eval_") for k in final)  # no dev set
   ckpt = Checkpointer(str(tmp_path))
   assert ckpt.restore_json(ckpt.latest_step(), "config")["train"]["steps"] == derived
   ckpt.close()

@@ -119,8 +119,12 @@ class Trainer:
     return out
 
   def evaluate(self, step: int) -> dict[str, float]:
-    """Held-out loss and in-batch metrics, plus Recall@1/@10 against the db when there is one."""
-    metrics = heldout_metrics(self.program, self.state.params, self.data.eval_batches())
+    """Held-out loss and in-batch metrics, plus Recall@1/@10 against the db when there is one;
+    {} (nothing written) when there is no held-out data."""
+    batches = self.data.eval_batches()
+    if not batches and not self.data.dev_records:
+      return {}
+    metrics = heldout_metrics(self.program, self.state.params, batches)
     if self.encoder is not None:
       metrics.update(dev_recall(self.encoder, self.state.params, self.data.database,
                                 self.data.dev_records))
