@@ -224,7 +224,7 @@ def generate(eval_set: EvalSet, run: LoadedRun, index: Index, arm: Arm, minilm: 
   engine = make_engine(run, index, eval_set.texts, config, **hooks)
   # --force_first_query: each request's first output token is the query RET token.
   force = [[engine.tokens.query]] * len(prompts) if args.force_first_query else None
-  outputs = engine.generate(prompts, force=force)
+  outputs = engine.generate(prompts, progress=True, force=force)
   records = [output_record(run, o) for o in outputs]
   write_jsonl(os.path.join(workdir, "predictions.jsonl"), records)
   scores = _scores(eval_set, records)

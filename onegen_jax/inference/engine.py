@@ -37,7 +37,8 @@ import tqdm
 from jax.sharding import Mesh
 
 from onegen_jax import sharding
-from onegen_jax.inference.slots import Slot, cache_window, chunk_width, restore_row, save_row
+from onegen_jax.inference.slots import (Slot, cache_window, chunk_width, put_rows, restore_row,
+                                        save_row, take_rows)
 from onegen_jax.inference.step import step_fn
 from onegen_jax.inference.types import (GenerationConfig, Request, RequestOutput, Retrieval,
                                         TaskTokens)
@@ -202,16 +203,18 @@ class Engine:
     for r in busy:
       slot = self._slots[r]
       fed[r, :len(slot.queue)], last[r], lengths[r] = slot.queue, len(slot.queue) - 1, slot.length
-    window = min(self.config.capacity, cache_window(int(lengths.max()) + width))
     counters = np.array([[self._stream(s.rid), s.steps] if s else [0, 0] for s in self._slots],
                         np.int32)
     sampling = np.array([[self._setting(s.rid, "temperature"), self._setting(s.rid, "top_p")]
                          if s else [0.0, 1.0] for s in self._slots], np.float32)
     forced = np.array([s.force[0] if s and s.force else -1 for s in self._slots], np.int32)
+    args = (fed, lengths, last, counters, sampling, forced)
+    apart = self._prefill_apart(busy, width)
     with self._rules():
-      *results, self._cache = self._step(self.params, fed, lengths, self._cache, last, counters,
-                                         sampling, forced, window=window)
-    next_tok, vectors, log_probs, watched = map(np.asarray, jax.device_get(results))
+      if apart is None:
+        next_tok, vectors, log_probs, watched = self._feed(*args)
+      else:
+        next_tok, vectors, log_probs, watched = self._feed_apart(*apart, *args)
     self.tokens_fed += sum(len(self._slots[r].queue) for r in busy)
     for r in busy:
       slot = self._slots[r]
@@ -220,6 +223,55 @@ class Engine:
       slot.length += len(slot.queue)
       slot.steps += 1
     return ended + self._advance(busy, next_tok, vectors, log_probs, watched)
+
+  def _feed(self, fed, lengths, last, counters, sampling, forced) -> list[np.ndarray]:
+    """One compiled step over every row (arrays as built in `step`): [next token, vector,
+    log-prob, watched log-probs], each indexed by row."""
+    window = min(self.config.capacity, cache_window(int(lengths.max()) + fed.shape[1]))
+    *results, self._cache = self._step(self.params, fed, lengths, self._cache, last, counters,
+                                       sampling, forced, window=window)
+    return [np.array(x) for x in jax.device_get(results)]  # writable: _feed_apart merges
+
+  def _prefill_apart(self, busy: list[int], width: int) -> tuple[np.ndarray, int] | None:
+    """(rows int32 [n], k) of a separate call for the k rows feeding more than one token
+    (prompts, insertions), when that costs fewer fed token slots than one call at `width` for
+    every row: the prefilling rows first, then idle or other rows as padding up to a power of two
+    (few compiled shapes); None when one call is cheaper. (On a mesh, a row count that the row
+    split does not divide is replicated, as `cache_sharding` lays out any such cache.)"""
+    prefilling = [r for r in busy if len(self._slots[r].queue) > 1]
+    rows, k = len(self._slots), len(prefilling)
+    n = 1 << (k - 1).bit_length() if k else rows
+    apart_cost = n * width + (rows if len(busy) > k else 0)  # + every row at width 1
+    if not self.config.prefill_apart or n >= rows or apart_cost >= rows * width:
+      return None
+    others = sorted(set(range(rows)) - set(prefilling), key=lambda r: self._slots[r] is not None)
+    return np.asarray(prefilling + others[:n - k], np.int32), k
+
+  def _feed_apart(self, apart: np.ndarray, k: int, fed, lengths, last, counters, sampling,
+                  forced) -> list[np.ndarray]:
+    """`_feed` in up to two calls. If other rows decode: every row at width 1, the prefilling
+    rows (apart[:k]) fed a placeholder there (written past their length, then overwritten).
+    Then apart's rows at full width on a copy of their cache rows, of which the first k are
+    written back (padding rows are fed nothing that is kept)."""
+    prefilling = apart[:k]
+    merged, others = None, set(range(len(self._slots))) - set(prefilling.tolist())
+    if any(self._slots[r] is not None for r in others):  # rows decoding beside them
+      single, single_last = fed[:, :1].copy(), last.copy()
+      single[prefilling], single_last[prefilling] = 0, 0
+      merged = self._feed(single, lengths, single_last, counters, sampling, forced)
+    part_fed, part_lengths, part_last = fed[apart], lengths[apart], last[apart]
+    part_fed[k:], part_lengths[k:], part_last[k:] = 0, 0, 0
+    window = min(self.config.capacity, cache_window(int(part_lengths.max()) + fed.shape[1]))
+    part = take_rows(self._cache, apart, window)
+    *results, part = self._step(self.params, part_fed, part_lengths, part, part_last,
+                                counters[apart], sampling[apart], forced[apart], window=window)
+    self._cache = put_rows(self._cache, prefilling, part)
+    pieces = [np.asarray(x) for x in jax.device_get(results)]
+    if merged is None:
+      merged = [np.zeros((len(self._slots), *x.shape[1:]), x.dtype) for x in pieces]
+    for whole, piece in zip(merged, pieces):
+      whole[prefilling] = piece[:k]
+    return merged
 
   # -- batch helpers -----------------------------------------------------------------------------
   def generate(self, prompts: Sequence[Sequence[int]], progress: bool = False,

@@ -44,3 +44,18 @@ def restore_row(cache: tuple, row: int, saved: tuple) -> tuple:
   """Writes a saved row prefix (save_row) back into row `row` of the (donated) cache."""
   return tuple(jax.lax.dynamic_update_slice(c, s[:, None].astype(c.dtype), (0, row, 0, 0, 0))
                for c, s in zip(cache, saved))
+
+
+@functools.partial(jax.jit, static_argnames="window")
+def take_rows(cache: tuple, rows: jax.Array, window: int) -> tuple:
+  """The first `window` entries of the given cache rows int32 [n]: (k, v), each [L, n, window,
+  K, H] (a cache of its own, for a step over those rows alone)."""
+  return tuple(c[:, rows, :window] for c in cache)
+
+
+@functools.partial(jax.jit, donate_argnums=0)
+def put_rows(cache: tuple, rows: jax.Array, part: tuple) -> tuple:
+  """Writes the first len(rows) rows of `part` (take_rows' layout) back into rows `rows` of the
+  (donated) cache."""
+  n, window = rows.shape[0], part[0].shape[2]
+  return tuple(c.at[:, rows, :window].set(p[:, :n].astype(c.dtype)) for c, p in zip(cache, part))

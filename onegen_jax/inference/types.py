@@ -30,6 +30,7 @@ class GenerationConfig:
   capacity: int = 2048  # cache entries per slot: prompt + inserted + generated tokens
   seed: int = 0
   continuous: bool = True  # a freed slot takes the next request at once (else: static batches)
+  prefill_apart: bool = True  # rows prefilling beside decoding rows get a call of their own
   watch: tuple[int, ...] = ()  # token ids whose log-probabilities each output step records
 
 
