@@ -1,8 +1,9 @@
 """The OneGen engine: generation and retrieval in one pass over one KV cache, continuously batched.
 
 The engine owns `batch_size` slots, each a row of one KV cache. Requests wait in a queue; a slot
-freed by a finished request takes the next one at once (its prompt is prefilled as a ragged chunk
-while the other rows decode). One jitted `extend` step feeds every busy slot's token queue (one
+freed by a finished request takes the next one at once (its prompt is prefilled while the other
+rows decode: in a call of its own when that is cheaper, see `_prefill_apart`). One jitted `extend`
+step feeds every busy slot's token queue (one
 token, a prompt, or an inserted paragraph) and returns each row's next token (greedy or sampled)
 and the normalised hidden state of the last token fed. When a row feeds a query RET token of its
 output stream, that hidden state IS the query: it is searched (all such rows at once) and then
