@@ -8,6 +8,7 @@ import pytest
 from conftest import synthetic_task
 from onegen_jax.data.synthetic import CONTINUE, EOS, RET_QUERY
 from onegen_jax.inference.engine import Engine, GenerationConfig, Request, TaskTokens
+from onegen_jax.inference.feeding import rows_apart
 from onegen_jax.model.decoder import Decoder
 from onegen_jax.retrieval.candidates import CandidateScorer
 from onegen_jax.retrieval.encode import EncodeItem, Encoder
@@ -188,3 +189,16 @@ def test_a_request_that_outgrows_its_cache_row_ends_alone(linker):
   assert out.stop_reason == "capacity" and out.tokens == roomy[0].tokens[:len(out.tokens)]
   assert len(out.prompt) + len(out.tokens) - 1 <= full - 4  # all but the last token were fed
   assert other.done
+
+
+@pytest.mark.parametrize("queued, width, want", [
+    ([0, 1, 1, 150], 256, ([3], 1)),  # one prompt beside decoding rows: 256 + 4 slots, not 1024
+    ([0, 0, 0, 0, 0, 0, 0, 30], 32, ([7], 1)),  # alone: no width-1 call for idle rows
+    ([0, 1, 30, 30, 30, 1, 1, 1], 32, ([2, 3, 4, 0], 3)),  # padded to 4 rows, idle rows first
+    ([20, 20, 20, 1], 32, None),  # 4 of 4 rows: one call
+    ([1, 1, 1, 1], 1, None),  # nothing prefills
+    ([2, 1, 1, 1], 16, ([0], 1)),  # the narrowest prefill: 16 + 4 slots apart vs 64
+])
+def test_rows_apart_only_when_fewer_token_slots_are_fed(queued, width, want):
+  got = rows_apart(np.asarray(queued, np.int32), width)
+  assert (got if got is None else (got[0].tolist(), got[1])) == want

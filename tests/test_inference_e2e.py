@@ -12,7 +12,7 @@ from engine_util import ScriptedIndex
 from onegen_jax.data.pipeline import build_data
 from onegen_jax.data.records import canonical_key, read_jsonl, write_jsonl
 from onegen_jax.eval.scoring import score_el, score_rag
-from onegen_jax.inference import engine as engine_module
+from onegen_jax.inference import feeding
 from onegen_jax.inference.requests import (output_record, output_stream, prompt_tokens,
                                            read_requests)
 from onegen_jax.inference.run import encode_db, load_run, make_engine
@@ -96,16 +96,16 @@ FLOOR = {"el": 0.25, "multihop": 0.4}
 
 def test_prefills_beside_decoding_rows_run_apart_and_change_nothing(trained, served, monkeypatch):
   """With 2 slots for the 6 dev prompts, prompts admitted (and, RAG, paragraphs inserted) while
-  the other row decodes are fed in a call of their own (engine._feed_apart); every output equals
+  the other row decodes are fed in a call of their own (inference/feeding.py); every output equals
   the request run alone (one slot: never apart)."""
   run, vectors, uids, texts, prompts, _ = served
   index = ExactIndex().build(vectors, uids)
   apart = []
-  monkeypatch.setattr(engine_module, "put_rows",
+  monkeypatch.setattr(feeding, "put_rows",
                       lambda cache, rows, part: apart.append(len(rows)) or put_rows(cache, rows, part))
   both = make_engine(run, index, texts, dataclasses.replace(CONFIG, batch_size=2)).generate(prompts)
   assert apart  # the separate call ran
-  monkeypatch.setattr(engine_module, "put_rows", None)  # one slot never takes that path
+  monkeypatch.setattr(feeding, "put_rows", None)  # one slot never takes that path
   alone = make_engine(run, index, texts, dataclasses.replace(CONFIG, batch_size=1))
   for prompt, out in zip(prompts, both):
     single = alone.generate([prompt])[0]

@@ -2,7 +2,7 @@
 
 The engine owns `batch_size` slots, each a row of one KV cache. Requests wait in a queue; a slot
 freed by a finished request takes the next one at once (its prompt is prefilled while the other
-rows decode: in a call of its own when that is cheaper, see `_prefill_apart`). One jitted `extend`
+rows decode: in a call of its own when that is cheaper, see inference/feeding.py). One jitted `extend`
 step feeds every busy slot's token queue (one
 token, a prompt, or an inserted paragraph) and returns each row's next token (greedy or sampled)
 and the normalised hidden state of the last token fed. When a row feeds a query RET token of its
@@ -38,8 +38,8 @@ import tqdm
 from jax.sharding import Mesh
 
 from onegen_jax import sharding
-from onegen_jax.inference.slots import (Slot, cache_window, chunk_width, put_rows, restore_row,
-                                        save_row, take_rows)
+from onegen_jax.inference.feeding import Feed, feed, rows_apart
+from onegen_jax.inference.slots import Slot, cache_window, chunk_width, restore_row, save_row
 from onegen_jax.inference.step import step_fn
 from onegen_jax.inference.types import (GenerationConfig, Request, RequestOutput, Retrieval,
                                         TaskTokens)
@@ -198,24 +198,22 @@ class Engine:
     busy = [r for r, s in enumerate(self._slots) if s is not None]
     if not busy:
       return ended
-    width = chunk_width(max(len(self._slots[r].queue) for r in busy))
-    fed = np.zeros((len(self._slots), width), np.int32)
-    last, lengths = np.zeros(len(self._slots), np.int32), np.zeros(len(self._slots), np.int32)
+    queued = np.array([len(s.queue) if s else 0 for s in self._slots], np.int32)
+    width = chunk_width(int(queued.max()))
+    tokens = np.zeros((len(self._slots), width), np.int32)
     for r in busy:
-      slot = self._slots[r]
-      fed[r, :len(slot.queue)], last[r], lengths[r] = slot.queue, len(slot.queue) - 1, slot.length
-    counters = np.array([[self._stream(s.rid), s.steps] if s else [0, 0] for s in self._slots],
-                        np.int32)
-    sampling = np.array([[self._setting(s.rid, "temperature"), self._setting(s.rid, "top_p")]
-                         if s else [0.0, 1.0] for s in self._slots], np.float32)
-    forced = np.array([s.force[0] if s and s.force else -1 for s in self._slots], np.int32)
-    args = (fed, lengths, last, counters, sampling, forced)
-    apart = self._prefill_apart(busy, width)
+      tokens[r, :queued[r]] = self._slots[r].queue
+    batch = Feed(
+        tokens, queued, np.array([s.length if s else 0 for s in self._slots], np.int32),
+        counters=np.array([[self._stream(s.rid), s.steps] if s else [0, 0] for s in self._slots],
+                          np.int32),
+        sampling=np.array([[self._setting(s.rid, "temperature"), self._setting(s.rid, "top_p")]
+                           if s else [0.0, 1.0] for s in self._slots], np.float32),
+        forced=np.array([s.force[0] if s and s.force else -1 for s in self._slots], np.int32))
+    apart = rows_apart(queued, width) if self.config.prefill_apart else None
     with self._rules():
-      if apart is None:
-        next_tok, vectors, log_probs, watched = self._feed(*args)
-      else:
-        next_tok, vectors, log_probs, watched = self._feed_apart(*apart, *args)
+      (next_tok, vectors, log_probs, watched), self._cache = feed(
+          self._step, self.params, self._cache, batch, self.config.capacity, apart)
     self.tokens_fed += sum(len(self._slots[r].queue) for r in busy)
     for r in busy:
       slot = self._slots[r]
@@ -224,55 +222,6 @@ class Engine:
       slot.length += len(slot.queue)
       slot.steps += 1
     return ended + self._advance(busy, next_tok, vectors, log_probs, watched)
-
-  def _feed(self, fed, lengths, last, counters, sampling, forced) -> list[np.ndarray]:
-    """One compiled step over every row (arrays as built in `step`): [next token, vector,
-    log-prob, watched log-probs], each indexed by row."""
-    window = min(self.config.capacity, cache_window(int(lengths.max()) + fed.shape[1]))
-    *results, self._cache = self._step(self.params, fed, lengths, self._cache, last, counters,
-                                       sampling, forced, window=window)
-    return [np.array(x) for x in jax.device_get(results)]  # writable: _feed_apart merges
-
-  def _prefill_apart(self, busy: list[int], width: int) -> tuple[np.ndarray, int] | None:
-    """(rows int32 [n], k) of a separate call for the k rows feeding more than one token
-    (prompts, insertions), when that costs fewer fed token slots than one call at `width` for
-    every row: the prefilling rows first, then idle or other rows as padding up to a power of two
-    (few compiled shapes); None when one call is cheaper. (On a mesh, a row count that the row
-    split does not divide is replicated, as `cache_sharding` lays out any such cache.)"""
-    prefilling = [r for r in busy if len(self._slots[r].queue) > 1]
-    rows, k = len(self._slots), len(prefilling)
-    n = 1 << (k - 1).bit_length() if k else rows
-    apart_cost = n * width + (rows if len(busy) > k else 0)  # + every row at width 1
-    if not self.config.prefill_apart or n >= rows or apart_cost >= rows * width:
-      return None
-    others = sorted(set(range(rows)) - set(prefilling), key=lambda r: self._slots[r] is not None)
-    return np.asarray(prefilling + others[:n - k], np.int32), k
-
-  def _feed_apart(self, apart: np.ndarray, k: int, fed, lengths, last, counters, sampling,
-                  forced) -> list[np.ndarray]:
-    """`_feed` in up to two calls. If other rows decode: every row at width 1, the prefilling
-    rows (apart[:k]) fed a placeholder there (written past their length, then overwritten).
-    Then apart's rows at full width on a copy of their cache rows, of which the first k are
-    written back (padding rows are fed nothing that is kept)."""
-    prefilling = apart[:k]
-    merged, others = None, set(range(len(self._slots))) - set(prefilling.tolist())
-    if any(self._slots[r] is not None for r in others):  # rows decoding beside them
-      single, single_last = fed[:, :1].copy(), last.copy()
-      single[prefilling], single_last[prefilling] = 0, 0
-      merged = self._feed(single, lengths, single_last, counters, sampling, forced)
-    part_fed, part_lengths, part_last = fed[apart], lengths[apart], last[apart]
-    part_fed[k:], part_lengths[k:], part_last[k:] = 0, 0, 0
-    window = min(self.config.capacity, cache_window(int(part_lengths.max()) + fed.shape[1]))
-    part = take_rows(self._cache, apart, window)
-    *results, part = self._step(self.params, part_fed, part_lengths, part, part_last,
-                                counters[apart], sampling[apart], forced[apart], window=window)
-    self._cache = put_rows(self._cache, prefilling, part)
-    pieces = [np.asarray(x) for x in jax.device_get(results)]
-    if merged is None:
-      merged = [np.zeros((len(self._slots), *x.shape[1:]), x.dtype) for x in pieces]
-    for whole, piece in zip(merged, pieces):
-      whole[prefilling] = piece[:k]
-    return merged
 
   # -- batch helpers -----------------------------------------------------------------------------
   def generate(self, prompts: Sequence[Sequence[int]], progress: bool = False,
