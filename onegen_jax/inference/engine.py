@@ -1,11 +1,10 @@
 """The OneGen engine: generation and retrieval in one pass over one KV cache, continuously batched.
 
 The engine owns `batch_size` slots, each a row of one KV cache. Requests wait in a queue; a slot
-freed by a finished request takes the next one at once (its prompt is prefilled while the other
-rows decode: in a call of its own when that is cheaper, see inference/feeding.py). One jitted `extend`
-step feeds every busy slot's token queue (one
-token, a prompt, or an inserted paragraph) and returns each row's next token (greedy or sampled)
-and the normalised hidden state of the last token fed. When a row feeds a query RET token of its
+freed by a finished request takes the next one at once. Each step feeds every busy slot's token
+queue (one token, a prompt, or an inserted paragraph) through the jitted `extend` step (in one
+call, or prefilling rows apart: inference/feeding.py) and gets each row's next token (greedy or
+sampled) and the normalised hidden state of the last token fed. When a row feeds a query RET token of its
 output stream, that hidden state IS the query: it is searched (all such rows at once) and then
   - RAG: the retrieved document's insertion (`documents(uid)`: `<paragraph>{text}</paragraph>`
     tokenised as training tokenised it) is queued and prefilled into the same cache; a query
@@ -204,7 +203,7 @@ class Engine:
     for r in busy:
       tokens[r, :queued[r]] = self._slots[r].queue
     batch = Feed(
-        tokens, queued, np.array([s.length if s else 0 for s in self._slots], np.int32),
+        tokens, queued, lengths=np.array([s.length if s else 0 for s in self._slots], np.int32),
         counters=np.array([[self._stream(s.rid), s.steps] if s else [0, 0] for s in self._slots],
                           np.int32),
         sampling=np.array([[self._setting(s.rid, "temperature"), self._setting(s.rid, "top_p")]
@@ -214,7 +213,7 @@ class Engine:
     with self._rules():
       (next_tok, vectors, log_probs, watched), self._cache = feed(
           self._step, self.params, self._cache, batch, self.config.capacity, apart)
-    self.tokens_fed += sum(len(self._slots[r].queue) for r in busy)
+    self.tokens_fed += int(queued.sum())
     for r in busy:
       slot = self._slots[r]
       if slot.steps == 0:
@@ -329,8 +328,10 @@ class Engine:
     for i, r in enumerate(rows):
       slot, out = self._slots[r], outs[i]
       try:
-        candidates = self._candidates(slot.rid, len(out.retrievals))
+        candidates = self._requests[slot.rid][0].candidates_for(len(out.retrievals))
         if candidates is not None:
+          if self.search_candidates is None:
+            raise ValueError("a request has candidates but the engine has no search_candidates")
           found[i] = self.search_candidates(queries[i], candidates, ks[i])
         ids, scores = list(found[i][0])[:ks[i]], list(found[i][1])[:ks[i]]
         queued = (list(self.documents(ids[0])) if self.mode == "rag"
@@ -345,14 +346,3 @@ class Engine:
       out.tokens += queued
       out.generated += [False] * len(queued)
     return failed
-
-  def _candidates(self, rid: int, query_index: int) -> Sequence[str] | None:
-    """The candidate uids of a request's query_index-th query (None: unrestricted)."""
-    candidates = self._requests[rid][0].candidates
-    if candidates is None:
-      return None
-    if self.search_candidates is None:
-      raise ValueError("a request has candidates but the engine has no search_candidates")
-    if candidates and not isinstance(candidates[0], str):  # one list per query
-      return candidates[query_index] if query_index < len(candidates) else None
-    return candidates

@@ -52,6 +52,12 @@ class Request:
   temperature: float | None = None
   top_p: float | None = None
 
+  def candidates_for(self, query_index: int) -> Sequence[str] | None:
+    """The candidate uids of this request's query_index-th query (None: unrestricted)."""
+    if self.candidates and not isinstance(self.candidates[0], str):  # one list per query
+      return self.candidates[query_index] if query_index < len(self.candidates) else None
+    return self.candidates
+
   def setting(self, name: str, config: GenerationConfig):
     """This request's value of a per-request setting, else the config's."""
     own = getattr(self, name)
