@@ -45,7 +45,7 @@ def rows_apart(queued: np.ndarray, width: int) -> tuple[np.ndarray, int] | None:
   prefilling = np.flatnonzero(queued > 1)
   rows, k = len(queued), len(prefilling)
   n = 1 << (k - 1).bit_length() if k else rows
-  decoding = np.any((queued == 1))
+  decoding = np.any(queued == 1)
   if n >= rows or n * width + (rows if decoding else 0) >= rows * width:
     return None
   others = sorted(np.flatnonzero(queued <= 1), key=lambda r: queued[r])  # idle rows first
@@ -62,15 +62,17 @@ def feed(step: Callable, params, cache: tuple, batch: Feed, capacity: int,
   rows, k = apart
   prefilling = rows[:k]
   merged = None
-  if np.any(batch.queued == 1):  # rows decode beside them: every row at width 1, the
-    single = dataclasses.replace(batch, tokens=batch.tokens[:, :1].copy(),  # prefilling ones
-                                 queued=np.minimum(batch.queued, 1))  # fed a placeholder past
-    single.tokens[prefilling] = 0  # their length, which their own call overwrites
+  if np.any(batch.queued == 1):
+    # Rows decode beside them: every row at width 1, the prefilling ones fed a placeholder past
+    # their length, which their own call below overwrites.
+    single = dataclasses.replace(batch, tokens=batch.tokens[:, :1].copy(),
+                                 queued=np.minimum(batch.queued, 1))
+    single.tokens[prefilling] = 0
     merged, cache = _call(step, params, cache, single, capacity)
   part = batch.rows(rows)
   part.tokens[k:], part.queued[k:], part.lengths[k:] = 0, 0, 0  # padding: nothing kept
-  window = min(capacity, cache_window(int(part.lengths.max()) + part.tokens.shape[1]))
-  pieces, own = _call(step, params, take_rows(cache, rows, window), part, capacity)
+  own = take_rows(cache, rows, _window(part, capacity))
+  pieces, own = _call(step, params, own, part, capacity)
   cache = put_rows(cache, prefilling, own)
   if merged is None:
     merged = [np.zeros((len(batch.queued), *x.shape[1:]), x.dtype) for x in pieces]
@@ -82,8 +84,12 @@ def feed(step: Callable, params, cache: tuple, batch: Feed, capacity: int,
 def _call(step: Callable, params, cache: tuple, batch: Feed,
           capacity: int) -> tuple[list[np.ndarray], tuple]:
   """One compiled call over the cache's rows, attending to a bucketed window."""
-  window = min(capacity, cache_window(int(batch.lengths.max()) + batch.tokens.shape[1]))
   *results, cache = step(params, batch.tokens, batch.lengths, cache,
                          np.maximum(batch.queued - 1, 0), batch.counters, batch.sampling,
-                         batch.forced, window=window)
+                         batch.forced, window=_window(batch, capacity))
   return [np.array(x) for x in jax.device_get(results)], cache  # writable: feed merges
+
+
+def _window(batch: Feed, capacity: int) -> int:
+  """The cache entries a call over `batch` attends to: its rows' longest use, bucketed."""
+  return min(capacity, cache_window(int(batch.lengths.max()) + batch.tokens.shape[1]))
