@@ -24,8 +24,7 @@ from absl import app, flags
 
 from launch import serving_flags
 from onegen_jax.inference.engine import Request
-from onegen_jax.inference.requests import (output_record, prompt_tokens, read_candidates,
-                                           read_requests)
+from onegen_jax.inference.requests import output_record, prompt_tokens, read_input
 from onegen_jax.inference.run import generation_config, load_index_dir, load_run, make_engine
 from onegen_jax.inference.selfrag import MODES, SelfRag, SelfRagConfig, watched_ids
 
@@ -71,9 +70,9 @@ def main(argv):
     settings["watch"] = watched_ids(run.tokenizer)
   # Self-RAG: a query inside an evidence continuation ends it (max_retrievals 0).
   config = generation_config(run.task, 0 if _MODE.value else _MAX_RETRIEVALS.value, **settings)
-  candidates = read_candidates(_INPUT.value)
+  requests, candidates = read_input(_INPUT.value)
   engine = make_engine(run, index, texts, config, vectors=vectors)
-  prompts = prompt_tokens(run, read_requests(_INPUT.value), _MAX_PROMPT.value)
+  prompts = prompt_tokens(run, requests, _MAX_PROMPT.value)
   if _MODE.value:
     selfrag = SelfRag(engine, run.tokenizer, index.search_documents, engine.documents,
                       SelfRagConfig(_MODE.value, _THRESHOLD.value, _NDOCS.value, _W_REL.value,

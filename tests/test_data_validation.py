@@ -1,5 +1,6 @@
 """The reader's errors: each fault of tests/data/malformed names its file, line and field."""
 
+import json
 import os
 import subprocess
 import sys
@@ -102,3 +103,28 @@ def test_prepare_command_exits_non_zero_listing_every_bad_line(tmp_path):
     assert f"{data / 'train.jsonl'}:{n}: " in run.stderr
   for n in DB_FAULTS:
     assert f"{data / 'db.jsonl'}:{n}: " in run.stderr
+
+
+def test_inference_input_is_read_once_naming_every_bad_line_and_field(tmp_path):
+  from onegen_jax.inference.requests import read_input
+  user = {"role": "user", "content": "Who?"}
+  lines = [{"messages": [user, {"role": "assistant", "content": "x"}], "candidates": ["a", "b"]},
+           {"messages": [user], "candidates": [["a"], ["b", "c"]]},
+           {"messages": [user]}]
+  path = tmp_path / "in.jsonl"
+  path.write_text("".join(json.dumps(line) + "\n" for line in lines))
+  prompts, candidates = read_input(str(path))
+  assert [[m.content for m in p] for p in prompts] == [["Who?"]] * 3
+  assert candidates == [["a", "b"], [["a"], ["b", "c"]], None]
+
+  bad = [{"messages": [{"role": "assistant", "content": "x"}]},
+         {"messages": [user], "candidates": "a"},
+         "{not json"]
+  path.write_text("".join((b if isinstance(b, str) else json.dumps(b)) + "\n" for b in bad))
+  with pytest.raises(ValueError) as e:
+    read_input(str(path))
+  assert str(e.value).splitlines() == [
+      f"{path}:1: messages: no message before the assistant's (nothing to prompt with)",
+      f'{path}:2: candidates: expected a list of uids or a list of such lists, got "a"',
+      f"{path}:3: not JSON: Expecting property name enclosed in double quotes: line 1 column 2 "
+      f"(char 1)"]

@@ -12,41 +12,57 @@ from onegen_jax.inference.engine import RequestOutput
 from onegen_jax.inference.run import LoadedRun
 
 
+Candidates = list[str] | list[list[str]] | None
+
+
 def read_requests(path: str) -> list[tuple[Message, ...]]:
-  """The prompt of each line of a reference-format jsonl file: its messages before the last
-  assistant message (records.prompt_messages; system messages included, as in training)."""
-  requests, problems = [], []
+  """The prompt of each line of a reference-format jsonl file (see read_input)."""
+  return read_input(path)[0]
+
+
+def read_input(path: str) -> tuple[list[tuple[Message, ...]], list[Candidates]]:
+  """Each line's prompt, its messages before the last assistant message
+  (records.prompt_messages; system messages included, as in training), and its optional
+  "candidates" (EL): entity uids for all its mentions, or one list per mention in order; None
+  where a line has none (its searches are unrestricted). Every bad line is named, with its field."""
+  prompts, candidates, problems = [], [], []
   for number, line in nonblank_lines(path):
     try:
-      messages = [Message(m["role"], m["content"]) for m in json.loads(line)["messages"]]
-      bad = [m.role for m in messages if m.role not in ROLES or not isinstance(m.content, str)]
-      if bad:
-        raise ValueError(f"a message with role {bad[0]!r} or without string content")
-      prompt = prompt_messages(messages)
-      if not prompt:
-        raise ValueError("no message before the assistant's (nothing to prompt with)")
-      requests.append(prompt)
-    except (ValueError, KeyError, TypeError) as e:
-      problems.append(f"{path}:{number}: messages: {e}")
+      record = json.loads(line)
+    except ValueError as e:
+      problems.append(f"{path}:{number}: not JSON: {e}")
+      continue
+    for field, parse, out in (("messages", _prompt, prompts),
+                              ("candidates", _candidates, candidates)):
+      try:
+        out.append(parse(record))
+      except (ValueError, KeyError, TypeError) as e:
+        problems.append(f"{path}:{number}: {field}: {e}")
   if problems:
     raise ValueError("\n".join(problems))
-  return requests
+  return prompts, candidates
 
 
-def read_candidates(path: str) -> list[list[str] | list[list[str]] | None]:
-  """Each line's optional "candidates" (EL): entity uids for all its mentions, or one list per
-  mention in order; None where a line has none (its searches are unrestricted)."""
-  out = []
-  for number, text in nonblank_lines(path):
-    candidates = json.loads(text).get("candidates")
-    flat = isinstance(candidates, list) and all(isinstance(c, str) for c in candidates)
-    nested = isinstance(candidates, list) and all(
-        isinstance(c, list) and all(isinstance(u, str) for u in c) for c in candidates)
-    if candidates is not None and not (flat or nested):
-      raise ValueError(f"{path}:{number}: candidates: expected a list of uids or a list of such "
-                       f"lists, got {json.dumps(candidates)[:80]}")
-    out.append(candidates)
-  return out
+def _prompt(record: dict) -> tuple[Message, ...]:
+  messages = [Message(m["role"], m["content"]) for m in record["messages"]]
+  bad = [m.role for m in messages if m.role not in ROLES or not isinstance(m.content, str)]
+  if bad:
+    raise ValueError(f"a message with role {bad[0]!r} or without string content")
+  prompt = prompt_messages(messages)
+  if not prompt:
+    raise ValueError("no message before the assistant's (nothing to prompt with)")
+  return prompt
+
+
+def _candidates(record: dict) -> Candidates:
+  candidates = record.get("candidates")
+  flat = isinstance(candidates, list) and all(isinstance(c, str) for c in candidates)
+  nested = isinstance(candidates, list) and all(
+      isinstance(c, list) and all(isinstance(u, str) for u in c) for c in candidates)
+  if candidates is not None and not (flat or nested):
+    raise ValueError(f"expected a list of uids or a list of such lists, got "
+                     f"{json.dumps(candidates)[:80]}")
+  return candidates
 
 
 def prompt_tokens(run: LoadedRun, requests: list[tuple[Message, ...]],

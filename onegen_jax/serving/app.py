@@ -59,20 +59,8 @@ def create_app(run: LoadedRun, worker: EngineWorker, limits: schema.Limits) -> f
     await asyncio.to_thread(worker.stop)
 
   app = fastapi.FastAPI(title="onegen_jax", lifespan=lifespan)
-
-  @app.exception_handler(ClientError)
-  async def client_error(_, e: ClientError):
-    return responses.JSONResponse({"error": str(e)}, status_code=e.status)
-
-  @app.exception_handler(HTTPException)
-  async def http_error(_, e: HTTPException):  # unknown routes and methods
-    return responses.JSONResponse({"error": str(e.detail)}, status_code=e.status_code)
-
-  @app.exception_handler(Exception)
-  async def internal_error(_, e: Exception):
-    error_id = new_error_id()
-    log.exception("request failed (%s)", error_id, exc_info=e)
-    return _internal(error_id)
+  _add_error_handlers(app)
+  answers = _Answers(run, worker)
 
   @app.post("/v1/generate")
   async def generate(request: fastapi.Request):
@@ -81,7 +69,7 @@ def create_app(run: LoadedRun, worker: EngineWorker, limits: schema.Limits) -> f
     job = Job(prepared, asyncio.get_running_loop(),
               session=uuid.uuid4().hex if body.keep_session else None,
               selfrag=schema.selfrag_config(body, run, limits, prepared))
-    return await _answer(request, job, body.stream)
+    return await answers.answer(request, job, body.stream)
 
   @app.post("/v1/sessions/{session_id}/turns")
   async def turn(session_id: str, request: fastapi.Request):
@@ -91,7 +79,7 @@ def create_app(run: LoadedRun, worker: EngineWorker, limits: schema.Limits) -> f
     engine_request = schema.engine_request(body, run, limits, turn=True)
     job = Job(engine_request, asyncio.get_running_loop(), session=session_id,
               turn=engine_request.prompt)
-    return await _answer(request, job, body.stream)
+    return await answers.answer(request, job, body.stream)
 
   @app.delete("/v1/sessions/{session_id}")
   async def close(session_id: str):
@@ -111,34 +99,63 @@ def create_app(run: LoadedRun, worker: EngineWorker, limits: schema.Limits) -> f
   async def metrics():
     return responses.PlainTextResponse(prometheus_text(worker.metrics()))
 
-  async def _answer(request: fastapi.Request, job: Job, stream: bool):
-    worker.submit(job)
+  return app
+
+
+def _add_error_handlers(app: fastapi.FastAPI) -> None:
+  """{"error": one line} for client errors and unknown routes; 500 with a logged id otherwise."""
+
+  @app.exception_handler(ClientError)
+  async def client_error(_, e: ClientError):
+    return responses.JSONResponse({"error": str(e)}, status_code=e.status)
+
+  @app.exception_handler(HTTPException)
+  async def http_error(_, e: HTTPException):  # unknown routes and methods
+    return responses.JSONResponse({"error": str(e.detail)}, status_code=e.status_code)
+
+  @app.exception_handler(Exception)
+  async def internal_error(_, e: Exception):
+    error_id = new_error_id()
+    log.exception("request failed (%s)", error_id, exc_info=e)
+    return _internal(error_id)
+
+
+class _Answers:
+  """Submits a job to the worker and turns its updates into the HTTP answer: one JSON result, or
+  server-sent events while it runs."""
+
+  def __init__(self, run: LoadedRun, worker: EngineWorker):
+    self.run = run
+    self.worker = worker
+
+  async def answer(self, request: fastapi.Request, job: Job, stream: bool):
+    self.worker.submit(job)
     if stream:
-      return responses.StreamingResponse(_events(job), media_type="text/event-stream")
+      return responses.StreamingResponse(self.events(job), media_type="text/event-stream")
     loop = asyncio.get_running_loop()
     check_at = loop.time() + _DISCONNECT_POLL_S
     while True:
       try:
         update = await asyncio.wait_for(job.updates.get(), _DISCONNECT_POLL_S)
         if update.error is not None or update.output is not None:
-          return _result_response(job, update)
+          return self.response(job, update)
       except asyncio.TimeoutError:
         pass
       if loop.time() >= check_at:  # updates may come every step: look at the client by time
         check_at = loop.time() + _DISCONNECT_POLL_S
         if await request.is_disconnected():
-          worker.cancel(job)
+          self.worker.cancel(job)
           return responses.Response(status_code=499)  # nobody reads it
 
-  async def _events(job: Job) -> AsyncIterator[str]:
-    decoder = _TextStream(run)
+  async def events(self, job: Job) -> AsyncIterator[str]:
+    decoder = _TextStream(self.run)
     ended = False
     try:
       while True:
         update = await job.updates.get()
         if update.error is not None or update.output is not None:
           ended = True
-          response = _result_response(job, update)
+          response = self.response(job, update)
           if response.status_code != 200:
             yield _sse("error", {**json.loads(response.body), "status": response.status_code})
             return
@@ -154,9 +171,10 @@ def create_app(run: LoadedRun, worker: EngineWorker, limits: schema.Limits) -> f
           yield _sse("retrieval", {"position": r.position, "ids": r.ids, "scores": r.scores})
     finally:
       if not ended:  # the client went away mid-stream
-        worker.cancel(job)
+        self.worker.cancel(job)
 
-  def _result_response(job: Job, update: Update) -> responses.JSONResponse:
+  def response(self, job: Job, update: Update) -> responses.JSONResponse:
+    """The final answer for an update that carries an error or an output."""
     if isinstance(update.error, ClientError):
       return responses.JSONResponse({"error": str(update.error)}, status_code=update.error.status)
     if isinstance(update.error, InternalError):
@@ -172,18 +190,16 @@ def create_app(run: LoadedRun, worker: EngineWorker, limits: schema.Limits) -> f
       return responses.JSONResponse(
           {"error": f"the server shut down before the request ended (cancelled after "
                     f"{sum(out.generated)} generated tokens)"}, status_code=503)
-    return responses.JSONResponse(_result(job, out))
+    return responses.JSONResponse(self.result(job, out))
 
-  def _result(job: Job, out: RequestOutput) -> dict:
-    record = output_record(run, out)
+  def result(self, job: Job, out: RequestOutput) -> dict:
+    record = output_record(self.run, out)
     record["id"] = f"req-{job.rid}"
     record["usage"] = {"prompt_tokens": len(out.prompt), "generated_tokens": sum(out.generated),
                        "inserted_tokens": len(out.generated) - sum(out.generated)}
-    if job.session is not None and worker.has_session(job.session):
+    if job.session is not None and self.worker.has_session(job.session):
       record["session_id"] = job.session
     return record
-
-  return app
 
 
 class _TextStream:
