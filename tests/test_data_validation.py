@@ -119,7 +119,7 @@ def test_inference_input_is_read_once_naming_every_bad_line_and_field(tmp_path):
 
   bad = [{"messages": [{"role": "assistant", "content": "x"}]},
          {"messages": [user], "candidates": "a"},
-         "{not json"]
+         "{not json", "[1, 2]"]
   path.write_text("".join((b if isinstance(b, str) else json.dumps(b)) + "\n" for b in bad))
   with pytest.raises(ValueError) as e:
     read_input(str(path))
@@ -127,4 +127,5 @@ def test_inference_input_is_read_once_naming_every_bad_line_and_field(tmp_path):
       f"{path}:1: messages: no message before the assistant's (nothing to prompt with)",
       f'{path}:2: candidates: expected a list of uids or a list of such lists, got "a"',
       f"{path}:3: not JSON: Expecting property name enclosed in double quotes: line 1 column 2 "
-      f"(char 1)"]
+      f"(char 1)",
+      f"{path}:4: not a JSON object: [1, 2]"]

@@ -32,6 +32,9 @@ def read_input(path: str) -> tuple[list[tuple[Message, ...]], list[Candidates]]:
     except ValueError as e:
       problems.append(f"{path}:{number}: not JSON: {e}")
       continue
+    if not isinstance(record, dict):
+      problems.append(f"{path}:{number}: not a JSON object: {line[:80]}")
+      continue
     for field, parse, out in (("messages", _prompt, prompts),
                               ("candidates", _candidates, candidates)):
       try:
