@@ -160,10 +160,11 @@ def _record(study: Study) -> None:
   """quality.json / quality.md, the curves PNG, and (--record) the tasks' RESULTS.md sections."""
   args = study.args
   report.write(study.run)
-  png = [os.path.join(args.out, report.CURVES_PNG)]
-  if args.record:
-    png.append(os.path.join(os.path.dirname(report.common.RESULTS), report.CURVES_PNG))
-  curves.plot(study.train_dirs, png)
+  for mode, dirs in study.train_dirs.items():  # one PNG per task: a task's run replaces its own
+    png = [os.path.join(args.out, report.curves_png(mode))]
+    if args.record:
+      png.append(os.path.join(os.path.dirname(report.common.RESULTS), report.curves_png(mode)))
+    curves.plot({mode: dirs}, png)
   if args.record:
     for mode in study.run.results:
       report.record_task(study.run, mode)

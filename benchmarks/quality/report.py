@@ -19,7 +19,9 @@ from benchmarks.quality.minilm import WINDOW
 from benchmarks.quality.results import ArmResult, Generation, GoldRecall, TrainStats
 
 Results = dict[str, dict[str, ArmResult]]  # mode -> arm name -> figures
-CURVES_PNG = "quality_curves.png"  # next to RESULTS.md
+def curves_png(mode: str) -> str:
+  """The file name of a task's training curves (in OUT, and next to RESULTS.md with --record)."""
+  return f"quality_curves_{mode}.png"
 _MARK = "<!-- quality-study:{key}:{mode}:{end} -->"
 _TITLES = {"rag": "multi-hop RAG", "el": "entity linking"}
 
@@ -176,7 +178,7 @@ def section(run: Run, mode: str) -> str:
                                                      for r in run.results[mode].values())], "",
            f"Machine: {common.machine(f'compute dtype {run.dtype}')}", "",
            table(mode, run.results[mode], args.recall_k), "",
-           f"Training curves (every task in OUT): ![training curves]({CURVES_PNG})", "",
+           f"Training curves: ![training curves]({curves_png(mode)})", "",
            *[f"- {n}" for n in _train_lines(run.results[mode])],
            *[f"- {n}" for n in notes(args, mode, run.data_counts, run.backend, run.dtype,
                                      run.start)]]
