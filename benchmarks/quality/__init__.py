@@ -46,8 +46,8 @@ Training: --train_tokens non-padding tokens per arm (train.steps: the first step
 packed ahead exactly as training packs them, hold at least that many; the same for every arm).
 Each arm is a training run in OUT/train/MODE/ARM-<fingerprint> with checkpoints every
 --checkpoint_every steps, metrics.jsonl (one line per step: L_gen, L_ret, in-batch accuracy,
-queries, targets, packing) and wall.jsonl; curves.py plots each task's arms into OUT/quality_curves_TASK.png
-(and benchmarks/quality_curves_TASK.png with --record).
+queries, targets, packing) and wall.jsonl; curves.py plots each task's arms into
+OUT/quality_curves_TASK.png (and benchmarks/quality_curves_TASK.png with --record).
 
 Evaluation (evaluation.py, ranking.py), for every arm and baseline alike:
   gold context  each query RET token of a gold dev answer (teacher-forced as training encodes it;

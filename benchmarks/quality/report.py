@@ -19,9 +19,13 @@ from benchmarks.quality.minilm import WINDOW
 from benchmarks.quality.results import ArmResult, Generation, GoldRecall, TrainStats
 
 Results = dict[str, dict[str, ArmResult]]  # mode -> arm name -> figures
+
+
 def curves_png(mode: str) -> str:
   """The file name of a task's training curves (in OUT, and next to RESULTS.md with --record)."""
   return f"quality_curves_{mode}.png"
+
+
 _MARK = "<!-- quality-study:{key}:{mode}:{end} -->"
 _TITLES = {"rag": "multi-hop RAG", "el": "entity linking"}
 
