@@ -4,7 +4,7 @@ Each benchmark runs as `python -m benchmarks.X` in a subprocess on one CPU devic
 `--no_record` (a few seconds to ~15 s each, worker processes included), so a refactor of the
 engine, encoder, index or train step cannot break a benchmark silently; the assertions check the
 exit code, the table it printed (no worker failed) and that RESULTS.md was left alone.
-`benchmarks.quality` is only asked for `--help` here (a real run needs a model and data).
+`benchmarks.quality` is only asked for `--help` and parsed here (a real run needs a model and data).
 """
 
 import hashlib
@@ -82,3 +82,11 @@ def test_quality_help():
   run = _run("benchmarks.quality", "--help", timeout=60)
   assert run.returncode == 0, run.stderr[-3000:]
   assert "--record_from" in run.stdout
+
+
+def test_quality_writes_results_only_when_asked(tmp_path):
+  """A scratch run of the quality study must not rewrite the committed RESULTS.md: --record is
+  opt-in (a run with it on replaces its task's section)."""
+  from benchmarks.quality import cli
+  assert cli.parse_args(["--out", str(tmp_path), "--tasks="]).record is False
+  assert cli.parse_args(["--out", str(tmp_path), "--tasks=", "--record"]).record is True

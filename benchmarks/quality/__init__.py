@@ -64,7 +64,7 @@ Evaluation (evaluation.py, ranking.py), for every arm and baseline alike:
 Resumable: OUT/results/MODE/ARM.json holds a finished arm (with the fingerprint of the flags that
 decide its figures); a rerun with the same flags skips it, resumes an unfinished training run from
 its latest checkpoint (SIGTERM saves and exits 0), and evaluates again an arm whose evaluation did
-not finish. Predictions: OUT/eval/MODE/ARM/predictions.jsonl. With --record (default) each finished
+not finish. Predictions: OUT/eval/MODE/ARM/predictions.jsonl. With --record (off by default) each finished
 arm rewrites its task's section of benchmarks/RESULTS.md in place (--record_key, default "cpu").
 
 The CPU study (issue 13; sizes "cpu", the default on a CPU backend), one command per task, each
@@ -84,10 +84,10 @@ onegen_infonce runs last (about a quarter of the time: leave it out with --arms,
 and rerun the same command later to add it). --budget_s skips arms that would not fit.
 
 On an accelerator (sizes "accelerator": 2M tokens, 16 x 1024 rows, whole-KB EL):
-  .venv/bin/python -m benchmarks.quality --out=runs/quality --budget_s=1800
+  .venv/bin/python -m benchmarks.quality --out=runs/quality --budget_s=1800 --record
 (benchmarks/quality_device.sh brings the model, MiniLM, data and wheels to a bare lent GPU.)
 Smoke proof of every path (2-layer truncation, a few steps; proves the code, not quality):
-  .venv/bin/python -m benchmarks.quality --out=/tmp/quality_smoke --num_layers=2 --no-record \\
+  .venv/bin/python -m benchmarks.quality --out=/tmp/quality_smoke --num_layers=2 \\
       --rag_dev_limit=6 --el_dev_limit=6 --train_tokens=3000 --force_first_query --gen_batch=8 \\
       --rag_max_new_tokens=24 --el_max_new_tokens=40
 

@@ -71,9 +71,10 @@ def _run_flags(a) -> None:
     "invocation, of its task, else of any) would overrun its task's share is skipped.")
   a("--cache_dir", default=os.path.expanduser("~/.cache/onegen-quality"),
     help="JAX persistent compilation cache ('' to disable).")
-  a("--record", default=True, action=argparse.BooleanOptionalAction,
+  a("--record", default=False, action=argparse.BooleanOptionalAction,
     help="After each arm, write its task's section of benchmarks/RESULTS.md (replacing the "
-    "section of the same --record_key and task) and the training curves PNG next to it.")
+    "section of the same --record_key and task) and the training curves PNG next to it. Off "
+    "by default, so a scratch run leaves the committed results alone.")
   a("--record_key", default="cpu", help="Which RESULTS.md section a recorded task replaces.")
   a("--note", action="append", default=[], help="A note for the RESULTS.md section (repeatable).")
   a("--record_from", default="", help="Only append the RESULTS.md section of an earlier run's "

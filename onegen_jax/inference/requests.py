@@ -10,9 +10,7 @@ from onegen_jax.data.encoding import TaskTokenizer
 from onegen_jax.data.records import ROLES, Message, nonblank_lines, prompt_messages
 from onegen_jax.inference.engine import RequestOutput
 from onegen_jax.inference.run import LoadedRun
-
-
-Candidates = list[str] | list[list[str]] | None
+from onegen_jax.inference.types import Candidates
 
 
 def read_requests(path: str) -> list[tuple[Message, ...]]:

@@ -8,6 +8,10 @@ from collections.abc import Sequence
 
 import numpy as np
 
+# EL candidates: entity uids every search of a request is restricted to (one list), or one list
+# per query in order; None: the whole index.
+Candidates = Sequence[str] | Sequence[Sequence[str]] | None
+
 
 @dataclasses.dataclass(frozen=True)
 class TaskTokens:
@@ -44,7 +48,7 @@ class Request:
 
   prompt: Sequence[int]
   force: Sequence[int] = ()
-  candidates: Sequence[str] | Sequence[Sequence[str]] | None = None
+  candidates: Candidates = None
   keep_session: bool = False
   seed: int | None = None
   max_new_tokens: int | None = None

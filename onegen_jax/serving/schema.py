@@ -52,7 +52,7 @@ class TurnBody(pydantic.BaseModel):
   retrieve_k: int | None = None
   seed: int | None = None
   stream: bool = False
-  candidates: list[str] | list[list[str]] | None = None
+  candidates: list[str] | list[list[str]] | None = None  # inference.types.Candidates as JSON
 
 
 class SelfRagBody(pydantic.BaseModel):
