@@ -4,7 +4,6 @@ packed rows with padding, forward and gradients, on the 8-device mesh with the p
 sharded init equals the unsharded one (partitionable threefry)."""
 
 import functools
-import math
 
 import flax.linen as nn
 import jax
