@@ -64,8 +64,9 @@ Evaluation (evaluation.py, ranking.py), for every arm and baseline alike:
 Resumable: OUT/results/MODE/ARM.json holds a finished arm (with the fingerprint of the flags that
 decide its figures); a rerun with the same flags skips it, resumes an unfinished training run from
 its latest checkpoint (SIGTERM saves and exits 0), and evaluates again an arm whose evaluation did
-not finish. Predictions: OUT/eval/MODE/ARM/predictions.jsonl. With --record (off by default) each finished
-arm rewrites its task's section of benchmarks/RESULTS.md in place (--record_key, default "cpu").
+not finish. Predictions: OUT/eval/MODE/ARM/predictions.jsonl. With --record (off by default) each
+finished arm rewrites its task's section of benchmarks/RESULTS.md in place (--record_key, default
+"cpu").
 
 The CPU study (issue 13; sizes "cpu", the default on a CPU backend), one command per task, each
 resumable (run them with nothing else heavy beside them, the same --out for both; NOT YET RUN):
