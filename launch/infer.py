@@ -5,6 +5,8 @@
 IN.jsonl: reference-format lines; each line's prompt is every message before its last assistant
 message. An EL line may carry "candidates": entity uids for all its mentions, or one list per
 mention; its searches are then restricted to them (exact scores against the stored vectors).
+A line may carry "answer_prefix": text the answer starts with, forced as its first output tokens
+(its query RET tokens retrieve as generated ones do; the text written includes it).
 OUT.jsonl: one JSON object per request: text, stop_reason, retrievals (position, ids, scores) per
 step, and for el the plain text with the linked mentions (character offsets, entity).
 Mesh, dtype and process flags (every process runs the same requests; process 0 writes
@@ -24,7 +26,8 @@ from absl import app, flags
 
 from launch import serving_flags
 from onegen_jax.inference.engine import Request
-from onegen_jax.inference.requests import output_record, prompt_tokens, read_input
+from onegen_jax.inference.requests import (answer_prefix_tokens, output_record, prompt_tokens,
+                                           read_input)
 from onegen_jax.inference.run import generation_config, load_index_dir, load_run, make_engine
 from onegen_jax.inference.selfrag import MODES, SelfRag, SelfRagConfig, watched_ids
 
@@ -70,17 +73,23 @@ def main(argv):
     settings["watch"] = watched_ids(run.tokenizer)
   # Self-RAG: a query inside an evidence continuation ends it (max_retrievals 0).
   config = generation_config(run.task, 0 if _MODE.value else _MAX_RETRIEVALS.value, **settings)
-  requests, candidates = read_input(_INPUT.value)
+  inputs = read_input(_INPUT.value)
+  forced = [answer_prefix_tokens(run.tokenizer, p) if p is not None else []
+            for p in inputs.prefixes]
+  too_long = [f"{_INPUT.value}:{n}: answer_prefix: {len(f)} tokens, over --max_new_tokens="
+              f"{_MAX_NEW.value}" for n, f in zip(inputs.numbers, forced) if len(f) > _MAX_NEW.value]
+  if too_long or (_MODE.value and any(forced)):
+    raise app.UsageError("\n".join(too_long) or "answer_prefix: Self-RAG's --mode takes none")
   engine = make_engine(run, index, texts, config, vectors=vectors)
-  prompts = prompt_tokens(run, requests, _MAX_PROMPT.value)
+  prompts = prompt_tokens(run, inputs.prompts, _MAX_PROMPT.value)
   if _MODE.value:
     selfrag = SelfRag(engine, run.tokenizer, index.search_documents, engine.documents,
                       SelfRagConfig(_MODE.value, _THRESHOLD.value, _NDOCS.value, _W_REL.value,
                                     _W_SUP.value, _W_USE.value, _SEQ_SCORE.value, _MAX_NEW.value))
     records = [r.record() for r in selfrag.run(prompts)]
   else:
-    outputs = engine.run([engine.submit(Request(p, candidates=c))
-                          for p, c in zip(prompts, candidates)], progress=True)
+    outputs = engine.run([engine.submit(Request(p, force=f, candidates=c))
+                          for p, f, c in zip(prompts, forced, inputs.candidates)], progress=True)
     records = [output_record(run, out) for out in outputs]
   if jax.process_index() != 0:  # every process ran the same requests
     return

@@ -1,6 +1,9 @@
 """Test setup: an emulated 8-device CPU mesh and a persistent compilation cache.
 
-XLA_FLAGS must be set before jax is imported anywhere.
+XLA_FLAGS must be set before jax is imported anywhere. The cache is configured through jax's
+environment variables, so the launchers the tests start as subprocesses (resume, multi-host,
+the command-line chains, the server) share it: a program compiled by one process (the same
+train step, the same engine step) is loaded, not compiled again, by the next.
 """
 
 import os
@@ -8,6 +11,10 @@ import os
 os.environ.setdefault("JAX_PLATFORMS", "cpu")  # libtpu (the tpu extra) is installed for AOT only
 os.environ["XLA_FLAGS"] = ("--xla_force_host_platform_device_count=8 " +
                            os.environ.get("XLA_FLAGS", "")).strip()
+os.environ["JAX_COMPILATION_CACHE_DIR"] = os.environ.get(
+    "JAX_TEST_CACHE", os.path.expanduser("~/.cache/onegen-jax-tests"))
+os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "-1"
 
 import dataclasses  # noqa: E402
 import functools  # noqa: E402
@@ -19,14 +26,11 @@ import sys  # noqa: E402
 import jax  # noqa: E402
 import pytest  # noqa: E402
 
-jax.config.update("jax_compilation_cache_dir", os.environ.get(
-    "JAX_TEST_CACHE", os.path.expanduser("~/.cache/onegen-jax-tests")))
-jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
-jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
 
 from configs import el, multihop  # noqa: E402
 from onegen_jax.data import synthetic  # noqa: E402
 from onegen_jax.data.generate import make_dataset  # noqa: E402
+from onegen_jax.data.records import read_jsonl, write_jsonl  # noqa: E402
 from onegen_jax.data.tasks import get_task  # noqa: E402
 from onegen_jax.inference.engine import GenerationConfig  # noqa: E402
 from onegen_jax.data.packing import BatchShape, pack_batches  # noqa: E402
@@ -34,6 +38,16 @@ from onegen_jax.train import loop, program as program_lib  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BATCH_SHAPE = BatchShape(rows=8, seq_len=64, num_queries=16, num_keys=64, num_negatives=3)
+
+
+def pytest_collection_modifyitems(items):
+  """Groups for pytest-xdist's loadgroup (make test runs two workers): the tests of a trained
+  session fixture in one group each, so one worker trains it; the rest by module, so a module's
+  fixtures are built once."""
+  for item in items:
+    names = getattr(item, "fixturenames", ())
+    group = next((f for f in ("trained", "trained_demo") if f in names), item.module.__name__)
+    item.add_marker(pytest.mark.xdist_group(group))
 
 
 def demo_config(**sections):
@@ -94,20 +108,49 @@ def program():
 E2E_CONFIG = GenerationConfig(max_new_tokens=48, batch_size=4, capacity=512, retrieve_k=3)
 
 
+def write_requests(data, query_token: str):
+  """DATA/requests.jsonl: the dev lines, every other one (the 2nd, 4th, ...) with an
+  answer_prefix: its gold answer up to and including its first query RET token. Whatever a
+  briefly trained model emits on this CPU, the inference tests' comparisons then cover
+  retrievals, inserted paragraphs (RAG) and linked mentions (EL)."""
+  lines = read_jsonl(f"{data}/dev.jsonl")
+  for line in lines[1::2]:
+    answer = line["messages"][-1]["content"]
+    line["answer_prefix"] = answer[:answer.index(query_token) + len(query_token)]
+  write_jsonl(f"{data}/requests.jsonl", lines)
+
+
+# Trained runs and their command-line chains, by task: built once per session. (pytest keeps one
+# parameter's instance of a session fixture at a time, so without this every module that
+# switches between "el" and "multihop" would train and index again.)
+_SESSION_CACHE: dict[tuple[str, str], object] = {}
+
+
+def _once(kind: str, task: str, make):
+  if (kind, task) not in _SESSION_CACHE:
+    _SESSION_CACHE[kind, task] = make()
+  return _SESSION_CACHE[kind, task]
+
+
 @pytest.fixture(scope="session", params=["el", "multihop"])
 def trained(request, tmp_path_factory):
   """(task, mode, data dir, root, config) of the el.py / multihop.py demo model trained 150 steps
-  on generated data (6 dev lines); the run is ROOT/run."""
-  module = {"el": el, "multihop": multihop}[request.param]
-  root = tmp_path_factory.mktemp(request.param)
+  on generated data (6 dev lines; DATA/requests.jsonl: write_requests); the run is ROOT/run."""
+  return _once("trained", request.param, lambda: _train(request.param, tmp_path_factory))
+
+
+def _train(name: str, tmp_path_factory):
+  module = {"el": el, "multihop": multihop}[name]
+  root = tmp_path_factory.mktemp(name)
   data = root / "data"
-  make_dataset(request.param, str(data), seed=0, num_train=120, num_dev=6)
+  make_dataset(name, str(data), seed=0, num_train=120, num_dev=6)
+  write_requests(data, get_task(name).query_token)
   config = module.get_config("demo")
   config.train.update(steps=150, eval_every=0, log_every=150)
   config.data.update(generate="", train_path=f"{data}/train.jsonl", db_path=f"{data}/db.jsonl",
                      dev_path=f"{data}/dev.jsonl", tokenizer_path=f"{data}/tokenizer")
   loop.fit(config, str(root / "run"))
-  return request.param, get_task(request.param).mode, data, root, config
+  return name, get_task(name).mode, data, root, config
 
 
 def launch(workdir, module: str, *flags) -> dict:
@@ -124,7 +167,7 @@ def launch(workdir, module: str, *flags) -> dict:
 
 @dataclasses.dataclass(frozen=True)
 class Chain:
-  """What build_index (scann) and infer (E2E_CONFIG, the dev lines) wrote from the command line."""
+  """What build_index (scann) and infer (E2E_CONFIG, requests.jsonl) wrote from the command line."""
 
   index: str
   predictions: str
@@ -134,13 +177,17 @@ class Chain:
 
 @pytest.fixture(scope="session")
 def chain(trained, tmp_path_factory) -> Chain:
+  return _once("chain", trained[0], lambda: _chain(trained, tmp_path_factory))
+
+
+def _chain(trained, tmp_path_factory) -> Chain:
   _, _, data, root, _ = trained
   out = tmp_path_factory.mktemp("chain")
   built = launch(out, "build_index", f"--workdir={root / 'run'}", f"--db={data}/db.jsonl",
                  "--backend=scann", f"--out={out / 'index'}")
   c = E2E_CONFIG
   ran = launch(out, "infer", f"--workdir={root / 'run'}", f"--index={out / 'index'}",
-               f"--input={data}/dev.jsonl", f"--output={out / 'pred.jsonl'}",
+               f"--input={data}/requests.jsonl", f"--output={out / 'pred.jsonl'}",
                f"--max_new_tokens={c.max_new_tokens}", f"--batch_size={c.batch_size}",
                f"--capacity={c.capacity}", f"--retrieve_k={c.retrieve_k}",
                f"--max_retrievals={c.max_retrievals}")

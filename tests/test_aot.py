@@ -9,6 +9,8 @@ import pytest
 from conftest import demo_config
 from onegen_jax.train.aot import compile_train_step, topology_devices
 
+pytestmark = pytest.mark.processes  # run by .ci/run, not by make test (see pyproject.toml)
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 

@@ -15,6 +15,8 @@ import sys
 import jax
 import pytest
 
+pytestmark = pytest.mark.processes  # run by .ci/run, not by make test (see pyproject.toml)
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS = os.path.join(ROOT, "benchmarks", "RESULTS.md")
 

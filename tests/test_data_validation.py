@@ -109,17 +109,18 @@ def test_inference_input_is_read_once_naming_every_bad_line_and_field(tmp_path):
   from onegen_jax.inference.requests import read_input
   user = {"role": "user", "content": "Who?"}
   lines = [{"messages": [user, {"role": "assistant", "content": "x"}], "candidates": ["a", "b"]},
-           {"messages": [user], "candidates": [["a"], ["b", "c"]]},
+           {"messages": [user], "candidates": [["a"], ["b", "c"]], "answer_prefix": "It"},
            {"messages": [user]}]
   path = tmp_path / "in.jsonl"
-  path.write_text("".join(json.dumps(line) + "\n" for line in lines))
-  prompts, candidates = read_input(str(path))
-  assert [[m.content for m in p] for p in prompts] == [["Who?"]] * 3
-  assert candidates == [["a", "b"], [["a"], ["b", "c"]], None]
+  path.write_text("".join(json.dumps(line) + "\n\n" for line in lines))
+  inputs = read_input(str(path))
+  assert [[m.content for m in p] for p in inputs.prompts] == [["Who?"]] * 3
+  assert inputs.candidates == [["a", "b"], [["a"], ["b", "c"]], None]
+  assert inputs.prefixes == [None, "It", None] and inputs.numbers == [1, 3, 5]
 
   bad = [{"messages": [{"role": "assistant", "content": "x"}]},
          {"messages": [user], "candidates": "a"},
-         "{not json", "[1, 2]"]
+         "{not json", "[1, 2]", {"messages": [user], "answer_prefix": ["It"]}]
   path.write_text("".join((b if isinstance(b, str) else json.dumps(b)) + "\n" for b in bad))
   with pytest.raises(ValueError) as e:
     read_input(str(path))
@@ -128,4 +129,5 @@ def test_inference_input_is_read_once_naming_every_bad_line_and_field(tmp_path):
       f'{path}:2: candidates: expected a list of uids or a list of such lists, got "a"',
       f"{path}:3: not JSON: Expecting property name enclosed in double quotes: line 1 column 2 "
       f"(char 1)",
-      f"{path}:4: not a JSON object: [1, 2]"]
+      f"{path}:4: not a JSON object: [1, 2]",
+      f'{path}:5: answer_prefix: expected a string, got ["It"]']

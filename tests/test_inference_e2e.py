@@ -13,9 +13,10 @@ from onegen_jax.data.pipeline import build_data
 from onegen_jax.data.records import canonical_key, read_jsonl, write_jsonl
 from onegen_jax.eval.scoring import score_el, score_rag
 from onegen_jax.inference import feeding
-from onegen_jax.inference.requests import (output_record, output_stream, prompt_tokens,
-                                           read_requests)
+from onegen_jax.inference.requests import (answer_prefix_tokens, output_record, output_stream,
+                                           prompt_tokens, read_input)
 from onegen_jax.inference.run import encode_db, load_run, make_engine
+from onegen_jax.inference.types import Request
 from onegen_jax.inference.slots import put_rows
 from onegen_jax.retrieval.encode import Encoder
 from onegen_jax.retrieval.index import ApproxIndex, ExactIndex, ScannIndex
@@ -26,14 +27,26 @@ from onegen_jax.train.retrieval_eval import dev_recall
 @pytest.fixture(scope="module")
 def served(trained):
   """The trained run, its encoded db (the loaded run's own encode_db) and every backend's
-  one-pass outputs on the dev prompts with CONFIG (what test_command_line_chain asks the CLI)."""
+  one-pass outputs on requests.jsonl (the dev prompts, every other one with its answer prefix
+  forced) with CONFIG (what test_command_line_chain asks the CLI)."""
   task, mode, data, root, _ = trained
   run = load_run(str(root / "run"))
   vectors, uids, texts, _ = encode_db(run, f"{data}/db.jsonl", str(root / "vectors"))
-  prompts = prompt_tokens(run, read_requests(f"{data}/dev.jsonl"), 512)
-  outs = {name: make_engine(run, backend().build(np.asarray(vectors), uids), texts, CONFIG).generate(prompts)
-          for name, backend in (("exact", ExactIndex), ("scann", ScannIndex), ("approx", ApproxIndex))}
+  inputs = read_input(f"{data}/requests.jsonl")
+  prompts = prompt_tokens(run, inputs.prompts, 512)
+  force = [answer_prefix_tokens(run.tokenizer, p) if p else [] for p in inputs.prefixes]
+  outs = {name: make_engine(run, backend().build(np.asarray(vectors), uids), texts,
+                            CONFIG).generate(prompts, force=force)
+          for name, backend in (("exact", ExactIndex), ("scann", ScannIndex),
+                                ("approx", ApproxIndex))}
   return run, np.asarray(vectors), uids, texts, prompts, outs
+
+
+@pytest.fixture(scope="module")
+def built(trained):
+  """The trained run's data as training built it (dev records with their tokens and anchors)."""
+  config = trained[4]
+  return build_data(config.data, batch_shape(config))
 
 
 def test_one_pass_inference_with_each_backend(trained, served):
@@ -55,14 +68,13 @@ def test_one_pass_inference_with_each_backend(trained, served):
   assert ids["exact"] == ids["approx"] == ids["scann"]
 
 
-def test_gold_answers_through_the_engine_retrieve_as_training_evaluates(trained, served):
+def test_gold_answers_through_the_engine_retrieve_as_training_evaluates(trained, served, built):
   """Each dev example's gold answer replayed through the engine (force=, retrieval answering
   with the gold document): its query vectors searched in the index built from encode_db give
   exactly the dev Recall@1 that training's evaluation (dev_recall) computes, and the trained
   model's Recall@1 is above a floor."""
   task, mode, data, root, config = trained
   run, vectors, uids, texts, prompts, _ = served
-  built = build_data(config.data, batch_shape(config))
   want = dev_recall(Encoder(run.model, run.mesh, rows=8, seq_len=config.batch.seq_len),
                     run.params, built.database, built.dev_records, ks=(1,))["recall@1"]
   key_uids, index = built.database.key_uids, ExactIndex().build(vectors, uids)
@@ -94,24 +106,35 @@ def test_gold_answers_through_the_engine_retrieve_as_training_evaluates(trained,
 FLOOR = {"el": 0.25, "multihop": 0.4}
 
 
-def test_prefills_beside_decoding_rows_run_apart_and_change_nothing(trained, served, monkeypatch):
+def test_prefills_beside_decoding_rows_run_apart_and_change_nothing(served, built, monkeypatch):
   """With 2 slots for the 6 dev prompts, prompts admitted (and, RAG, paragraphs inserted) while
   the other row decodes are fed in a call of their own (inference/feeding.py); every output equals
-  the request run alone (one slot: never apart)."""
+  the request run alone (one slot: never apart). The schedule makes that case certain on any CPU:
+  even requests stop after one token, odd ones replay their gold answer (force=, retrievals
+  included), so request 2 is admitted while request 1 decodes its second token."""
   run, vectors, uids, texts, prompts, _ = served
+  gold = [output_stream(run.tokenizer, np.asarray(r["tokens"]).tolist(), len(p))
+          for r, p in zip(built.dev_records, prompts)]
+  eos = run.tokenizer.hf.eos_token_id
+  requests = [Request(p, max_new_tokens=1) if i % 2 == 0 else
+              Request(p, force=[t for t in g if t != eos])
+              for i, (p, g) in enumerate(zip(prompts, gold))]
+  assert all(run.tokenizer.ids[run.task.query_token] in r.force for r in requests[1::2])
   index = ExactIndex().build(vectors, uids)
   apart = []
   monkeypatch.setattr(feeding, "put_rows",
                       lambda cache, rows, part: apart.append(len(rows)) or put_rows(cache, rows, part))
-  both = make_engine(run, index, texts, dataclasses.replace(CONFIG, batch_size=2)).generate(prompts)
+  engine = make_engine(run, index, texts, dataclasses.replace(CONFIG, batch_size=2))
+  both = engine.run([engine.submit(r) for r in requests])
   assert apart  # the separate call ran
   monkeypatch.setattr(feeding, "put_rows", None)  # one slot never takes that path
   alone = make_engine(run, index, texts, dataclasses.replace(CONFIG, batch_size=1))
-  for prompt, out in zip(prompts, both):
-    single = alone.generate([prompt])[0]
+  for request, out in zip(requests, both):
+    [single] = alone.run([alone.submit(request)])
     assert (out.tokens, out.stop_reason) == (single.tokens, single.stop_reason)
     assert [(r.position, r.ids) for r in out.retrievals] == [
         (r.position, r.ids) for r in single.retrievals]
+  assert sum(len(out.retrievals) for out in both) >= len(requests) // 2
 
 
 def test_command_line_chain(trained, served, chain, tmp_path):

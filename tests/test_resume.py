@@ -65,6 +65,7 @@ def test_sigkill_then_restart_reaches_the_same_parameters(tmp_path):
     np.testing.assert_array_equal(a, b)  # bitwise, data order included
 
 
+@pytest.mark.processes
 def test_sigterm_saves_at_the_next_step_and_exits_zero(tmp_path):
   proc = _launch(tmp_path, "--config.train.steps=100000", wait=False)
   _wait_for_checkpoint(tmp_path, proc, 20)

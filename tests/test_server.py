@@ -56,7 +56,13 @@ def long_requests(trained, server) -> list[dict]:
 
 
 def dev_lines(trained):
-  return read_jsonl(f"{trained[2]}/dev.jsonl")
+  """The lines launch.infer read for chain.predictions (conftest.write_requests)."""
+  return read_jsonl(f"{trained[2]}/requests.jsonl")
+
+
+def request_body(line: dict) -> dict:
+  """A requests.jsonl line as a /v1/generate body: its messages and answer prefix."""
+  return {k: v for k, v in line.items() if k in ("messages", "answer_prefix")}
 
 
 def assert_same_answers(got: list[dict], want: list[dict]):
@@ -83,10 +89,10 @@ def test_answers_equal_launch_infer_sequential_and_concurrent(trained, chain, se
   lines launch.infer wrote for the same run, index and settings."""
   want = read_jsonl(chain.predictions)
   lines = dev_lines(trained)
-  sequential = [generate(server, messages=line["messages"]) for line in lines]
+  sequential = [generate(server, **request_body(line)) for line in lines]
   assert_same_answers(sequential, want)
   with concurrent.futures.ThreadPoolExecutor(len(lines)) as pool:
-    concurrent_results = list(pool.map(lambda line: generate(server, messages=line["messages"]),
+    concurrent_results = list(pool.map(lambda line: generate(server, **request_body(line)),
                                        lines))
   assert_same_answers(concurrent_results, want)
   assert sum(len(r["retrievals"]) for r in want) > 0  # the comparison covers retrievals
@@ -107,9 +113,9 @@ def read_events(response) -> list[tuple[str, dict]]:
 
 
 def test_streaming_adds_up_to_the_answer(trained, server):
-  line = dev_lines(trained)[0]
-  plain = generate(server, messages=line["messages"])
-  with server.stream("POST", "/v1/generate", json={"messages": line["messages"],
+  line = dev_lines(trained)[1]  # with an answer prefix: the stream holds a retrieval
+  plain = generate(server, **request_body(line))
+  with server.stream("POST", "/v1/generate", json={**request_body(line),
                                                    "stream": True}) as response:
     assert response.status_code == 200
     assert response.headers["content-type"].startswith("text/event-stream")
@@ -121,7 +127,7 @@ def test_streaming_adds_up_to_the_answer(trained, server):
   assert "".join(e["text"] for kind, e in events if kind == "token") == done["text"]
   streamed = [{"position": e["position"], "ids": e["ids"], "scores": e["scores"]}
               for kind, e in events if kind == "retrieval"]
-  assert streamed == done["retrievals"]
+  assert streamed == done["retrievals"] and streamed
 
 
 def test_a_session_goes_on_over_its_cache_until_closed(trained, server):
@@ -161,6 +167,8 @@ def test_bad_input_gets_a_4xx_and_the_server_goes_on(trained, server):
       ({**good, "top_p": 0}, "/v1/generate", 422, "top_p"),
       ({**good, "retrieve_k": 1000}, "/v1/generate", 422, "retrieve_k"),
       ({**good, "colour": "blue"}, "/v1/generate", 422, "colour"),
+      ({**good, "answer_prefix": 5}, "/v1/generate", 422, "answer_prefix"),
+      ({**good, "answer_prefix": "word " * 10}, "/v1/generate", 422, "over max_new_tokens"),
       ({"prompt": too_long}, "/v1/generate", 400, "cache holds"),
       ({"prompt": "x" * 30000}, "/v1/generate", 413, "limit"),
       ({"prompt": "hi"}, "/v1/sessions/nope/turns", 404, "unknown session"),
@@ -211,6 +219,7 @@ def test_a_client_that_leaves_frees_its_slot(server, long_requests):
   assert generate(server, **long_requests[0])["usage"]["generated_tokens"] >= 300  # unchanged
 
 
+@pytest.mark.processes
 def test_sigterm_ends_in_flight_requests_explicitly(trained, chain, long_requests, tmp_path):
   """With --drain_s=0, SIGTERM ends every running request at once: plain ones get 503 with a
   reason, a streaming one an `error` event; none is dropped silently; the process exits 0."""
@@ -256,8 +265,7 @@ def test_an_internal_error_fails_that_request_only(trained, chain, tmp_path):
   try:
     with httpx.Client(base_url=url, timeout=120) as client, \
          concurrent.futures.ThreadPoolExecutor(len(want)) as pool:
-      responses = list(pool.map(lambda line: client.post("/v1/generate",
-                                                         json={"messages": line["messages"]}),
+      responses = list(pool.map(lambda line: client.post("/v1/generate", json=request_body(line)),
                                 dev_lines(trained)))
       assert responses[broken].status_code == 500
       error = responses[broken].json()
@@ -273,6 +281,7 @@ def test_an_internal_error_fails_that_request_only(trained, chain, tmp_path):
   assert logged and "KeyError" in logged[0] and firsts[broken] in logged[0]
 
 
+@pytest.mark.processes
 @pytest.mark.parametrize("trained", ["el"], indirect=True)
 def test_the_load_benchmark_runs(trained, chain, tmp_path):
   """benchmarks/serve_load.py at its smallest (2 client counts, 4 requests), RESULTS.md left

@@ -3,6 +3,7 @@ tokenises them; gold output streams for replay; JSON results."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Sequence
 
@@ -13,35 +14,50 @@ from onegen_jax.inference.run import LoadedRun
 from onegen_jax.inference.types import Candidates
 
 
+@dataclasses.dataclass(frozen=True)
+class Inputs:
+  """What launch.infer reads from a jsonl file, one entry per non-blank line: its number in the
+  file, the prompt (messages), its EL candidates (None: unrestricted) and its answer prefix
+  (None: the model starts)."""
+
+  numbers: list[int]
+  prompts: list[tuple[Message, ...]]
+  candidates: list[Candidates]
+  prefixes: list[str | None]
+
+
 def read_requests(path: str) -> list[tuple[Message, ...]]:
   """The prompt of each line of a reference-format jsonl file (see read_input)."""
-  return read_input(path)[0]
+  return read_input(path).prompts
 
 
-def read_input(path: str) -> tuple[list[tuple[Message, ...]], list[Candidates]]:
+def read_input(path: str) -> Inputs:
   """Each line's prompt, its messages before the last assistant message
-  (records.prompt_messages; system messages included, as in training), and its optional
-  "candidates" (EL): entity uids for all its mentions, or one list per mention in order; None
-  where a line has none (its searches are unrestricted). Every bad line is named, with its field."""
-  prompts, candidates, problems = [], [], []
+  (records.prompt_messages; system messages included, as in training), its optional
+  "candidates" (EL): entity uids for all its mentions, or one list per mention in order, and its
+  optional "answer_prefix": text the answer starts with (answer_prefix_tokens). Every bad line is
+  named, with its field."""
+  inputs, problems = Inputs([], [], [], []), []
   for number, line in nonblank_lines(path):
+    inputs.numbers.append(number)
     try:
       record = json.loads(line)
     except ValueError as e:
       problems.append(f"{path}:{number}: not JSON: {e}")
       continue
     if not isinstance(record, dict):
-      problems.append(f"{path}:{number}: not a JSON object: {line[:80]}")
+      problems.append(f"{path}:{number}: not a JSON object: {line.strip()[:80]}")
       continue
-    for field, parse, out in (("messages", _prompt, prompts),
-                              ("candidates", _candidates, candidates)):
+    for field, parse, out in (("messages", _prompt, inputs.prompts),
+                              ("candidates", _candidates, inputs.candidates),
+                              ("answer_prefix", _answer_prefix, inputs.prefixes)):
       try:
         out.append(parse(record))
       except (ValueError, KeyError, TypeError) as e:
         problems.append(f"{path}:{number}: {field}: {e}")
   if problems:
     raise ValueError("\n".join(problems))
-  return prompts, candidates
+  return inputs
 
 
 def _prompt(record: dict) -> tuple[Message, ...]:
@@ -64,6 +80,13 @@ def _candidates(record: dict) -> Candidates:
     raise ValueError(f"expected a list of uids or a list of such lists, got "
                      f"{json.dumps(candidates)[:80]}")
   return candidates
+
+
+def _answer_prefix(record: dict) -> str | None:
+  prefix = record.get("answer_prefix")
+  if prefix is not None and not isinstance(prefix, str):
+    raise ValueError(f"expected a string, got {json.dumps(prefix)[:80]}")
+  return prefix
 
 
 def prompt_tokens(run: LoadedRun, requests: list[tuple[Message, ...]],
@@ -91,6 +114,14 @@ def output_stream(tokenizer: TaskTokenizer, tokens: Sequence[int], prompt_len: i
         i = list(tokens).index(ids[task.ctx_spans[0][1]], i + 1)  # to the close tag
     i += 1
   return out
+
+
+def answer_prefix_tokens(tokenizer: TaskTokenizer, prefix: str) -> list[int]:
+  """The tokens an answer prefix forces as the first output-stream tokens (Request.force): the
+  text tokenised as the start of an assistant message (as training tokenises one), less what the
+  engine inserts itself (output_stream: the token forced after an EL query token, a RAG
+  paragraph right after a query token). Its query RET tokens retrieve as generated ones do."""
+  return output_stream(tokenizer, tokenizer.tokenize([prefix])[0], 0)
 
 
 def output_text(tokenizer: TaskTokenizer, tokens: Sequence[int]) -> str:

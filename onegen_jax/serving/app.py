@@ -1,6 +1,7 @@
 """The HTTP API of a OneGen server (FastAPI on uvicorn; see launch/serve.py).
 
   POST   /v1/generate                 messages or prompt -> text, retrievals, EL mentions
+                                      ("answer_prefix": the answer's start, forced)
   POST   /v1/sessions/{id}/turns      a user turn continued over the session's kept cache
   DELETE /v1/sessions/{id}            frees a session's cache
   GET    /health                      200 {"status": "ok"}, 503 while shutting down

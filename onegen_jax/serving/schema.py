@@ -12,7 +12,7 @@ from typing import Literal
 import pydantic
 
 from onegen_jax.data.records import Message, prompt_messages
-from onegen_jax.inference.requests import prompt_tokens
+from onegen_jax.inference.requests import answer_prefix_tokens, prompt_tokens
 from onegen_jax.inference.run import LoadedRun
 from onegen_jax.inference.selfrag import MODES, SelfRagConfig
 from onegen_jax.inference.types import Request
@@ -53,6 +53,7 @@ class TurnBody(pydantic.BaseModel):
   seed: int | None = None
   stream: bool = False
   candidates: list[str] | list[list[str]] | None = None  # inference.types.Candidates as JSON
+  answer_prefix: str | None = None  # the answer's first text, forced (as launch.infer's lines)
 
 
 class SelfRagBody(pydantic.BaseModel):
@@ -86,8 +87,10 @@ def selfrag_config(body: GenerateBody, run: LoadedRun, limits: Limits,
   sr = body.selfrag
   if run.task.name != "selfrag":
     raise ClientError(422, f"selfrag: this server runs a {run.task.name} model")
-  if body.stream or body.keep_session or body.candidates is not None:
-    raise ClientError(422, "selfrag: stream, keep_session and candidates do not apply")
+  if (body.stream or body.keep_session or body.candidates is not None
+      or body.answer_prefix is not None):
+    raise ClientError(422, "selfrag: stream, keep_session, candidates and answer_prefix do not "
+                      "apply")
   if sr.ndocs > limits.max_retrieve_k:
     raise ClientError(422, f"selfrag.ndocs: {sr.ndocs} is over {limits.max_retrieve_k}")
   if len(request.prompt) + 3 + request.max_new_tokens > limits.capacity:
@@ -139,12 +142,16 @@ def engine_request(body: TurnBody, run: LoadedRun, limits: Limits, turn: bool = 
     raise ClientError(422, f"retrieve_k: {k} is out of range [1, {limits.max_retrieve_k}]")
   if body.candidates is not None and run.task.mode != "el":
     raise ClientError(422, "candidates: only entity linking restricts searches to candidates")
+  force = (answer_prefix_tokens(run.tokenizer, body.answer_prefix)
+           if body.answer_prefix is not None else [])
+  if len(force) > max_new:
+    raise ClientError(422, f"answer_prefix: {len(force)} tokens, over max_new_tokens={max_new}")
   tokens = prompt_tokens(run, [prompt], max_len=1 << 62)[0]
   if not tokens:
     raise ClientError(422, "messages: the prompt has no tokens")
   if not turn and len(tokens) + 1 > limits.capacity:
     raise ClientError(400, f"the prompt has {len(tokens)} tokens; the cache holds "
                       f"{limits.capacity} per request (prompt + output)")
-  return Request(tokens, candidates=body.candidates, seed=body.seed, max_new_tokens=max_new,
-                 retrieve_k=k, temperature=body.temperature, top_p=body.top_p,
+  return Request(tokens, force=force, candidates=body.candidates, seed=body.seed,
+                 max_new_tokens=max_new, retrieve_k=k, temperature=body.temperature, top_p=body.top_p,
                  keep_session=getattr(body, "keep_session", False) or turn)
