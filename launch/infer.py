@@ -77,8 +77,9 @@ def main(argv):
   forced = [answer_prefix_tokens(run.tokenizer, p) if p is not None else []
             for p in inputs.prefixes]
   too_long = [f"{_INPUT.value}:{n}: answer_prefix: {len(f)} tokens, over --max_new_tokens="
-              f"{_MAX_NEW.value}" for n, f in zip(inputs.numbers, forced) if len(f) > _MAX_NEW.value]
-  if too_long or (_MODE.value and any(forced)):
+              f"{_MAX_NEW.value}"
+              for n, f in zip(inputs.numbers, forced) if len(f) > _MAX_NEW.value]
+  if too_long or (_MODE.value and any(p is not None for p in inputs.prefixes)):
     raise app.UsageError("\n".join(too_long) or "answer_prefix: Self-RAG's --mode takes none")
   engine = make_engine(run, index, texts, config, vectors=vectors)
   prompts = prompt_tokens(run, inputs.prompts, _MAX_PROMPT.value)

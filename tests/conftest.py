@@ -20,9 +20,12 @@ import dataclasses  # noqa: E402
 import functools  # noqa: E402
 import json  # noqa: E402
 import math  # noqa: E402
+import pathlib  # noqa: E402
+import shutil  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
 
+import filelock  # noqa: E402
 import jax  # noqa: E402
 import pytest  # noqa: E402
 
@@ -110,49 +113,63 @@ def write_requests(data, query_token: str):
   write_jsonl(f"{data}/requests.jsonl", lines)
 
 
-# Trained runs and their command-line chains, by task: built once per session. (pytest keeps one
-# parameter's instance of a session fixture at a time, so without this every module that
-# switches between "el" and "multihop" would train and index again.)
-_SESSION_CACHE: dict[tuple[str, str], object] = {}
-
-
-def _once(kind: str, task: str, make):
-  if (kind, task) not in _SESSION_CACHE:
-    _SESSION_CACHE[kind, task] = make()
-  return _SESSION_CACHE[kind, task]
+def built_once(tmp_path_factory, name: str, build) -> pathlib.Path:
+  """The directory NAME, filled by `build(directory)` once for the whole run. Under pytest-xdist
+  it lies in the workers' common temp dir behind a file lock: the first worker builds it, the
+  other waits and reuses it. (A session fixture with parameters is also set up again each time
+  pytest switches parameters: then it is found built.)"""
+  base = tmp_path_factory.getbasetemp()
+  if os.environ.get("PYTEST_XDIST_WORKER"):
+    base = base.parent
+  path = base / name
+  with filelock.FileLock(f"{path}.lock"):
+    if not (path / ".built").exists():
+      shutil.rmtree(path, ignore_errors=True)
+      path.mkdir(parents=True)
+      build(path)
+      (path / ".built").touch()
+  return path
 
 
 @pytest.fixture(scope="session", params=["el", "multihop"])
 def trained(request, tmp_path_factory):
   """(task, mode, data dir, root, config) of the el.py / multihop.py demo model trained 150 steps
   on generated data (6 dev lines; DATA/requests.jsonl: write_requests); the run is ROOT/run."""
-  return _once("trained", request.param, lambda: _train(request.param, tmp_path_factory))
+  name = request.param
+  root = built_once(tmp_path_factory, f"trained-{name}", lambda root: _train(name, root))
+  return name, get_task(name).mode, root / "data", root, _trained_config(name, root / "data")
 
 
-def _train(name: str, tmp_path_factory):
-  module = {"el": el, "multihop": multihop}[name]
-  root = tmp_path_factory.mktemp(name)
-  data = root / "data"
-  make_dataset(name, str(data), seed=0, num_train=120, num_dev=6)
-  write_requests(data, get_task(name).query_token)
-  config = module.get_config("demo")
+def _trained_config(name: str, data):
+  config = {"el": el, "multihop": multihop}[name].get_config("demo")
   config.train.update(steps=150, eval_every=0, log_every=150)
   config.data.update(generate="", train_path=f"{data}/train.jsonl", db_path=f"{data}/db.jsonl",
                      dev_path=f"{data}/dev.jsonl", tokenizer_path=f"{data}/tokenizer")
-  loop.fit(config, str(root / "run"))
-  return name, get_task(name).mode, data, root, config
+  return config
+
+
+def _train(name: str, root):
+  make_dataset(name, str(root / "data"), seed=0, num_train=120, num_dev=6)
+  write_requests(root / "data", get_task(name).query_token)
+  loop.fit(_trained_config(name, root / "data"), str(root / "run"))
 
 
 def launch(workdir, module: str, *flags) -> dict:
   """Runs `python -m launch.MODULE *flags` (8 emulated devices) to its end; asserts it exits 0;
   returns the JSON of its last stdout line."""
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8")
-  with open(os.path.join(workdir, f"{module}.out"), "w+") as out:
+  path = os.path.join(workdir, f"{module}.out")
+  with open(path, "w") as out:
     proc = subprocess.run([sys.executable, "-m", f"launch.{module}", *flags], cwd=ROOT, env=env,
                           stdout=out, stderr=subprocess.PIPE, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    out.seek(0)
-    return json.loads(out.read().strip().splitlines()[-1])
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  return last_json(path)
+
+
+def last_json(path) -> dict:
+  """The JSON of a launcher's last stdout line (saved in `path`)."""
+  with open(path) as f:
+    return json.loads(f.read().strip().splitlines()[-1])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -167,18 +184,18 @@ class Chain:
 
 @pytest.fixture(scope="session")
 def chain(trained, tmp_path_factory) -> Chain:
-  return _once("chain", trained[0], lambda: _chain(trained, tmp_path_factory))
+  out = built_once(tmp_path_factory, f"chain-{trained[0]}", lambda out: _chain(trained, out))
+  return Chain(str(out / "index"), str(out / "pred.jsonl"), last_json(out / "build_index.out"),
+               last_json(out / "infer.out"))
 
 
-def _chain(trained, tmp_path_factory) -> Chain:
+def _chain(trained, out):
   _, _, data, root, _ = trained
-  out = tmp_path_factory.mktemp("chain")
-  built = launch(out, "build_index", f"--workdir={root / 'run'}", f"--db={data}/db.jsonl",
-                 "--backend=scann", f"--out={out / 'index'}")
+  launch(out, "build_index", f"--workdir={root / 'run'}", f"--db={data}/db.jsonl",
+         "--backend=scann", f"--out={out / 'index'}")
   c = E2E_CONFIG
-  ran = launch(out, "infer", f"--workdir={root / 'run'}", f"--index={out / 'index'}",
-               f"--input={data}/requests.jsonl", f"--output={out / 'pred.jsonl'}",
-               f"--max_new_tokens={c.max_new_tokens}", f"--batch_size={c.batch_size}",
-               f"--capacity={c.capacity}", f"--retrieve_k={c.retrieve_k}",
-               f"--max_retrievals={c.max_retrievals}")
-  return Chain(str(out / "index"), str(out / "pred.jsonl"), built, ran)
+  launch(out, "infer", f"--workdir={root / 'run'}", f"--index={out / 'index'}",
+         f"--input={data}/requests.jsonl", f"--output={out / 'pred.jsonl'}",
+         f"--max_new_tokens={c.max_new_tokens}", f"--batch_size={c.batch_size}",
+         f"--capacity={c.capacity}", f"--retrieve_k={c.retrieve_k}",
+         f"--max_retrievals={c.max_retrievals}")

@@ -122,8 +122,8 @@ def test_prefills_beside_decoding_rows_run_apart_and_change_nothing(served, buil
   assert all(run.tokenizer.ids[run.task.query_token] in r.force for r in requests[1::2])
   index = ExactIndex().build(vectors, uids)
   apart = []
-  monkeypatch.setattr(feeding, "put_rows",
-                      lambda cache, rows, part: apart.append(len(rows)) or put_rows(cache, rows, part))
+  monkeypatch.setattr(feeding, "put_rows", lambda cache, rows, part: apart.append(len(rows))
+                      or put_rows(cache, rows, part))
   engine = make_engine(run, index, texts, dataclasses.replace(CONFIG, batch_size=2))
   both = engine.run([engine.submit(r) for r in requests])
   assert apart  # the separate call ran

@@ -153,5 +153,5 @@ def engine_request(body: TurnBody, run: LoadedRun, limits: Limits, turn: bool = 
     raise ClientError(400, f"the prompt has {len(tokens)} tokens; the cache holds "
                       f"{limits.capacity} per request (prompt + output)")
   return Request(tokens, force=force, candidates=body.candidates, seed=body.seed,
-                 max_new_tokens=max_new, retrieve_k=k, temperature=body.temperature, top_p=body.top_p,
-                 keep_session=getattr(body, "keep_session", False) or turn)
+                 max_new_tokens=max_new, retrieve_k=k, temperature=body.temperature,
+                 top_p=body.top_p, keep_session=getattr(body, "keep_session", False) or turn)
