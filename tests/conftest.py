@@ -9,7 +9,12 @@ train step, the same engine step) is loaded, not compiled again, by the next.
 import os
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")  # libtpu (the tpu extra) is installed for AOT only
-os.environ["XLA_FLAGS"] = ("--xla_force_host_platform_device_count=8 " +
+# The collective timeout: XLA:CPU aborts the process when one of the 8 emulated devices' threads
+# has not joined an all-reduce within 40 s; on 2 loaded cores (two xdist workers, a server, its
+# long sampled requests) that killed a server once (`rendezvous.cc: Termination timeout ... only
+# 7 of them arrived`), and likely the CI abort of an earlier stop.
+os.environ["XLA_FLAGS"] = ("--xla_force_host_platform_device_count=8 "
+                           "--xla_cpu_collective_call_terminate_timeout_seconds=600 " +
                            os.environ.get("XLA_FLAGS", "")).strip()
 os.environ["JAX_COMPILATION_CACHE_DIR"] = os.environ.get(
     "JAX_TEST_CACHE", os.path.expanduser("~/.cache/onegen-jax-tests"))
@@ -170,7 +175,7 @@ def _train(name: str, root):
 def launch(workdir, module: str, *flags) -> dict:
   """Runs `python -m launch.MODULE *flags` (8 emulated devices) to its end; asserts it exits 0;
   returns the JSON of its last stdout line."""
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8")
+  env = dict(os.environ)  # XLA_FLAGS as set above
   path = os.path.join(workdir, f"{module}.out")
   with open(path, "w") as out:
     proc = subprocess.run([sys.executable, "-m", f"launch.{module}", *flags], cwd=ROOT, env=env,

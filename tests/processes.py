@@ -44,7 +44,7 @@ def serve(workdir, index, log_path, *flags) -> tuple[str, subprocess.Popen]:
   proc = subprocess.Popen(
       [sys.executable, "-m", "launch.serve", f"--workdir={workdir}", f"--index={index}",
        f"--port={port}", *flags], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
-      env=dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8"))
+      env=dict(os.environ))  # conftest's XLA_FLAGS: 8 devices, the collective timeout
   url = f"http://127.0.0.1:{port}"
   deadline = time.monotonic() + 180
   while time.monotonic() < deadline:
