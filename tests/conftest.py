@@ -1,21 +1,17 @@
 """Test setup: an emulated 8-device CPU mesh and a persistent compilation cache.
 
-XLA_FLAGS must be set before jax is imported anywhere. The cache is configured through jax's
-environment variables, so the launchers the tests start as subprocesses (resume, multi-host,
-the command-line chains, the server) share it: a program compiled by one process (the same
-train step, the same engine step) is loaded, not compiled again, by the next.
+XLA_FLAGS must be set before jax is imported anywhere. The flags and the cache are set in the
+environment, so the launchers the tests start as subprocesses (resume, the command-line chains,
+the server) inherit them: 8 devices, and a program compiled by one process (the same train step,
+the same engine step) is loaded, not compiled again, by the next.
 """
 
 import os
 
+from processes import xla_flags
+
 os.environ.setdefault("JAX_PLATFORMS", "cpu")  # libtpu (the tpu extra) is installed for AOT only
-# The collective timeout: XLA:CPU aborts the process when one of the 8 emulated devices' threads
-# has not joined an all-reduce within 40 s; on 2 loaded cores (two xdist workers, a server, its
-# long sampled requests) that killed a server once (`rendezvous.cc: Termination timeout ... only
-# 7 of them arrived`), and likely the CI abort of an earlier stop.
-os.environ["XLA_FLAGS"] = ("--xla_force_host_platform_device_count=8 "
-                           "--xla_cpu_collective_call_terminate_timeout_seconds=600 " +
-                           os.environ.get("XLA_FLAGS", "")).strip()
+os.environ["XLA_FLAGS"] = f"{xla_flags(8)} {os.environ.get('XLA_FLAGS', '')}".strip()
 os.environ["JAX_COMPILATION_CACHE_DIR"] = os.environ.get(
     "JAX_TEST_CACHE", os.path.expanduser("~/.cache/onegen-jax-tests"))
 os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
@@ -34,7 +30,6 @@ import filelock  # noqa: E402
 import jax  # noqa: E402
 import pytest  # noqa: E402
 
-
 from configs import el, multihop  # noqa: E402
 from onegen_jax.data import synthetic  # noqa: E402
 from onegen_jax.data.generate import make_dataset  # noqa: E402
@@ -49,16 +44,37 @@ BATCH_SHAPE = BatchShape(rows=8, seq_len=64, num_queries=16, num_keys=64, num_ne
 
 
 # The longest test files (measured on a clean clone), started first: make test's two workers
-# take files in collection order, and one of these last would run on alone for minutes.
-LONGEST_FIRST = ("test_selfrag", "test_resume", "test_multihost", "test_inference_e2e",
-                 "test_hf_launch", "test_server", "test_engine")
+# take files in collection order (--no-loadscope-reorder), and one of these last would run on
+# alone for minutes. test_server builds the trained runs and chains that test_inference_e2e
+# uses too: both first on one worker, so the other worker never waits for them.
+LONGEST_FIRST = ("test_server", "test_selfrag", "test_inference_e2e", "test_engine",
+                 "test_train_step", "test_sharded_inference", "test_resume", "test_multihost",
+                 "test_hf_launch")
 
 
 def pytest_collection_modifyitems(items):
   """LONGEST_FIRST's files first, in that order; the rest as collected."""
-  rank = lambda item: (LONGEST_FIRST.index(item.module.__name__)
-                       if item.module.__name__ in LONGEST_FIRST else len(LONGEST_FIRST))
+  rank = lambda item: (LONGEST_FIRST.index(item.path.stem) if item.path.stem in LONGEST_FIRST
+                       else len(LONGEST_FIRST))
   items.sort(key=rank)
+
+
+def el_demo(overrides: dict):
+  """configs/el.py:demo with OVERRIDES ({"train.steps": 6, ...}) set: the config that
+  `python -m launch.train *el_demo_flags(OVERRIDES)` runs with from the repository root (its
+  relative data paths are resolved from there)."""
+  config = el.get_config("demo")
+  for key, value in overrides.items():
+    section, name = key.split(".")
+    config[section][name] = value
+  for key in ("train_path", "db_path", "dev_path", "tokenizer_path"):
+    config.data[key] = os.path.join(ROOT, config.data[key])
+  return config
+
+
+def el_demo_flags(overrides: dict) -> list[str]:
+  """launch.train's flags for el_demo(OVERRIDES)."""
+  return ["--config=configs/el.py:demo", *(f"--config.{k}={v}" for k, v in overrides.items())]
 
 
 def demo_config(**sections):
@@ -99,14 +115,6 @@ def task():
 def batches(task):
   """Packed batches of BATCH_SHAPE from the synthetic task."""
   return list(pack_batches(task.train, task.corpus, BATCH_SHAPE))
-
-
-@pytest.fixture(scope="session")
-def trained_demo():
-  """(state, final metrics, config) of the tiny model trained 600 steps on the synthetic task."""
-  config = demo_config(train=dict(steps=600, log_every=600, eval_every=0))
-  state, final = loop.fit(config)
-  return state, final, config
 
 
 @pytest.fixture(scope="session")
@@ -175,10 +183,9 @@ def _train(name: str, root):
 def launch(workdir, module: str, *flags) -> dict:
   """Runs `python -m launch.MODULE *flags` (8 emulated devices) to its end; asserts it exits 0;
   returns the JSON of its last stdout line."""
-  env = dict(os.environ)  # XLA_FLAGS as set above
   path = os.path.join(workdir, f"{module}.out")
   with open(path, "w") as out:
-    proc = subprocess.run([sys.executable, "-m", f"launch.{module}", *flags], cwd=ROOT, env=env,
+    proc = subprocess.run([sys.executable, "-m", f"launch.{module}", *flags], cwd=ROOT,
                           stdout=out, stderr=subprocess.PIPE, text=True, timeout=600)
   assert proc.returncode == 0, proc.stderr[-3000:]
   return last_json(path)

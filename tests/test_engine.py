@@ -1,11 +1,13 @@
-"""The OneGen engine on the tiny model trained on the synthetic entity-linking task."""
+"""The tiny model learns the synthetic entity-linking task; the OneGen engine on that model."""
+
+import math
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import synthetic_task
+from conftest import demo_config, synthetic_task
 from onegen_jax.data.synthetic import CONTINUE, EOS, RET_QUERY
 from onegen_jax.inference.engine import Engine, GenerationConfig, Request, TaskTokens
 from onegen_jax.inference.feeding import rows_apart
@@ -13,7 +15,25 @@ from onegen_jax.model.decoder import Decoder
 from onegen_jax.retrieval.candidates import CandidateScorer
 from onegen_jax.retrieval.encode import EncodeItem, Encoder
 from onegen_jax.retrieval.index import ExactIndex
+from onegen_jax.train import loop
 from onegen_jax.train.program import model_config
+
+
+@pytest.fixture(scope="module")
+def trained_demo():
+  """(state, final metrics, config) of the tiny model trained 600 steps on the synthetic task
+  (trained once per run: only this module uses it)."""
+  config = demo_config(train=dict(steps=600, log_every=600, eval_every=0))
+  state, final = loop.fit(config)
+  return state, final, config
+
+
+def test_tiny_model_learns_the_synthetic_task(trained_demo):
+  _, final, _ = trained_demo
+  uniform = math.log(512)
+  assert final["eval_loss_gen"] < 0.3 * uniform
+  assert final["eval_retrieval_accuracy"] >= 0.9
+  assert final["eval_num_valid_queries"] >= 300
 
 
 @pytest.fixture(scope="module")

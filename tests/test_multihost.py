@@ -1,20 +1,18 @@
 """Two real processes (jax.distributed on localhost, gloo CPU collectives, 4 devices each) train,
-checkpoint and resume, and match one process with 8 devices reading the same two data shards."""
+checkpoint and resume, and match one process with 8 devices (the test's own) reading the same two
+data shards."""
 
 import json
-import os
-import subprocess
-import sys
 
 import jax
 import numpy as np
 import pytest
 
+from conftest import el_demo, el_demo_flags
 from processes import run_two_processes
 from onegen_jax.checkpoint import Checkpointer
 from onegen_jax.data.generate import make_dataset
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from onegen_jax.train.loop import fit
 
 
 @pytest.fixture(scope="module")
@@ -24,16 +22,17 @@ def el_data(tmp_path_factory):
   return out
 
 
-def _flags(data, workdir, steps):
-  return ["--config=configs/el.py:demo", f"--workdir={workdir}", f"--config.train.steps={steps}",
-          "--config.train.eval_every=0", "--config.checkpoint.every_steps=2",
-          "--config.data.num_shards=2", "--config.data.generate=",
-          f"--config.data.train_path={data}/train.jsonl", f"--config.data.db_path={data}/db.jsonl",
-          f"--config.data.dev_path={data}/dev.jsonl", f"--config.data.tokenizer_path={data}/tokenizer"]
+def _overrides(data, steps) -> dict:
+  """The el.py demo config's overrides of both runs: two data shards, a checkpoint every 2 steps."""
+  return {"train.steps": steps, "train.eval_every": 0, "checkpoint.every_steps": 2,
+          "data.num_shards": 2, "data.generate": "", "data.train_path": f"{data}/train.jsonl",
+          "data.db_path": f"{data}/db.jsonl", "data.dev_path": f"{data}/dev.jsonl",
+          "data.tokenizer_path": f"{data}/tokenizer"}
 
 
 def _run_two_processes(data, workdir, steps):
-  out = run_two_processes("launch.train", _flags(data, workdir, steps),
+  out = run_two_processes("launch.train", [*el_demo_flags(_overrides(data, steps)),
+                                           f"--workdir={workdir}"],
                           str(workdir.parent / workdir.name))
   return json.loads(out.strip().splitlines()[-1])
 
@@ -51,10 +50,7 @@ def test_two_processes_match_one(el_data, tmp_path, program):
   assert first["step"] == 4
   resumed = _run_two_processes(el_data, two, steps=6)  # resumes from step 4
   assert resumed["step"] == 6
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
-  one = subprocess.run([sys.executable, "-m", "launch.train", *_flags(el_data, tmp_path / "one", 6)],
-                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-  assert one.returncode == 0, one.stderr[-4000:]
+  fit(el_demo(_overrides(el_data, steps=6)), str(tmp_path / "one"))  # this process: 8 devices
   abstract = program(mesh=(8, 1, 1)).abstract_state.params
   for a, b in zip(_params(two, 6, abstract), _params(tmp_path / "one", 6, abstract)):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)

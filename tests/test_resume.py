@@ -11,23 +11,21 @@ import jax
 import numpy as np
 import pytest
 
-from conftest import demo_config
+from conftest import demo_config, el_demo, el_demo_flags
 from onegen_jax.checkpoint import Checkpointer
 from onegen_jax.train.data import SyntheticData
 from onegen_jax.train.loop import fit
 from onegen_jax.train.program import batch_shape
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-STEPS = 120
+STEPS = 60
+# The el.py demo run of the SIGKILL and SIGTERM tests: a checkpoint every 20 steps.
+RUN = {"train.steps": STEPS, "checkpoint.every_steps": 20, "train.eval_every": 0}
 
 
 def _launch(workdir, *flags, wait=True):
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8")
-  cmd = [sys.executable, "-m", "launch.train", "--config=configs/el.py:demo", f"--workdir={workdir}",
-         f"--config.train.steps={STEPS}", "--config.checkpoint.every_steps=20",
-         "--config.train.eval_every=0", *flags]
-  proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                          text=True)
+  cmd = [sys.executable, "-m", "launch.train", *el_demo_flags(RUN), f"--workdir={workdir}", *flags]
+  proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
   if wait:
     out, err = proc.communicate(timeout=600)
     assert proc.returncode == 0, err[-3000:]
@@ -52,10 +50,10 @@ def _params(workdir, step):
 
 
 def test_sigkill_then_restart_reaches_the_same_parameters(tmp_path):
-  _launch(tmp_path / "straight")
+  fit(el_demo(RUN), str(tmp_path / "straight"))  # in this process, as launch.train runs it
   killed = tmp_path / "killed"
   proc = _launch(killed, wait=False)
-  _wait_for_checkpoint(killed, proc, 40)
+  _wait_for_checkpoint(killed, proc, 20)
   proc.kill()  # SIGKILL: no handler runs
   proc.wait()
   assert max(int(p) for p in os.listdir(killed) if p.isdigit()) < STEPS

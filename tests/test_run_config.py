@@ -3,7 +3,6 @@ budget's share of closed batches, the tokenizer's EOS at the end of every answer
 
 import dataclasses
 import math
-import os
 import re
 import subprocess
 import sys
@@ -148,7 +147,6 @@ def test_a_missing_data_file_is_named_by_its_config_key(tmp_path):
        "--config.data.generate=", f"--config.data.train_path={d}/train.jsonl",
        f"--config.data.db_path={d}/db.jsonl", f"--config.data.tokenizer_path={d}/tokenizer",
        f"--config.data.dev_path={missing}"],
-      cwd=ROOT, env=dict(os.environ, JAX_PLATFORMS="cpu"), capture_output=True, text=True,
-      timeout=120)
+      cwd=ROOT, capture_output=True, text=True, timeout=120)
   assert run.returncode == 1
   assert run.stderr.strip().splitlines() == [f"data.dev_path: no such file: {missing}"]

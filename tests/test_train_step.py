@@ -1,12 +1,10 @@
-"""The train step's semantics: token roles, gradient accumulation, learning, the launcher."""
+"""The train step's semantics: token roles, accumulation, chunked L_gen, dtypes, the launcher."""
 
+import functools
 import json
-import math
 import os
 import subprocess
 import sys
-
-import functools
 
 import jax
 import numpy as np
@@ -198,18 +196,9 @@ def test_bfloat16_compute_matches_float32(program, batches):
     assert not np.array_equal(new, old), jax.tree_util.keystr(path)
 
 
-def test_tiny_model_learns_the_synthetic_task(trained_demo):
-  _, final, _ = trained_demo
-  uniform = math.log(512)
-  assert final["eval_loss_gen"] < 0.3 * uniform
-  assert final["eval_retrieval_accuracy"] >= 0.9
-  assert final["eval_num_valid_queries"] >= 300
-
-
 def _launch(*flags):
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8")
   return subprocess.run([sys.executable, "-m", "launch.train", "--config=configs/el.py:demo", *flags],
-                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+                        cwd=ROOT, capture_output=True, text=True, timeout=600)
 
 
 @pytest.mark.processes
