@@ -203,12 +203,13 @@ def parse_ints(text: str) -> list[int]:
 WORKER_RESULT = "RESULT "  # prefix of the JSON line a worker process prints
 
 
-def spawn_worker(module: str, job: dict, argv: Sequence[str]) -> dict:
-  """Runs `python -m module *argv --worker JOB` in a fresh process (clean memory figures);
-  returns the worker's result, or the job with "error": the last lines of its output."""
+def spawn_worker(module: str, job: dict, argv: Sequence[str], env: dict | None = None) -> dict:
+  """Runs `python -m module *argv --worker JOB` in a fresh process (clean memory figures; `env`:
+  its environment, default this one's); returns the worker's result, or the job with "error":
+  the last lines of its output."""
   cmd = [sys.executable, "-m", module, *argv, "--worker", json.dumps(job)]
   print("running", job, flush=True)
-  proc = subprocess.run(cmd, capture_output=True, text=True)
+  proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
   for line in proc.stdout.splitlines():
     if line.startswith(WORKER_RESULT):
       return json.loads(line[len(WORKER_RESULT):])

@@ -8,7 +8,10 @@ global-norm clipping at 1.0 (both sides). Runs, each in its own process (clean p
   per row;
 - jax: our jitted, donated train step (`build_train_program`) for every combination of
   --losses (gen: L_gen only, one sequence per row; gen+ret: L_gen + L_ret (BPR) over packed
-  examples and the documents their queries need), --remat, --attention and --scan.
+  examples and the documents their queries need), --remat, --attention, --scan, --dtypes
+  (compute dtype), --gen_chunks (L_gen over that many sequence chunks) and --xla_flags
+  (alternatives separated by ';', each run with that XLA_FLAGS);
+- hf-torch once per --torch_dtypes (bfloat16: autocast; float32: none).
 Figures: tokens/s (token slots B x S per second), model TFLOP/s (6 x parameters per token, LM
 head included, embeddings not, plus causal attention at half: onegen_jax.train.metrics), MFU
 against the measured matmul, peak memory (device peak bytes on an accelerator, process peak RSS
@@ -20,6 +23,10 @@ One command on a GPU runs everything:
 On a TPU VM: `--attention splash,xla --skip_torch` (splash: Pallas, segment ids, no dense mask).
 On CPU only the smoke configuration is practical (2 layers, hidden 256, batch 2 x 256):
   .venv/bin/python -m benchmarks.train_throughput --smoke
+The real model's shape on CPU (the levers of issue 23; a few minutes per row):
+  .venv/bin/python -m benchmarks.train_throughput --preset smollm2-135m --batch 4 --seq 256 \
+      --steps 3 --losses gen --remat none,dots_with_no_batch_dims --dtypes float32,bfloat16 \
+      --torch_dtypes bfloat16,float32
 """
 
 from __future__ import annotations
@@ -34,6 +41,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+
+import os
 
 from benchmarks import common
 from onegen_jax import sharding
@@ -93,15 +102,15 @@ def jax_worker(args, job: dict) -> dict:
   """Our train step on one configuration: tokens/s over --steps after --warmup steps."""
   # auto: the model's own choice (splash on TPU, cuDNN on GPU, XLA on CPU), named in the table.
   attention = resolve_impl(job["attention"], "bfloat16", jax.default_backend())
-  config = common.model_config(args.preset, dtype="bfloat16", param_dtype="float32",
+  config = common.model_config(args.preset, dtype=job["dtype"], param_dtype="float32",
                                remat_policy=job["remat"], attention_impl=attention,
                                scan_layers=job["scan"])
   make = gen_batch if job["loss"] == "gen" else ret_batch
   batch = make(np.random.default_rng(0), config.vocab_size, args.batch, args.seq)
   schedule = optax.constant_schedule(1e-4)
   mesh = sharding.make_mesh(data=1, fsdp=-1)
-  program = build_train_program(Decoder(config), adamw(schedule), schedule, LossConfig(), mesh,
-                                batch)
+  program = build_train_program(Decoder(config), adamw(schedule), schedule,
+                                LossConfig(gen_chunks=job["gen_chunks"]), mesh, batch)
   shardings = batch_shardings(mesh, {k: v.ndim for k, v in batch.items()}, False)
   placed = jax.device_put(batch, shardings)
   state = program.init_state(0)
@@ -122,9 +131,10 @@ def jax_worker(args, job: dict) -> dict:
           "params": common.count_params(state.params)}
 
 
-def torch_worker(args) -> dict:
-  """transformers LlamaForCausalLM: sdpa attention, fused AdamW, bf16 autocast, clip 1.0.
-  (torch is imported here only: the JAX workers' memory figures stay free of it.)"""
+def torch_worker(args, job: dict) -> dict:
+  """transformers LlamaForCausalLM: sdpa attention, fused AdamW, clip 1.0, bf16 autocast when
+  job["dtype"] is bfloat16 (float32 weights either way). (torch is imported here only: the JAX
+  workers' memory figures stay free of it.)"""
   import torch  # noqa: PLC0415
   import transformers  # noqa: PLC0415
   from onegen_jax.hf import to_hf_config  # noqa: PLC0415
@@ -140,7 +150,8 @@ def torch_worker(args) -> dict:
   sync = torch.cuda.synchronize if device == "cuda" else lambda: None
 
   def step():
-    with torch.autocast(device_type=device, dtype=torch.bfloat16):
+    with torch.autocast(device_type=device, dtype=torch.bfloat16,
+                        enabled=job["dtype"] == "bfloat16"):
       loss = model(input_ids=tokens, labels=tokens).loss
     loss.backward()
     torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -172,7 +183,7 @@ def run_worker(args) -> None:
   if job["kind"] == "matmul":
     result = matmul_worker(args)
   elif job["kind"] == "torch":
-    result = torch_worker(args)
+    result = torch_worker(args, job)
   else:
     result = jax_worker(args, job)
   common.worker_result({**job, **result})
@@ -182,36 +193,60 @@ def run_worker(args) -> None:
 # The parent: runs the workers one after another and writes the table.
 
 def jobs(args) -> list[dict]:
-  """matmul, the PyTorch baseline, then every JAX configuration."""
-  out = [{"kind": "matmul"}]
+  """matmul, the PyTorch baselines, then every JAX configuration."""
+  out = [{"kind": "matmul", "xla_flags": ""}]
   if not args.skip_torch:
-    out.append({"kind": "torch", "loss": "gen"})
-  lists = (args.losses, args.remat, args.attention, args.scan)
-  for loss, remat, attention, scan in itertools.product(*(x.split(",") for x in lists)):
+    out += [{"kind": "torch", "loss": "gen", "dtype": dtype, "xla_flags": ""}
+            for dtype in args.torch_dtypes.split(",")]
+  lists = [x.split(",") for x in (args.losses, args.remat, args.attention, args.scan, args.dtypes,
+                                  args.gen_chunks)]
+  for loss, remat, attention, scan, dtype, chunks, flags in itertools.product(
+      *lists, args.xla_flags.split(";")):
     out.append({"kind": "jax", "loss": loss, "remat": remat, "attention": attention,
-                "scan": scan == "true"})
+                "scan": scan == "true", "dtype": dtype, "gen_chunks": int(chunks),
+                "xla_flags": flags.strip()})
   return out
 
 
+def worker_env(job: dict) -> dict | None:
+  """The environment of JOB's process: this one's, with the job's XLA_FLAGS if it has any."""
+  if not job["xla_flags"]:
+    return None
+  return dict(os.environ, XLA_FLAGS=f"{os.environ.get('XLA_FLAGS', '')} {job['xla_flags']}".strip())
+
+
+def run_name(r: dict) -> str:
+  """A result row's implementation column: what distinguishes its run."""
+  if r["kind"] == "torch":
+    return f"HF transformers PyTorch, {r['dtype']}{' autocast' if r['dtype'] != 'float32' else ''}"
+  name = (f"onegen_jax, {'scan' if r['scan'] else 'unrolled'}, remat {r['remat']}, {r['dtype']}")
+  if r["gen_chunks"] > 1:
+    name += f", L_gen in {r['gen_chunks']} chunks"
+  return name + (f", XLA_FLAGS {r['xla_flags']}" if r["xla_flags"] else "")
+
+
 def table_rows(results: list[dict], args) -> list[list]:
-  """One row per training run: tokens/s, TFLOP/s, MFU against the measured matmul, memory."""
+  """One row per training run: tokens/s, its ratio to the fastest PyTorch run of this run, TFLOP/s,
+  MFU against the measured matmul, memory."""
   flops = flops_per_token(common.model_config(args.preset), args.seq)
   ceiling = next((r["tflops"] for r in results if r["kind"] == "matmul" and "tflops" in r), None)
+  torch_s = min((r["step_s"] for r in results if r["kind"] == "torch" and "error" not in r),
+                default=None)
   rows = []
   for r in results:
     if r["kind"] == "matmul":
       continue
-    name = ("HF transformers PyTorch" if r["kind"] == "torch" else
-            f"onegen_jax, {'scan' if r['scan'] else 'unrolled'}, remat {r['remat']}")
+    name = run_name(r)
     if "error" in r:
       rows.append([name, r["loss"], r.get("attention", ""), "failed: " + " / ".join(r["error"]),
-                   "", "", "", "", ""])
+                   "", "", "", "", "", ""])
       continue
     tokens_s = args.batch * args.seq / r["step_s"]
     tflops = tokens_s * flops / 1e12
     mfu = f"{tflops / ceiling:.1%}" if ceiling else "n/a"
-    rows.append([name, r["loss"], r["attention"], f"{tokens_s:,.0f}", f"{tflops:.3g}", mfu,
-                 f"{r['peak_gib']:.2f} ({r['memory']})", f"{r['compile_s']:.1f}",
+    vs_torch = f"{torch_s / r['step_s']:.2f}x" if torch_s else "n/a"
+    rows.append([name, r["loss"], r["attention"], f"{tokens_s:,.0f}", vs_torch, f"{tflops:.3g}",
+                 mfu, f"{r['peak_gib']:.2f} ({r['memory']})", f"{r['compile_s']:.1f}",
                  f"{r['final_loss']:.3f}"])
   return rows
 
@@ -230,6 +265,14 @@ def main():
                       "cudnn on GPU, else xla), splash, xla, cudnn")
   parser.add_argument("--scan", default="true",
                       help="comma list of true (nn.scan), false (unrolled)")
+  parser.add_argument("--dtypes", default="bfloat16",
+                      help="comma list of compute dtypes of the JAX runs: bfloat16, float32")
+  parser.add_argument("--gen_chunks", default="1",
+                      help="comma list: L_gen over that many sequence chunks (1: the plain loss)")
+  parser.add_argument("--xla_flags", default="",
+                      help="';'-separated alternatives, each added to XLA_FLAGS of one JAX run")
+  parser.add_argument("--torch_dtypes", default="bfloat16",
+                      help="comma list for the PyTorch runs: bfloat16 (autocast), float32")
   parser.add_argument("--matmul_n", type=int, default=8192)
   parser.add_argument("--skip_torch", action="store_true")
   parser.add_argument("--smoke", action="store_true",
@@ -244,10 +287,10 @@ def main():
     run_worker(args)
     return
   worker_argv = [a for a in sys.argv[1:] if a != "--no_record"]
-  results = [common.spawn_worker("benchmarks.train_throughput", job, worker_argv)
+  results = [common.spawn_worker("benchmarks.train_throughput", job, worker_argv, worker_env(job))
              for job in jobs(args)]
-  headers = ["implementation", "loss", "attention", "tokens/s", "model TFLOP/s", "MFU",
-             "peak GiB", "first step s", "loss after"]
+  headers = ["implementation", "loss", "attention", "tokens/s", "vs fastest PyTorch",
+             "model TFLOP/s", "MFU", "peak GiB", "first step s", "loss after"]
   rows = table_rows(results, args)
   table = common.markdown_table(headers, rows)
   print(table)
@@ -264,8 +307,8 @@ def record(args, results: list[dict], rows: list[list], table: str) -> None:
                   if r.get("loss") == "gen+ret" and "packing" in r), 0)
   notes = [
       f"Model `{args.preset}` ({size / 1e6:.1f}M parameters), batch {args.batch} x {args.seq}, "
-      f"float32 master weights, bfloat16 compute, AdamW + clip 1.0; {args.steps} timed steps after "
-      f"{args.warmup} untimed (the first includes compilation: 'first step s').",
+      f"float32 master weights, the row's compute dtype, AdamW + clip 1.0; {args.steps} timed "
+      f"steps after {args.warmup} untimed (the first includes compilation: 'first step s').",
       f"MFU denominator: bf16 {args.matmul_n}^3 matmul through JAX in this run: "
       f"{matmul.get('tflops', float('nan')):.3g} TFLOP/s.",
       "tokens/s counts token slots (B x S); the gen+ret batch is packed (examples of S/4 tokens, "
@@ -282,7 +325,9 @@ def record(args, results: list[dict], rows: list[list], table: str) -> None:
                  "H200 gave the transformers baseline 48.5k tokens/s (328 TFLOP/s) and a JAX bf16 "
                  "matmul 805 TFLOP/s (shared/docs/JAX_NOTES.md).")
   tag = f"{args.preset}, {args.batch}x{args.seq}"
-  summary = [(f"train tokens/s, {row[0]}, {row[1]} ({tag})", row[3]) for row in rows]
+  summary = [(f"train tokens/s, {row[0]}, {row[1]} ({tag})",
+              row[3] if row[4] in ("n/a", "") else f"{row[3]} ({row[4]} the fastest PyTorch)")
+             for row in rows]
   if args.smoke:
     summary.append(("train tokens/s, 1.1B Llama 8x2048, GPU", "not measured (no GPU lent)"))
   common.record("train_throughput", f"{args.preset}, batch {args.batch} x {args.seq}", table,

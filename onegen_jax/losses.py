@@ -139,8 +139,15 @@ def loss_sums(logits: jnp.ndarray | None, hidden: jnp.ndarray, batch: dict, loss
   """
   gen_sum, gen_count = gen_sums if gen_sums is not None else cross_entropy_sum(
       logits, batch["targets"], batch["loss_weight"])
-  queries = gather_vectors(hidden, batch["query_index"])
-  keys = gather_vectors(hidden, batch["key_index"])
+  ret = retrieval_sums(gather_vectors(hidden, batch["query_index"]),
+                       gather_vectors(hidden, batch["key_index"]), batch, loss_type, temperature)
+  return LossSums(gen_sum, gen_count, *ret)
+
+
+def retrieval_sums(queries: jnp.ndarray, keys: jnp.ndarray, batch: dict, loss_type: str,
+                   temperature: float) -> tuple[jnp.ndarray, jnp.ndarray, jnp.ndarray]:
+  """(ret_sum, ret_count, ret_correct) of LossSums from the query vectors [Q, D] and key vectors
+  [K, D] of the batch's query and key slots."""
   valid = valid_queries(batch["query_valid"], batch["positive"], batch["key_valid"])
   scores = in_batch_scores(queries, keys, batch["positive"], batch["key_valid"], batch["key_group"],
                            batch["key_id"], batch["positive_groups"])
@@ -152,8 +159,7 @@ def loss_sums(logits: jnp.ndarray | None, hidden: jnp.ndarray, batch: dict, loss
   else:
     raise ValueError(f"loss_type={loss_type!r}; expected 'infonce' or 'bpr'")
   correct = jnp.argmax(scores, axis=-1) == batch["positive"]
-  return LossSums(gen_sum, gen_count, ret_sum, ret_count,
-                  jnp.sum((correct & valid).astype(jnp.float32)))
+  return ret_sum, ret_count, jnp.sum((correct & valid).astype(jnp.float32))
 
 
 def batch_totals(batch: dict) -> tuple[jnp.ndarray, jnp.ndarray]:

@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 
 from onegen_jax import losses, sharding
-from onegen_jax.data.packing import BatchShape, pack_batches, stack_micro_batches
+from onegen_jax.data.packing import (BatchShape, merge_micro_batches, pack_batches,
+                                     stack_micro_batches)
 from onegen_jax.data.synthetic import CONTINUE, RET_QUERY
 from onegen_jax.train.step import LossConfig, grads_and_sums
 
@@ -50,24 +51,6 @@ def test_token_roles(program, task, batches):
   assert changed([gen])[1] == base[1]
 
 
-def _merge(micro_batches):
-  """M micro-batches -> one batch of all their rows (queries and keys re-indexed)."""
-  rows = micro_batches[0]["tokens"].shape[0]
-  num_keys = micro_batches[0]["key_valid"].shape[0]
-  merged = {}
-  for name in micro_batches[0]:
-    parts = []
-    for m, b in enumerate(micro_batches):
-      x = b[name].copy()
-      if name in ("query_index", "key_index"):
-        x[:, 0] += m * rows
-      elif name in ("positive", "negatives"):
-        x = np.where(x >= 0, x + m * num_keys, x)
-      parts.append(x)
-    merged[name] = np.concatenate(parts)
-  return merged
-
-
 def _micro_batches(task):
   """Four packed micro-batches of 4 rows (each a quarter of a 16-row batch)."""
   micro = list(pack_batches(task.train, task.corpus, BatchShape(4, 64, 16, 64, 3)))[:4]
@@ -100,7 +83,7 @@ def test_gradient_accumulation_equals_one_large_batch(program, task):
   to float32 summation order (measured on one CPU: L_ret 7e-8, gradients 3.6e-7, parameters
   after the AdamW step 1.7e-6, relative; on another, one gradient element 2.5e-5)."""
   micro = _micro_batches(task)
-  full = _merge(micro)
+  full = merge_micro_batches(stack_micro_batches(micro))
   assert full["tokens"].shape == (16, 64)
   one = program(mesh=(4, 1, 2), rows=16)
   accumulated = program(mesh=(4, 1, 2), rows=16, accum_steps=4)
@@ -165,6 +148,34 @@ def test_accumulated_infonce_sums_each_micro_batch_on_its_own(program, task):
   for (path, a), *per_micro in zip(jax.tree_util.tree_leaves_with_path(g_acc), *leaves):
     assert_equal_up_to_summation_order(np.asarray(a), np.asarray(sum(per_micro)),
                                        jax.tree_util.keystr(path))
+
+
+@pytest.mark.parametrize("num_micro", [2, 4])
+def test_infonce_across_micro_batches_equals_one_large_batch(program, task, num_micro):
+  """loss.negatives_across_micro_batches: the two-pass step scores every query against the keys
+  of all micro-batches, so its InfoNCE loss and gradients equal the merged batch's up to float32
+  summation order; the plain accumulated step (negatives within a micro-batch) does not."""
+  micro = _micro_batches(task)[:num_micro]
+  prog = program(mesh=(4, 1, 2), rows=4 * num_micro)
+  params = prog.init_state(seed=0).params
+  infonce = LossConfig(loss_type="infonce")
+  across = LossConfig(loss_type="infonce", negatives_across_micro_batches=True)
+  step = lambda cfg, m: jax.jit(functools.partial(grads_and_sums, prog.model, cfg, accum_steps=m))
+  with sharding.activate(prog.mesh):
+    g_one, s_one = step(infonce, 1)(params, merge_micro_batches(stack_micro_batches(micro)))
+    g_two, s_two = step(across, num_micro)(params, stack_micro_batches(micro))
+    _, s_within = step(infonce, num_micro)(params, stack_micro_batches(micro))
+  assert float(s_two.ret_count) == float(s_one.ret_count) > 0
+  for name in ("gen_sum", "ret_sum", "ret_correct"):
+    np.testing.assert_allclose(float(getattr(s_two, name)), float(getattr(s_one, name)),
+                               rtol=SUM_RTOL, err_msg=name)
+  assert abs(float(s_within.ret_sum) - float(s_one.ret_sum)) > 1e-3 * float(s_one.ret_sum)
+  for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(g_two), jax.tree.leaves(g_one)):
+    assert_equal_up_to_summation_order(np.asarray(a), np.asarray(b), jax.tree_util.keystr(path))
+  with pytest.raises(ValueError, match="needs loss_type='infonce'"):
+    jax.eval_shape(functools.partial(grads_and_sums, prog.model,
+                                     LossConfig(negatives_across_micro_batches=True),
+                                     accum_steps=num_micro), params, stack_micro_batches(micro))
 
 
 def test_bfloat16_compute_matches_float32(program, batches):

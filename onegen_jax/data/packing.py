@@ -244,6 +244,25 @@ def stack_micro_batches(batches: list[dict[str, np.ndarray]]) -> dict[str, np.nd
   return {name: np.stack([b[name] for b in batches]) for name in batches[0]}
 
 
+def merge_micro_batches(batch: dict) -> dict:
+  """A batch with a leading micro-batch axis [M, ...] -> the one batch of M x rows it stands for:
+  rows, query slots (M x Q) and key slots (M x K) concatenated in micro-batch order, query and
+  key positions moved to the merged rows, `positive` and `negatives` (-1 stays -1) to the merged
+  key slots. Numpy arrays or jax arrays (inside jit) alike."""
+  m, rows = batch["tokens"].shape[:2]
+  num_keys = batch["key_valid"].shape[1]
+  flat = lambda x: x.reshape(m * x.shape[1], *x.shape[2:])
+  row_shift = np.stack([np.arange(m) * rows, np.zeros(m, int)], -1)[:, None, :].astype(np.int32)
+  key_shift = lambda ref: ref + (np.arange(m, dtype=np.int32) * num_keys).reshape(
+      m, *[1] * (ref.ndim - 1)) * (ref >= 0)
+  merged = {name: flat(value) for name, value in batch.items()}
+  merged.update(query_index=flat(batch["query_index"] + row_shift),
+                key_index=flat(batch["key_index"] + row_shift),
+                positive=flat(key_shift(batch["positive"])),
+                negatives=flat(key_shift(batch["negatives"])))
+  return merged
+
+
 def packing_efficiency(batch: Mapping[str, np.ndarray]) -> float:
   """Fraction of the batch's token slots that hold real (non-padding) tokens."""
   return float(np.mean(np.asarray(batch["segment_ids"]) > 0))

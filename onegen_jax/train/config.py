@@ -48,8 +48,10 @@ def base_config(task: str) -> ConfigDict:
   # (temperature applies to InfoNCE only).
   # gen_chunks: L_gen over this many sequence chunks, each chunk's [rows, S/c, V] logits made and
   # dropped in turn (large vocabularies: Qwen2 152k, Llama-3.1 128k); 1 = whole logits at once.
+  # negatives_across_micro_batches (InfoNCE, batch.accum_steps > 1): each query scored against
+  # the keys of every micro-batch, as in one large batch (a two-pass step, one more forward).
   c.loss = ConfigDict(dict(loss_type="bpr", temperature=0.02, lambda_gen=1.0, lambda_ret=1.0,
-                           gen_chunks=1))
+                           gen_chunks=1, negatives_across_micro_batches=False))
   # AdamW after global-norm clipping; schedule "linear" (reference), "warmup_cosine", "constant".
   c.optim = ConfigDict(dict(lr=2e-5, schedule="linear", warmup_steps=0, b1=0.9, b2=0.999,
                             eps=1e-8, weight_decay=0.0, clip_norm=1.0))

@@ -7,7 +7,9 @@ The step is built once per (model, optimizer, mesh) and jitted with explicit sha
 With `accum_steps` > 1 every batch field has a leading micro-batch axis [M, ...] and the
 gradients of the M micro-batches are summed in a `lax.scan`, each micro-batch normalised by the
 whole batch's counts, so accumulation equals one large batch exactly for L_gen. In-batch
-contrastive negatives then span one micro-batch.
+contrastive negatives then span one micro-batch, unless `negatives_across_micro_batches`
+(InfoNCE): a two-pass step in the manner of GradCache (Gao et al., 2021) then equals the one
+large batch for L_ret too.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ import optax
 from jax.sharding import Mesh
 
 from onegen_jax import losses, sharding
-from onegen_jax.data.packing import ROW_FIELDS
+from onegen_jax.data.packing import ROW_FIELDS, merge_micro_batches
 from onegen_jax.model.decoder import Decoder
 
 
@@ -43,6 +45,9 @@ class LossConfig:
   # L_gen in this many sequence chunks (losses.chunked_cross_entropy_sum): the step never holds
   # the whole [rows, S, V] logits. 1: plain (one logits tensor).
   gen_chunks: int = 1
+  # InfoNCE with accum_steps > 1: every query scored against the keys of all micro-batches, as in
+  # one large batch (_two_pass_grads: one more forward per micro-batch). False: within its own.
+  negatives_across_micro_batches: bool = False
 
 
 def batch_shardings(mesh: Mesh, field_ndims: dict[str, int], micro: bool) -> dict:
@@ -80,7 +85,8 @@ class TrainProgram:
       return sharding.wait_on_cpu(self.eval_step(params, batch))
 
 
-def _loss_and_sums(model: Decoder, loss_cfg: LossConfig, params, batch: dict, gen_total, ret_total):
+def _gen_sums_and_hidden(model: Decoder, loss_cfg: LossConfig, params, batch: dict):
+  """(L_gen's (sum, count), final hidden states [B, S, D]) of one (micro-)batch."""
   variables = {"params": params}
   if loss_cfg.gen_chunks > 1:
     hidden = model.apply(variables, batch["tokens"], batch["segment_ids"], batch["positions"],
@@ -88,19 +94,75 @@ def _loss_and_sums(model: Decoder, loss_cfg: LossConfig, params, batch: dict, ge
     logits_fn = lambda h: model.apply(
         variables, nn.with_logical_constraint(h, ("batch", "length", "act_embed")),
         method=Decoder.logits)
-    gen = losses.chunked_cross_entropy_sum(logits_fn, hidden, batch["targets"],
-                                           batch["loss_weight"], loss_cfg.gen_chunks)
-    sums = losses.loss_sums(None, hidden, batch, loss_cfg.loss_type, loss_cfg.temperature, gen)
-  else:
-    logits, hidden = model.apply(variables, batch["tokens"], batch["segment_ids"],
-                                 batch["positions"])
-    sums = losses.loss_sums(logits, hidden, batch, loss_cfg.loss_type, loss_cfg.temperature)
+    return losses.chunked_cross_entropy_sum(logits_fn, hidden, batch["targets"],
+                                            batch["loss_weight"], loss_cfg.gen_chunks), hidden
+  logits, hidden = model.apply(variables, batch["tokens"], batch["segment_ids"], batch["positions"])
+  return losses.cross_entropy_sum(logits, batch["targets"], batch["loss_weight"]), hidden
+
+
+def _loss_and_sums(model: Decoder, loss_cfg: LossConfig, params, batch: dict, gen_total, ret_total):
+  gen, hidden = _gen_sums_and_hidden(model, loss_cfg, params, batch)
+  sums = losses.loss_sums(None, hidden, batch, loss_cfg.loss_type, loss_cfg.temperature, gen)
   return losses.combine(sums, gen_total, ret_total, loss_cfg.lambda_gen, loss_cfg.lambda_ret), sums
+
+
+def _slot_vectors(hidden: jnp.ndarray, batch: dict) -> tuple[jnp.ndarray, jnp.ndarray]:
+  """float32 hidden states at the batch's query slots [Q, D] and key slots [K, D]."""
+  return (losses.gather_vectors(hidden, batch["query_index"]).astype(jnp.float32),
+          losses.gather_vectors(hidden, batch["key_index"]).astype(jnp.float32))
+
+
+def _two_pass_grads(model, loss_cfg, params, batch, gen_total, ret_total):
+  """Gradients and sums of InfoNCE over the keys of every micro-batch (GradCache's two passes).
+
+  1. Each micro-batch's query and key vectors, without gradient; L_ret of the merged batch
+     (`merge_micro_batches`: every query against all M x K keys) and its gradient d L / d vector.
+  2. Per micro-batch, the gradient of lambda_g L_gen + <d L / d vector, vector(params)>: its
+     L_gen gradient plus its vectors' share of L_ret's, by the chain rule.
+  The sum over micro-batches equals the one large batch's gradient up to float32 summation order.
+  batch: fields with the leading micro-batch axis [M, ...]."""
+  merged = merge_micro_batches(batch)
+
+  def vectors(_, micro):
+    hidden = model.apply({"params": params}, micro["tokens"], micro["segment_ids"],
+                         micro["positions"], method=Decoder.hidden_states)
+    return None, _slot_vectors(hidden, micro)
+
+  _, (queries, keys) = jax.lax.scan(vectors, None, batch)  # [M, Q, D], [M, K, D]
+  flat = lambda x: x.reshape(-1, x.shape[-1])
+
+  def retrieval_loss(q, k):
+    ret = losses.retrieval_sums(q, k, merged, loss_cfg.loss_type, loss_cfg.temperature)
+    loss = jnp.where(ret_total > 0, ret[0] / jnp.maximum(ret_total, 1.0), 0.0)
+    return loss_cfg.lambda_ret * loss, ret
+
+  (d_queries, d_keys), ret = jax.grad(retrieval_loss, argnums=(0, 1), has_aux=True)(
+      flat(queries), flat(keys))
+
+  def surrogate(p, micro, d_q, d_k):
+    gen, hidden = _gen_sums_and_hidden(model, loss_cfg, p, micro)
+    q, k = _slot_vectors(hidden, micro)
+    loss_gen = gen[0] / jnp.maximum(gen_total, 1.0)
+    return loss_cfg.lambda_gen * loss_gen + jnp.sum(d_q * q) + jnp.sum(d_k * k), gen
+
+  def accumulate(grads, xs):
+    g, gen = jax.grad(surrogate, has_aux=True)(params, *xs)
+    return jax.tree.map(jnp.add, grads, g), gen
+
+  grads, (gen_sums, gen_counts) = jax.lax.scan(
+      accumulate, jax.tree.map(jnp.zeros_like, params),
+      (batch, d_queries.reshape(queries.shape), d_keys.reshape(keys.shape)))
+  return grads, losses.LossSums(jnp.sum(gen_sums), jnp.sum(gen_counts), *ret)
 
 
 def grads_and_sums(model, loss_cfg, params, batch, accum_steps: int):
   """Gradient of the whole batch's loss and its summed losses, accumulating micro-batches."""
   gen_total, ret_total = losses.batch_totals(batch)
+  if accum_steps > 1 and loss_cfg.negatives_across_micro_batches:
+    if loss_cfg.loss_type != "infonce":
+      raise ValueError("loss.negatives_across_micro_batches needs loss_type='infonce' (BPR "
+                       "scores each query against its own negatives only)")
+    return _two_pass_grads(model, loss_cfg, params, batch, gen_total, ret_total)
   grad_fn = jax.grad(lambda p, b: _loss_and_sums(model, loss_cfg, p, b, gen_total, ret_total),
                      has_aux=True)
   if accum_steps == 1:
