@@ -38,8 +38,10 @@ SMOKE = {
         "| packed 32 |"),
     "benchmarks.train_throughput": (
         ["--preset=tiny", "--batch=2", "--seq=64", "--steps=1", "--warmup=1", "--losses=gen+ret",
-         "--attention=xla", "--matmul_n=128", "--skip_torch"],
-        "| onegen_jax, scan, remat dots_with_no_batch_dims | gen+ret |"),
+         "--attention=xla", "--matmul_n=128", "--skip_torch", "--dtypes=float32", "--gen_chunks=2",
+         "--xla_flags=--xla_cpu_enable_fast_min_max=false"],
+        "| onegen_jax, scan, remat dots_with_no_batch_dims, float32, L_gen in 2 chunks, XLA_FLAGS "
+        "--xla_cpu_enable_fast_min_max=false | gen+ret |"),
     "benchmarks.index": (
         ["--sizes=16:400", "--queries=8", "--cluster_size=50", "--scann=0.5:10"],
         "| ScannIndex leaves 0.5, reorder 10 |"),

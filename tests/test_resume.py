@@ -18,9 +18,9 @@ from onegen_jax.train.loop import fit
 from onegen_jax.train.program import batch_shape
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-STEPS = 60
-# The el.py demo run of the SIGKILL and SIGTERM tests: a checkpoint every 20 steps.
-RUN = {"train.steps": STEPS, "checkpoint.every_steps": 20, "train.eval_every": 0}
+STEPS = 40
+# The el.py demo run of the SIGKILL and SIGTERM tests: a checkpoint every 10 steps.
+RUN = {"train.steps": STEPS, "checkpoint.every_steps": 10, "train.eval_every": 0}
 
 
 def _launch(workdir, *flags, wait=True):
@@ -53,7 +53,7 @@ def test_sigkill_then_restart_reaches_the_same_parameters(tmp_path):
   fit(el_demo(RUN), str(tmp_path / "straight"))  # in this process, as launch.train runs it
   killed = tmp_path / "killed"
   proc = _launch(killed, wait=False)
-  _wait_for_checkpoint(killed, proc, 20)
+  _wait_for_checkpoint(killed, proc, 10)
   proc.kill()  # SIGKILL: no handler runs
   proc.wait()
   assert max(int(p) for p in os.listdir(killed) if p.isdigit()) < STEPS

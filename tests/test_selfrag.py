@@ -1,6 +1,6 @@
 """Self-RAG with OneGen: the critic score, adaptive decisions, one shared prefill for the k
-evidence rows, cached continuations against a full forward, the chosen answer; the three modes
-through the command-line chain (train -> build_index -> infer -> evaluate on generated data);
+evidence rows, cached continuations against a full forward, the chosen answer; the command-line
+chain on generated data (train -> build_index -> infer -> evaluate) and the three modes' rules;
 the converters."""
 
 import concurrent.futures
@@ -26,12 +26,13 @@ from onegen_jax.inference.types import RequestOutput
 from onegen_jax.model.decoder import Decoder
 
 MODES = selfrag.MODES
+CLI_MODES = ("adaptive_retrieval", "no_retrieval")  # through launch.infer (the server test's too)
 
 
 @pytest.fixture(scope="module")
 def chain(tmp_path_factory):
-  """The command-line chain on generated Self-RAG data, each mode through launch.infer:
-  (root, launch.evaluate's JSON of the adaptive mode)."""
+  """The command-line chain on generated Self-RAG data, the adaptive and no-retrieval modes
+  through launch.infer: (root, launch.evaluate's JSON of the adaptive mode)."""
   root = tmp_path_factory.mktemp("selfrag")
   data, run = root / "data", root / "run"
   make_dataset("selfrag", str(data), seed=0, num_train=400, num_dev=12)  # launch.make_data's call
@@ -40,7 +41,7 @@ def chain(tmp_path_factory):
          f"--config.data.train_path={data}/train.jsonl", f"--config.data.dev_path={data}/dev.jsonl",
          f"--config.data.db_path={data}/db.jsonl", f"--config.data.tokenizer_path={data}/tokenizer")
   launch(root, "build_index", f"--workdir={run}", f"--db={data}/db.jsonl", f"--out={root / 'index'}")
-  for mode in MODES:
+  for mode in CLI_MODES:
     ran = launch(root, "infer", f"--workdir={run}", f"--index={root / 'index'}", "--task=selfrag",
                  f"--input={data}/dev.jsonl", f"--output={root / mode}.jsonl", f"--mode={mode}",
                  "--ndocs=3", "--max_new_tokens=24", "--batch_size=8")
@@ -49,21 +50,24 @@ def chain(tmp_path_factory):
                       f"--predictions={root}/adaptive_retrieval.jsonl", f"--gold={data}/dev.jsonl")
 
 
-def test_the_three_modes_through_the_command_line_chain(chain):
+def test_the_command_line_chain_and_the_three_modes(chain, runner):
+  """launch.infer's adaptive and no-retrieval lines, and always_retrieve through the library
+  (what launch.infer --mode calls), keep each mode's rule; launch.evaluate scores as the library."""
   root, evaluated = chain
+  make, _, prompts = runner
   gold = read_jsonl(f"{root}/data/dev.jsonl")
-  scores = {mode: score_selfrag(read_jsonl(f"{root / mode}.jsonl"), gold) for mode in MODES}
+  predictions = {mode: read_jsonl(f"{root / mode}.jsonl") for mode in CLI_MODES}
+  predictions["always_retrieve"] = [r.record() for r in make("always_retrieve", k=3).run(prompts)]
+  scores = {mode: score_selfrag(lines, gold) for mode, lines in predictions.items()}
   assert evaluated == pytest.approx(scores["adaptive_retrieval"])
   for mode in MODES:
-    predictions = read_jsonl(f"{root / mode}.jsonl")
-    for p in predictions:
+    for p in predictions[mode]:
       assert p["retrieved"] == bool(p["candidates"])
       if p["retrieved"]:
         assert len(p["candidates"]) == 3 and p["text"] == p["candidates"][p["best"]]["text"]
   assert scores["no_retrieval"]["retrieval_rate"] == 0.0
   assert scores["always_retrieve"]["retrieval_rate"] == 1.0
-  adaptive = read_jsonl(f"{root}/adaptive_retrieval.jsonl")
-  assert all((p["retrieve_prob"] > 0.2) == p["retrieved"] for p in adaptive)
+  assert all((p["retrieve_prob"] > 0.2) == p["retrieved"] for p in predictions["adaptive_retrieval"])
 
 
 @pytest.fixture(scope="module")
