@@ -311,9 +311,10 @@ def record(args, results: list[dict], rows: list[list], table: str) -> None:
       f"steps after {args.warmup} untimed (the first includes compilation: 'first step s').",
       f"MFU denominator: bf16 {args.matmul_n}^3 matmul through JAX in this run: "
       f"{matmul.get('tflops', float('nan')):.3g} TFLOP/s.",
-      "tokens/s counts token slots (B x S); the gen+ret batch is packed (examples of S/4 tokens, "
-      f"documents of S/16) to {packing:.1%} real tokens, and its model FLOPs are counted as for "
-      "full causal rows.",
+      "tokens/s counts token slots (B x S)." + (
+          " The gen+ret batch is packed (examples of S/4 tokens, documents of S/16) to "
+          f"{packing:.1%} real tokens, and its model FLOPs are counted as for full causal rows."
+          if packing else ""),
       "Each run is its own process; peak memory is the device's peak bytes in use on an "
       "accelerator, the process peak RSS on CPU (model, optimizer, activations and runtime).",
   ]
@@ -325,9 +326,8 @@ def record(args, results: list[dict], rows: list[list], table: str) -> None:
                  "H200 gave the transformers baseline 48.5k tokens/s (328 TFLOP/s) and a JAX bf16 "
                  "matmul 805 TFLOP/s (shared/docs/JAX_NOTES.md).")
   tag = f"{args.preset}, {args.batch}x{args.seq}"
-  summary = [(f"train tokens/s, {row[0]}, {row[1]} ({tag})",
-              row[3] if row[4] in ("n/a", "") else f"{row[3]} ({row[4]} the fastest PyTorch)")
-             for row in rows]
+  ratio = lambda row: "" if row[4] in ("n/a", "") else f" ({row[4]} that run's fastest PyTorch)"
+  summary = [(f"train tokens/s, {row[0]}, {row[1]} ({tag})", row[3] + ratio(row)) for row in rows]
   if args.smoke:
     summary.append(("train tokens/s, 1.1B Llama 8x2048, GPU", "not measured (no GPU lent)"))
   common.record("train_throughput", f"{args.preset}, batch {args.batch} x {args.seq}", table,
