@@ -34,6 +34,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import os
 import sys
 import time
 
@@ -41,8 +42,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-
-import os
 
 from benchmarks import common
 from onegen_jax import sharding
@@ -219,7 +218,7 @@ def run_name(r: dict) -> str:
   """A result row's implementation column: what distinguishes its run."""
   if r["kind"] == "torch":
     return f"HF transformers PyTorch, {r['dtype']}{' autocast' if r['dtype'] != 'float32' else ''}"
-  name = (f"onegen_jax, {'scan' if r['scan'] else 'unrolled'}, remat {r['remat']}, {r['dtype']}")
+  name = f"onegen_jax, {'scan' if r['scan'] else 'unrolled'}, remat {r['remat']}, {r['dtype']}"
   if r["gen_chunks"] > 1:
     name += f", L_gen in {r['gen_chunks']} chunks"
   return name + (f", XLA_FLAGS {r['xla_flags']}" if r["xla_flags"] else "")

@@ -10,6 +10,7 @@ import jax
 import numpy as np
 import pytest
 
+from conftest import el_demo_flags
 from onegen_jax import losses, sharding
 from onegen_jax.data.packing import (BatchShape, merge_micro_batches, pack_batches,
                                      stack_micro_batches)
@@ -208,7 +209,7 @@ def test_bfloat16_compute_matches_float32(program, batches):
 
 
 def _launch(*flags):
-  return subprocess.run([sys.executable, "-m", "launch.train", "--config=configs/el.py:demo", *flags],
+  return subprocess.run([sys.executable, "-m", "launch.train", *el_demo_flags({}), *flags],
                         cwd=ROOT, capture_output=True, text=True, timeout=600)
 
 

@@ -85,12 +85,17 @@ class TrainProgram:
       return sharding.wait_on_cpu(self.eval_step(params, batch))
 
 
+def _hidden_states(model: Decoder, params, batch: dict) -> jnp.ndarray:
+  """The final hidden states [B, S, D] of one (micro-)batch, without the logits."""
+  return model.apply({"params": params}, batch["tokens"], batch["segment_ids"],
+                     batch["positions"], method=Decoder.hidden_states)
+
+
 def _gen_sums_and_hidden(model: Decoder, loss_cfg: LossConfig, params, batch: dict):
   """(L_gen's (sum, count), final hidden states [B, S, D]) of one (micro-)batch."""
   variables = {"params": params}
   if loss_cfg.gen_chunks > 1:
-    hidden = model.apply(variables, batch["tokens"], batch["segment_ids"], batch["positions"],
-                         method=Decoder.hidden_states)
+    hidden = _hidden_states(model, params, batch)
     logits_fn = lambda h: model.apply(
         variables, nn.with_logical_constraint(h, ("batch", "length", "act_embed")),
         method=Decoder.logits)
@@ -124,17 +129,17 @@ def _two_pass_grads(model, loss_cfg, params, batch, gen_total, ret_total):
   merged = merge_micro_batches(batch)
 
   def vectors(_, micro):
-    hidden = model.apply({"params": params}, micro["tokens"], micro["segment_ids"],
-                         micro["positions"], method=Decoder.hidden_states)
-    return None, _slot_vectors(hidden, micro)
+    return None, _slot_vectors(_hidden_states(model, params, micro), micro)
 
   _, (queries, keys) = jax.lax.scan(vectors, None, batch)  # [M, Q, D], [M, K, D]
   flat = lambda x: x.reshape(-1, x.shape[-1])
 
+  zero = jnp.zeros((), jnp.float32)
+
   def retrieval_loss(q, k):
     ret = losses.retrieval_sums(q, k, merged, loss_cfg.loss_type, loss_cfg.temperature)
-    loss = jnp.where(ret_total > 0, ret[0] / jnp.maximum(ret_total, 1.0), 0.0)
-    return loss_cfg.lambda_ret * loss, ret
+    sums = losses.LossSums(zero, zero, *ret)
+    return losses.combine(sums, gen_total, ret_total, 0.0, loss_cfg.lambda_ret), ret
 
   (d_queries, d_keys), ret = jax.grad(retrieval_loss, argnums=(0, 1), has_aux=True)(
       flat(queries), flat(keys))
@@ -142,8 +147,9 @@ def _two_pass_grads(model, loss_cfg, params, batch, gen_total, ret_total):
   def surrogate(p, micro, d_q, d_k):
     gen, hidden = _gen_sums_and_hidden(model, loss_cfg, p, micro)
     q, k = _slot_vectors(hidden, micro)
-    loss_gen = gen[0] / jnp.maximum(gen_total, 1.0)
-    return loss_cfg.lambda_gen * loss_gen + jnp.sum(d_q * q) + jnp.sum(d_k * k), gen
+    loss_gen = losses.combine(losses.LossSums(*gen, zero, zero, zero), gen_total, ret_total,
+                              loss_cfg.lambda_gen, 0.0)
+    return loss_gen + jnp.sum(d_q * q) + jnp.sum(d_k * k), gen
 
   def accumulate(grads, xs):
     g, gen = jax.grad(surrogate, has_aux=True)(params, *xs)
