@@ -18,6 +18,12 @@ questions / documents:
                   Engine's `query_vectors` hook); insertion / linking proceed as for OneGen
   rit             retrieval only (lambda_gen = 0; RIT): scored on retrieval only
   onegen_infonce  OneGen with InfoNCE (every in-batch key a negative; temperature --temperature)
+  rit_infonce     retrieval only with InfoNCE: joint vs retrieval-only for the loss that works
+  onegen_infonce_in_batch  OneGen-InfoNCE without own negatives (n_neg 0): the batch's other keys
+                  only, so the same tokens hold more queries
+Lever flags: --lambda_gen / --lambda_ret set the joint arms' loss weights, --temperature the
+InfoNCE arms'; a value away from an arm's own is part of its key (onegen_infonce@lambda_ret=0.5:
+its own results file, training run and table row), so several values share one --out and table.
 
 Data (sources.py, data.py). ../shared/data is shaped for short sequences, then converted by
 onegen_jax.data.convert (or --{rag,el}_{train,dev,db} give reference-format files; each must exist):
@@ -27,11 +33,13 @@ onegen_jax.data.convert (or --{rag,el}_{train,dev,db} give reference-format file
        sentence ends (at word ends inside a longer sentence), never inside a mention; mention
        offsets are shifted into their piece and checked. A KB entity row is 'title: description
        [SE]' alone (--doc_rows=short: no instruction, no chat template; ~40 tokens).
-  RAG  nq_open_oracle, hotpotqa_train100, musique_train100 (every tenth question dev), corpus plus
-       2wiki_corpus distractors for training; every paragraph cut to --rag_paragraph_tokens tokens
-       at a word end (96: the answer string stays in the gold paragraph for 93% of NQ, 94% of
-       HotpotQA and 85% of MuSiQue questions, against 100/100/93% uncut); a paragraph row is the
-       paragraph alone (--doc_rows=short).
+  RAG  hotpotqa_train700, hotpotqa_train100, musique_train100 (--qa_sets; nq_open_oracle, single-
+       hop, is a named option that trains only); every tenth question of a set is dev, kept
+       only when it has two or more gold queries (the dev set is multi-hop; split by question),
+       corpus plus 2wiki_corpus distractors for training; every paragraph cut to
+       --rag_paragraph_tokens tokens at a word end (96: the answer string stays in the gold
+       paragraph for 94% of HotpotQA and 85% of MuSiQue questions, against 100/93% uncut); a
+       paragraph row is the paragraph alone (--doc_rows=short).
   Training examples longer than the task's row (--{rag,el}_seq_len) are left out and counted,
   never cut: every step holds examples with their answers (GEN targets) and queries (the old probe
   cut EL documents at 256 tokens, so an example could be all prompt; with 4 rows and 5 entity rows
@@ -54,9 +62,10 @@ Evaluation (evaluation.py, ranking.py), for every arm and baseline alike:
                 MiniLM / BM25: its query text) ranked among its own candidates (RAG: the question's
                 own paragraphs, HotpotQA's distractor setting; EL: the mention's REL candidates in
                 the KB, a gold outside them a miss: in-KB accuracy@1), in the pool (every document
-                the evaluated dev lines list: RAG, all dev paragraphs; EL, every dev mention's gold
-                and candidate entities) and, with --el_whole_kb, against all 13,891 entities;
-                R@1 and R@--recall_k.
+                the evaluated dev lines list: RAG, all dev paragraphs plus
+                --rag_pool_distractors 2wiki paragraphs; EL, every dev mention's gold and
+                candidate entities) and, with --el_whole_kb, against all 13,891 entities;
+                R@1 and R@--recall_k; RAG also per dev set.
   generated     free greedy one-pass generation searching the pool: RAG EM/F1 (SQuAD
                 normalisation) and end-to-end R@1/@k of score_rag; EL micro-F1 of the reference
                 scorer and of GERBIL strong match; query RET tokens emitted vs the gold answers'.

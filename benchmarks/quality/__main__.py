@@ -14,8 +14,8 @@ import jax
 from transformers import AutoTokenizer
 
 from benchmarks.quality import curves, report
-from benchmarks.quality.arms import BY_NAME, Arm
-from benchmarks.quality.cli import TaskSettings, fingerprint, parse_args, say
+from benchmarks.quality.arms import ARMS, Arm
+from benchmarks.quality.cli import TaskSettings, fingerprint, parse_args, say, study_arms
 from benchmarks.quality.data import prepare_task
 from benchmarks.quality.evaluation import EvalSet, build_eval_set, evaluate_arm
 from benchmarks.quality.minilm import MiniLM
@@ -70,8 +70,6 @@ class TaskRun:
   run_dir: str
   tokenizer: TaskTokenizer
   eval_set: EvalSet
-  fingerprint: str  # of the flags that decide the task's figures
-  train_fingerprint: str  # ... its training
 
   @property
   def mode(self) -> str:
@@ -84,7 +82,7 @@ def _check_optional(args: argparse.Namespace) -> None:
   for retriever, (module, package) in needs.items():
     if retriever == "minilm" and args.minilm_dir:
       continue
-    if any(BY_NAME[a].retriever == retriever for a in args.arms):
+    if any(arm.retriever == retriever for arm in study_arms(args)):
       try:
         importlib.import_module(module)
       except ImportError:
@@ -102,30 +100,30 @@ def _start(args: argparse.Namespace) -> Study:
   dtype = args.dtype or ("float32" if backend == "cpu" else "bfloat16")
   os.makedirs(args.out, exist_ok=True)
   hf_dir = ensure_hf_dir(args)
-  minilm = MiniLM(args.minilm_dir) if any(BY_NAME[a].retriever == "minilm"
-                                          for a in args.arms) else None
+  minilm = MiniLM(args.minilm_dir) if any(arm.retriever == "minilm"
+                                          for arm in study_arms(args)) else None
   return Study(report.Run(args, backend, dtype, start), hf_dir,
                AutoTokenizer.from_pretrained(hf_dir), minilm,
                Budget(args.budget_s, start, len(args.tasks)))
 
 
-def _paths(args: argparse.Namespace, task: TaskRun, arm: Arm) -> tuple[str, str, str]:
+def _paths(args: argparse.Namespace, mode: str, arm: Arm) -> tuple[str, str, str]:
   """(result file, training run directory, evaluation directory) of an arm."""
-  return (os.path.join(args.out, "results", task.mode, f"{arm.name}.json"),
-          _train_dir(args, task.mode, task.train_fingerprint, arm),
-          os.path.join(args.out, "eval", task.mode, arm.name))
+  return (os.path.join(args.out, "results", mode, f"{arm.key}.json"), _train_dir(args, mode, arm),
+          os.path.join(args.out, "eval", mode, arm.key))
 
 
-def _train_dir(args: argparse.Namespace, mode: str, train_fingerprint: str, arm: Arm) -> str:
-  return os.path.join(args.out, "train", mode, f"{arm.name}-{train_fingerprint}")
+def _train_dir(args: argparse.Namespace, mode: str, arm: Arm) -> str:
+  return os.path.join(args.out, "train", mode,
+                      f"{arm.key}-{fingerprint(args, mode, arm, training=True)}")
 
 
 def _run_arm(study: Study, task: TaskRun, arm: Arm) -> ArmResult:
   """Trains (or resumes, or loads) the arm's model, then evaluates it."""
   args, mode = study.args, task.mode
   start = time.time()
-  say(f"{mode}/{arm.name}: start")
-  _, train_dir, eval_dir = _paths(args, task, arm)
+  say(f"{mode}/{arm.key}: start")
+  _, train_dir, eval_dir = _paths(args, mode, arm)
   os.makedirs(eval_dir, exist_ok=True)
   run, stats, steps = None, None, 0
   if arm.model:
@@ -138,7 +136,7 @@ def _run_arm(study: Study, task: TaskRun, arm: Arm) -> ArmResult:
                      eval_s=done - eval_start, arm_s=done - start, steps_planned=steps,
                      command=report.command())
   study.budget.spent(mode, result.arm_s)
-  say(f"{mode}/{arm.name}: {json.dumps(result.to_json(), default=float)}")
+  say(f"{mode}/{arm.key}: {json.dumps(result.to_json(), default=float)}")
   return result
 
 
@@ -152,8 +150,7 @@ def _prepare(study: Study, settings: TaskSettings) -> TaskRun:
   tokenizer = TaskTokenizer(os.path.join(run_dir, "tokenizer"), settings.task)
   data = prepare_task(settings, args, study.hf_tokenizer, tokenizer)
   study.run.data_counts[mode] = data.counts
-  return TaskRun(run_dir, tokenizer, build_eval_set(data, tokenizer, args.recall_k),
-                 fingerprint(args, mode), fingerprint(args, mode, training=True))
+  return TaskRun(run_dir, tokenizer, build_eval_set(data, tokenizer, args.recall_k))
 
 
 def _record(study: Study) -> None:
@@ -174,24 +171,26 @@ def _run_task(study: Study, task_index: int, settings: TaskSettings) -> None:
   """Runs the task's arms; an arm finished before under the same fingerprint is reused."""
   args = study.args
   task = _prepare(study, settings)
-  study.train_dirs[task.mode] = {arm.name: _train_dir(args, task.mode, task.train_fingerprint, arm)
-                                 for arm in BY_NAME.values() if arm.loss is not None}
+  arms = study_arms(args)
+  trained = {arm.key: arm for arm in [*arms, *ARMS] if arm.loss is not None}  # for the curves
+  study.train_dirs[task.mode] = {key: _train_dir(args, task.mode, arm)
+                                 for key, arm in trained.items()}
   results = study.run.results.setdefault(task.mode, {})
-  for name in [a for a in args.arms if task.mode in BY_NAME[a].tasks]:
-    path = _paths(args, task, BY_NAME[name])[0]
-    done = load_arm(path, task.fingerprint)
+  for arm in [a for a in arms if task.mode in a.tasks]:
+    path, key = _paths(args, task.mode, arm)[0], arm.key
+    done = load_arm(path, fingerprint(args, task.mode, arm))
     if done is not None:
-      say(f"{task.mode}/{name}: done before ({path}); skipped")
-      results[name] = done
+      say(f"{task.mode}/{key}: done before ({path}); skipped")
+      results[key] = done
       continue
     estimate = study.budget.overrun(task.mode, task_index)
     if estimate is not None:
-      say(f"{task.mode}/{name}: skipped (estimated {estimate:.0f} s would pass this task's share "
+      say(f"{task.mode}/{key}: skipped (estimated {estimate:.0f} s would pass this task's share "
           f"of --budget_s={args.budget_s:.0f})")
-      results[name] = ArmResult(skipped="budget")
+      results[key] = ArmResult(skipped="budget")
       continue
-    results[name] = _run_arm(study, task, BY_NAME[name])
-    save_arm(path, results[name], task.fingerprint)
+    results[key] = _run_arm(study, task, arm)
+    save_arm(path, results[key], fingerprint(args, task.mode, arm))
     _record(study)
 
 

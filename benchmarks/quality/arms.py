@@ -1,11 +1,13 @@
 """The arms of the comparison: what each trains (its loss), how it retrieves, what it is scored
-on."""
+on; and the lever flags (--lambda_gen, --lambda_ret, --temperature) applied to them."""
 
 from __future__ import annotations
 
 import dataclasses
 
 RETRIEVERS = ("self", "minilm", "bm25", "prior")
+# The loss fields the lever flags set (the flags share their names).
+LEVERS = ("lambda_gen", "lambda_ret", "temperature")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -15,6 +17,7 @@ class Loss:
   loss_type: str  # "bpr" or "infonce"
   lambda_gen: float
   lambda_ret: float
+  temperature: float = 0.02  # InfoNCE's (BPR has none)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -26,10 +29,17 @@ class Arm:
   model: bool = True  # False: a retrieval baseline without a language model
   writes: bool = True  # scored on free generation (RIT never learns to write)
   tasks: tuple[str, ...] = ("rag", "el")
+  n_neg: int | None = None  # own negatives per anchor (None: the task's --MODE_n_neg)
+  levers: str = ""  # the lever flags away from the arm's defaults, e.g. "lambda_ret=0.5"
 
   def __post_init__(self):
     if self.retriever not in RETRIEVERS:
       raise ValueError(f"retriever={self.retriever!r}; expected one of {RETRIEVERS}")
+
+  @property
+  def key(self) -> str:
+    """The arm with its levers: its results file, training directory and table row."""
+    return f"{self.name}@{self.levers}" if self.levers else self.name
 
 
 # In the order they run: the baselines without training first (minutes), then the models, the
@@ -44,5 +54,30 @@ ARMS = (
     Arm("git_pipeline", "GIT + MiniLM-L6 pipeline", Loss("bpr", 1.0, 0.0), "minilm"),
     Arm("rit", "RIT (retrieval only)", Loss("bpr", 0.0, 1.0), writes=False),
     Arm("onegen_infonce", "OneGen, InfoNCE", Loss("infonce", 1.0, 1.0)),
+    Arm("rit_infonce", "RIT, InfoNCE (retrieval only)", Loss("infonce", 0.0, 1.0), writes=False),
+    Arm("onegen_infonce_in_batch", "OneGen, InfoNCE, in-batch negatives only",
+        Loss("infonce", 1.0, 1.0), n_neg=0),
 )
 BY_NAME = {arm.name: arm for arm in ARMS}
+
+
+def with_levers(arm: Arm, lambda_gen: float, lambda_ret: float, temperature: float) -> Arm:
+  """The arm as the lever flags train it: a joint arm (both weights > 0) takes lambda_gen and
+  lambda_ret, an InfoNCE arm the temperature; generation-only and retrieval-only arms keep their
+  zero weight. A value away from the arm's own shows in `levers` (its key and label)."""
+  if arm.loss is None:
+    return arm
+  loss = arm.loss
+  if loss.lambda_gen and loss.lambda_ret:
+    loss = dataclasses.replace(loss, lambda_gen=lambda_gen, lambda_ret=lambda_ret)
+  if loss.loss_type == "infonce":
+    loss = dataclasses.replace(loss, temperature=temperature)
+  levers = ",".join(f"{f}={getattr(loss, f):g}" for f in LEVERS
+                    if getattr(loss, f) != getattr(arm.loss, f))
+  return dataclasses.replace(arm, loss=loss, levers=levers)
+
+
+def label(key: str) -> str:
+  """The table label of an arm key (`name` or `name@levers`)."""
+  name, _, levers = key.partition("@")
+  return BY_NAME[name].label + (f" ({levers})" if levers else "")

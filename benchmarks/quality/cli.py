@@ -18,14 +18,16 @@ import time
 import jax
 
 import benchmarks.quality as package
-from benchmarks.quality.arms import ARMS, BY_NAME
+from benchmarks.quality.arms import ARMS, BY_NAME, LEVERS, Arm, with_levers
 from onegen_jax.data.tasks import EL, MULTIHOP, Task
 
 # The benchmark's tasks, named by their inference mode (the --tasks values, the flag prefixes).
 TASKS: dict[str, Task] = {task.mode: task for task in (MULTIHOP, EL)}
 SHARED = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
                       "..", "shared", "data")
-QA_SETS = ("nq_open_oracle", "hotpotqa_train100", "musique_train100")
+# The RAG sets by default: multi-hop only. nq_open_oracle (single-hop) is a named option
+# (--qa_sets=...,nq_open_oracle); its questions then train only (the dev set is multi-hop).
+QA_SETS = ("hotpotqa_train700", "hotpotqa_train100", "musique_train100")
 
 # Size flags by preset (flag name -> value); a flag given on the command line wins.
 SIZES: dict[str, dict] = {
@@ -35,13 +37,13 @@ SIZES: dict[str, dict] = {
         el_n_neg=1,
         el_chunk_tokens=64, el_chunk_sentences=4, rag_paragraph_tokens=96, rag_dev_limit=100,
         el_dev_limit=0, el_whole_kb=False, rag_max_new_tokens=128, el_max_new_tokens=0,
-        gen_batch=32, encode_rows=8),
+        rag_pool_distractors=500, gen_batch=32, encode_rows=8),
     "accelerator": dict(
         train_tokens=2_000_000, rag_rows=16, rag_seq_len=1024, el_rows=16, el_seq_len=1024,
         accum_steps=2, remat="dots_with_no_batch_dims", rag_n_pos=4, rag_n_neg=2, el_n_pos=64,
         el_n_neg=2, el_chunk_tokens=384, el_chunk_sentences=0, rag_paragraph_tokens=0,
         rag_dev_limit=0, el_dev_limit=0, el_whole_kb=True, rag_max_new_tokens=160,
-        el_max_new_tokens=0, gen_batch=64, encode_rows=32),
+        el_max_new_tokens=0, rag_pool_distractors=-1, gen_batch=64, encode_rows=32),
 }
 # Flags that change neither training nor the figures (left out of the fingerprints).
 _NOT_FINGERPRINTED = ("out", "tasks", "arms", "budget_s", "cache_dir", "record", "record_from",
@@ -49,7 +51,8 @@ _NOT_FINGERPRINTED = ("out", "tasks", "arms", "budget_s", "cache_dir", "record",
                       "minilm_dir", "sizes")
 # Flags that change only the evaluation (left out of the training fingerprint).
 _EVAL_ONLY = ("rag_dev_limit", "el_dev_limit", "el_dev_max_tokens", "rag_max_new_tokens",
-              "el_max_new_tokens", "force_first_query", "recall_k", "el_whole_kb")
+              "el_max_new_tokens", "force_first_query", "recall_k", "el_whole_kb",
+              "rag_pool_distractors")
 _OTHER_TASK = {"rag": ("el_",), "el": ("rag_", "qa_")}
 
 
@@ -97,8 +100,10 @@ def _model_flags(a) -> None:
 
 def _data_flags(a) -> None:
   # Raw ../shared/data folders, shaped (benchmarks/quality/sources.py) and converted here ...
-  a("--qa_sets", default=",".join(os.path.join(SHARED, "qa", s) for s in QA_SETS),
-    help="Comma list of qa/<set> folders (qa.jsonl + corpus.jsonl) converted for RAG.")
+  a("--qa_sets", default=",".join(QA_SETS), help="Comma list of qa/<set> folders (qa.jsonl + "
+    f"corpus.jsonl) converted for RAG, each a path or a folder name under {SHARED}/qa "
+    "(nq_open_oracle: single-hop questions, trained only). Every tenth question of a set is dev; "
+    "a dev question with fewer than two gold queries trains instead.")
   a("--qa_extra_corpus", default=os.path.join(SHARED, "qa", "2wiki_corpus", "corpus.jsonl"),
     help="corpus.jsonl of distractor paragraphs added to the RAG training db ('' for none).")
   a("--el_src", default=os.path.join(SHARED, "el"), help="el/ folder converted for EL.")
@@ -119,6 +124,8 @@ def _data_flags(a) -> None:
     "tokens (0: uncut).")
   # Subsets (0 = everything).
   a("--rag_dev_limit", type=int, default=None, help="Dev questions (round-robin over the sets).")
+  a("--rag_pool_distractors", type=int, default=None, help="Paragraphs of --qa_extra_corpus "
+    "added to the RAG evaluation pool besides every dev paragraph, in file order (-1: all).")
   a("--el_dev_limit", type=int, default=None, help="Dev pieces.")
   a("--el_dev_max_tokens", type=int, default=0, help="Dev EL pieces whose example is longer are "
     "left out (0: none).")
@@ -146,7 +153,12 @@ def _train_flags(a) -> None:
   a("--lr", type=float, default=1e-4)
   a("--schedule", default="linear")
   a("--warmup_steps", type=int, default=0)
-  a("--temperature", type=float, default=0.02, help="InfoNCE temperature.")
+  a("--temperature", type=float, default=0.02, help="InfoNCE temperature (InfoNCE arms).")
+  a("--lambda_gen", type=float, default=1.0, help="L_gen weight of the joint arms (onegen_*).")
+  a("--lambda_ret", type=float, default=1.0, help="L_ret weight of the joint arms (onegen_*). "
+    "A lever away from an arm's own value is part of its key (e.g. onegen_infonce@lambda_ret=0.5"
+    ": its own results file, training run and table row), so runs of several values share one "
+    "--out and one table.")
   a("--checkpoint_every", type=int, default=50, help="Steps between checkpoints (resume).")
   a("--seed", type=int, default=0)
 
@@ -178,7 +190,7 @@ def _check_paths(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
                for f in ("kb.jsonl", "docs_train.jsonl")]
     else:
       need += [("--qa_sets", os.path.join(s, f), os.path.isfile)
-               for s in args.qa_sets.split(",") if s for f in ("qa.jsonl", "corpus.jsonl")]
+               for s in qa_set_dirs(args.qa_sets) for f in ("qa.jsonl", "corpus.jsonl")]
       need += [("--qa_extra_corpus", args.qa_extra_corpus, os.path.isfile)] * bool(
           args.qa_extra_corpus)
   need += [(f"--{n}", getattr(args, n), os.path.exists) for n in ("hf_dir", "gguf", "minilm_dir")
@@ -186,6 +198,17 @@ def _check_paths(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
   for flag, path, exists in need:
     if not exists(path):
       p.error(f"{flag}: no such file or directory: {path}")
+
+
+def qa_set_dirs(qa_sets: str) -> list[str]:
+  """The folders of a --qa_sets value: paths as given, bare names under ../shared/data/qa."""
+  return [s if os.sep in s else os.path.join(SHARED, "qa", s) for s in qa_sets.split(",") if s]
+
+
+def study_arms(args: argparse.Namespace) -> list[Arm]:
+  """The --arms in order, each with the lever flags applied (arms.with_levers)."""
+  return [with_levers(BY_NAME[name], args.lambda_gen, args.lambda_ret, args.temperature)
+          for name in args.arms]
 
 
 def _apply_sizes(args: argparse.Namespace) -> None:
@@ -220,12 +243,16 @@ def parse_args(argv=None) -> argparse.Namespace:
   return args
 
 
-def fingerprint(args: argparse.Namespace, mode: str, training: bool = False) -> str:
-  """A short hash of the flags that decide a task's figures (training=True: its training only).
-  A finished arm is reused, and a training run resumed, only under the same fingerprint."""
-  skip = _NOT_FINGERPRINTED + (_EVAL_ONLY if training else ())
+def fingerprint(args: argparse.Namespace, mode: str, arm: Arm, training: bool = False) -> str:
+  """A short hash of the flags that decide an arm's figures on a task (training=True: its
+  training only): the task's flags, and of the lever flags only what the arm trains with (its
+  loss and negatives). A finished arm is reused, and a training run resumed, only under the same
+  fingerprint."""
+  skip = _NOT_FINGERPRINTED + LEVERS + (_EVAL_ONLY if training else ())
   values = {k: v for k, v in sorted(vars(args).items())
             if k not in skip and not k.startswith(_OTHER_TASK[mode])}
+  if arm.loss is not None:
+    values["arm"] = {**dataclasses.asdict(arm.loss), "n_neg": arm.n_neg}
   return hashlib.sha256(json.dumps(values, sort_keys=True, default=str).encode()).hexdigest()[:10]
 
 

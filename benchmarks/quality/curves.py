@@ -8,7 +8,7 @@ import os
 
 import numpy as np
 
-from benchmarks.quality.arms import BY_NAME
+from benchmarks.quality.arms import label
 from benchmarks.quality.cli import say
 from benchmarks.quality.results import read_json_lines
 
@@ -58,7 +58,7 @@ def plot(runs: dict[str, dict[str, str]], paths: list[str]) -> bool:
       for name, series in arms.items():
         smooth = _smooth(series[figure])
         line, = ax.plot(series["step"][len(series["step"]) - len(smooth):], smooth,
-                        label=BY_NAME[name].label)
+                        label=label(name))
         ax.plot(series["step"], series[figure], color=line.get_color(), alpha=0.15, lw=0.8)
       ax.set_title(f"{TASK_TITLES.get(mode, mode)}: {title}", fontsize=10)
       ax.set_xlabel("step")

@@ -10,8 +10,11 @@ shortened (--doc_rows), chat-wrapped, subsetted, written to OUT/data/MODE/:
                question's own paragraphs, i.e. every document the line lists; given files without
                it: the anchor's listed positives and negatives)
   pool.jsonl   the evaluation pool: every document the evaluated dev lines list or name as a
-               candidate (RAG: all dev paragraphs; EL: the dev mentions' gold and candidate
-               entities)
+               candidate (RAG: all dev paragraphs, then --rag_pool_distractors paragraphs of
+               --qa_extra_corpus; EL: the dev mentions' gold and candidate entities)
+
+RAG's dev set is multi-hop: a dev question (every tenth of a set) with fewer than two gold queries
+(all of nq_open_oracle) trains instead.
   kb.jsonl     the whole db (EL with --el_whole_kb)
 """
 
@@ -26,7 +29,7 @@ import re
 import numpy as np
 
 from benchmarks.quality import sources
-from benchmarks.quality.cli import TaskSettings, say
+from benchmarks.quality.cli import TaskSettings, qa_set_dirs, say
 from onegen_jax.data import convert
 from onegen_jax.data.encoding import TaskTokenizer
 from onegen_jax.data.records import Message, document_uid, read_jsonl, write_jsonl
@@ -66,6 +69,7 @@ class _Splits:
   dev: list[dict]  # unwrapped, with candidates
   db: list[dict]
   dev_sets: list[str]  # source set of each dev line ("" when unknown)
+  distractors: list[str] = dataclasses.field(default_factory=list)  # extra-corpus uids, in order
 
 
 def template_field(template: str, field: str, text: str) -> str | None:
@@ -147,20 +151,29 @@ def _converted_el(args: argparse.Namespace, hf_tokenizer, eos: str) -> _Splits:
   return _Splits(_unsplit(train_a, train_b), dev, db, ["el"] * len(dev))
 
 
+def multi_hop_dev(train: list[dict], dev: list[dict]) -> tuple[list[dict], list[dict]]:
+  """(train, dev) with every dev line of fewer than two gold queries moved to the end of train."""
+  multi_hop = [len(_entries(line)) >= 2 for line in dev]
+  return (train + [line for line, multi in zip(dev, multi_hop) if not multi],
+          [line for line, multi in zip(dev, multi_hop) if multi])
+
+
 def _converted_rag(args: argparse.Namespace, hf_tokenizer, eos: str) -> _Splits:
-  sets = [s for s in args.qa_sets.split(",") if s]
-  dirs, extra, _ = sources.rag_sources(sets, args.qa_extra_corpus,
+  """The sets converted; dev keeps the multi-hop questions of each set's dev tenth."""
+  dirs, extra, _ = sources.rag_sources(qa_set_dirs(args.qa_sets), args.qa_extra_corpus,
                                        os.path.join(args.out, "data", "rag_src"), hf_tokenizer,
                                        args.rag_paragraph_tokens)
   splits, db = _Splits([], [], [], []), {}
   for src in dirs:
     train, dev, docs = convert.convert_qa(src, eos, extra_corpus=extra or None)
+    train, dev = multi_hop_dev(train, dev)
     splits.train += train
     splits.dev += [_with_candidates(line, MULTIHOP, None) for line in dev]
     splits.dev_sets += [os.path.basename(os.path.normpath(src))] * len(dev)
     for doc in docs:
       db.setdefault(doc["uid"], doc)
   splits.db = list(db.values())
+  splits.distractors = [document_uid(p["pid"]) for p in read_jsonl(extra)] if extra else []
   return splits
 
 
@@ -228,9 +241,12 @@ def _limit_db(db: list[dict], keep: list[dict], limit: int, rng: np.random.Gener
   return [d for d in db if d["uid"] in taken]
 
 
-def _pool(db: list[dict], dev: list[dict]) -> list[dict]:
-  """The documents of `db` that the dev lines list or name as candidates, in db order."""
+def _pool(db: list[dict], dev: list[dict], distractors: list[str], limit: int) -> list[dict]:
+  """The documents of `db` that the dev lines list or name as candidates, then the first
+  `limit` (-1: all) distractor uids that are not among them, in db order."""
   wanted = {u for line in dev for u in _line_docs(line)}
+  extra = [u for u in distractors if u not in wanted]
+  wanted |= set(extra if limit < 0 else extra[:limit])
   return [d for d in db if d["uid"] in wanted]
 
 
@@ -295,7 +311,9 @@ def prepare_task(settings: TaskSettings, args: argparse.Namespace, hf_tokenizer,
   wrap = (lambda lines: _wrap(lines, hf_tokenizer)) if args.chat_template else copy.deepcopy
   splits.db = wrap(splits.db)
   kept, picked = _subset(splits, settings, args, tokenizer, wrap, counts)
-  files = {"train": kept.train, "dev": kept.dev, "db": kept.db, "pool": _pool(splits.db, kept.dev)}
+  distractors = args.rag_pool_distractors if settings.mode == "rag" else 0
+  files = {"train": kept.train, "dev": kept.dev, "db": kept.db,
+           "pool": _pool(splits.db, kept.dev, splits.distractors, distractors)}
   if settings.mode == "el" and args.el_whole_kb:
     files["kb"] = splits.db
   counts.update({name: len(lines) for name, lines in files.items()})

@@ -101,13 +101,20 @@ def build_eval_set(data: TaskData, tokenizer: TaskTokenizer, k: int) -> EvalSet:
                  k)
 
 
-def _recall(scores: DocScores | None, kb: DocScores | None, anchors: list[GoldAnchor],
-            k: int) -> GoldRecall:
-  """The figures of one retriever's scores on the pool (and the whole db)."""
+def _recall(scores: DocScores | None, kb: DocScores | None, eval_set: EvalSet) -> GoldRecall:
+  """The figures of one retriever's scores on the pool (and the whole db), and R@1 per source
+  set of the dev lines."""
+  anchors, k = eval_set.anchors, eval_set.k
   out = GoldRecall(anchors=len(anchors), gold_in_candidates=ranking.gold_in_candidates(anchors))
   if scores is not None:
     out.cand_r1, out.cand_rk = (ranking.hits(scores, anchors, n, True) for n in (1, k))
     out.pool_r1, out.pool_rk = (ranking.hits(scores, anchors, n, False) for n in (1, k))
+    sets = [eval_set.data.dev[a.line].source for a in anchors]
+    for name in sorted(set(sets) - {""}):
+      rows = [i for i, s in enumerate(sets) if s == name]
+      sub, sub_anchors = ranking.rows(scores, rows), [anchors[i] for i in rows]
+      out.by_set[name] = {"cand_r1": ranking.hits(sub, sub_anchors, 1, True),
+                          "pool_r1": ranking.hits(sub, sub_anchors, 1, False)}
   if kb is not None:
     out.kb_r1, out.kb_rk = (ranking.hits(kb, anchors, n, False) for n in (1, k))
   return out
@@ -165,11 +172,11 @@ def gold_recall(eval_set: EvalSet, arm: Arm, run: LoadedRun | None, minilm: Mini
                      gold_in_candidates=ranking.gold_in_candidates(eval_set.anchors),
                      anchors=len(eval_set.anchors))
   elif arm.retriever == "bm25":
-    out = _recall(*_bm25_scores(eval_set), eval_set.anchors, eval_set.k)
+    out = _recall(*_bm25_scores(eval_set), eval_set)
   else:
     pool, kb, index = (_minilm_scores(eval_set, minilm) if arm.retriever == "minilm"
                        else _self_scores(eval_set, run, args, workdir))
-    out = _recall(pool, kb, eval_set.anchors, eval_set.k)
+    out = _recall(pool, kb, eval_set)
   out.retrieval_eval_s = time.time() - start
   return out, index
 

@@ -78,23 +78,25 @@ def import_model(hf_dir: str, task: Task, run_dir: str, num_layers: int = 0) -> 
 
 def train_config(args: argparse.Namespace, data: TaskData, run_dir: str, arm: Arm,
                  dtype: str) -> ml_collections.ConfigDict:
-  """The config of one trained arm: everything but config.loss is the same for every arm."""
+  """The config of one trained arm: everything but config.loss (and an arm's own n_neg) is the
+  same for every arm."""
   s = data.settings
+  n_neg = s.n_neg if arm.n_neg is None else arm.n_neg
   micro_tokens = s.rows // args.accum_steps * s.seq_len
   c = base_config(data.task.name)
   c.model.update(init_from=run_dir, dtype=dtype, remat_policy=args.remat)
   c.mesh.update(data=-1, fsdp=1)
-  c.loss.update(temperature=args.temperature, **dataclasses.asdict(arm.loss))
+  c.loss.update(**dataclasses.asdict(arm.loss))
   c.optim.update(lr=args.lr, schedule=args.schedule, warmup_steps=args.warmup_steps)
   c.batch.update(rows=s.rows, seq_len=s.seq_len, accum_steps=args.accum_steps,
                  num_queries=max(micro_tokens // TOKENS_PER_QUERY, s.n_pos),
-                 num_keys=max(micro_tokens // TOKENS_PER_KEY, s.n_pos * (1 + s.n_neg)),
-                 num_negatives=max(s.n_neg, 1))
+                 num_keys=max(micro_tokens // TOKENS_PER_KEY, s.n_pos * (1 + n_neg)),
+                 num_negatives=max(n_neg, 1))
   c.train.update(steps=args.steps, seed=args.seed, log_every=1, eval_every=0)
   c.checkpoint.update(every_steps=args.checkpoint_every, keep=1)
   c.data.update(train_path=data.train_path, db_path=data.db_path, dev_path="",
                 tokenizer_path=os.path.join(run_dir, "tokenizer"), max_len=s.seq_len,
-                seed=args.seed, n_pos_per_sent=s.n_pos, n_neg_per_pos=s.n_neg)
+                seed=args.seed, n_pos_per_sent=s.n_pos, n_neg_per_pos=n_neg)
   return c
 
 
@@ -142,7 +144,7 @@ def train_arm(args: argparse.Namespace, data: TaskData, run_dir: str, arm: Arm, 
   train_data = make_train_data(config, batch_shape(config))
   if not config.train.steps:
     config.train.steps, per_step = derive_steps(train_data, args.train_tokens)
-    say(f"{data.settings.mode}/{arm.name}: train.steps = {config.train.steps} (their batches hold "
+    say(f"{data.settings.mode}/{arm.key}: train.steps = {config.train.steps} (their batches hold "
         f">= {args.train_tokens:,} non-padding tokens, {per_step:,.0f} a step)")
   metrics = read_json_lines(os.path.join(workdir, "metrics.jsonl"))
   first = max((m["step"] for m in metrics), default=0)
@@ -155,7 +157,7 @@ def train_arm(args: argparse.Namespace, data: TaskData, run_dir: str, arm: Arm, 
     f.write(json.dumps({"from_step": first, "to_step": last,
                         "seconds": time.time() - start}) + "\n")
   if "preempted_at_step" in final:  # SIGTERM: fit saved the step; the arm is not done
-    say(f"{data.settings.mode}/{arm.name}: stopped at step {last} of {config.train.steps} "
+    say(f"{data.settings.mode}/{arm.key}: stopped at step {last} of {config.train.steps} "
         f"(SIGTERM; checkpoint saved in {workdir}); rerun the same command to resume")
     raise SystemExit(0)
   return params, train_stats(workdir, data.settings.rows, data.settings.seq_len), config.train.steps
@@ -171,6 +173,6 @@ def arm_model(args: argparse.Namespace, data: TaskData, run_dir: str, arm: Arm, 
     return dataclasses.replace(loaded, model=model, config={}), TrainStats(), 0
   config = train_config(args, data, run_dir, arm, dtype)
   params, stats, steps = train_arm(args, data, run_dir, arm, dtype, workdir)
-  say(f"{data.settings.mode}/{arm.name}: trained {stats}")
+  say(f"{data.settings.mode}/{arm.key}: trained {stats}")
   return LoadedRun(Decoder(model_config(config.model)), params, sharding.make_mesh(data=-1),
                    tokenizer, data.task, {}), stats, steps

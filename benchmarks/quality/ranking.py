@@ -44,6 +44,11 @@ def from_keys(queries: np.ndarray, vectors: np.ndarray, key_uids: Sequence[str])
   return DocScores(uids, matrix.T)
 
 
+def rows(scores: DocScores, queries: Sequence[int]) -> DocScores:
+  """The scores of some queries only (rows, in the given order)."""
+  return DocScores(scores.uids, scores.matrix[np.asarray(queries, np.int64)])
+
+
 def _ranked(row: np.ndarray, columns: np.ndarray) -> np.ndarray:
   """`columns` (in uid order) best first; equal scores keep uid order."""
   return columns[np.argsort(-row[columns], kind="stable")]

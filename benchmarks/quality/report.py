@@ -13,12 +13,12 @@ import re
 import time
 
 from benchmarks import common
-from benchmarks.quality.arms import BY_NAME
+from benchmarks.quality.arms import label
 from benchmarks.quality.cli import say
 from benchmarks.quality.minilm import WINDOW
 from benchmarks.quality.results import ArmResult, Generation, GoldRecall, TrainStats
 
-Results = dict[str, dict[str, ArmResult]]  # mode -> arm name -> figures
+Results = dict[str, dict[str, ArmResult]]  # mode -> arm key -> figures
 
 
 def curves_png(mode: str) -> str:
@@ -65,11 +65,11 @@ def _rows(results: dict[str, ArmResult], figures) -> list[list[str]]:
     g, t = r.generation, r.train
     cells = figures(g or Generation(), r.gold or GoldRecall())
     if r.skipped:
-      rows.append([BY_NAME[name].label, f"skipped ({r.skipped})", *["—"] * (len(cells) + 5)])
+      rows.append([label(name), f"skipped ({r.skipped})", *["—"] * (len(cells) + 5)])
       continue
     trained = [_cell(v, False) if t.steps else "—"
                for v in (t.tokens, t.queries, t.steps, t.train_s)]
-    rows.append([BY_NAME[name].label, *map(_cell, cells), _queries(g), *trained,
+    rows.append([label(name), *map(_cell, cells), _queries(g), *trained,
                  _cell(r.eval_s, False)])
   return rows
 
@@ -84,12 +84,26 @@ def table(mode: str, results: dict[str, ArmResult], k: int) -> str:
                                         r.pool_rk])
     return "Multi-hop RAG (dev questions; x100):\n\n" + common.markdown_table(
         ["arm", "EM", "F1", "R@1 (generated)", f"R@{k} (generated)", "R@1 own paragraphs",
-         f"R@{k} own paragraphs", "R@1 pool", f"R@{k} pool", *_TAIL], rows)
+         f"R@{k} own paragraphs", "R@1 pool", f"R@{k} pool", *_TAIL], rows) + _per_set(results)
   rows = _rows(results, lambda g, r: [g.reference_f1, g.strong_f1, r.cand_r1, r.cand_rk,
                                       r.pool_r1, r.pool_rk, r.kb_r1])
   return "Entity linking (dev pieces; x100):\n\n" + common.markdown_table(
       ["arm", "micro-F1 (reference)", "micro-F1 (GERBIL strong)", "in-KB acc@1 (candidates)",
        f"R@{k} (candidates)", "acc@1 (pool)", f"R@{k} (pool)", "acc@1 (whole KB)", *_TAIL], rows)
+
+
+def _per_set(results: dict[str, ArmResult]) -> str:
+  """RAG's figures per dev source set (a table after the main one; "" when none has them)."""
+  of = lambda r: ((r.generation.by_set if r.generation else {}), (r.gold.by_set if r.gold else {}))
+  sets = sorted({s for r in results.values() for part in of(r) for s in part})
+  rows = [[label(key), s, *map(_cell, (gen.get(s, {}).get("em"), gen.get(s, {}).get("f1"),
+                                       gold.get(s, {}).get("cand_r1"),
+                                       gold.get(s, {}).get("pool_r1")))]
+          for key, r in results.items() if not r.skipped for gen, gold in [of(r)] for s in sets]
+  if not rows:
+    return ""
+  return "\n\nPer dev set (x100):\n\n" + common.markdown_table(
+      ["arm", "set", "EM", "F1", "R@1 own paragraphs", "R@1 pool"], rows)
 
 
 def tables(results: Results, k: int) -> str:
@@ -103,13 +117,18 @@ def _settings_note(args: argparse.Namespace, mode: str) -> str:
              f"<= {args.el_chunk_tokens or 'any'} text tokens (sentence ends, else word ends, "
              f"never inside a mention); every {args.el_dev_every}th docs_train.jsonl document is "
              "dev" if mode == "el" else
-             f"paragraphs cut to <= {args.rag_paragraph_tokens or 'any'} tokens (word end)")
+             f"paragraphs cut to <= {args.rag_paragraph_tokens or 'any'} tokens (word end); "
+             f"sets {args.qa_sets}, dev: their multi-hop questions; pool: every dev paragraph "
+             f"and {'all' if args.rag_pool_distractors < 0 else args.rag_pool_distractors} "
+             "distractors of --qa_extra_corpus")
   return (f"Training per arm (sizes {args.sizes}): {args.train_tokens:,} non-padding tokens "
           f"(--steps {args.steps or 'derived'}), {rows} rows x {seq} tokens (accum "
           f"{args.accum_steps}), lr {args.lr} ({args.schedule}, warmup {args.warmup_steps}), "
           f"remat {args.remat}; same seed and batches for every arm; {n_pos} anchors per example "
-          f"(every valid one when fewer), {n_neg} own negatives per anchor (BPR; InfoNCE also uses "
-          f"every in-batch key); InfoNCE temperature {args.temperature}. Data: {shaping}; "
+          f"(every valid one when fewer), {n_neg} own negatives per anchor (0 for the in-batch "
+          f"arm; BPR needs its own; InfoNCE also uses "
+          f"every in-batch key), loss weights 1:1, InfoNCE temperature 0.02, unless a row names "
+          f"its own (arms.with_levers). Data: {shaping}; "
           f"training examples longer than {seq} tokens left out; document rows "
           f"{args.doc_rows}.")
 
@@ -165,7 +184,7 @@ def _train_lines(results: dict[str, ArmResult]) -> list[str]:
   for name, r in results.items():
     t: TrainStats = r.train
     if t.steps:
-      out.append(f"{BY_NAME[name].label}: {t.steps}/{r.steps_planned} steps, packing "
+      out.append(f"{label(name)}: {t.steps}/{r.steps_planned} steps, packing "
                  f"{_cell(t.packing)}%, {t.steps_without_query} steps without a query, "
                  f"{t.steps_without_target} without a GEN target, {t.gen_targets:,} GEN targets, "
                  f"{_cell(t.tokens_per_s, False)} tokens/s; last tenth: L_gen "

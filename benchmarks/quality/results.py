@@ -42,6 +42,7 @@ class GoldRecall:
   gold_in_candidates: float | None = None  # fraction of the queries whose gold is a candidate
   anchors: int = 0  # gold queries ranked
   retrieval_eval_s: float | None = None
+  by_set: dict[str, dict[str, float]] = dataclasses.field(default_factory=dict)  # cand_r1, pool_r1
 
 
 @dataclasses.dataclass

@@ -1,0 +1,97 @@
+"""The quality study's pure parts (benchmarks/quality): lever flags and fingerprints, the RAG dev
+split and pool, per-set figures. No model, no data files: each test builds its few lines."""
+
+import numpy as np
+
+from benchmarks.quality import cli, data, ranking, report
+from benchmarks.quality.arms import BY_NAME, label
+from benchmarks.quality.model import train_config
+from benchmarks.quality.results import ArmResult, Generation, GoldRecall
+
+
+def _args(*flags):
+  return cli.parse_args(["--out", "/tmp/unused", "--tasks=", "--sizes=cpu", *flags])
+
+
+def _arm(args, name):
+  return {arm.name: arm for arm in cli.study_arms(args)}[name]
+
+
+def _line(*hops):
+  """A RAG line with one query per hop: (positive, negatives)."""
+  return {"messages": [{"role": "user", "content": "q"},
+                       {"role": "assistant", "content": "a", "positive": [p for p, _ in hops],
+                        "negative": [n for _, n in hops]}]}
+
+
+def test_lever_flags_reach_only_the_arms_that_train_with_them():
+  """--lambda_ret changes the joint arms (key, loss, fingerprint), not the generation-only or
+  retrieval-only ones; --temperature changes the InfoNCE arms only."""
+  default, weighted = _args("--arms=onegen_infonce,git_pipeline,rit"), _args(
+      "--arms=onegen_infonce,git_pipeline,rit", "--lambda_ret=0.5")
+  joint = _arm(weighted, "onegen_infonce")
+  assert (joint.key, joint.loss.lambda_ret, joint.loss.lambda_gen) == (
+      "onegen_infonce@lambda_ret=0.5", 0.5, 1.0)
+  assert label(joint.key) == "OneGen, InfoNCE (lambda_ret=0.5)"
+  fp = lambda args, name, **kw: cli.fingerprint(args, "rag", _arm(args, name), **kw)
+  assert fp(default, "onegen_infonce") != fp(weighted, "onegen_infonce")
+  for name in ("git_pipeline", "rit"):
+    assert _arm(weighted, name).loss == BY_NAME[name].loss and _arm(weighted, name).key == name
+    assert fp(default, name) == fp(weighted, name)
+    assert fp(default, name, training=True) == fp(weighted, name, training=True)
+  warm = _args("--arms=onegen_infonce,onegen_bpr,rit_infonce", "--temperature=0.05")
+  cold = _args("--arms=onegen_infonce,onegen_bpr,rit_infonce")
+  assert _arm(warm, "rit_infonce").loss.temperature == 0.05
+  assert fp(warm, "onegen_bpr") == fp(cold, "onegen_bpr")
+  assert fp(warm, "rit_infonce") != fp(cold, "rit_infonce")
+
+
+def test_in_batch_arm_trains_without_own_negatives():
+  """onegen_infonce_in_batch samples no own negative (n_neg 0); the other arms keep the task's."""
+  args = _args("--arms=onegen_infonce,onegen_infonce_in_batch", "--rag_n_neg=2")
+  task = data.TaskData(cli.TaskSettings.from_args(args, "rag"), "train.jsonl", "dev.jsonl",
+                       "db.jsonl", "pool.jsonl", "", [], {})
+  configs = {arm.name: train_config(args, task, "/tmp/run", arm, "float32")
+             for arm in cli.study_arms(args)}
+  assert configs["onegen_infonce_in_batch"].data.n_neg_per_pos == 0
+  assert configs["onegen_infonce"].data.n_neg_per_pos == 2
+  assert configs["onegen_infonce"].batch.num_negatives == 2
+  for c in configs.values():
+    assert (c.loss.loss_type, c.loss.temperature) == ("infonce", 0.02)
+  assert (cli.fingerprint(args, "rag", _arm(args, "onegen_infonce"))
+          != cli.fingerprint(args, "rag", _arm(args, "onegen_infonce_in_batch")))
+
+
+def test_rag_dev_keeps_multi_hop_questions_and_trains_the_others():
+  single, double = _line(("p1", ["n1"])), _line(("p2", ["n2"]), ("p3", ["n3"]))
+  train, dev = data.multi_hop_dev([_line(("p0", ["n0"]))], [single, double])
+  assert dev == [double]
+  assert train[1:] == [single] and len(train) == 2
+
+
+def test_pool_is_the_dev_paragraphs_then_the_first_distractors():
+  db = [{"uid": u} for u in ("p1", "n1", "x1", "x2", "x3", "other")]
+  dev = [_line(("p1", ["n1"]))]
+  uids = lambda pool: [d["uid"] for d in pool]
+  assert uids(data._pool(db, dev, ["n1", "x1", "x2", "x3"], 2)) == ["p1", "n1", "x1", "x2"]
+  assert uids(data._pool(db, dev, ["x1", "x2", "x3"], -1)) == ["p1", "n1", "x1", "x2", "x3"]
+  assert uids(data._pool(db, dev, ["x1"], 0)) == ["p1", "n1"]
+
+
+def test_per_set_recall_ranks_each_sets_queries_against_the_whole_pool():
+  scores = ranking.DocScores(["a", "b", "c"], np.asarray([[0.9, 0.1, 0.0], [0.2, 0.8, 0.0],
+                                                          [0.0, 0.1, 0.7]], np.float32))
+  anchors = [ranking.GoldAnchor(i, 0, frozenset([g]), ("a", "b"), "") for i, g in
+             enumerate(("a", "c", "c"))]
+  sub = ranking.rows(scores, [1, 2])
+  assert ranking.hits(sub, anchors[1:], 1, False) == 0.5  # query 1 ranks b first, query 2 c
+  assert ranking.hits(sub, anchors[1:], 1, True) == 0.0  # c is no candidate of theirs
+
+
+def test_rag_table_has_a_row_per_arm_and_set():
+  result = ArmResult(gold=GoldRecall(pool_r1=0.5, by_set={"hotpot": {"cand_r1": 0.75,
+                                                                     "pool_r1": 0.25}}),
+                     generation=Generation(em=0.1, f1=0.2,
+                                           by_set={"hotpot": {"em": 0.125, "f1": 0.5}}))
+  text = report.table("rag", {"onegen_infonce@lambda_ret=0.5": result}, 2)
+  assert "| OneGen, InfoNCE (lambda_ret=0.5) | hotpot | 12.5 | 50.0 | 75.0 | 25.0 |" in text
