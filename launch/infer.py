@@ -4,7 +4,8 @@
 
 IN.jsonl: reference-format lines; each line's prompt is every message before its last assistant
 message. An EL line may carry "candidates": entity uids for all its mentions, or one list per
-mention; its searches are then restricted to them (exact scores against the stored vectors).
+mention; its searches are then restricted to them (exact scores against the stored vectors;
+with --candidate_prior, combined with the candidates' order: launch.fit_prior).
 A line may carry "answer_prefix": text the answer starts with, forced as its first output tokens
 (its query RET tokens retrieve as generated ones do; the text written includes it).
 OUT.jsonl: one JSON object per request: text, stop_reason, retrievals (position, ids, scores) per
@@ -30,6 +31,7 @@ from onegen_jax.inference.requests import (answer_prefix_tokens, output_record, 
                                            read_input)
 from onegen_jax.inference.run import generation_config, load_index_dir, load_run, make_engine
 from onegen_jax.inference.selfrag import MODES, SelfRag, SelfRagConfig, watched_ids
+from onegen_jax.retrieval.candidates import RankPrior
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory.")
 _INDEX = flags.DEFINE_string("index", None, "Directory written by launch.build_index.")
@@ -44,6 +46,9 @@ _TOP_P = flags.DEFINE_float("top_p", 1.0, "Nucleus sampling mass.")
 _MAX_PROMPT = flags.DEFINE_integer("max_prompt_len", 1024, "Prompts are cut to this many tokens.")
 _CAPACITY = flags.DEFINE_integer("capacity", 2048, "KV-cache entries per request.")
 _RETRIEVE_K = flags.DEFINE_integer("retrieve_k", 10, "Results kept per retrieval (first is used).")
+_PRIOR = flags.DEFINE_string("candidate_prior", "", "EL: a prior written by launch.fit_prior; "
+                             "searches among a line's candidates then rank by cosine + weight x "
+                             "log P(gold at the candidate's rank).")
 _TASK = flags.DEFINE_string("task", None, "Checked against the run's task (default: the run's).")
 _MODE = flags.DEFINE_enum("mode", None, list(MODES), "selfrag: Self-RAG's procedure (default: "
                           "plain one-pass generation).")
@@ -81,7 +86,8 @@ def main(argv):
               for n, f in zip(inputs.numbers, forced) if len(f) > _MAX_NEW.value]
   if too_long or (_MODE.value and any(p is not None for p in inputs.prefixes)):
     raise app.UsageError("\n".join(too_long) or "answer_prefix: Self-RAG's --mode takes none")
-  engine = make_engine(run, index, texts, config, vectors=vectors)
+  prior = RankPrior.load(_PRIOR.value) if _PRIOR.value else None
+  engine = make_engine(run, index, texts, config, vectors=vectors, prior=prior)
   prompts = prompt_tokens(run, inputs.prompts, _MAX_PROMPT.value)
   if _MODE.value:
     selfrag = SelfRag(engine, run.tokenizer, index.search_documents, engine.documents,

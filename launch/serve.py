@@ -23,6 +23,7 @@ from absl import app, flags
 from launch import serving_flags
 from onegen_jax.inference.run import generation_config, load_index_dir, load_run, make_engine
 from onegen_jax.inference.selfrag import SelfRag, watched_ids
+from onegen_jax.retrieval.candidates import RankPrior
 from onegen_jax.serving.app import create_app
 from onegen_jax.serving.schema import Limits
 from onegen_jax.serving.worker import EngineWorker
@@ -42,6 +43,9 @@ _MAX_NEW_LIMIT = flags.DEFINE_integer("max_new_tokens_limit", 0, "The largest ma
                                       "request may ask (0: --capacity - 1).")
 _MAX_RETRIEVALS = flags.DEFINE_integer("max_retrievals", 5, "Retrievals per request (rag).")
 _RETRIEVE_K = flags.DEFINE_integer("retrieve_k", 10, "A request's default results per retrieval.")
+_PRIOR = flags.DEFINE_string("candidate_prior", "", "EL: a prior written by launch.fit_prior; "
+                             "a request's candidates then rank by cosine + weight x log P(gold "
+                             "at the candidate's rank).")
 _MAX_RETRIEVE_K = flags.DEFINE_integer("max_retrieve_k", 100, "The largest retrieve_k.")
 _MAX_BODY = flags.DEFINE_integer("max_body_bytes", 1 << 20, "Larger request bodies get 413.")
 _MAX_SESSIONS = flags.DEFINE_integer("max_sessions", 64, "Open sessions (kept caches) at most.")
@@ -93,7 +97,9 @@ def main(argv):
                   max_new_tokens_limit=_MAX_NEW_LIMIT.value or _CAPACITY.value - 1,
                   retrieve_k=_RETRIEVE_K.value, max_retrieve_k=_MAX_RETRIEVE_K.value,
                   max_body_bytes=_MAX_BODY.value)
-  worker = EngineWorker(lambda: make_engine(run, index, texts, config, vectors=vectors),
+  prior = RankPrior.load(_PRIOR.value) if _PRIOR.value else None
+  worker = EngineWorker(lambda: make_engine(run, index, texts, config, vectors=vectors,
+                                            prior=prior),
                         max_sessions=_MAX_SESSIONS.value,
                         make_selfrag=selfrag_runner(run, index, texts, config))
   logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")

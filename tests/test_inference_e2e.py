@@ -10,15 +10,17 @@ import pytest
 from conftest import E2E_CONFIG as CONFIG, launch
 from engine_util import ScriptedIndex
 from onegen_jax.data.pipeline import build_data
-from onegen_jax.data.records import canonical_key, read_jsonl, write_jsonl
+from onegen_jax.data.records import Message, canonical_key, read_jsonl, write_jsonl
 from onegen_jax.eval.scoring import score_el, score_rag
 from onegen_jax.inference import feeding
 from onegen_jax.inference.requests import (answer_prefix_tokens, output_record, output_stream,
                                            prompt_tokens, read_input)
+from onegen_jax.inference.prior import fit_prior, gold_query_vectors
 from onegen_jax.inference.run import encode_db, load_run, make_engine
 from onegen_jax.inference.types import Request
 from onegen_jax.inference.slots import put_rows
-from onegen_jax.retrieval.encode import Encoder
+from onegen_jax.retrieval.candidates import CandidateScorer
+from onegen_jax.retrieval.encode import EncodeItem, Encoder
 from onegen_jax.retrieval.index import ApproxIndex, ExactIndex, ScannIndex
 from onegen_jax.train.program import batch_shape
 from onegen_jax.train.retrieval_eval import dev_recall
@@ -104,6 +106,51 @@ def test_gold_answers_through_the_engine_retrieve_as_training_evaluates(trained,
 # Measured 0.385 (EL, 13 dev anchors) and 0.667 (multihop, 12) after the 150 steps; chance is
 # about 1/100 (EL) and 1/280 (multihop keys).
 FLOOR = {"el": 0.25, "multihop": 0.4}
+
+
+def test_candidate_prior_fits_on_the_query_vectors_training_reads(trained, served, built):
+  """fit_prior reads each gold answer's query RET tokens exactly where training's dev records
+  have their anchors (same tokens, same vectors), scores the candidates as a numpy recount does,
+  and learns the rank table of the gold; a RAG run is refused."""
+  task, mode, data, root, config = trained
+  run, vectors, uids, _, _, _ = served
+  lines = read_jsonl(f"{data}/dev.jsonl")
+  if mode != "el":
+    with pytest.raises(ValueError, match="EL's"):
+      fit_prior(run, CandidateScorer(vectors, uids), lines)
+    return
+  conversations = [[Message(m["role"], m["content"]) for m in line["messages"]] for line in lines]
+  got = gold_query_vectors(run, conversations)
+  want = Encoder(run.model, run.mesh, rows=8, seq_len=config.batch.seq_len).encode(
+      run.params, [EncodeItem(r["tokens"], tuple(r["positions"].tolist()))
+                   for r in built.dev_records])
+  encoded = run.tokenizer.tokenize_with_roles(conversations, run.task.query_token, 1 << 30)
+  for e, record in zip(encoded, built.dev_records):  # training reads its valid anchors only
+    assert e.tokens.tolist() == np.asarray(record["tokens"]).tolist()
+  at_anchors = [v[np.isin(e.rets, r["positions"])] for v, e, r in
+                zip(got, encoded, built.dev_records)]
+  np.testing.assert_allclose(np.concatenate(at_anchors), want, atol=1e-5)
+  rng, hits, gold_ranks, missing = np.random.default_rng(0), [], [], 0
+  for line, queries in zip(lines, got):
+    per_mention = []
+    for query, gold in zip(queries, line["messages"][-1]["positive"]):
+      others = [u for u in rng.permutation(uids)[:5].tolist() if u != gold][:4]
+      rank = 0 if len(gold_ranks) % 3 else 2  # the gold first for two mentions in three
+      per_mention.append(others[:rank] + [gold] + others[rank:])
+      if gold not in uids:  # a positive outside the db: no key, the mention is skipped
+        missing += 1
+        continue
+      cos = vectors[[uids.index(u) for u in per_mention[-1]]].astype(np.float64) @ query
+      hits.append(int(np.argmax(cos)) == rank)
+      gold_ranks.append(rank)
+    line["candidates"] = per_mention
+  fit = fit_prior(run, CandidateScorer(vectors, uids), lines, "dev.jsonl")
+  assert (fit.mentions, fit.skipped) == (len(gold_ranks), missing)
+  assert fit.cosine_acc == pytest.approx(np.mean(hits))
+  assert fit.prior_acc == pytest.approx(np.mean(np.asarray(gold_ranks) == 0))
+  counts = np.bincount(gold_ranks, minlength=5) + 1.0
+  np.testing.assert_allclose(fit.prior.log_prior, np.log(counts / counts.sum()))
+  assert fit.combined_acc >= fit.cosine_acc
 
 
 def test_prefills_beside_decoding_rows_run_apart_and_change_nothing(served, built, monkeypatch):

@@ -25,7 +25,7 @@ from onegen_jax.data.records import Report
 from onegen_jax.data.tasks import Task, get_task
 from onegen_jax.inference.engine import Engine, GenerationConfig, TaskTokens
 from onegen_jax.model.decoder import Decoder, abstract_params
-from onegen_jax.retrieval.candidates import CandidateScorer
+from onegen_jax.retrieval.candidates import CandidateScorer, RankPrior
 from onegen_jax.retrieval.encode import EncodeItem, Encoder
 from onegen_jax.retrieval.index import Index, load_index
 
@@ -138,10 +138,12 @@ def generation_config(task: Task, max_retrievals: int, **settings) -> Generation
 
 
 def make_engine(run: LoadedRun, index: Index, texts: dict[str, str], config: GenerationConfig,
-                vectors: np.ndarray | None = None, **hooks) -> Engine:
+                vectors: np.ndarray | None = None, prior: RankPrior | None = None,
+                **hooks) -> Engine:
   """The OneGen engine over `index`: RAG inserts the retrieved key's whole document. vectors
   [keys, D] in the index's key order (build_index's vectors.npy) enable EL requests with
-  candidates; hooks: further Engine arguments (query_vectors)."""
+  candidates, ranked by cosine alone or, with `prior`, combined with the candidates' order
+  (launch.fit_prior); hooks: further Engine arguments (query_vectors)."""
   ids = run.tokenizer.ids
   task = run.task
   hf = run.tokenizer.hf
@@ -158,5 +160,6 @@ def make_engine(run: LoadedRun, index: Index, texts: dict[str, str], config: Gen
                  force_after_query=ids[force] if force else None),
       search, documents=lambda uid: run.tokenizer.insertion_tokens(texts[uid]),
       config=config, mode=task.mode, vocab_size=len(hf),
-      search_candidates=None if vectors is None else CandidateScorer(vectors, index.ids).search,
+      search_candidates=(None if vectors is None
+                         else CandidateScorer(vectors, index.ids, prior).search),
       mesh=run.mesh, **hooks)

@@ -13,6 +13,13 @@ import numpy as np
 Candidates = Sequence[str] | Sequence[Sequence[str]] | None
 
 
+def candidates_for(candidates: Candidates, query_index: int) -> Sequence[str] | None:
+  """The candidate uids of the query_index-th query of a request (None: unrestricted)."""
+  if candidates and not isinstance(candidates[0], str):  # one list per query
+    return candidates[query_index] if query_index < len(candidates) else None
+  return candidates
+
+
 @dataclasses.dataclass(frozen=True)
 class TaskTokens:
   """Token ids the engine acts on."""
@@ -58,9 +65,7 @@ class Request:
 
   def candidates_for(self, query_index: int) -> Sequence[str] | None:
     """The candidate uids of this request's query_index-th query (None: unrestricted)."""
-    if self.candidates and not isinstance(self.candidates[0], str):  # one list per query
-      return self.candidates[query_index] if query_index < len(self.candidates) else None
-    return self.candidates
+    return candidates_for(self.candidates, query_index)
 
   def setting(self, name: str, config: GenerationConfig):
     """This request's value of a per-request setting, else the config's."""
