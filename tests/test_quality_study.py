@@ -95,3 +95,16 @@ def test_rag_table_has_a_row_per_arm_and_set():
                                            by_set={"hotpot": {"em": 0.125, "f1": 0.5}}))
   text = report.table("rag", {"onegen_infonce@lambda_ret=0.5": result}, 2)
   assert "| OneGen, InfoNCE (lambda_ret=0.5) | hotpot | 12.5 | 50.0 | 75.0 | 25.0 |" in text
+
+
+def test_the_candidate_prior_raises_each_candidate_by_its_rank_only_among_candidates():
+  """with_prior adds weight x log_prior[rank] to each anchor's candidates (rank: their order in
+  the data) and leaves other documents alone; the prior can overturn a close cosine."""
+  from onegen_jax.retrieval.candidates import RankPrior
+  scores = ranking.DocScores(["a", "b", "c"], np.asarray([[0.50, 0.55, 0.9]], np.float32))
+  anchor = ranking.GoldAnchor(0, 0, frozenset(["a"]), ("a", "b"), "")
+  prior = RankPrior(0.1, (-0.1, -2.0))
+  combined = ranking.with_prior(scores, [anchor], prior)
+  np.testing.assert_allclose(combined.matrix, [[0.50 - 0.01, 0.55 - 0.2, 0.9]], rtol=1e-6)
+  assert ranking.hits(scores, [anchor], 1, True) == 0.0
+  assert ranking.hits(combined, [anchor], 1, True) == 1.0

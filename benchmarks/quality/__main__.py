@@ -115,7 +115,7 @@ def _paths(args: argparse.Namespace, mode: str, arm: Arm) -> tuple[str, str, str
 
 def _train_dir(args: argparse.Namespace, mode: str, arm: Arm) -> str:
   return os.path.join(args.out, "train", mode,
-                      f"{arm.key}-{fingerprint(args, mode, arm, training=True)}")
+                      f"{arm.train_key}-{fingerprint(args, mode, arm, training=True)}")
 
 
 def _run_arm(study: Study, task: TaskRun, arm: Arm) -> ArmResult:
@@ -172,7 +172,8 @@ def _run_task(study: Study, task_index: int, settings: TaskSettings) -> None:
   args = study.args
   task = _prepare(study, settings)
   arms = study_arms(args)
-  trained = {arm.key: arm for arm in [*arms, *ARMS] if arm.loss is not None}  # for the curves
+  trained = {arm.key: arm for arm in [*arms, *ARMS]  # for the curves: one line per run
+             if arm.loss is not None and not arm.model_of}
   study.train_dirs[task.mode] = {key: _train_dir(args, task.mode, arm)
                                  for key, arm in trained.items()}
   results = study.run.results.setdefault(task.mode, {})

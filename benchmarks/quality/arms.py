@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import dataclasses
 
-RETRIEVERS = ("self", "minilm", "bm25", "prior")
+# self_prior: its own RET hidden states combined with the candidate prior among candidates
+# (onegen_jax.retrieval.candidates.RankPrior, fit on training mentions).
+RETRIEVERS = ("self", "minilm", "bm25", "prior", "self_prior")
 # The loss fields the lever flags set (the flags share their names).
 LEVERS = ("lambda_gen", "lambda_ret", "temperature")
 
@@ -31,6 +33,7 @@ class Arm:
   tasks: tuple[str, ...] = ("rag", "el")
   n_neg: int | None = None  # own negatives per anchor (None: the task's --MODE_n_neg)
   levers: str = ""  # the lever flags away from the arm's defaults, e.g. "lambda_ret=0.5"
+  model_of: str = ""  # evaluates the model another arm trains (its training run is shared)
 
   def __post_init__(self):
     if self.retriever not in RETRIEVERS:
@@ -40,6 +43,12 @@ class Arm:
   def key(self) -> str:
     """The arm with its levers: its results file, training directory and table row."""
     return f"{self.name}@{self.levers}" if self.levers else self.name
+
+  @property
+  def train_key(self) -> str:
+    """The key of the arm whose training run this arm's model is."""
+    name = self.model_of or self.name
+    return f"{name}@{self.levers}" if self.levers else name
 
 
 # In the order they run: the baselines without training first (minutes), then the models, the
@@ -57,6 +66,9 @@ ARMS = (
     Arm("rit_infonce", "RIT, InfoNCE (retrieval only)", Loss("infonce", 0.0, 1.0), writes=False),
     Arm("onegen_infonce_in_batch", "OneGen, InfoNCE, in-batch negatives only",
         Loss("infonce", 1.0, 1.0), n_neg=0),
+    Arm("onegen_infonce_prior", "OneGen, InfoNCE + candidate prior (weight fit on training "
+        "mentions)", Loss("infonce", 1.0, 1.0), "self_prior", writes=False, tasks=("el",),
+        model_of="onegen_infonce"),
 )
 BY_NAME = {arm.name: arm for arm in ARMS}
 

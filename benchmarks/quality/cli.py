@@ -37,13 +37,14 @@ SIZES: dict[str, dict] = {
         el_n_neg=1,
         el_chunk_tokens=64, el_chunk_sentences=4, rag_paragraph_tokens=96, rag_dev_limit=100,
         el_dev_limit=0, el_whole_kb=False, rag_max_new_tokens=128, el_max_new_tokens=0,
-        rag_pool_distractors=500, gen_batch=32, encode_rows=8),
+        rag_pool_distractors=500, el_prior_fit_pieces=300, gen_batch=32, encode_rows=8),
     "accelerator": dict(
         train_tokens=2_000_000, rag_rows=16, rag_seq_len=1024, el_rows=16, el_seq_len=1024,
         accum_steps=2, remat="dots_with_no_batch_dims", rag_n_pos=4, rag_n_neg=2, el_n_pos=64,
         el_n_neg=2, el_chunk_tokens=384, el_chunk_sentences=0, rag_paragraph_tokens=0,
         rag_dev_limit=0, el_dev_limit=0, el_whole_kb=True, rag_max_new_tokens=160,
-        el_max_new_tokens=0, rag_pool_distractors=-1, gen_batch=64, encode_rows=32),
+        el_max_new_tokens=0, rag_pool_distractors=-1, el_prior_fit_pieces=-1, gen_batch=64,
+        encode_rows=32),
 }
 # Flags that change neither training nor the figures (left out of the fingerprints).
 _NOT_FINGERPRINTED = ("out", "tasks", "arms", "budget_s", "cache_dir", "record", "record_from",
@@ -52,7 +53,7 @@ _NOT_FINGERPRINTED = ("out", "tasks", "arms", "budget_s", "cache_dir", "record",
 # Flags that change only the evaluation (left out of the training fingerprint).
 _EVAL_ONLY = ("rag_dev_limit", "el_dev_limit", "el_dev_max_tokens", "rag_max_new_tokens",
               "el_max_new_tokens", "force_first_query", "recall_k", "el_whole_kb",
-              "rag_pool_distractors")
+              "rag_pool_distractors", "el_prior_fit_pieces")
 _OTHER_TASK = {"rag": ("el_",), "el": ("rag_", "qa_")}
 
 
@@ -127,6 +128,8 @@ def _data_flags(a) -> None:
   a("--rag_pool_distractors", type=int, default=None, help="Paragraphs of --qa_extra_corpus "
     "added to the RAG evaluation pool besides every dev paragraph, in file order (-1: all).")
   a("--el_dev_limit", type=int, default=None, help="Dev pieces.")
+  a("--el_prior_fit_pieces", type=int, default=None, help="EL training pieces (docs_train's, "
+    "with REL candidates) the candidate prior of onegen_infonce_prior is fit on (-1: all).")
   a("--el_dev_max_tokens", type=int, default=0, help="Dev EL pieces whose example is longer are "
     "left out (0: none).")
   a("--train_limit", type=int, default=0, help="Random training examples kept per task.")

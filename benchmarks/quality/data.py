@@ -16,6 +16,9 @@ shortened (--doc_rows), chat-wrapped, subsetted, written to OUT/data/MODE/:
 RAG's dev set is multi-hop: a dev question (every tenth of a set) with fewer than two gold queries
 (all of nq_open_oracle) trains instead.
   kb.jsonl     the whole db (EL with --el_whole_kb)
+  prior_fit.jsonl, prior_fit_db.jsonl  EL: --el_prior_fit_pieces training pieces (docs_train's,
+               with their mentions' REL candidates) and the entities they name as candidates,
+               which the candidate prior is fit on (never dev)
 """
 
 from __future__ import annotations
@@ -57,6 +60,8 @@ class TaskData:
   kb_path: str  # the whole db ("" when not evaluated against it)
   dev: list[DevLine]
   counts: dict[str, int]
+  prior_fit_path: str = ""  # EL training lines with candidates ("" when none)
+  prior_fit_db_path: str = ""  # ... the entities they name
 
   @property
   def task(self) -> Task:
@@ -70,6 +75,7 @@ class _Splits:
   db: list[dict]
   dev_sets: list[str]  # source set of each dev line ("" when unknown)
   distractors: list[str] = dataclasses.field(default_factory=list)  # extra-corpus uids, in order
+  prior_fit: list[dict] = dataclasses.field(default_factory=list)  # EL training lines, candidates
 
 
 def template_field(template: str, field: str, text: str) -> str | None:
@@ -148,7 +154,10 @@ def _converted_el(args: argparse.Namespace, hf_tokenizer, eos: str) -> _Splits:
   dev_a, dev_b, _ = convert.convert_el(shaped.dev_dir, eos)
   dev = [_with_candidates(line, EL, spans)
          for line, spans in zip(_unsplit(dev_a, dev_b), shaped.dev_candidates)]
-  return _Splits(_unsplit(train_a, train_b), dev, db, ["el"] * len(dev))
+  train = _unsplit(train_a, train_b)  # docs_train's pieces first, in order, then OKE's
+  prior_fit = [_with_candidates(line, EL, spans)
+               for line, spans in zip(train, shaped.train_candidates)]
+  return _Splits(train, dev, db, ["el"] * len(dev), prior_fit=prior_fit)
 
 
 def multi_hop_dev(train: list[dict], dev: list[dict]) -> tuple[list[dict], list[dict]]:
@@ -316,6 +325,11 @@ def prepare_task(settings: TaskSettings, args: argparse.Namespace, hf_tokenizer,
            "pool": _pool(splits.db, kept.dev, splits.distractors, distractors)}
   if settings.mode == "el" and args.el_whole_kb:
     files["kb"] = splits.db
+  if splits.prior_fit and args.el_prior_fit_pieces:
+    files["prior_fit"] = _prior_fit_lines(splits.prior_fit, args.el_prior_fit_pieces, args.seed,
+                                          wrap)
+    named = {u for line in files["prior_fit"] for c in line["candidates"] for u in c}
+    files["prior_fit_db"] = [d for d in splits.db if d["uid"] in named]
   counts.update({name: len(lines) for name, lines in files.items()})
   counts["dev_queries"] = sum(len(line["candidates"]) for line in kept.dev)
   for s in sorted(set(kept.dev_sets)):
@@ -328,4 +342,15 @@ def prepare_task(settings: TaskSettings, args: argparse.Namespace, hf_tokenizer,
   say(f"{settings.mode} data in {out}: {counts}")
   dev = [_dev_line(splits.dev[i], s) for i, s in zip(picked, kept.dev_sets)]
   return TaskData(settings, paths["train"], paths["dev"], paths["db"], paths["pool"],
-                  paths.get("kb", ""), dev, counts)
+                  paths.get("kb", ""), dev, counts, paths.get("prior_fit", ""),
+                  paths.get("prior_fit_db", ""))
+
+
+def _prior_fit_lines(lines: list[dict], limit: int, seed: int, wrap) -> list[dict]:
+  """At most `limit` (-1: all) of the training lines with a candidate list, at random (seeded),
+  in file order, wrapped as training wraps them."""
+  usable = [line for line in lines if any(line["candidates"])]
+  if 0 <= limit < len(usable):
+    picked = np.random.default_rng(seed).permutation(len(usable))[:limit]
+    usable = [usable[i] for i in sorted(picked)]
+  return wrap(usable)

@@ -31,7 +31,9 @@ from onegen_jax.data.records import Document, Example, document_uid, read_jsonl,
 from onegen_jax.eval.scoring import score_el, score_rag
 from onegen_jax.inference.engine import GenerationConfig
 from onegen_jax.inference.requests import output_record, prompt_tokens, read_requests
+from onegen_jax.inference.prior import PriorFit, fit_prior
 from onegen_jax.inference.run import LoadedRun, encode_db, make_engine
+from onegen_jax.retrieval.candidates import CandidateScorer
 from onegen_jax.retrieval.encode import EncodeItem, Encoder
 from onegen_jax.retrieval.index import ExactIndex, Index
 
@@ -101,20 +103,24 @@ def build_eval_set(data: TaskData, tokenizer: TaskTokenizer, k: int) -> EvalSet:
                  k)
 
 
-def _recall(scores: DocScores | None, kb: DocScores | None, eval_set: EvalSet) -> GoldRecall:
+def _recall(scores: DocScores | None, kb: DocScores | None, eval_set: EvalSet,
+            among_candidates: DocScores | None = None) -> GoldRecall:
   """The figures of one retriever's scores on the pool (and the whole db), and R@1 per source
-  set of the dev lines."""
+  set of the dev lines; among_candidates: other scores for the figures among each query's
+  candidates (the candidate prior's)."""
   anchors, k = eval_set.anchors, eval_set.k
   out = GoldRecall(anchors=len(anchors), gold_in_candidates=ranking.gold_in_candidates(anchors))
   if scores is not None:
-    out.cand_r1, out.cand_rk = (ranking.hits(scores, anchors, n, True) for n in (1, k))
+    cand = scores if among_candidates is None else among_candidates
+    out.cand_r1, out.cand_rk = (ranking.hits(cand, anchors, n, True) for n in (1, k))
     out.pool_r1, out.pool_rk = (ranking.hits(scores, anchors, n, False) for n in (1, k))
     sets = [eval_set.data.dev[a.line].source for a in anchors]
     for name in sorted(set(sets) - {""}):
       rows = [i for i, s in enumerate(sets) if s == name]
-      sub, sub_anchors = ranking.rows(scores, rows), [anchors[i] for i in rows]
-      out.by_set[name] = {"cand_r1": ranking.hits(sub, sub_anchors, 1, True),
-                          "pool_r1": ranking.hits(sub, sub_anchors, 1, False)}
+      sub_anchors = [anchors[i] for i in rows]
+      out.by_set[name] = {"cand_r1": ranking.hits(ranking.rows(cand, rows), sub_anchors, 1, True),
+                          "pool_r1": ranking.hits(ranking.rows(scores, rows), sub_anchors, 1,
+                                                  False)}
   if kb is not None:
     out.kb_r1, out.kb_rk = (ranking.hits(kb, anchors, n, False) for n in (1, k))
   return out
@@ -176,9 +182,34 @@ def gold_recall(eval_set: EvalSet, arm: Arm, run: LoadedRun | None, minilm: Mini
   else:
     pool, kb, index = (_minilm_scores(eval_set, minilm) if arm.retriever == "minilm"
                        else _self_scores(eval_set, run, args, workdir))
-    out = _recall(pool, kb, eval_set)
+    fit = _fitted_prior(eval_set, run, args, workdir) if arm.retriever == "self_prior" else None
+    out = _recall(pool, kb, eval_set,  # with a prior, among candidates: cosine + its term
+                  fit and ranking.with_prior(pool, eval_set.anchors, fit.prior))
+    if fit is not None:
+      out.prior = {"weight": fit.prior.weight, "mentions": fit.mentions, "skipped": fit.skipped,
+                   "cosine_acc": fit.cosine_acc, "prior_acc": fit.prior_acc,
+                   "combined_acc": fit.combined_acc}
   out.retrieval_eval_s = time.time() - start
   return out, index
+
+
+def _fitted_prior(eval_set: EvalSet, run: LoadedRun, args: argparse.Namespace,
+                  workdir: str) -> PriorFit:
+  """The candidate prior fit with the arm's model on the training pieces of prior_fit.jsonl,
+  their candidates encoded as the db is (rows long enough for the longest, uncut)."""
+  data = eval_set.data
+  if not data.prior_fit_path:
+    raise ValueError("the candidate prior needs training pieces with candidates: "
+                     "--el_prior_fit_pieces > 0 (EL data converted here)")
+  docs = load_documents(data.task, data.prior_fit_db_path)[0]
+  longest = max(len(r.tokens) for r in run.tokenizer.tokenize_with_roles(
+      [d.messages for d in docs], data.task.doc_token, 1 << 30))
+  vectors, key_uids, _, _ = encode_db(run, data.prior_fit_db_path,
+                                      os.path.join(workdir, "prior_fit_db"),
+                                      rows=args.encode_rows,
+                                      seq_len=-(-longest // _DOC_ROUND) * _DOC_ROUND)
+  return fit_prior(run, CandidateScorer(np.asarray(vectors), key_uids),
+                   read_jsonl(data.prior_fit_path), data.prior_fit_path, args.encode_rows)
 
 
 def _max_new_tokens(eval_set: EvalSet, tokenizer: TaskTokenizer) -> int:

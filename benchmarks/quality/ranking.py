@@ -44,6 +44,22 @@ def from_keys(queries: np.ndarray, vectors: np.ndarray, key_uids: Sequence[str])
   return DocScores(uids, matrix.T)
 
 
+def with_prior(scores: DocScores, anchors: Sequence[GoldAnchor], prior) -> DocScores:
+  """The scores with each anchor's candidates raised by the candidate prior of their rank
+  (prior: onegen_jax.retrieval.candidates.RankPrior; rank: place among the distinct candidates
+  as the data orders them, as CandidateScorer ranks them). Only among-candidates figures read
+  it: other documents are left as they are."""
+  column = {u: i for i, u in enumerate(scores.uids)}
+  matrix = np.array(scores.matrix, np.float32)
+  for i, anchor in enumerate(anchors):
+    ranked = list(dict.fromkeys(anchor.candidates))
+    bonus = prior.bonus(len(ranked))
+    for r, uid in enumerate(ranked):
+      if uid in column:
+        matrix[i, column[uid]] += bonus[r]
+  return DocScores(scores.uids, matrix)
+
+
 def rows(scores: DocScores, queries: Sequence[int]) -> DocScores:
   """The scores of some queries only (rows, in the given order)."""
   return DocScores(scores.uids, scores.matrix[np.asarray(queries, np.int64)])

@@ -179,9 +179,16 @@ def write(run: Run) -> str:
 
 
 def _train_lines(results: dict[str, ArmResult]) -> list[str]:
-  """Per trained arm: steps, packing, steps without queries/targets, final losses."""
+  """Per trained arm: steps, packing, steps without queries/targets, final losses; per arm with
+  a fitted candidate prior, the fit."""
   out = []
   for name, r in results.items():
+    if r.gold and r.gold.prior:
+      p = r.gold.prior
+      out.append(f"{label(name)}: prior weight {p['weight']:g} fit on {p['mentions']} training "
+                 f"mentions ({p['skipped']} without a gold candidate left out); acc@1 there: "
+                 f"cosine {_cell(p['cosine_acc'])}, prior {_cell(p['prior_acc'])}, combined "
+                 f"{_cell(p['combined_acc'])}.")
     t: TrainStats = r.train
     if t.steps:
       out.append(f"{label(name)}: {t.steps}/{r.steps_planned} steps, packing "

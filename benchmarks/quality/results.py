@@ -43,6 +43,7 @@ class GoldRecall:
   anchors: int = 0  # gold queries ranked
   retrieval_eval_s: float | None = None
   by_set: dict[str, dict[str, float]] = dataclasses.field(default_factory=dict)  # cand_r1, pool_r1
+  prior: dict[str, float] = dataclasses.field(default_factory=dict)  # the fitted prior (self_prior)
 
 
 @dataclasses.dataclass

@@ -51,6 +51,7 @@ class ElSources:
   train_dir: str
   dev_dir: str
   dev_candidates: list[dict[tuple[int, int], list[str]]]  # per dev piece: span -> candidate uids
+  train_candidates: list[dict[tuple[int, int], list[str]]]  # ... per docs_train training piece
   counts: dict[str, int]
 
 
@@ -177,7 +178,8 @@ def el_sources(src: str, out: str, hf_tokenizer, chunking: Chunking, dev_every: 
   return ElSources(_write_el_dir(os.path.join(out, "train"), kb_path,
                                  {"docs_train.jsonl": train, **oke}),
                    _write_el_dir(os.path.join(out, "dev"), kb_path, {"docs_train.jsonl": dev}),
-                   [_rel_candidates(p, kb_titles) for p in dev], counts)
+                   [_rel_candidates(p, kb_titles) for p in dev],
+                   [_rel_candidates(p, kb_titles) for p in train], counts)
 
 
 def cap_texts(texts: list[str], hf_tokenizer, max_tokens: int) -> list[str]:
