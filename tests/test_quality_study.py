@@ -62,6 +62,17 @@ def test_in_batch_arm_trains_without_own_negatives():
           != cli.fingerprint(args, "rag", _arm(args, "onegen_infonce_in_batch")))
 
 
+def test_wide_arm_trains_four_micro_batches_per_step_with_shared_negatives():
+  args = _args("--arms=onegen_infonce,onegen_infonce_wide")
+  task = data.TaskData(cli.TaskSettings.from_args(args, "rag"), "train.jsonl", "dev.jsonl",
+                       "db.jsonl", "pool.jsonl", "", [], {})
+  plain, wide = (train_config(args, task, "/tmp/run", arm, "float32")
+                 for arm in cli.study_arms(args))
+  assert (wide.batch.rows, wide.batch.accum_steps) == (4 * plain.batch.rows, 4)
+  assert wide.batch.num_queries == plain.batch.num_queries  # per micro-batch, unchanged
+  assert wide.loss.negatives_across_micro_batches and not plain.loss.negatives_across_micro_batches
+
+
 def test_rag_dev_keeps_multi_hop_questions_and_trains_the_others():
   single, double = _line(("p1", ["n1"])), _line(("p2", ["n2"]), ("p3", ["n3"]))
   train, dev = data.multi_hop_dev([_line(("p0", ["n0"]))], [single, double])

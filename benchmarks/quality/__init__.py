@@ -21,6 +21,13 @@ questions / documents:
   rit_infonce     retrieval only with InfoNCE: joint vs retrieval-only for the loss that works
   onegen_infonce_in_batch  OneGen-InfoNCE without own negatives (n_neg 0): the batch's other keys
                   only, so the same tokens hold more queries
+  onegen_infonce_wide  OneGen-InfoNCE with 4x the rows per optimizer step as 4 accumulation
+                  micro-batches, negatives across them (the GradCache-style step): 4x the
+                  in-batch keys per query, a quarter of the steps, same tokens
+  onegen_infonce_prior  EL: onegen_infonce's model; among a mention's candidates, cosine + the
+                  candidate prior (RankPrior: weight x log P(gold at rank), fit on
+                  --el_prior_fit_pieces training pieces, never dev), as launch.infer
+                  --candidate_prior links
 Lever flags: --lambda_gen / --lambda_ret set the joint arms' loss weights, --temperature the
 InfoNCE arms'; a value away from an arm's own is part of its key (onegen_infonce@lambda_ret=0.5:
 its own results file, training run and table row), so several values share one --out and table.

@@ -34,6 +34,9 @@ class Arm:
   n_neg: int | None = None  # own negatives per anchor (None: the task's --MODE_n_neg)
   levers: str = ""  # the lever flags away from the arm's defaults, e.g. "lambda_ret=0.5"
   model_of: str = ""  # evaluates the model another arm trains (its training run is shared)
+  # Optimizer steps this many times wider: rows and accumulation micro-batches x batch_scale,
+  # InfoNCE negatives across the micro-batches (the GradCache-style step), steps / batch_scale.
+  batch_scale: int = 1
 
   def __post_init__(self):
     if self.retriever not in RETRIEVERS:
@@ -66,6 +69,8 @@ ARMS = (
     Arm("rit_infonce", "RIT, InfoNCE (retrieval only)", Loss("infonce", 0.0, 1.0), writes=False),
     Arm("onegen_infonce_in_batch", "OneGen, InfoNCE, in-batch negatives only",
         Loss("infonce", 1.0, 1.0), n_neg=0),
+    Arm("onegen_infonce_wide", "OneGen, InfoNCE, 4x wider steps (negatives across 4 "
+        "micro-batches)", Loss("infonce", 1.0, 1.0), batch_scale=4),
     Arm("onegen_infonce_prior", "OneGen, InfoNCE + candidate prior (weight fit on training "
         "mentions)", Loss("infonce", 1.0, 1.0), "self_prior", writes=False, tasks=("el",),
         model_of="onegen_infonce"),

@@ -255,7 +255,8 @@ def fingerprint(args: argparse.Namespace, mode: str, arm: Arm, training: bool = 
   values = {k: v for k, v in sorted(vars(args).items())
             if k not in skip and not k.startswith(_OTHER_TASK[mode])}
   if arm.loss is not None:
-    values["arm"] = {**dataclasses.asdict(arm.loss), "n_neg": arm.n_neg}
+    values["arm"] = {**dataclasses.asdict(arm.loss), "n_neg": arm.n_neg,
+                     "batch_scale": arm.batch_scale}
   return hashlib.sha256(json.dumps(values, sort_keys=True, default=str).encode()).hexdigest()[:10]
 
 

@@ -86,9 +86,11 @@ def train_config(args: argparse.Namespace, data: TaskData, run_dir: str, arm: Ar
   c = base_config(data.task.name)
   c.model.update(init_from=run_dir, dtype=dtype, remat_policy=args.remat)
   c.mesh.update(data=-1, fsdp=1)
-  c.loss.update(**dataclasses.asdict(arm.loss))
+  c.loss.update(negatives_across_micro_batches=arm.batch_scale > 1,
+                **dataclasses.asdict(arm.loss))
   c.optim.update(lr=args.lr, schedule=args.schedule, warmup_steps=args.warmup_steps)
-  c.batch.update(rows=s.rows, seq_len=s.seq_len, accum_steps=args.accum_steps,
+  c.batch.update(rows=s.rows * arm.batch_scale, seq_len=s.seq_len,
+                 accum_steps=args.accum_steps * arm.batch_scale,
                  num_queries=max(micro_tokens // TOKENS_PER_QUERY, s.n_pos),
                  num_keys=max(micro_tokens // TOKENS_PER_KEY, s.n_pos * (1 + n_neg)),
                  num_negatives=max(n_neg, 1))
@@ -160,7 +162,7 @@ def train_arm(args: argparse.Namespace, data: TaskData, run_dir: str, arm: Arm, 
     say(f"{data.settings.mode}/{arm.key}: stopped at step {last} of {config.train.steps} "
         f"(SIGTERM; checkpoint saved in {workdir}); rerun the same command to resume")
     raise SystemExit(0)
-  return params, train_stats(workdir, data.settings.rows, data.settings.seq_len), config.train.steps
+  return params, train_stats(workdir, config.batch.rows, data.settings.seq_len), config.train.steps
 
 
 def arm_model(args: argparse.Namespace, data: TaskData, run_dir: str, arm: Arm, dtype: str,
