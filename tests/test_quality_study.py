@@ -119,3 +119,99 @@ def test_the_candidate_prior_raises_each_candidate_by_its_rank_only_among_candid
   np.testing.assert_allclose(combined.matrix, [[0.50 - 0.01, 0.55 - 0.2, 0.9]], rtol=1e-6)
   assert ranking.hits(scores, [anchor], 1, True) == 0.0
   assert ranking.hits(combined, [anchor], 1, True) == 1.0
+
+
+# --- data shaping (sources.py, data.py) -----------------------------------------------------
+
+def _word_count(text):
+  """A token counter that counts words (the chunker's `count(a, b)`)."""
+  import re
+  starts = [m.start() for m in re.finditer(r"\S+", text)]
+  return lambda a, b: sum(a <= s < b for s in starts)
+
+
+def test_pieces_end_at_sentence_ends_within_the_limits_and_never_inside_a_mention():
+  from benchmarks.quality import sources
+  text = "Alpha beta gamma. Delta epsilon zeta eta. Theta iota. Kappa lambda mu nu xi omicron."
+  count = _word_count(text)
+  bounds = sources.piece_bounds(text, [], count, sources.Chunking(max_tokens=7, max_sentences=0))
+  pieces = [text[a:b].strip() for a, b in bounds]
+  assert pieces == ["Alpha beta gamma. Delta epsilon zeta eta.", "Theta iota.",  # 7 words, 2
+                    "Kappa lambda mu nu xi omicron."]  # 2 + 6 would pass 7
+  assert [a for a, _ in bounds][1:] == [b for _, b in bounds][:-1]  # consecutive, covering
+  # A mention across the second sentence end keeps both sentences in one piece.
+  span = (text.index("eta."), text.index("iota") + 4)
+  bounds = sources.piece_bounds(text, [span], count, sources.Chunking(max_tokens=4,
+                                                                       max_sentences=0))
+  assert not any(span[0] < b < span[1] for _, b in bounds)
+  # One sentence over the limit is cut at word ends.
+  long = "one two three four five six seven."
+  bounds = sources.piece_bounds(long, [], _word_count(long), sources.Chunking(3, 0))
+  assert [long[a:b].strip() for a, b in bounds] == ["one two three", "four five six", "seven."]
+
+
+def test_a_chunked_document_keeps_every_mention_at_its_shifted_offsets():
+  from benchmarks.quality import sources
+
+  class Words:  # the HF tokenizer's offsets, one token per word
+    def __call__(self, text, add_special_tokens, return_offsets_mapping):
+      import re
+      return {"offset_mapping": [(m.start(), m.end()) for m in re.finditer(r"\S+", text)]}
+
+  text = "Paris is big. Berlin is old. Rome is far away from here."
+  mentions = [{"start": text.index(w), "end": text.index(w) + len(w), "surface": w}
+              for w in ("Paris", "Berlin", "Rome")]
+  pieces = sources.chunk_document({"doc_id": "d", "text": text, "mentions": mentions}, Words(),
+                                  sources.Chunking(max_tokens=6, max_sentences=0))
+  assert [p["doc_id"] for p in pieces] == ["d#0", "d#1"]
+  found = [(p["text"][m["start"]:m["end"]], m["surface"]) for p in pieces for m in p["mentions"]]
+  assert found == [("Paris", "Paris"), ("Berlin", "Berlin"), ("Rome", "Rome")]
+
+
+def test_template_field_reads_back_what_the_template_wrote():
+  template = "Title: {title}\nWrite {{braces}} about it."
+  assert data.template_field(template, "title", "x " + template.format(title="Ada Lovelace")) == \
+      "Ada Lovelace"
+  assert data.template_field(template, "input", "anything") is None
+  assert data.template_field(template, "title", "unrelated text") is None
+
+
+def test_round_robin_takes_the_sets_in_turn_and_keeps_file_order():
+  sets = ["a", "a", "a", "b", "c", "c"]
+  assert data._round_robin(sets, 4) == [0, 1, 3, 4]
+  assert data._round_robin(sets, 0) == list(range(6))
+
+
+def test_first_fit_places_sequences_as_the_packer_does():
+  assert data._first_fit([300, 300, 200], rows=2, seq_len=512)
+  assert not data._first_fit([300, 300, 300], rows=2, seq_len=512)
+
+
+def test_a_limited_db_keeps_every_listed_document_then_random_others():
+  db = [{"uid": f"d{i}"} for i in range(10)]
+  kept = data._limit_db(db, [_line(("d7", ["d8"]))], 4, np.random.default_rng(0))
+  uids = [d["uid"] for d in kept]
+  assert len(uids) == 4 and {"d7", "d8"} <= set(uids)
+  assert uids == sorted(uids, key=lambda u: int(u[1:]))  # db order
+
+
+# --- ranking and results -----------------------------------------------------------------
+
+def test_a_document_scores_by_its_best_key_and_ties_rank_by_uid():
+  queries = np.asarray([[1.0, 0.0]], np.float32)
+  keys = np.asarray([[0.2, 0.9], [0.8, 0.6], [0.8, 0.6]], np.float32)
+  scores = ranking.from_keys(queries, keys, ["b-0", "b-1", "a"])  # b's keys b-0, b-1; a
+  assert scores.uids == ["b", "a"]
+  np.testing.assert_allclose(scores.matrix, [[0.8, 0.8]])
+  tie = ranking.GoldAnchor(0, 0, frozenset(["b"]), ("b", "a"), "")
+  assert ranking.hits(scores, [tie], 1, False) == 0.0  # a equal score: "a" < "b" wins
+  assert ranking.hits(scores, [tie], 2, False) == 1.0
+
+
+def test_a_saved_arm_is_reused_only_under_its_fingerprint(tmp_path):
+  from benchmarks.quality.results import load_arm, save_arm
+  result = ArmResult(gold=GoldRecall(cand_r1=0.5, by_set={"s": {"cand_r1": 0.5}}), eval_s=3.0)
+  save_arm(str(tmp_path / "arm.json"), result, "abc")
+  assert load_arm(str(tmp_path / "arm.json"), "abc") == result
+  assert load_arm(str(tmp_path / "arm.json"), "abd") is None
+  assert load_arm(str(tmp_path / "missing.json"), "abc") is None
