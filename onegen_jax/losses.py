@@ -12,6 +12,8 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from onegen_jax.model.ret_vectors import gather_vectors, l2_normalize
+
 NEG_INF = -1e9
 
 
@@ -57,17 +59,6 @@ def chunked_cross_entropy_sum(logits_fn, hidden: jnp.ndarray, targets: jnp.ndarr
   total, _ = jax.lax.scan(chunk, jnp.zeros((), jnp.float32),
                           (chunks(hidden), chunks(targets), chunks(weights)))
   return total, jnp.sum(weights)
-
-
-def l2_normalize(x: jnp.ndarray, eps: float = 1e-12) -> jnp.ndarray:
-  """Each row of x [..., D] scaled to unit L2 norm, in float32."""
-  x = x.astype(jnp.float32)
-  return x * jax.lax.rsqrt(jnp.maximum(jnp.sum(x * x, axis=-1, keepdims=True), eps))
-
-
-def gather_vectors(hidden: jnp.ndarray, index: jnp.ndarray) -> jnp.ndarray:
-  """hidden [B, S, D], index int32 [M, 2] of (row, col) -> [M, D]."""
-  return hidden[index[:, 0], index[:, 1]]
 
 
 def valid_queries(query_valid: jnp.ndarray, positive: jnp.ndarray, key_valid: jnp.ndarray):

@@ -19,7 +19,7 @@ from collections.abc import Mapping
 from typing import NamedTuple
 
 from onegen_jax.data.builder import prepare
-from onegen_jax.data.tokenized import Source, tokenize_source
+from onegen_jax.data.tokenized import Source, max_len, tokenize_source
 from onegen_jax.data.loader import Host, TrainIterator, heldout_batches, mean_efficiency
 from onegen_jax.data.packing import BatchShape
 from onegen_jax.data.tokenized import Database
@@ -49,12 +49,6 @@ def check_paths(config: Mapping):
       problems.append(f"data.{key}: no such {kind}: {path}")
   if problems:
     raise ConfigError("\n".join(problems))
-
-
-def max_len(config: Mapping, seq_len: int) -> int:
-  """The truncation length of examples and documents: data.max_len, else the batch's seq_len.
-  Encoding a db for inference uses it too, so its keys are the keys training saw."""
-  return int(_get(config, "max_len") or seq_len)
 
 
 def source_from_config(config: Mapping, seq_len: int, task: Task | None = None) -> Source:

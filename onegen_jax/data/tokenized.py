@@ -23,6 +23,7 @@ import dataclasses
 import hashlib
 import os
 import time
+from collections.abc import Mapping
 from typing import TypedDict
 
 import numpy as np
@@ -181,6 +182,12 @@ class Database:
 
   def __len__(self) -> int:
     return len(self.key_uids)
+
+
+def max_len(config: Mapping, seq_len: int) -> int:
+  """The truncation length of examples and documents: config.data's max_len, else the batch's
+  seq_len. Encoding a db for inference uses it too, so its keys are the keys training saw."""
+  return int(config.get("max_len") or seq_len)
 
 
 @dataclasses.dataclass(frozen=True)

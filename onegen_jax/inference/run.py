@@ -18,8 +18,7 @@ from jax.sharding import Mesh
 from onegen_jax import sharding
 from onegen_jax.checkpoint import Checkpointer, model_config_from_json
 from onegen_jax.data.encoding import TaskTokenizer
-from onegen_jax.data.pipeline import max_len
-from onegen_jax.data.tokenized import Database, document_records
+from onegen_jax.data.tokenized import Database, document_records, max_len
 from onegen_jax.data.reading import load_documents
 from onegen_jax.data.records import Report
 from onegen_jax.data.tasks import Task, get_task

@@ -7,7 +7,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from onegen_jax.losses import l2_normalize
+from onegen_jax.model.ret_vectors import l2_normalize
 from onegen_jax.model.decoder import Decoder
 
 

@@ -16,7 +16,7 @@ import tqdm
 from jax.sharding import Mesh
 
 from onegen_jax import sharding
-from onegen_jax.losses import gather_vectors, l2_normalize
+from onegen_jax.model.ret_vectors import gather_vectors, l2_normalize
 from onegen_jax.model.decoder import Decoder
 
 

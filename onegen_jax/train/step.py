@@ -27,6 +27,7 @@ from jax.sharding import Mesh
 from onegen_jax import losses, sharding
 from onegen_jax.data.packing import ROW_FIELDS, merge_micro_batches
 from onegen_jax.model.decoder import Decoder
+from onegen_jax.model.ret_vectors import gather_vectors
 
 
 @flax.struct.dataclass
@@ -113,8 +114,8 @@ def _loss_and_sums(model: Decoder, loss_cfg: LossConfig, params, batch: dict, ge
 
 def _slot_vectors(hidden: jnp.ndarray, batch: dict) -> tuple[jnp.ndarray, jnp.ndarray]:
   """float32 hidden states at the batch's query slots [Q, D] and key slots [K, D]."""
-  return (losses.gather_vectors(hidden, batch["query_index"]).astype(jnp.float32),
-          losses.gather_vectors(hidden, batch["key_index"]).astype(jnp.float32))
+  return (gather_vectors(hidden, batch["query_index"]).astype(jnp.float32),
+          gather_vectors(hidden, batch["key_index"]).astype(jnp.float32))
 
 
 def _two_pass_grads(model, loss_cfg, params, batch, gen_total, ret_total):
