@@ -32,8 +32,8 @@ from collections import Counter, defaultdict
 
 import numpy as np
 
-from onegen_jax.data.generate import conversation, db_entry, write_dataset
-from onegen_jax.data.records import read_jsonl
+from onegen_jax.data.generate import write_dataset
+from onegen_jax.data.records import conversation, db_entry, read_jsonl
 from onegen_jax.data.convert_selfrag import convert_nq_oracle, convert_selfrag_file
 from onegen_jax.data.tasks import EL, MULTIHOP, SELFRAG
 
@@ -138,7 +138,7 @@ def convert_qa(src: str, eos: str = "</s>", min_negatives: int = 2, seed: int = 
         answers.append(step["answer"])
     else:
       hops = [("", p, "", p["pid"]) for p in paragraphs if p["is_supporting"]]
-    reply = "".join(f"{pre}{MULTIHOP.query_token}<paragraph>{_paragraph(p)}</paragraph>{post}"
+    reply = "".join(f"{pre}{MULTIHOP.query_token}{MULTIHOP.insertion(_paragraph(p))}{post}"
                     for pre, p, post, _ in hops)
     reply += f"<FINAL-ANSWER>{q['answers'][0]}</FINAL-ANSWER>{eos}"
     examples.append(conversation(MULTIHOP.query_template.format(input=q["question"]), reply,

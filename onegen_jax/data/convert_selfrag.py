@@ -32,12 +32,12 @@ import re
 
 import numpy as np
 
-from onegen_jax.data.generate import conversation, db_entry
-from onegen_jax.data.records import read_jsonl
+from onegen_jax.data.records import conversation, db_entry, read_jsonl
 from onegen_jax.data.tasks import SELFRAG
 
 _NEGATIVES = 2
-_PARAGRAPH = re.compile(r"\[Retrieval\]\s*<paragraph>(.*?)</paragraph>", re.S)
+_RETRIEVAL = r"\[Retrieval\]\s*"  # the reflection token before an inserted paragraph
+_PARAGRAPH = re.compile(_RETRIEVAL + SELFRAG.insertion_pattern().pattern, re.S)
 
 
 def prompt(instruction: str, extra: str = "") -> str:
@@ -81,8 +81,8 @@ def convert_selfrag_file(path: str, eos: str = "</s>", seed: int = 0
   for line in lines:
     output = line["output"]
     positives = [paragraph_uid(t) for t in _PARAGRAPH.findall(output)]
-    reply = re.sub(r"\[Retrieval\]\s*<paragraph>",
-                   f"[Retrieval]{SELFRAG.query_token}<paragraph>", output) + eos
+    reply = re.sub(_RETRIEVAL + f"(?={re.escape(SELFRAG.ctx_spans[0][0])})",
+                   f"[Retrieval]{SELFRAG.query_token}", output) + eos
     examples.append(conversation(prompt(line["instruction"], line.get("input") or ""), reply,
                                  positives or None,
                                  [_negatives(rng, uids, {p}) for p in positives] or None))
@@ -105,7 +105,7 @@ def convert_nq_oracle(src: str, eos: str = "</s>", seed: int = 0
     answer, found = q["answers"][0], any(a in text[p["pid"]] for a in q["answers"])
     verdict = ("[Relevant]", "[Fully supported]", "[Utility:5]") if found else (
         "[Irrelevant]", "[No support / Contradictory]", "[Utility:3]")
-    reply = (f"[Retrieval]{SELFRAG.query_token}<paragraph>{text[p['pid']]}</paragraph>"
+    reply = (f"[Retrieval]{SELFRAG.query_token}{SELFRAG.insertion(text[p['pid']])}"
              f"{verdict[0]}{answer}{verdict[1]}{verdict[2]}{eos}")
     line = conversation(prompt(q["question"]), reply, [p["pid"]],
                         [_negatives(rng, uids, {p["pid"]})])
@@ -116,6 +116,6 @@ def convert_nq_oracle(src: str, eos: str = "</s>", seed: int = 0
     other = uids[rng.integers(len(uids))]
     if other != p["pid"]:
       train.append(conversation(prompt(q["question"]), (
-          f"[Retrieval]{SELFRAG.query_token}<paragraph>{text[other]}</paragraph>[Irrelevant]"
+          f"[Retrieval]{SELFRAG.query_token}{SELFRAG.insertion(text[other])}[Irrelevant]"
           f"{answer}[No support / Contradictory][Utility:3]{eos}"), [None], [[]]))
   return train, dev, db

@@ -35,7 +35,7 @@ import numpy as np
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
-from onegen_jax.data.records import write_jsonl
+from onegen_jax.data.records import conversation, db_entry, write_jsonl
 from onegen_jax.data.tasks import EL, MULTIHOP, SELFRAG, Task
 
 EOS, PAD = "</s>", "<pad>"
@@ -49,17 +49,6 @@ def _words(rng: np.random.Generator, n: int, syllables: int) -> list[str]:
   while len(out) < n:
     out["".join(rng.choice(_SYLLABLES, syllables)).capitalize()] = None
   return list(out)
-
-
-def conversation(user: str, assistant: str, positive=None, negative=None) -> dict:
-  reply = {"role": "assistant", "content": assistant}
-  if positive is not None:
-    reply.update(positive=positive, negative=negative)
-  return {"messages": [{"role": "user", "content": user}, reply]}
-
-
-def db_entry(task: Task, uid: str, title: str, body: str) -> dict:
-  return {"uid": uid, **conversation(task.doc_instruction.format(title=title), body)}
 
 
 _TYPES = (("river", "flows through"), ("painter", "worked in"), ("city", "lies in"),
@@ -164,7 +153,8 @@ def make_multihop(seed: int = 0, num_people: int = 60, num_companies: int = 60,
 
   def paragraph(title: str) -> str:  # written out as a user's data would be; the loader checks
     # that it is what inference inserts for the document (records.check_insertions)
-    return f"<paragraph>wiki title: {title}\ncontent: {' '.join(sentences[uid_of[title]][1])}</paragraph>"
+    return MULTIHOP.insertion(f"wiki title: {title}\ncontent: "
+                              f"{' '.join(sentences[uid_of[title]][1])}")
 
   def negatives(uid: str, rng) -> list[str]:
     kind = uid.rstrip("0123456789")
@@ -222,7 +212,7 @@ def make_selfrag(seed: int = 0, num_people: int = 200, num_companies: int = 200,
   held_out = {int(i) for i in order[:len(facts) // 5]}  # dev asks only these: not memorised
 
   def retrieval(uid: str, verdict: str) -> str:
-    return f"[Retrieval]{rq}<paragraph>{text_of[uid]}</paragraph>{verdict}"
+    return f"[Retrieval]{rq}{SELFRAG.insertion(text_of[uid])}{verdict}"
 
   def example(rng, dev: bool) -> list[dict]:
     if rng.random() < 0.3:

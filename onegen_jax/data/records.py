@@ -134,6 +134,20 @@ def read_jsonl(path: str) -> list[dict]:
   return out
 
 
+def conversation(user: str, assistant: str, positive=None, negative=None) -> dict:
+  """A reference-format line: one user message and the assistant's reply, with the reply's
+  positive / negative document lists when given."""
+  reply = {"role": "assistant", "content": assistant}
+  if positive is not None:
+    reply.update(positive=positive, negative=negative)
+  return {"messages": [{"role": "user", "content": user}, reply]}
+
+
+def db_entry(task: Task, uid: str, title: str, body: str) -> dict:
+  """A reference-format db line: the task's document instruction (with `title`) and `body`."""
+  return {"uid": uid, **conversation(task.doc_instruction.format(title=title), body)}
+
+
 def write_jsonl(path: str, records: Sequence[dict]):
   """One JSON object per line, UTF-8, non-ASCII kept."""
   with open(path, "w", encoding="utf-8") as f:

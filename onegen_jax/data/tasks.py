@@ -94,6 +94,11 @@ class Task:
     open_tag, close_tag = self.ctx_spans[0]
     return f"{open_tag}{text}{close_tag}"
 
+  def insertion_pattern(self) -> re.Pattern:
+    """`insertion` as a pattern (non-greedy, across lines): group 1 is the inserted text."""
+    open_tag, close_tag = self.ctx_spans[0]
+    return re.compile(re.escape(open_tag) + "(.*?)" + re.escape(close_tag), re.S)
+
 
 _RAG_RET = (("[Question Representation]", "infomation of question"),
             ("[Document Fragment Representation]", "information of document fragment"))

@@ -20,7 +20,7 @@ import re
 
 from onegen_jax.data.records import document_uid
 from onegen_jax.eval import metrics
-from onegen_jax.data.tasks import EL
+from onegen_jax.data.tasks import EL, SELFRAG
 
 _ANSWER = re.compile(r"<FINAL-ANSWER>(.*?)</FINAL-ANSWER>", re.S)
 
@@ -81,7 +81,7 @@ def _selfrag_gold(line: dict) -> tuple[list[str], bool]:
   needs = line.get("needs_retrieval", "[Retrieval]" in text)
   if "answers" in line:
     return list(line["answers"]), bool(needs)
-  text = re.sub(r"<paragraph>.*?</paragraph>", "", text, flags=re.S)
+  text = SELFRAG.insertion_pattern().sub("", text)
   text = re.sub(r"\[[^\[\]]*\]", "", text).replace("</s>", "")
   return [text.strip()], bool(needs)
 
