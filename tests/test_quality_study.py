@@ -182,9 +182,17 @@ def test_round_robin_takes_the_sets_in_turn_and_keeps_file_order():
   assert data._round_robin(sets, 0) == list(range(6))
 
 
-def test_first_fit_places_sequences_as_the_packer_does():
-  assert data._first_fit([300, 300, 200], rows=2, seq_len=512)
-  assert not data._first_fit([300, 300, 300], rows=2, seq_len=512)
+def test_packable_examples_are_those_the_packer_can_place_with_their_documents():
+  """An example fits when it and the documents of its anchors' first positive and n_neg
+  negatives go first-fit into empty rows."""
+  args = _args("--rag_rows=2", "--rag_seq_len=512", "--rag_n_neg=1")
+  settings = cli.TaskSettings.from_args(args, "rag")
+  line = _line(("p", ["n", "m"]))
+  fits = lambda n, doc: data._packable([line], np.asarray([n]), {"p": doc, "n": doc, "m": doc},
+                                       settings)[0]
+  assert fits(300, 200)  # rows: 300 + 200, 200
+  assert not fits(300, 300)  # 300, 300, 300 into two rows of 512
+  assert not fits(600, 10)  # longer than a row
 
 
 def test_a_limited_db_keeps_every_listed_document_then_random_others():

@@ -35,6 +35,7 @@ from benchmarks.quality import sources
 from benchmarks.quality.cli import TaskSettings, qa_set_dirs, say
 from onegen_jax.data import convert
 from onegen_jax.data.encoding import TaskTokenizer
+from onegen_jax.data.packing import first_fit
 from onegen_jax.data.records import Message, document_uid, read_jsonl, write_jsonl
 from onegen_jax.data.tasks import EL, MULTIHOP, Task
 
@@ -259,18 +260,6 @@ def _pool(db: list[dict], dev: list[dict], distractors: list[str], limit: int) -
   return [d for d in db if d["uid"] in wanted]
 
 
-def _first_fit(sizes: list[int], rows: int, seq_len: int) -> bool:
-  """Whether sequences of these lengths fit, in order and first-fit, into empty rows (the packer's
-  placement)."""
-  fill = [0] * rows
-  for n in sizes:
-    row = next((r for r in range(rows) if fill[r] + n <= seq_len), None)
-    if row is None:
-      return False
-    fill[row] += n
-  return True
-
-
 def _packable(lines: list[dict], lengths: np.ndarray, doc_lengths: dict[str, int],
               settings: TaskSettings) -> np.ndarray:
   """Per line: whether it fits an empty batch with the documents its queries bring (per valid
@@ -282,7 +271,7 @@ def _packable(lines: list[dict], lengths: np.ndarray, doc_lengths: dict[str, int
     valid = [(pos, neg) for pos, neg in _entries(line) if pos and neg][:settings.n_pos]
     docs = dict.fromkeys(d for pos, neg in valid for d in pos[:1] + neg[:settings.n_neg])
     sizes = [int(n), *(doc_lengths[d] for d in docs if d in doc_lengths)]
-    out.append(n <= settings.seq_len and _first_fit(sizes, rows, settings.seq_len))
+    out.append(n <= settings.seq_len and first_fit([0] * rows, sizes, settings.seq_len) is not None)
   return np.asarray(out, bool)
 
 

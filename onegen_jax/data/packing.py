@@ -16,6 +16,32 @@ import numpy as np
 ROW_FIELDS = ("tokens", "targets", "loss_weight", "segment_ids", "positions")
 
 
+def first_fit(fill: list[int], lengths: Iterable[int], seq_len: int
+              ) -> tuple[list[tuple[int, int]], list[int]] | None:
+  """The one placement rule of every packer here (training batches, encoding batches): each
+  sequence, in order, goes to the first row with room after what the rows hold (fill: tokens
+  used per row). Returns ((row, offset) of each sequence, the new fills), or None if one does not
+  fit."""
+  fill, places = list(fill), []
+  for n in lengths:
+    row = next((r for r, used in enumerate(fill) if used + n <= seq_len), None)
+    if row is None:
+      return None
+    places.append((row, fill[row]))
+    fill[row] += n
+  return places, fill
+
+
+def write_segment(batch: dict[str, np.ndarray], row: int, offset: int, segment: int,
+                  tokens: np.ndarray) -> None:
+  """Writes one sequence as segment `segment` of `row` at `offset`: its tokens, segment id and
+  positions restarting at 0 (the layout the packed causal mask reads)."""
+  span = slice(offset, offset + len(tokens))
+  batch["tokens"][row, span] = tokens
+  batch["segment_ids"][row, span] = segment
+  batch["positions"][row, span] = np.arange(len(tokens))
+
+
 @dataclasses.dataclass(frozen=True)
 class Query:
   """A query-side RET token: its position in the sequence and the key uids it is trained against.
@@ -144,7 +170,7 @@ class BatchPacker:
       self._check_fits_alone(example, needed)
     new_keys = sum(len(self.corpus.documents[d].keys) for d in needed)
     items = [example] + [self.corpus.documents[d] for d in needed]
-    placed = self._first_fit(items)
+    placed = first_fit(self._fill, map(len, items), self.shape.seq_len)
     queries = len(self._queries) + len(example.queries)
     self.refused_by = ("rows" if placed is None else "queries" if queries > self.shape.num_queries
                        else "keys" if self._num_keys + new_keys > self.shape.num_keys else None)
@@ -161,19 +187,6 @@ class BatchPacker:
       self._doc_place[doc_id] = place
     self._num_keys += new_keys
     return True
-
-  def _first_fit(self, items: list[Segment]):
-    """((row, offset) of each item, new row fills), placed first-fit after what the batch holds;
-    None if they do not all fit."""
-    fill = list(self._fill)
-    places = []
-    for seq in items:
-      row = next((r for r, used in enumerate(fill) if used + len(seq) <= self.shape.seq_len), None)
-      if row is None:
-        return None
-      places.append((row, fill[row]))
-      fill[row] += len(seq)
-    return places, fill
 
   def emit(self) -> dict[str, np.ndarray]:
     """The batch in the contract of docs/architecture.md; resets the packer."""
@@ -198,12 +211,9 @@ class BatchPacker:
       offset = 0
       for segment, seq in enumerate(seqs, start=1):
         n = len(seq)
-        span = slice(offset, offset + n)
-        batch["tokens"][row, span] = seq.tokens
+        write_segment(batch, row, offset, segment, seq.tokens)
         batch["targets"][row, offset:offset + n - 1] = seq.tokens[1:]
         batch["loss_weight"][row, offset:offset + n - 1] = seq.is_target[1:]
-        batch["segment_ids"][row, span] = segment
-        batch["positions"][row, span] = np.arange(n)
         offset += n
     key_slot: dict[str, int] = {}
     for doc_id, (row, offset) in self._doc_place.items():

@@ -16,8 +16,9 @@ import tqdm
 from jax.sharding import Mesh
 
 from onegen_jax import sharding
-from onegen_jax.model.ret_vectors import gather_vectors, l2_normalize
+from onegen_jax.data.packing import first_fit, write_segment
 from onegen_jax.model.decoder import Decoder
+from onegen_jax.model.ret_vectors import gather_vectors, l2_normalize
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,18 +48,16 @@ def pack_for_encoding(items: Sequence[EncodeItem], rows: int, seq_len: int,
     if n > seq_len or len(item.read) > max_reads:
       raise ValueError(f"a sequence of {n} tokens with {len(item.read)} reads does not fit rows of "
                        f"{seq_len} tokens and {max_reads} reads")
-    row = next((r for r, used in enumerate(fill) if used + n <= seq_len), None)
-    if row is None or reads + len(item.read) > max_reads:
+    placed = first_fit(fill, [n], seq_len)
+    if placed is None or reads + len(item.read) > max_reads:
       yield batch, reads, count
-      (batch, fill, reads), row, count = empty(), 0, 0
-    start = fill[row]
-    batch["tokens"][row, start:start + n] = item.tokens
-    batch["segment_ids"][row, start:start + n] = batch["segment_ids"][row].max() + 1
-    batch["positions"][row, start:start + n] = np.arange(n)
+      (batch, fill, reads), count = empty(), 0
+      placed = first_fit(fill, [n], seq_len)
+    [(row, start)], fill = placed
+    write_segment(batch, row, start, batch["segment_ids"][row].max() + 1, item.tokens)
     for p in item.read:
       batch["read_index"][reads] = (row, start + p)
       reads += 1
-    fill[row] += n
     count += 1
   if count:
     yield batch, reads, count
