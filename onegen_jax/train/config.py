@@ -1,13 +1,7 @@
-"""Building blocks of the task configs in configs/: one base, the paper's settings, the demo.
+"""Building blocks of the task configs in configs/: one base, a paper setting's config, the demo.
 
-The paper's settings (docs of the reference: 8 GPUs, global batch = per-device x accum x 8):
-  task      model          max_len  per-dev x accum  lr     epochs  n_pos/n_neg
-  el        llama2-7b      1300     5 x 2            5e-6   6       1/4
-  multihop  llama2-7b      1200     2 x 4            2e-5   3       2/6
-  multihop  llama3.1-8b    1200     2 x 4            2e-5   3       2/2
-  multihop  qwen2-1.5b     1100     2 x 4            2e-5   3       2/6
-  multihop  qwen2-7b       1100     2 x 4            2e-5   3       2/2
-  selfrag   llama2-7b      2048     3 x 4            2e-5   3       1/2
+Each configs/TASK.py lists the paper's settings for its task (PaperSetting: the reference's
+scripts, 8 GPUs, global batch = per-device x accum x 8). Common to all of them:
 AdamW (0.9, 0.999, 1e-8), no weight decay, linear decay to 0 without warmup, clip 1.0, BPR with
 lambda_g = lambda_r = 1, bf16 compute, full fine-tuning with rematerialisation, ZeRO-3 (= fsdp).
 Our batches are packed: each micro-batch is 64 rows of 2048 tokens (131k tokens), which holds the
@@ -19,17 +13,22 @@ start (epochs x examples / examples per step, the latter measured by packing the
 
 from __future__ import annotations
 
+import dataclasses
+
 from ml_collections import ConfigDict, config_dict
 
-# (task, preset) -> (max_len, global examples per step, accum, lr, epochs, n_pos, n_neg)
-PAPER = {
-    ("el", "llama2-7b"): (1300, 80, 2, 5e-6, 6, 1, 4),
-    ("multihop", "llama2-7b"): (1200, 64, 4, 2e-5, 3, 2, 6),
-    ("multihop", "llama3.1-8b"): (1200, 64, 4, 2e-5, 3, 2, 2),
-    ("multihop", "qwen2-1.5b"): (1100, 64, 4, 2e-5, 3, 2, 6),
-    ("multihop", "qwen2-7b"): (1100, 64, 4, 2e-5, 3, 2, 2),
-    ("selfrag", "llama2-7b"): (2048, 96, 4, 2e-5, 3, 1, 2),
-}
+
+@dataclasses.dataclass(frozen=True)
+class PaperSetting:
+  """One row of the paper's training settings (the reference's scripts)."""
+
+  max_len: int  # truncation length of an example
+  examples_per_step: int  # global: per-device batch x accum x 8 GPUs
+  accum_steps: int
+  lr: float
+  epochs: float
+  n_pos: int  # RET anchors sampled per example (n_pos_per_sent)
+  n_neg: int  # negatives per anchor (n_neg_per_pos)
 
 
 def base_config(task: str) -> ConfigDict:
@@ -82,12 +81,14 @@ def base_config(task: str) -> ConfigDict:
   return c
 
 
-def paper_config(task: str, preset: str) -> ConfigDict:
-  """The paper's setting for (task, model preset); data paths are set on the command line."""
-  if (task, preset) not in PAPER:
-    known = sorted(p for t, p in PAPER if t == task)
-    raise ValueError(f"no paper setting for {task} with {preset!r}; known: {known}")
-  max_len, examples, accum, lr, epochs, n_pos, n_neg = PAPER[(task, preset)]
+def paper_config(task: str, preset: str, settings: dict[str, PaperSetting]) -> ConfigDict:
+  """The config of the paper's setting for `task` with the model `preset` (a key of `settings`,
+  the task's rows: configs/TASK.py); data paths are set on the command line."""
+  if preset not in settings:
+    raise ValueError(f"no paper setting for {task} with {preset!r}; known: {sorted(settings)}")
+  s = settings[preset]
+  max_len, examples, accum, lr, epochs, n_pos, n_neg = (
+      s.max_len, s.examples_per_step, s.accum_steps, s.lr, s.epochs, s.n_pos, s.n_neg)
   c = base_config(task)
   c.model.preset = preset
   c.optim.lr = lr
