@@ -1,6 +1,6 @@
 """Serves a trained OneGen run over HTTP: one-pass RAG or entity linking, continuously batched.
 
-  python -m launch.serve --workdir=RUN --index=DIR [--task=rag|el] [--host=127.0.0.1 --port=8000]
+  python -m launch.serve --workdir=RUN --index=DIR [--task=el|multihop|selfrag] [--host=127.0.0.1 --port=8000]
 
 DIR: what launch.build_index wrote. The engine runs in one background thread that owns the
 device; HTTP handlers queue requests and await them, so concurrent requests share its batches
@@ -21,6 +21,7 @@ import uvicorn
 from absl import app, flags
 
 from launch import serving_flags
+from onegen_jax.data.tasks import TASKS
 from onegen_jax.inference.run import generation_config, load_index_dir, load_run, make_engine
 from onegen_jax.inference.selfrag import SelfRag, watched_ids
 from onegen_jax.retrieval.candidates import RankPrior
@@ -30,8 +31,8 @@ from onegen_jax.serving.worker import EngineWorker
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory.")
 _INDEX = flags.DEFINE_string("index", None, "Directory written by launch.build_index.")
-_TASK = flags.DEFINE_enum("task", None, ["rag", "el"], "Checked against the run's task (default: "
-                          "the run's).")
+_TASK = flags.DEFINE_enum("task", None, sorted(TASKS), "The run's task (its configs/ name), "
+                          "checked against the run (default: the run's), as launch.infer's.")
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: latest).")
 _HOST = flags.DEFINE_string("host", "127.0.0.1", "Address to listen on.")
 _PORT = flags.DEFINE_integer("port", 8000, "Port to listen on.")
@@ -86,9 +87,8 @@ def main(argv):
   run = load_run(_WORKDIR.value, _STEP.value, **serving_flags.start())
   if jax.process_count() > 1:
     raise app.UsageError("launch.serve runs as one process (its devices may still be a mesh)")
-  if _TASK.value and _TASK.value != run.task.mode:
-    raise app.UsageError(f"--task={_TASK.value}, but {_WORKDIR.value} is a {run.task.mode} run "
-                         f"({run.task.name})")
+  if _TASK.value and _TASK.value != run.task.name:
+    raise app.UsageError(f"--task={_TASK.value}, but {_WORKDIR.value} is a {run.task.name} run")
   index, texts, vectors = load_index_dir(_INDEX.value)
   config = generation_config(run.task, _MAX_RETRIEVALS.value, max_new_tokens=_MAX_NEW.value,
                              batch_size=_MAX_BATCH.value, capacity=_CAPACITY.value,
