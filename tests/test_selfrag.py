@@ -62,9 +62,9 @@ def test_the_command_line_chain_and_the_three_modes(chain, runner):
   assert evaluated == pytest.approx(scores["adaptive_retrieval"])
   for mode in MODES:
     for p in predictions[mode]:
-      assert p["retrieved"] == bool(p["candidates"])
+      assert p["retrieved"] == bool(p["evidence"])
       if p["retrieved"]:
-        assert len(p["candidates"]) == 3 and p["text"] == p["candidates"][p["best"]]["text"]
+        assert len(p["evidence"]) == 3 and p["text"] == p["evidence"][p["best"]]["text"]
   assert scores["no_retrieval"]["retrieval_rate"] == 0.0
   assert scores["always_retrieve"]["retrieval_rate"] == 1.0
   assert all((p["retrieve_prob"] > 0.2) == p["retrieved"] for p in predictions["adaptive_retrieval"])
@@ -126,8 +126,8 @@ def test_adaptive_decisions_flip_at_the_threshold(runner):
   assert 0.0 < p < 1.0
   [below] = make("adaptive_retrieval", threshold=p - 1e-6).run(prompts[:1])
   [above] = make("adaptive_retrieval", threshold=p + 1e-6).run(prompts[:1])
-  assert below.retrieved and below.candidates and below.retrieve_prob == pytest.approx(p)
-  assert not above.retrieved and not above.candidates
+  assert below.retrieved and below.evidence and below.retrieve_prob == pytest.approx(p)
+  assert not above.retrieved and not above.evidence
 
 
 def _full_forward(run, sequence: list[int], start: int, watch: tuple[int, ...]):
@@ -155,14 +155,14 @@ def test_evidence_rows_share_one_prefill_and_equal_a_full_forward(runner):
   [result] = sr.run(prompts[:1])
   prompt, ids = prompts[0], sr.ids
   prefix = [*prompt, ids[selfrag.RETRIEVE], sr.query]
-  insertions = [list(sr.insertion(c.document)) for c in result.candidates]
-  assert len(result.candidates) == 3
+  insertions = [list(sr.insertion(c.document)) for c in result.evidence]
+  assert len(result.evidence) == 3
   fed = sr.engine.tokens_fed - fed_before
   # The last generated token of each request is never fed; nothing else is fed twice.
   assert fed == len(prefix) + sum(len(ins) + len(c.tokens) - 1
-                                  for ins, c in zip(insertions, result.candidates))
+                                  for ins, c in zip(insertions, result.evidence))
   watch = selfrag.watched_ids(run.tokenizer)
-  for c, insertion in zip(result.candidates, insertions):
+  for c, insertion in zip(result.evidence, insertions):
     sequence = [*prefix, *insertion, *c.tokens]
     log_probs, watched, hidden = _full_forward(run, sequence, len(prefix) + len(insertion), watch)
     full = selfrag.critique(RequestOutput([], c.tokens, [True] * len(c.tokens), [],
@@ -171,19 +171,19 @@ def test_evidence_rows_share_one_prefill_and_equal_a_full_forward(runner):
       assert getattr(full, field) == pytest.approx(getattr(c.critique, field), abs=1e-4), field
   query = hidden[len(prefix) - 1] / np.linalg.norm(hidden[len(prefix) - 1])
   found, scores = sr.search(query[None], 3)
-  assert [c.document for c in result.candidates] == list(found[0])
-  np.testing.assert_allclose([c.retrieval_score for c in result.candidates], scores[0], atol=1e-4)
+  assert [c.document for c in result.evidence] == list(found[0])
+  np.testing.assert_allclose([c.retrieval_score for c in result.evidence], scores[0], atol=1e-4)
 
 
 def test_the_chosen_answer_is_the_argmax_of_the_stated_score(runner):
   make, _, prompts = runner
   sr = make("always_retrieve")
   for result in sr.run(prompts[:4]):
-    scores = [c.critique.score for c in result.candidates]
+    scores = [c.critique.score for c in result.evidence]
     assert result.best == int(np.argmax(scores))
-    assert result.text == result.candidates[result.best].text
+    assert result.text == result.evidence[result.best].text
     assert result.answer == sr.answer(result.text)
-    for c in result.candidates:
+    for c in result.evidence:
       k = c.critique
       assert k.score == pytest.approx(k.seq_score + k.relevance + k.support + 0.5 * k.utility)
     assert not any(t in result.answer for t in selfrag.WATCHED)
@@ -242,9 +242,9 @@ def test_the_server_runs_selfrag_as_launch_infer_does(chain, tmp_path):
         want = read_jsonl(f"{root / mode}.jsonl")
         for g, w in zip(got, want):
           assert (g["answer"], g["retrieved"], g["best"]) == (w["answer"], w["retrieved"], w["best"])
-          assert [c["id"] for c in g["candidates"]] == [c["id"] for c in w["candidates"]]
-          assert [c["score"] for c in g["candidates"]] == pytest.approx(
-              [c["score"] for c in w["candidates"]], abs=1e-4)
+          assert [c["id"] for c in g["evidence"]] == [c["id"] for c in w["evidence"]]
+          assert [c["score"] for c in g["evidence"]] == pytest.approx(
+              [c["score"] for c in w["evidence"]], abs=1e-4)
       bad = client.post("/v1/generate", json={"messages": lines[0]["messages"], "stream": True,
                                                "selfrag": {"mode": "always_retrieve"}})
       assert bad.status_code == 422 and "selfrag" in bad.json()["error"]

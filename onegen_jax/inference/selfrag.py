@@ -78,7 +78,7 @@ class Critique:
 
 
 @dataclasses.dataclass
-class Candidate:
+class Evidence:
   """One evidence continuation: the document, its retrieval score, its text and critique."""
 
   document: str
@@ -94,16 +94,16 @@ class SelfRagResult:
   retrieved: bool
   text: str  # the chosen continuation as generated (the no-retrieval answer without retrieval)
   answer: str  # `text` without reflection tokens, paragraph tags, EOS and newlines
-  candidates: list[Candidate]
-  best: int | None  # index of the chosen candidate
+  evidence: list[Evidence]  # one continuation per retrieved document
+  best: int | None  # index of the chosen continuation
 
   def record(self) -> dict:
     """JSON-ready (launch.infer's output line)."""
     return {"answer": self.answer, "text": self.text, "retrieved": self.retrieved,
             "retrieve_prob": self.retrieve_prob, "best": self.best,
-            "candidates": [{"id": c.document, "retrieval_score": c.retrieval_score,
-                            "text": c.text, **dataclasses.asdict(c.critique)}
-                           for c in self.candidates]}
+            "evidence": [{"id": e.document, "retrieval_score": e.retrieval_score,
+                          "text": e.text, **dataclasses.asdict(e.critique)}
+                         for e in self.evidence]}
 
 
 def watched_ids(tokenizer: TaskTokenizer) -> tuple[int, ...]:
@@ -187,12 +187,12 @@ class SelfRag:
         results.append(SelfRagResult(probs[i], False, text, self.answer(text), [], None))
         continue
       j = asked.index(i)
-      candidates = [Candidate(doc, float(score), outs[rid].tokens, self._text(outs[rid]),
-                              critique(outs[rid], ids, cfg))
-                    for doc, score, rid in zip(found_ids[j], found_scores[j], branches[i])]
-      best = max(range(len(candidates)), key=lambda c: candidates[c].critique.score)
-      text = candidates[best].text
-      results.append(SelfRagResult(probs[i], True, text, self.answer(text), candidates, best))
+      evidence = [Evidence(doc, float(score), outs[rid].tokens, self._text(outs[rid]),
+                           critique(outs[rid], ids, cfg))
+                  for doc, score, rid in zip(found_ids[j], found_scores[j], branches[i])]
+      best = max(range(len(evidence)), key=lambda e: evidence[e].critique.score)
+      text = evidence[best].text
+      results.append(SelfRagResult(probs[i], True, text, self.answer(text), evidence, best))
     return results
 
   def answer(self, text: str) -> str:
