@@ -16,7 +16,7 @@ import jax
 from absl import app, flags
 
 from launch import serving_flags
-from onegen_jax.inference.run import encode_db, load_run
+from onegen_jax.inference.run_dir import encode_db, load_run
 from onegen_jax.retrieval.index import ApproxIndex, ExactIndex, ScannIndex
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (training run or import).")

@@ -22,7 +22,7 @@ from absl import app, flags
 from launch import serving_flags
 from onegen_jax.data.records import read_jsonl
 from onegen_jax.inference.prior import fit_prior
-from onegen_jax.inference.run import load_index_dir, load_run
+from onegen_jax.inference.run_dir import load_index_dir, load_run
 from onegen_jax.retrieval.candidates import CandidateScorer
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (an EL run).")

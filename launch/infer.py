@@ -29,7 +29,7 @@ from launch import serving_flags
 from onegen_jax.inference.engine import Request
 from onegen_jax.inference.requests import (answer_prefix_tokens, output_record, prompt_tokens,
                                            read_input)
-from onegen_jax.inference.run import generation_config, load_index_dir, load_run, make_engine
+from onegen_jax.inference.run_dir import generation_config, load_index_dir, load_run, make_engine
 from onegen_jax.inference.selfrag import MODES, SelfRag, SelfRagConfig, watched_ids
 from onegen_jax.retrieval.candidates import RankPrior
 

@@ -22,7 +22,7 @@ from absl import app, flags
 
 from launch import serving_flags
 from onegen_jax.data.tasks import TASKS
-from onegen_jax.inference.run import generation_config, load_index_dir, load_run, make_engine
+from onegen_jax.inference.run_dir import generation_config, load_index_dir, load_run, make_engine
 from onegen_jax.inference.selfrag import SelfRag, watched_ids
 from onegen_jax.retrieval.candidates import RankPrior
 from onegen_jax.serving.app import create_app

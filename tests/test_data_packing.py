@@ -7,7 +7,7 @@ from hypothesis import given, settings, strategies as st
 from onegen_jax.data.loader import pack_all
 from onegen_jax.data.packing import BatchShape
 from onegen_jax.data.tokenized import Database
-from onegen_jax.data.sampling import Sampling
+from onegen_jax.data.retrieval_sampling import Sampling
 
 EXAMPLE, DOC, RET_QUERY, RET_DOC = 5, 6, 2, 3  # first token of examples / documents; RET ids
 

@@ -16,7 +16,7 @@ from onegen_jax.inference import feeding
 from onegen_jax.inference.requests import (answer_prefix_tokens, output_record, output_stream,
                                            prompt_tokens, read_input)
 from onegen_jax.inference.prior import fit_prior, gold_query_vectors
-from onegen_jax.inference.run import encode_db, load_run, make_engine
+from onegen_jax.inference.run_dir import encode_db, load_run, make_engine
 from onegen_jax.inference.types import Request
 from onegen_jax.inference.slots import put_rows
 from onegen_jax.retrieval.candidates import CandidateScorer

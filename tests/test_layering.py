@@ -10,7 +10,7 @@ HEAVY = ("tensorflow_datasets", "grain", "onegen_jax.losses", "onegen_jax.data.p
 
 
 def test_serving_imports_neither_the_data_pipeline_nor_the_losses():
-  code = ("import sys, onegen_jax.serving.app, onegen_jax.inference.run, onegen_jax.inference.prior, "
+  code = ("import sys, onegen_jax.serving.app, onegen_jax.inference.run_dir, onegen_jax.inference.prior, "
           "launch.serve; "
           f"print(','.join(m for m in {HEAVY!r} if m in sys.modules))")
   out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,

@@ -33,11 +33,11 @@ from onegen_jax.data.packing import BatchShape
 from onegen_jax.data.tokenized import Database, document_records, example_records, key_ids
 from onegen_jax.data.reading import load_records
 from onegen_jax.data.records import Message, canonical_key, prompt_messages
-from onegen_jax.data.sampling import Sampling
+from onegen_jax.data.retrieval_sampling import Sampling
 from onegen_jax.data.tasks import get_task
 from onegen_jax.inference.engine import GenerationConfig
 from onegen_jax.inference.requests import output_stream, prompt_tokens
-from onegen_jax.inference.run import LoadedRun, make_engine
+from onegen_jax.inference.run_dir import LoadedRun, make_engine
 from onegen_jax.model.config import preset
 from onegen_jax.model.decoder import Decoder
 

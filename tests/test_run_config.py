@@ -20,7 +20,7 @@ from onegen_jax.data.packing import packing_efficiency
 from onegen_jax.data.pipeline import build_data
 from onegen_jax.data.records import ConfigError, DataError
 from onegen_jax.data.tasks import EL
-from onegen_jax.train import loop, program, steps as run_steps
+from onegen_jax.train import loop, program, run_length
 from onegen_jax.train.data import make_train_data
 
 
@@ -35,7 +35,7 @@ def test_a_paper_variant_derives_its_steps_from_epochs_and_the_data():
   config, data = _paper_el_data()
   assert config.train.steps == 0 and config.train.epochs == 6
   position = data.get_state()
-  steps, line = run_steps.derive_steps(config, data, measured_steps=1)
+  steps, line = run_length.derive_steps(config, data, measured_steps=1)
   assert data.get_state() == position  # measuring did not advance the training batches
   next(data)  # the step that was measured
   per_step = sum(info["examples"] for info in data.last_step_info)  # both micro-batches

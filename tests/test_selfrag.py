@@ -21,7 +21,7 @@ from onegen_jax.data.records import read_jsonl, write_jsonl
 from onegen_jax.eval.scoring import score_selfrag
 from onegen_jax.inference import selfrag
 from onegen_jax.inference.requests import prompt_tokens, read_requests
-from onegen_jax.inference.run import generation_config, load_index_dir, load_run, make_engine
+from onegen_jax.inference.run_dir import generation_config, load_index_dir, load_run, make_engine
 from onegen_jax.inference.types import RequestOutput
 from onegen_jax.model.decoder import Decoder
 

@@ -18,7 +18,7 @@ from onegen_jax.checkpoint import Checkpointer
 from onegen_jax.data.generate import make_dataset
 from onegen_jax.inference.engine import GenerationConfig
 from onegen_jax.inference.requests import prompt_tokens, read_requests
-from onegen_jax.inference.run import encode_db, load_run, make_engine
+from onegen_jax.inference.run_dir import encode_db, load_run, make_engine
 from onegen_jax.model.config import preset
 from onegen_jax.model.decoder import Decoder, abstract_params, cache_sharding, init_cache
 from onegen_jax.retrieval.index import ExactIndex

@@ -8,7 +8,7 @@ import pytest
 
 from conftest import E2E_CONFIG as CONFIG
 from onegen_jax.inference.requests import prompt_tokens, read_requests
-from onegen_jax.inference.run import encode_db, load_run, make_engine
+from onegen_jax.inference.run_dir import encode_db, load_run, make_engine
 from onegen_jax.inference.types import Request
 from onegen_jax.retrieval.index import ExactIndex
 from onegen_jax.serving.worker import EngineWorker, InternalError, Job

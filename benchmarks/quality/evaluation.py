@@ -32,7 +32,7 @@ from onegen_jax.eval.scoring import score_el, score_rag
 from onegen_jax.inference.engine import GenerationConfig
 from onegen_jax.inference.requests import output_record, prompt_tokens, read_requests
 from onegen_jax.inference.prior import PriorFit, fit_prior
-from onegen_jax.inference.run import LoadedRun, encode_db, make_engine
+from onegen_jax.inference.run_dir import LoadedRun, encode_db, make_engine
 from onegen_jax.retrieval.candidates import CandidateScorer
 from onegen_jax.retrieval.encode import EncodeItem, Encoder
 from onegen_jax.retrieval.index import ExactIndex, Index

@@ -27,7 +27,7 @@ from onegen_jax import hf, sharding
 from onegen_jax.checkpoint import Checkpointer
 from onegen_jax.data.encoding import TaskTokenizer
 from onegen_jax.data.tasks import Task
-from onegen_jax.inference.run import LoadedRun, load_run
+from onegen_jax.inference.run_dir import LoadedRun, load_run
 from onegen_jax.model.decoder import Decoder
 from onegen_jax.train import loop
 from onegen_jax.train.config import base_config

@@ -20,7 +20,7 @@ from jax.experimental import multihost_utils
 
 from onegen_jax.data.packing import ROW_FIELDS, BatchShape, packing_efficiency
 from onegen_jax.data.tokenized import Database
-from onegen_jax.data.sampling import BatchBuilder, Sampling
+from onegen_jax.data.retrieval_sampling import BatchBuilder, Sampling
 
 
 @dataclasses.dataclass(frozen=True)

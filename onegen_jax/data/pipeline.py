@@ -24,7 +24,7 @@ from onegen_jax.data.loader import Host, TrainIterator, heldout_batches, mean_ef
 from onegen_jax.data.packing import BatchShape
 from onegen_jax.data.tokenized import Database
 from onegen_jax.data.records import ConfigError
-from onegen_jax.data.sampling import Sampling
+from onegen_jax.data.retrieval_sampling import Sampling
 from onegen_jax.data.tasks import Task, get_task
 
 _DEV_STREAM = 1 << 20  # sampling stream of held-out batches (train streams are host indices)

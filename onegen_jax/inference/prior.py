@@ -11,7 +11,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from onegen_jax.data.records import Message
-from onegen_jax.inference.run import LoadedRun
+from onegen_jax.inference.run_dir import LoadedRun
 from onegen_jax.inference.types import candidates_for
 from onegen_jax.retrieval.candidates import CandidateScorer, RankPrior, fit_rank_prior
 from onegen_jax.retrieval.encode import EncodeItem, Encoder

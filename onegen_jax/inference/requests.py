@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from onegen_jax.data.encoding import TaskTokenizer
 from onegen_jax.data.records import ROLES, Message, nonblank_lines, prompt_messages
 from onegen_jax.inference.engine import RequestOutput
-from onegen_jax.inference.run import LoadedRun
+from onegen_jax.inference.run_dir import LoadedRun
 from onegen_jax.inference.types import Candidates
 
 

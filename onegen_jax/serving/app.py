@@ -38,7 +38,7 @@ from fastapi import responses
 from starlette.exceptions import HTTPException
 
 from onegen_jax.inference.requests import output_record, output_text
-from onegen_jax.inference.run import LoadedRun
+from onegen_jax.inference.run_dir import LoadedRun
 from onegen_jax.inference.selfrag import SelfRagResult
 from onegen_jax.inference.types import RequestOutput
 from onegen_jax.serving import schema

@@ -13,7 +13,7 @@ import pydantic
 
 from onegen_jax.data.records import Message, prompt_messages
 from onegen_jax.inference.requests import answer_prefix_tokens, prompt_tokens
-from onegen_jax.inference.run import LoadedRun
+from onegen_jax.inference.run_dir import LoadedRun
 from onegen_jax.inference.selfrag import MODES, SelfRagConfig
 from onegen_jax.inference.types import Request
 from onegen_jax.serving.worker import ClientError

@@ -62,7 +62,7 @@ def base_config(task: str) -> ConfigDict:
                             max_positives=4, accum_steps=1))
   # nan_policy: "stop" (exit with a message, last good checkpoint kept) or "skip" the step.
   # steps: optimizer steps; 0 derives them from epochs: ceil(epochs x training examples / examples
-  # per step), examples per step measured by packing the first batches (train.steps.derive_steps).
+  # per step), examples per step measured by packing the first batches (train.run_length.derive_steps).
   c.train = ConfigDict(dict(steps=0, epochs=0.0, seed=0, log_every=100, eval_every=500,
                             nan_policy="stop"))
   # Orbax checkpoints in --workdir: every `every_steps` steps, the last `keep` kept; with

@@ -28,7 +28,7 @@ from onegen_jax.train.preemption import PreemptionWatcher
 from onegen_jax.train.program import batch_shape, build_program, model_config
 from onegen_jax.train.retrieval_eval import dev_recall
 from onegen_jax.train.step import TrainProgram, TrainState, batch_shardings
-from onegen_jax.train.steps import BatchFill, with_derived_steps
+from onegen_jax.train.run_length import BatchFill, with_derived_steps
 
 
 def _globalize(program: TrainProgram, batch: dict) -> dict:
