@@ -44,7 +44,7 @@ def test_incomplete_save_is_ignored_and_old_steps_pruned(program, batches, tmp_p
   assert Checkpointer(str(tmp_path)).latest_step() == 4
 
 
-def test_params_only_restore(program, batches, tmp_path):
+def test_parameters_restore_alone_as_saved(program, batches, tmp_path):
   prog = program()
   ckpt, state = _save(prog, tmp_path, [7], batches)
   params = ckpt.restore_params(7, prog.abstract_state.params)
@@ -52,7 +52,7 @@ def test_params_only_restore(program, batches, tmp_path):
     np.testing.assert_array_equal(np.asarray(got), want)
 
 
-def test_relative_workdir(program, batches, tmp_path, monkeypatch):
+def test_a_relative_workdir_saves_under_the_current_directory(program, batches, tmp_path, monkeypatch):
   monkeypatch.chdir(tmp_path)  # Orbax itself takes absolute paths only
   ckpt, _ = _save(program(), "runs/relative", [1], batches)
   assert Checkpointer("runs/relative").latest_step() == 1
@@ -70,7 +70,7 @@ def test_keeps_the_latest_and_the_best(program, tmp_path, mode, best):
   assert ckpt.all_steps() == sorted({best, 4})  # the best and the latest
 
 
-def test_params_only_save(program, tmp_path):
+def test_an_import_step_saves_parameters_config_and_model_only(program, tmp_path):
   """An import's step: params, config and model items only; the parameters restore as saved."""
   prog = program()
   params = prog.init_state(seed=0).params

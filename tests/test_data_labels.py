@@ -83,7 +83,7 @@ def test_rag_document_keys_skip_the_instruction_token(rag):
   assert len(enc.rets) == 2 and enc.rets[-1] == len(enc.tokens) - 1
 
 
-def test_el_several_mentions(el):
+def test_el_mentions_each_get_a_ret_token_and_a_forced_continue(el):
   conversation = [
       ("user", [(EL.query_template.format(input="Ada met Bo in Lo."), "ctx")]),
       ("assistant", [("<MENTION>Ada</MENTION>", "gen"), ("[LK]", "ret"), ("[_CONTINUE_]", "after"),
@@ -94,7 +94,7 @@ def test_el_several_mentions(el):
   assert list(enc.tokens[enc.rets + 1]) == [el.ids["[_CONTINUE_]"]] * 3
 
 
-def test_el_entity_document(el):
+def test_el_entity_document_has_one_key_token_at_its_end(el):
   conversation = [("user", [(EL.doc_instruction.format(title="Ada"), "ctx")]),
                   ("assistant", [("Ada is a river in Lo.", "gen"), ("[SE]", "ret")])]
   enc = _check(el, conversation, "[SE]")

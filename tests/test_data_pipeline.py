@@ -139,7 +139,7 @@ def test_train_step_runs_on_pipeline_batches():
   assert held_out["num_valid_queries"] > 0
 
 
-def test_without_dev_set(tmp_path):
+def test_a_run_without_dev_set_builds_no_dev_data(tmp_path):
   for prepared in ("", str(tmp_path)):
     train, dev, stats, *_ = build_data(data_config("el", dev_path="", prepared_dir=prepared), SHAPE)
     assert dev == [] and "dev_examples" not in stats["counts"]

@@ -97,7 +97,7 @@ def test_import_matches_transformers(checkpoint, kind):
   assert _max_diff(hidden, hf_hidden, mask) < 1e-4
 
 
-def test_config_mapping():
+def test_hf_configs_map_to_model_configs_field_by_field():
   assert hf.config_from_hf(HF_CONFIGS["qwen2_tied"]().to_dict()).qkv_bias
   assert hf.config_from_hf(HF_CONFIGS["qwen2_tied"]().to_dict()).tie_embeddings
   assert hf.config_from_hf(HF_CONFIGS["mistral"]().to_dict()).dim_per_head == 24
@@ -153,7 +153,7 @@ def test_export_round_trip(checkpoint, kind, architecture, tmp_path):
   assert _max_diff(hidden, hf_hidden, mask) < 1e-4
 
 
-def test_unscanned_layout(checkpoint, tmp_path):
+def test_unscanned_layers_equal_the_scanned_stack_both_ways(checkpoint, tmp_path):
   path, _, config, scanned = _import(checkpoint, "qwen2_tied")
   unscanned = hf.load_hf_params(path, config.replace(scan_layers=False))
   for layer in range(config.num_layers):

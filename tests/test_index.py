@@ -156,7 +156,7 @@ def test_load_onto_other_devices(tmp_path):
   np.testing.assert_allclose(got_scores, want_scores, atol=1e-6)
 
 
-def test_document_uid():
+def test_key_uids_map_to_their_documents_by_the_reference_rule():
   keys = ["p", "p-1", "p-12", "x-1", "y", "a-b", "a-b-1", "q-0x", "r-²"]
   # The key rule of the reference format ("doc", "doc-k"); other uids are their own documents.
   assert [document_uid(k) for k in keys] == ["p", "p", "p", "x", "y", "a-b", "a-b-1", "q-0x", "r-²"]

@@ -161,7 +161,7 @@ def _batch(logits_shape, retrieval_case, query_valid=None):
 
 
 @pytest.mark.parametrize("loss_type", ["infonce", "bpr"])
-def test_combined_loss(retrieval_case, loss_type):
+def test_combined_loss_is_the_weighted_sum_of_numpy_losses(retrieval_case, loss_type):
   logits, hidden, batch = _batch((3, 20, 7), retrieval_case)
   sums = losses.loss_sums(jnp.asarray(logits), jnp.asarray(hidden), batch, loss_type, 0.02)
   gen_total, ret_total = losses.batch_totals(batch)

@@ -178,7 +178,7 @@ def check_parity(task_name: str, tokenizer_path: str, data_dir: str, num_example
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))
 @pytest.mark.parametrize("task_name", TASKS)
-def test_parity(task_name, family):
+def test_engine_feeds_token_for_token_what_training_fed(task_name, family):
   check_parity(task_name, tokenizer_dir(family, task_name), generated(task_name))
 
 

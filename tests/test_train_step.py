@@ -25,7 +25,7 @@ def _losses(prog, params, batch):
   return float(m["loss_gen"]), float(m["loss_ret"])
 
 
-def test_token_roles(program, task, batches):
+def test_each_token_role_reaches_only_its_own_loss(program, task, batches):
   prog = program()
   params = prog.init_state(seed=0).params
   batch = batches[0]
