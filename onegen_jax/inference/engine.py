@@ -1,27 +1,12 @@
 """The OneGen engine: generation and retrieval in one pass over one KV cache, continuously batched.
 
-The engine owns `batch_size` slots, each a row of one KV cache. Requests wait in a queue; a slot
-freed by a finished request takes the next one at once. Each step feeds every busy slot's token
-queue (one token, a prompt, or an inserted paragraph) through the jitted `extend` step (in one
-call, or prefilling rows apart: inference/feeding.py) and gets each row's next token (greedy or
-sampled) and the normalised hidden state of the last token fed. When a row feeds a query RET token of its
-output stream, that hidden state IS the query: it is searched (all such rows at once) and then
-  - RAG: the retrieved document's insertion (`documents(uid)`: `<paragraph>{text}</paragraph>`
-    tokenised as training tokenised it) is queued and prefilled into the same cache; a query
-    RET token beyond `max_retrievals` ends the request (the reference stops there);
-  - EL: the entity is recorded and the token forced after the RET token (`[_CONTINUE_]`) queued.
-Nothing is re-encoded and no query is encoded twice.
-
-Public hooks (tests, benchmarks, the server): `Request.force` replaces the model's first
-output-stream choices with given tokens (retrievals and insertions happen as for generated ones);
-`Request.candidates` restricts EL searches to given entities; `query_vectors` replaces the vectors
-searched (a pipeline baseline embeds the text instead); `submit` / `step` / `cancel` / `release`
-is the stepping interface; a Request may set its own max_new_tokens, retrieve_k, temperature and
-top_p (one compiled step serves them all); an exception acting on one request's retrieval (a
-document missing from `documents`) ends that request with stop_reason "error", not the batch;
-`Request.keep_session` keeps a finished request's cache so `continue_session` appends a
-user turn and goes on over it (multi-round dialogues). Greedy outputs do not depend on what else
-is batched: a request gives the same tokens alone, in a static batch or continuously batched.
+Why one pass: the hidden state at a query RET token the model writes IS the query vector, so it is
+searched at once and the hit (RAG: the document's insertion, tokenised as training tokenised it;
+EL: the forced token after the RET token) goes into the same cache; nothing is re-encoded and no
+query is encoded twice. Why continuous batching: a freed slot (cache row) takes the next request
+at once, and greedy outputs do not depend on what else is batched (tested), so batching changes
+only speed. The stepping interface, hooks (force, candidates, query_vectors), sessions and stop
+reasons: docs/architecture.md, "Inference".
 """
 
 from __future__ import annotations
