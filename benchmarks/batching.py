@@ -32,7 +32,7 @@ import time
 import jax
 import numpy as np
 
-from benchmarks import common
+from benchmarks import models, probes, results_md
 from onegen_jax.inference.engine import Engine, GenerationConfig, Request, TaskTokens
 from onegen_jax.model.decoder import Decoder
 from onegen_jax.retrieval.index import ExactIndex
@@ -43,7 +43,7 @@ MODES = {"static": dict(continuous=False), "continuous, one call": dict(prefill_
 
 def parse_range(text: str) -> tuple[int, int]:
   """"4,16" -> (4, 16), both ends included."""
-  low, high = common.parse_ints(text)
+  low, high = probes.parse_ints(text)
   return low, high
 
 
@@ -147,7 +147,7 @@ HEADERS = ["batching", "seconds", "requests/s", "written tokens/s", "engine step
 def parse_args() -> argparse.Namespace:
   """The command line."""
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  parser.add_argument("--preset", default="tiny", help="a benchmarks/common.py model or a preset")
+  parser.add_argument("--preset", default="tiny", help="a benchmarks/models.py model or a preset")
   parser.add_argument("--dtype", default="", help="compute dtype override")
   parser.add_argument("--requests", type=int, default=64)
   parser.add_argument("--batch_size", type=int, default=8, help="engine slots")
@@ -170,13 +170,13 @@ def parse_args() -> argparse.Namespace:
 def main():
   args = parse_args()
   overrides = {"dtype": args.dtype} if args.dtype else {}
-  model = Decoder(common.model_config(args.preset, **overrides))
-  params = common.init_params(model, args.seed)
+  model = Decoder(models.model_config(args.preset, **overrides))
+  params = models.init_params(model, args.seed)
   vocab = model.config.vocab_size
   workload = make_workload(args, vocab, TaskTokens(query=vocab - 1, eos=vocab - 2))
   engines = make_engines(args, model, params, workload)
   rows = table_rows(measure(args, engines, workload), workload)
-  table = common.markdown_table(HEADERS, rows)
+  table = results_md.markdown_table(HEADERS, rows)
   print(table)
   if not args.no_record:
     record(args, model, params, workload, rows, table)
@@ -186,7 +186,7 @@ def record(args, model: Decoder, params, workload, rows: list[list], table: str)
   """Notes and summary rows for RESULTS.md."""
   prompts, scripts = workload
   lengths = [len(s) - args.retrievals for s in scripts]
-  size = common.count_params(params)
+  size = models.count_params(params)
   notes = [
       f"Model `{args.preset}` ({size / 1e6:.1f}M parameters, compute {model.config.dtype}), "
       f"random-initialised; {args.batch_size} slots; greedy.",
@@ -215,7 +215,7 @@ def record(args, model: Decoder, params, workload, rows: list[list], table: str)
              (f"requests/s, prefilling apart vs in one call, continuous batching {tag}",
               f"{by_mode['continuous'][2]:.1f} vs {by_mode['continuous, one call'][2]:.1f} "
               f"({by_mode['continuous, one call'][1] / by_mode['continuous'][1]:.2f}x)")]
-  common.record("batching", f"continuous vs static, {args.preset}, {args.requests} requests",
+  results_md.record("batching", f"continuous vs static, {args.preset}, {args.requests} requests",
                 table, notes, summary)
 
 

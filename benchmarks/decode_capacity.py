@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from benchmarks import common
+from benchmarks import models, probes, results_md
 from onegen_jax.model.decoder import Decoder, init_cache
 
 
@@ -68,7 +68,7 @@ def step_ms(step, model: Decoder, params, width: int, cached: int, capacities: l
 def main():
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--preset", default="small-34m")
-  parser.add_argument("--capacities", type=common.parse_ints, default="1024,4096,16384")
+  parser.add_argument("--capacities", type=probes.parse_ints, default="1024,4096,16384")
   parser.add_argument("--cached", type=int, default=256, help="tokens already in the cache")
   parser.add_argument("--prefill", type=int, default=512, help="tokens of the prefill chunk")
   parser.add_argument("--repeats", type=int, default=15)
@@ -76,8 +76,8 @@ def main():
   args = parser.parse_args()
   rows = []
   for scan in (True, False):
-    model = Decoder(common.model_config(args.preset, scan_layers=scan))
-    params, step = common.init_params(model, 0), make_step(model)
+    model = Decoder(models.model_config(args.preset, scan_layers=scan))
+    params, step = models.init_params(model, 0), make_step(model)
     decode = step_ms(step, model, params, 1, args.cached, args.capacities, args.repeats)
     prefill = step_ms(step, model, params, args.prefill, args.cached, args.capacities,
                       args.repeats)
@@ -86,7 +86,7 @@ def main():
       print(rows[-1], flush=True)
   headers = ["layers", "cache capacity", "decode ms (1 token)",
              f"prefill ms ({args.prefill} tokens)"]
-  table = common.markdown_table(headers, rows)
+  table = results_md.markdown_table(headers, rows)
   print(table)
   if not args.no_record:
     record(args, rows, table)
@@ -106,7 +106,7 @@ def record(args, rows: list[list], table: str) -> None:
               f"{first[1]} at {args.cached} cached tokens "
               f"({args.preset}, scan, {jax.default_backend().upper()})",
               f"decode {last[2] / first[2]:.2f}x, prefill {last[3] / first[3]:.2f}x")]
-  common.record("decode_capacity", f"step cost vs cache capacity, {args.preset}", table, notes,
+  results_md.record("decode_capacity", f"step cost vs cache capacity, {args.preset}", table, notes,
                 summary)
 
 

@@ -24,7 +24,7 @@ import statistics
 import jax
 import numpy as np
 
-from benchmarks import common
+from benchmarks import models, probes, results_md
 from onegen_jax import sharding
 from onegen_jax.model.decoder import Decoder
 from onegen_jax.retrieval.encode import EncodeItem, Encoder, pack_for_encoding
@@ -55,7 +55,7 @@ def parse_args() -> argparse.Namespace:
   parser.add_argument("--min_len", type=int, default=40)
   parser.add_argument("--max_len", type=int, default=200)
   parser.add_argument("--rows", type=int, default=8)
-  parser.add_argument("--packed_lens", type=common.parse_ints, default="256,512",
+  parser.add_argument("--packed_lens", type=probes.parse_ints, default="256,512",
                       help="row lengths when packed (one table row each)")
   parser.add_argument("--padded_len", type=int, default=256, help="row length when padded")
   parser.add_argument("--max_reads", type=int, default=128)
@@ -76,7 +76,7 @@ def time_layouts(args, params, encoders: dict, layouts: dict) -> tuple[dict, dic
   vectors = {}
   for repeat in range(args.repeats):
     for name in sorted(layouts, reverse=repeat % 2 == 1):  # alternate the order
-      elapsed, vectors[name] = common.timed(lambda: encoders[name].encode(params, layouts[name][0]))
+      elapsed, vectors[name] = probes.timed(lambda: encoders[name].encode(params, layouts[name][0]))
       seconds[name].append(elapsed)
   return seconds, vectors
 
@@ -96,9 +96,9 @@ def table_rows(args, layouts: dict, seconds: dict, tokens: int) -> list[list]:
 
 def main():
   args = parse_args()
-  config = common.model_config(args.preset, **({"dtype": args.dtype} if args.dtype else {}))
+  config = models.model_config(args.preset, **({"dtype": args.dtype} if args.dtype else {}))
   model = Decoder(config)
-  params = common.init_params(model, args.seed)
+  params = models.init_params(model, args.seed)
   documents = make_documents(np.random.default_rng(args.seed), args, config.vocab_size)
   mesh = sharding.make_mesh(data=-1)
   layouts = {f"packed {n}": (packed_items(documents), n) for n in args.packed_lens}
@@ -109,7 +109,7 @@ def main():
   tokens = sum(len(d) for d in documents)
   rows = table_rows(args, layouts, seconds, tokens)
   headers = ["layout", "batch", "entities/s", "real tokens/s", "slot use", "seconds", "vs padded"]
-  table = common.markdown_table(headers, rows)
+  table = results_md.markdown_table(headers, rows)
   print(table)
   difference = max(float(np.max(np.abs(v - vectors["padded"]))) for v in vectors.values())
   print(f"max |packed - padded| = {difference:.2e}")
@@ -119,7 +119,7 @@ def main():
 
 def record(args, config, params, tokens: int, difference: float, rows: list[list], table: str):
   notes = [
-      f"Model `{args.preset}` ({common.count_params(params) / 1e6:.1f}M parameters, compute "
+      f"Model `{args.preset}` ({models.count_params(params) / 1e6:.1f}M parameters, compute "
       f"{config.dtype}), {jax.default_backend()}.",
       f"{args.num_docs} documents, lengths uniform in [{args.min_len}, {args.max_len}] + 1 RET "
       f"token ({tokens / args.num_docs:.0f} on average); seconds: median of {args.repeats} "
@@ -130,7 +130,7 @@ def record(args, config, params, tokens: int, difference: float, rows: list[list
   backend = jax.default_backend().upper()
   summary = [(f"KB encoding, {row[0]} vs padded {args.padded_len} ({args.preset}, {backend})",
               f"{row[-1]} ({row[2]:.1f} vs {rows[-1][2]:.1f} entities/s)") for row in rows[:-1]]
-  common.record("encode", f"packed vs padded, {args.preset}", table, notes, summary)
+  results_md.record("encode", f"packed vs padded, {args.preset}", table, notes, summary)
 
 
 if __name__ == "__main__":

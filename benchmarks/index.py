@@ -30,7 +30,7 @@ import statistics
 import jax
 import numpy as np
 
-from benchmarks import common
+from benchmarks import probes, results_md
 from onegen_jax.retrieval.index import ApproxIndex, ExactIndex, ScannIndex
 
 K = 10  # neighbours searched; recall@1 and recall@10 come from the same search
@@ -104,17 +104,17 @@ def run_worker(job: dict) -> dict:
   jax.devices()  # the CPU client and ScaNN's library exist before the baseline
   if job["backend"] == "scann":
     importlib.import_module("scann.scann_ops.py.scann_ops_pybind")
-  before = common.rss_bytes()
-  common.reset_peak_rss()
-  build_s, search = common.timed(lambda: build(job, keys))
-  after_build = common.rss_bytes()
+  before = probes.rss_bytes()
+  probes.reset_peak_rss()
+  build_s, search = probes.timed(lambda: build(job, keys))
+  after_build = probes.rss_bytes()
   search(queries[:1])  # compiles (JAX backends) or warms up
-  batch_s, rows = common.timed(lambda: search(queries))
-  single_s = statistics.median(common.timed(lambda: search(queries[i:i + 1]))[0]
+  batch_s, rows = probes.timed(lambda: search(queries))
+  single_s = statistics.median(probes.timed(lambda: search(queries[i:i + 1]))[0]
                                for i in range(min(20, len(queries))))
   result = {"build_s": build_s, "qps": len(queries) / batch_s, "single_ms": 1e3 * single_s,
             "rss_gib": (after_build - before) / 2**30,
-            "peak_gib": (common.peak_rss_bytes() - before) / 2**30}
+            "peak_gib": (probes.peak_rss_bytes() - before) / 2**30}
   if job["backend"] == "numpy":
     np.save(job["truth"], rows)
   truth = np.load(job["truth"])
@@ -148,7 +148,7 @@ def measure_size(args, dim: int, n: int) -> list[list]:
   paths = make_data(args, dim, n)
   rows = []
   for job in jobs(args, paths):
-    r = common.spawn_worker("benchmarks.index", job, [])
+    r = probes.spawn_worker("benchmarks.index", job, [])
     gib = n * dim * 4 / 2**30
     if "error" in r:
       rows.append([dim, n, label(job), "failed: " + " / ".join(r["error"]), f"{gib:.2f}",
@@ -180,13 +180,13 @@ def main():
   parser.add_argument("--worker", help=argparse.SUPPRESS)
   args = parser.parse_args()
   if args.worker:
-    common.worker_result(run_worker(json.loads(args.worker)))
+    probes.worker_result(run_worker(json.loads(args.worker)))
     return
   sizes = [tuple(int(x) for x in s.split(":")) for s in args.sizes.split(",")]
   rows = [row for dim, n in sizes for row in measure_size(args, dim, n)]
   headers = ["dim", "keys", "backend", "build s", "vectors GiB", "RSS growth GiB",
              "peak RSS growth GiB", "queries/s", "1-query ms", "recall@1", "recall@10"]
-  table = common.markdown_table(headers, rows)
+  table = results_md.markdown_table(headers, rows)
   print(table)
   if not args.no_record:
     record(args, sizes, rows, table)
@@ -208,7 +208,7 @@ def record(args, sizes, rows: list[list], table: str) -> None:
       "one per query, if fewer).",
       "ApproxIndex uses jax.lax.approx_max_k, which is approximate on TPU only; on CPU it sorts.",
   ]
-  common.record("index", ", ".join(f"{n:,} x {d}" for d, n in sizes), table, notes,
+  results_md.record("index", ", ".join(f"{n:,} x {d}" for d, n in sizes), table, notes,
                 summary_rows(rows))
 
 

@@ -51,7 +51,7 @@ import time
 import jax
 import numpy as np
 
-from benchmarks import common
+from benchmarks import models, probes, results_md
 from onegen_jax import sharding
 from onegen_jax.inference.engine import (Engine, GenerationConfig, Request, RequestOutput,
                                          TaskTokens)
@@ -284,15 +284,15 @@ def table_row(args, query_len: int, r: int, onegen: float, piped: float, encode:
 def setup_models(args) -> dict:
   """Generator and retriever parameters, the documents and each method's index."""
   overrides = {"dtype": args.dtype} if args.dtype else {}
-  config = common.model_config(args.preset, **overrides)
+  config = models.model_config(args.preset, **overrides)
   model = Decoder(config)
   tokens = special_tokens(config.vocab_size)
   rng = np.random.default_rng(args.seed)
   documents = {f"doc{i}": rng.integers(1, config.vocab_size - 4, args.doc_tokens).tolist()
                for i in range(args.num_docs)}
   mesh = sharding.make_mesh(devices=jax.devices()[:1])
-  generator = common.init_params(model, args.seed)
-  retriever = common.init_params(model, args.seed + 1)
+  generator = models.init_params(model, args.seed)
+  retriever = models.init_params(model, args.seed + 1)
   encoder = Encoder(model, mesh, rows=8, seq_len=args.doc_tokens + 1, max_reads=8)
   return {"model": model, "tokens": tokens, "documents": documents,
           "inserted": insertions(documents, config.vocab_size), "mesh": mesh,
@@ -309,10 +309,10 @@ HEADERS = ["query tokens q", "retrievals / round", "OneGen ms / round", "pipelin
 def parse_args() -> argparse.Namespace:
   """The command line."""
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  parser.add_argument("--preset", default="tiny", help="a benchmarks/common.py model or a preset")
+  parser.add_argument("--preset", default="tiny", help="a benchmarks/models.py model or a preset")
   parser.add_argument("--dtype", default="", help="compute dtype override (e.g. float32 on CPU)")
-  parser.add_argument("--query_lengths", type=common.parse_ints, default="32,64,128,256,512,1024")
-  parser.add_argument("--retrievals", type=common.parse_ints, default="1,2,5",
+  parser.add_argument("--query_lengths", type=probes.parse_ints, default="32,64,128,256,512,1024")
+  parser.add_argument("--retrievals", type=probes.parse_ints, default="1,2,5",
                       help="retrievals per round (at most --output_tokens)")
   parser.add_argument("--rounds", type=int, default=5)
   parser.add_argument("--output_tokens", type=int, default=10)
@@ -331,7 +331,7 @@ def main():
   args = parse_args()
   setup = setup_models(args)
   rows = [row for n in args.query_lengths for row in measure_length(args, setup, n)]
-  table = common.markdown_table(HEADERS, rows)
+  table = results_md.markdown_table(HEADERS, rows)
   print(table)
   if not args.no_record:
     record(args, setup, rows, table)
@@ -340,7 +340,7 @@ def main():
 def record(args, setup: dict, rows: list[list], table: str) -> None:
   """Notes and summary rows (the ratio at the corners of the sweep) for RESULTS.md."""
   config = setup["model"].config
-  size = common.count_params(setup["generator"])
+  size = models.count_params(setup["generator"])
   notes = [
       f"Model `{args.preset}` ({size / 1e6:.1f}M parameters, compute {config.dtype}); generator "
       "and retriever the same shape, separately random-initialised; batch 1.",
@@ -369,7 +369,7 @@ def record(args, setup: dict, rows: list[list], table: str) -> None:
   summary = [(f"pipeline / OneGen latency per round, L={row[0]}, {row[1]} ret/round "
               f"({args.preset}, {backend})", f"{row[5]:.2f}x (bound {row[7]:.2f}x)")
              for row in rows if (row[0], row[1]) in wanted]
-  common.record("inference_onepass", f"OneGen vs pipeline, {args.preset}", table, notes, summary)
+  results_md.record("inference_onepass", f"OneGen vs pipeline, {args.preset}", table, notes, summary)
 
 
 if __name__ == "__main__":

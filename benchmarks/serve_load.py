@@ -27,7 +27,7 @@ import time
 
 import httpx
 
-from benchmarks import common
+from benchmarks import probes, results_md
 from onegen_jax.data.records import read_jsonl
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -109,7 +109,7 @@ def ensure_index(args):
 
 def main(argv=None):
   args = parse_args(argv)
-  levels = common.parse_ints(args.clients)
+  levels = probes.parse_ints(args.clients)
   deadline = time.monotonic() + args.deadline_s
   ensure_index(args)
   lines = read_jsonl(args.requests_file)
@@ -134,7 +134,7 @@ def main(argv=None):
     proc.terminate()
     proc.wait(60)
   same = all(a == answers[levels[0]] for a in answers.values())
-  table = common.markdown_table(
+  table = results_md.markdown_table(
       ["clients", "requests", "wall s", "requests/s", "vs one at a time", "p50 ms", "p99 ms",
        "generated tokens/s"], rows)
   print(table)
@@ -144,7 +144,7 @@ def main(argv=None):
   if args.no_record:
     return
   top = rows[-1]
-  common.record(
+  results_md.record(
       "serve_load", f"{args.requests} requests at {levels} concurrent clients", table,
       [f"Server: `launch.serve --max_batch={args.max_batch} --capacity={args.capacity} "
        f"--max_new_tokens={args.max_new_tokens}` on {args.workdir} (greedy), index {args.index};"

@@ -43,7 +43,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from benchmarks import common
+from benchmarks import models, probes, results_md
 from onegen_jax import sharding
 from onegen_jax.data.packing import (BatchPacker, BatchShape, Corpus, Key, Query, Segment,
                                      pack_batches)
@@ -84,7 +84,7 @@ def peak_memory_gib(device=None) -> tuple[float, str]:
   stats = device.memory_stats() if device is not None else None
   if stats and "peak_bytes_in_use" in stats:
     return stats["peak_bytes_in_use"] / 2**30, "device"
-  return common.peak_rss_bytes() / 2**30, "host RSS"
+  return probes.peak_rss_bytes() / 2**30, "host RSS"
 
 
 def matmul_worker(args) -> dict:
@@ -93,7 +93,7 @@ def matmul_worker(args) -> dict:
   a, b = (jax.random.normal(jax.random.key(i), (n, n), jnp.bfloat16) for i in (0, 1))
   matmul = jax.jit(lambda x, y: x @ y)
   matmul(a, b).block_until_ready()
-  best = min(common.timed(lambda: matmul(a, b).block_until_ready())[0] for _ in range(10))
+  best = min(probes.timed(lambda: matmul(a, b).block_until_ready())[0] for _ in range(10))
   return {"tflops": 2 * n**3 / best / 1e12}
 
 
@@ -101,7 +101,7 @@ def jax_worker(args, job: dict) -> dict:
   """Our train step on one configuration: tokens/s over --steps after --warmup steps."""
   # auto: the model's own choice (splash on TPU, cuDNN on GPU, XLA on CPU), named in the table.
   attention = resolve_impl(job["attention"], "bfloat16", jax.default_backend())
-  config = common.model_config(args.preset, dtype=job["dtype"], param_dtype="float32",
+  config = models.model_config(args.preset, dtype=job["dtype"], param_dtype="float32",
                                remat_policy=job["remat"], attention_impl=attention,
                                scan_layers=job["scan"])
   make = gen_batch if job["loss"] == "gen" else ret_batch
@@ -113,7 +113,7 @@ def jax_worker(args, job: dict) -> dict:
   shardings = batch_shardings(mesh, {k: v.ndim for k, v in batch.items()}, False)
   placed = jax.device_put(batch, shardings)
   state = program.init_state(0)
-  compile_s, (state, _) = common.timed(
+  compile_s, (state, _) = probes.timed(
       lambda: jax.block_until_ready(program.step(state, placed)))
   for _ in range(args.warmup - 1):
     state, _ = program.step(state, placed)
@@ -127,7 +127,7 @@ def jax_worker(args, job: dict) -> dict:
   return {"step_s": seconds, "compile_s": compile_s, "attention": attention,
           "packing": float(np.mean(batch["segment_ids"] > 0)), "peak_gib": memory, "memory": where,
           "final_loss": float(metrics["loss"]),
-          "params": common.count_params(state.params)}
+          "params": models.count_params(state.params)}
 
 
 def torch_worker(args, job: dict) -> dict:
@@ -138,7 +138,7 @@ def torch_worker(args, job: dict) -> dict:
   import transformers  # noqa: PLC0415
   from onegen_jax.hf import to_hf_config  # noqa: PLC0415
   device = "cuda" if torch.cuda.is_available() else "cpu"
-  hf_config = to_hf_config(common.model_config(args.preset), "LlamaForCausalLM")
+  hf_config = to_hf_config(models.model_config(args.preset), "LlamaForCausalLM")
   torch.manual_seed(0)
   model = transformers.LlamaForCausalLM._from_config(
       hf_config, attn_implementation="sdpa", dtype=torch.float32).to(device)
@@ -158,7 +158,7 @@ def torch_worker(args, job: dict) -> dict:
     optimizer.zero_grad(set_to_none=True)
     return loss
 
-  compile_s, _ = common.timed(lambda: (step(), sync()))
+  compile_s, _ = probes.timed(lambda: (step(), sync()))
   for _ in range(args.warmup - 1):
     step()
   sync()
@@ -185,7 +185,7 @@ def run_worker(args) -> None:
     result = torch_worker(args, job)
   else:
     result = jax_worker(args, job)
-  common.worker_result({**job, **result})
+  probes.worker_result({**job, **result})
 
 
 # --------------------------------------------------------------------------------------------
@@ -227,7 +227,7 @@ def run_name(r: dict) -> str:
 def table_rows(results: list[dict], args) -> list[list]:
   """One row per training run: tokens/s, its ratio to the fastest PyTorch run of this run, TFLOP/s,
   MFU against the measured matmul, memory."""
-  flops = flops_per_token(common.model_config(args.preset), args.seq)
+  flops = flops_per_token(models.model_config(args.preset), args.seq)
   ceiling = next((r["tflops"] for r in results if r["kind"] == "matmul" and "tflops" in r), None)
   torch_s = min((r["step_s"] for r in results if r["kind"] == "torch" and "error" not in r),
                 default=None)
@@ -286,12 +286,12 @@ def main():
     run_worker(args)
     return
   worker_argv = [a for a in sys.argv[1:] if a != "--no_record"]
-  results = [common.spawn_worker("benchmarks.train_throughput", job, worker_argv, worker_env(job))
+  results = [probes.spawn_worker("benchmarks.train_throughput", job, worker_argv, worker_env(job))
              for job in jobs(args)]
   headers = ["implementation", "loss", "attention", "tokens/s", "vs fastest PyTorch",
              "model TFLOP/s", "MFU", "peak GiB", "first step s", "loss after"]
   rows = table_rows(results, args)
-  table = common.markdown_table(headers, rows)
+  table = results_md.markdown_table(headers, rows)
   print(table)
   if not args.no_record:
     record(args, results, rows, table)
@@ -329,7 +329,7 @@ def record(args, results: list[dict], rows: list[list], table: str) -> None:
   summary = [(f"train tokens/s, {row[0]}, {row[1]} ({tag})", row[3] + ratio(row)) for row in rows]
   if args.smoke:
     summary.append(("train tokens/s, 1.1B Llama 8x2048, GPU", "not measured (no GPU lent)"))
-  common.record("train_throughput", f"{args.preset}, batch {args.batch} x {args.seq}", table,
+  results_md.record("train_throughput", f"{args.preset}, batch {args.batch} x {args.seq}", table,
                 notes, summary)
 
 

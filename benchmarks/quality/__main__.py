@@ -160,7 +160,7 @@ def _record(study: Study) -> None:
   for mode, dirs in study.train_dirs.items():  # one PNG per task: a task's run replaces its own
     png = [os.path.join(args.out, report.curves_png(mode))]
     if args.record:
-      png.append(os.path.join(os.path.dirname(report.common.RESULTS), report.curves_png(mode)))
+      png.append(os.path.join(os.path.dirname(report.results_md.RESULTS), report.curves_png(mode)))
     curves.plot({mode: dirs}, png)
   if args.record:
     for mode in study.run.results:

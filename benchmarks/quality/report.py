@@ -12,7 +12,7 @@ import os
 import re
 import time
 
-from benchmarks import common
+from benchmarks import results_md
 from benchmarks.quality.arms import label
 from benchmarks.quality.cli import say
 from benchmarks.quality.minilm import WINDOW
@@ -44,7 +44,7 @@ class Run:
 
 def command() -> str:
   """The command of this run (`python -m benchmarks.quality ...`)."""
-  return common.command().replace("benchmarks.quality.__main__", "benchmarks.quality", 1)
+  return results_md.command().replace("benchmarks.quality.__main__", "benchmarks.quality", 1)
 
 
 def _cell(value, pct: bool = True) -> str:
@@ -82,12 +82,12 @@ def table(mode: str, results: dict[str, ArmResult], k: int) -> str:
   if mode == "rag":
     rows = _rows(results, lambda g, r: [g.em, g.f1, g.r1, g.rk, r.cand_r1, r.cand_rk, r.pool_r1,
                                         r.pool_rk])
-    return "Multi-hop RAG (dev questions; x100):\n\n" + common.markdown_table(
+    return "Multi-hop RAG (dev questions; x100):\n\n" + results_md.markdown_table(
         ["arm", "EM", "F1", "R@1 (generated)", f"R@{k} (generated)", "R@1 own paragraphs",
          f"R@{k} own paragraphs", "R@1 pool", f"R@{k} pool", *_TAIL], rows) + _per_set(results)
   rows = _rows(results, lambda g, r: [g.reference_f1, g.strong_f1, r.cand_r1, r.cand_rk,
                                       r.pool_r1, r.pool_rk, r.kb_r1])
-  return "Entity linking (dev pieces; x100):\n\n" + common.markdown_table(
+  return "Entity linking (dev pieces; x100):\n\n" + results_md.markdown_table(
       ["arm", "micro-F1 (reference)", "micro-F1 (GERBIL strong)", "in-KB acc@1 (candidates)",
        f"R@{k} (candidates)", "acc@1 (pool)", f"R@{k} (pool)", "acc@1 (whole KB)", *_TAIL], rows)
 
@@ -102,7 +102,7 @@ def _per_set(results: dict[str, ArmResult]) -> str:
           for key, r in results.items() if not r.skipped for gen, gold in [of(r)] for s in sets]
   if not rows:
     return ""
-  return "\n\nPer dev set (x100):\n\n" + common.markdown_table(
+  return "\n\nPer dev set (x100):\n\n" + results_md.markdown_table(
       ["arm", "set", "EM", "F1", "R@1 own paragraphs", "R@1 pool"], rows)
 
 
@@ -161,7 +161,7 @@ def write(run: Run) -> str:
   """Writes OUT/quality.json and OUT/quality.md; returns the tables."""
   args = run.args
   text = tables(run.results, args.recall_k)
-  machine = common.machine(f"compute dtype {run.dtype}")
+  machine = results_md.machine(f"compute dtype {run.dtype}")
   record = {"command": command(), "machine": machine,
             "date": f"{datetime.datetime.now().astimezone():%Y-%m-%d %H:%M %Z}",
             "args": dict(vars(args)), "backend": run.backend, "dtype": run.dtype,
@@ -206,7 +206,7 @@ def section(run: Run, mode: str) -> str:
   lines = [f"#### quality study: {_TITLES[mode]} (recorded {date})", "",
            *[f"Command: `{c}`" for c in dict.fromkeys(r.command or command()
                                                      for r in run.results[mode].values())], "",
-           f"Machine: {common.machine(f'compute dtype {run.dtype}')}", "",
+           f"Machine: {results_md.machine(f'compute dtype {run.dtype}')}", "",
            table(mode, run.results[mode], args.recall_k), "",
            f"Training curves: ![training curves]({curves_png(mode)})", "",
            *[f"- {n}" for n in _train_lines(run.results[mode])],
@@ -218,15 +218,15 @@ def section(run: Run, mode: str) -> str:
 def record_task(run: Run, mode: str) -> None:
   """Replaces the task's section (same --record_key) in benchmarks/RESULTS.md, else appends it."""
   start, end = (_MARK.format(key=run.args.record_key, mode=mode, end=e) for e in ("start", "end"))
-  text = common._read_results()
+  text = results_md.read_results()
   block = f"{start}\n{section(run, mode)}\n{end}"
   if start in text and end in text:
     text = text[:text.index(start)] + block + text[text.index(end) + len(end):]
   else:
     text = text.rstrip() + "\n\n" + block + "\n"
-  with open(common.RESULTS, "w") as f:
+  with open(results_md.RESULTS, "w") as f:
     f.write(text)
-  say(f"recorded the {mode} section in {common.RESULTS}")
+  say(f"recorded the {mode} section in {results_md.RESULTS}")
 
 
 def append_section(path: str, extra_notes: tuple[str, ...] | list[str] = ()) -> None:
@@ -245,6 +245,6 @@ def append_section(path: str, extra_notes: tuple[str, ...] | list[str] = ()) -> 
            f"Command: `{record['command']}`", "", f"Machine: {record['machine']}", "",
            tables(results, k), "", *[f"- {n}" for n in [*dict.fromkeys(run_notes), *extra_notes]],
            ""]
-  with open(common.RESULTS, "a") as f:
+  with open(results_md.RESULTS, "a") as f:
     f.write("\n" + "\n".join(lines))
-  say(f"appended the section to {common.RESULTS}")
+  say(f"appended the section to {results_md.RESULTS}")
