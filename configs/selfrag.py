@@ -11,7 +11,7 @@ Launch:
 Variants: `demo` (the tiny decoder on the project's generated Self-RAG data, written to
 runs/demo-data/selfrag on first use; CPU, about a minute) and the paper's setting below (what all
 paper settings share: onegen_jax/train/config.py). Inference: `launch.infer --task=selfrag
---mode=adaptive_retrieval|always_retrieve|no_retrieval` (onegen_jax/inference/selfrag.py).
+--selfrag_mode=adaptive_retrieval|always_retrieve|no_retrieval` (onegen_jax/inference/selfrag.py).
 """
 
 from onegen_jax.train.config import PaperSetting, demo_config, paper_config

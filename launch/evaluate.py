@@ -23,7 +23,7 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   predictions, gold = read_jsonl(_PREDICTIONS.value), read_jsonl(_GOLD.value)
-  if _TASK.value == "selfrag":  # launch.infer --mode=... output (Self-RAG's procedure)
+  if _TASK.value == "selfrag":  # launch.infer --selfrag_mode=... output (Self-RAG's procedure)
     score = score_selfrag
   else:
     score = score_rag if get_task(_TASK.value).mode == "rag" else score_el

@@ -13,11 +13,11 @@ step, and for el the plain text with the linked mentions (character offsets, ent
 Mesh, dtype and process flags (every process runs the same requests; process 0 writes
 OUT.jsonl): launch/serving_flags.py.
 
-Self-RAG (a selfrag run): --mode=adaptive_retrieval|always_retrieve|no_retrieval runs Self-RAG's
-short-form procedure (onegen_jax/inference/selfrag.py: retrieval decided by P([Retrieval]) vs
---threshold, the model's own query, --ndocs evidence rows continuing one prefill, critique
-weights --w_rel/--w_sup/--w_use); each output line then holds the answer, whether it retrieved,
-and every candidate's document, text and scores.
+Self-RAG (a selfrag run): --selfrag_mode=adaptive_retrieval|always_retrieve|no_retrieval runs
+Self-RAG's short-form procedure (onegen_jax/inference/selfrag.py: retrieval decided by
+P([Retrieval]) vs --threshold, the model's own query, --ndocs evidence rows continuing one
+prefill, critique weights --w_rel/--w_sup/--w_use); each output line then holds the answer,
+whether it retrieved, and every evidence continuation's document, text and scores.
 """
 
 import json
@@ -50,8 +50,8 @@ _PRIOR = flags.DEFINE_string("candidate_prior", "", "EL: a prior written by laun
                              "searches among a line's candidates then rank by cosine + weight x "
                              "log P(gold at the candidate's rank).")
 _TASK = flags.DEFINE_string("task", None, "Checked against the run's task (default: the run's).")
-_MODE = flags.DEFINE_enum("mode", None, list(MODES), "selfrag: Self-RAG's procedure (default: "
-                          "plain one-pass generation).")
+_SELFRAG_MODE = flags.DEFINE_enum("selfrag_mode", None, list(MODES), "selfrag: Self-RAG's "
+                                  "procedure (default: plain one-pass generation).")
 _THRESHOLD = flags.DEFINE_float("threshold", 0.2, "selfrag adaptive_retrieval: retrieve when "
                                 "P([Retrieval]) / (P([Retrieval]) + P([No Retrieval])) exceeds it.")
 _NDOCS = flags.DEFINE_integer("ndocs", 5, "selfrag: documents retrieved, one continuation each.")
@@ -68,30 +68,33 @@ def main(argv):
   run = load_run(_WORKDIR.value, _STEP.value, **serving_flags.start())
   if _TASK.value and _TASK.value != run.task.name:
     raise app.UsageError(f"--task={_TASK.value}, but {_WORKDIR.value} is a {run.task.name} run")
-  if _MODE.value and run.task.name != "selfrag":
-    raise app.UsageError(f"--mode is Self-RAG's; {_WORKDIR.value} is a {run.task.name} run")
+  if _SELFRAG_MODE.value and run.task.name != "selfrag":
+    raise app.UsageError(f"--selfrag_mode is Self-RAG's; {_WORKDIR.value} is a {run.task.name} run")
   index, texts, vectors = load_index_dir(_INDEX.value)
   settings = dict(max_new_tokens=_MAX_NEW.value, temperature=_TEMPERATURE.value,
                   top_p=_TOP_P.value, batch_size=_BATCH.value, capacity=_CAPACITY.value,
                   retrieve_k=_RETRIEVE_K.value)
-  if _MODE.value:
+  if _SELFRAG_MODE.value:
     settings["watch"] = watched_ids(run.tokenizer)
   # Self-RAG: a query inside an evidence continuation ends it (max_retrievals 0).
-  config = generation_config(run.task, 0 if _MODE.value else _MAX_RETRIEVALS.value, **settings)
+  config = generation_config(run.task, 0 if _SELFRAG_MODE.value else _MAX_RETRIEVALS.value,
+                             **settings)
   inputs = read_input(_INPUT.value)
   forced = [answer_prefix_tokens(run.tokenizer, p) if p is not None else []
             for p in inputs.prefixes]
   too_long = [f"{_INPUT.value}:{n}: answer_prefix: {len(f)} tokens, over --max_new_tokens="
               f"{_MAX_NEW.value}"
               for n, f in zip(inputs.numbers, forced) if len(f) > _MAX_NEW.value]
-  if too_long or (_MODE.value and any(p is not None for p in inputs.prefixes)):
-    raise app.UsageError("\n".join(too_long) or "answer_prefix: Self-RAG's --mode takes none")
+  if too_long or (_SELFRAG_MODE.value and any(p is not None for p in inputs.prefixes)):
+    raise app.UsageError("\n".join(too_long)
+                         or "answer_prefix: Self-RAG's --selfrag_mode takes none")
   prior = RankPrior.load(_PRIOR.value) if _PRIOR.value else None
   engine = make_engine(run, index, texts, config, vectors=vectors, prior=prior)
   prompts = prompt_tokens(run, inputs.prompts, _MAX_PROMPT.value)
-  if _MODE.value:
+  if _SELFRAG_MODE.value:
     selfrag = SelfRag(engine, run.tokenizer, index.search_documents, engine.documents,
-                      SelfRagConfig(_MODE.value, _THRESHOLD.value, _NDOCS.value, _W_REL.value,
+                      SelfRagConfig(_SELFRAG_MODE.value, _THRESHOLD.value, _NDOCS.value,
+                                    _W_REL.value,
                                     _W_SUP.value, _W_USE.value, _SEQ_SCORE.value, _MAX_NEW.value))
     records = [r.record() for r in selfrag.run(prompts)]
   else:
@@ -104,7 +107,7 @@ def main(argv):
     for record in records:
       f.write(json.dumps(record) + "\n")
   summary = {"requests": len(records), "output": _OUTPUT.value}
-  if _MODE.value:
+  if _SELFRAG_MODE.value:
     summary["retrieved"] = sum(r["retrieved"] for r in records)
   else:
     summary.update(finished=sum(o.finished for o in outputs),

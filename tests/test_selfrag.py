@@ -43,7 +43,7 @@ def chain(tmp_path_factory):
   launch(root, "build_index", f"--workdir={run}", f"--db={data}/db.jsonl", f"--out={root / 'index'}")
   for mode in CLI_MODES:
     ran = launch(root, "infer", f"--workdir={run}", f"--index={root / 'index'}", "--task=selfrag",
-                 f"--input={data}/dev.jsonl", f"--output={root / mode}.jsonl", f"--mode={mode}",
+                 f"--input={data}/dev.jsonl", f"--output={root / mode}.jsonl", f"--selfrag_mode={mode}",
                  "--ndocs=3", "--max_new_tokens=24", "--batch_size=8")
     assert ran["requests"] == 12
   return root, launch(root, "evaluate", "--task=selfrag",
@@ -52,7 +52,7 @@ def chain(tmp_path_factory):
 
 def test_the_command_line_chain_and_the_three_modes(chain, runner):
   """launch.infer's adaptive and no-retrieval lines, and always_retrieve through the library
-  (what launch.infer --mode calls), keep each mode's rule; launch.evaluate scores as the library."""
+  (what launch.infer --selfrag_mode calls), keep each mode's rule; launch.evaluate scores as the library."""
   root, evaluated = chain
   make, _, prompts = runner
   gold = read_jsonl(f"{root}/data/dev.jsonl")
@@ -227,7 +227,7 @@ def test_the_converters_write_selfrag_lines(tmp_path):
 
 def test_the_server_runs_selfrag_as_launch_infer_does(chain, tmp_path):
   """launch.serve on the selfrag run: each dev line with "selfrag": {"mode", "ndocs"}, sent
-  concurrently (batched together), gets launch.infer --mode's line; selfrag with stream is 422."""
+  concurrently (batched together), gets launch.infer --selfrag_mode's line; selfrag with stream is 422."""
   root, _ = chain
   url, proc = serve(root / "run", root / "index", tmp_path / "server.log", "--max_batch=8",
                     "--max_new_tokens=24")

@@ -90,7 +90,7 @@ def score_selfrag(predictions: list[dict], gold: list[dict]) -> dict[str, float]
   if len(predictions) != len(gold):
     raise ValueError(f"{len(predictions)} predictions for {len(gold)} gold lines")
   if predictions and "retrieved" not in predictions[0]:
-    raise ValueError("Self-RAG predictions come from launch.infer --mode=adaptive_retrieval|"
+    raise ValueError("Self-RAG predictions come from launch.infer --selfrag_mode=adaptive_retrieval|"
                      "always_retrieve|no_retrieval (these lines have no `retrieved`)")
   golds = [_selfrag_gold(g) for g in gold]
   rows = [(metrics.match(p["answer"], a), metrics.label_accuracy(p["answer"], a),

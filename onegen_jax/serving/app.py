@@ -12,7 +12,7 @@ finished, stop_reason, retrievals, and for EL plain_text and mentions) plus `id`
 for a session, `session_id`. A selfrag model's request with "selfrag": {"mode", "threshold",
 "ndocs", "w_rel", "w_sup", "w_use", "use_seq_score"} runs Self-RAG's procedure (its own engine,
 batched with the other Self-RAG requests queued at the same time) and gets what launch.infer
---mode writes (answer, retrieved, evidence with scores). With "stream": true the answer is server-sent events: `token`
+--selfrag_mode writes (answer, retrieved, evidence with scores). With "stream": true the answer is server-sent events: `token`
 ({"text": the new text, "tokens": their ids}; the texts add up to the result's text),
 `retrieval` ({"position", "ids", "scores"}), then `done` (the result) or `error`.
 

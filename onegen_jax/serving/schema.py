@@ -57,7 +57,7 @@ class TurnBody(pydantic.BaseModel):
 
 
 class SelfRagBody(pydantic.BaseModel):
-  """Self-RAG's procedure (a selfrag run only): launch.infer's --mode and its settings."""
+  """Self-RAG's procedure (a selfrag run only): launch.infer's --selfrag_mode and its settings."""
 
   model_config = pydantic.ConfigDict(extra="forbid", strict=True)
   mode: Literal[MODES] = "adaptive_retrieval"
