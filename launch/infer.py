@@ -30,7 +30,7 @@ from onegen_jax.inference.engine import Request
 from onegen_jax.inference.requests import (answer_prefix_tokens, output_record, prompt_tokens,
                                            read_input)
 from onegen_jax.inference.run_dir import generation_config, load_index_dir, load_run, make_engine
-from onegen_jax.inference.selfrag import MODES, SelfRag, SelfRagConfig, watched_ids
+from onegen_jax.inference.selfrag import MODES, SelfRagConfig, selfrag_runner
 from onegen_jax.retrieval.candidates import RankPrior
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory.")
@@ -74,11 +74,7 @@ def main(argv):
   settings = dict(max_new_tokens=_MAX_NEW.value, temperature=_TEMPERATURE.value,
                   top_p=_TOP_P.value, batch_size=_BATCH.value, capacity=_CAPACITY.value,
                   retrieve_k=_RETRIEVE_K.value)
-  if _SELFRAG_MODE.value:
-    settings["watch"] = watched_ids(run.tokenizer)
-  # Self-RAG: a query inside an evidence continuation ends it (max_retrievals 0).
-  config = generation_config(run.task, 0 if _SELFRAG_MODE.value else _MAX_RETRIEVALS.value,
-                             **settings)
+  config = generation_config(run.task, _MAX_RETRIEVALS.value, **settings)
   inputs = read_input(_INPUT.value)
   forced = [answer_prefix_tokens(run.tokenizer, p) if p is not None else []
             for p in inputs.prefixes]
@@ -88,16 +84,15 @@ def main(argv):
   if too_long or (_SELFRAG_MODE.value and any(p is not None for p in inputs.prefixes)):
     raise app.UsageError("\n".join(too_long)
                          or "answer_prefix: Self-RAG's --selfrag_mode takes none")
-  prior = RankPrior.load(_PRIOR.value) if _PRIOR.value else None
-  engine = make_engine(run, index, texts, config, vectors=vectors, prior=prior)
   prompts = prompt_tokens(run, inputs.prompts, _MAX_PROMPT.value)
   if _SELFRAG_MODE.value:
-    selfrag = SelfRag(engine, run.tokenizer, index.search_documents, engine.documents,
-                      SelfRagConfig(_SELFRAG_MODE.value, _THRESHOLD.value, _NDOCS.value,
-                                    _W_REL.value,
-                                    _W_SUP.value, _W_USE.value, _SEQ_SCORE.value, _MAX_NEW.value))
+    selfrag = selfrag_runner(run, index, texts, config)(SelfRagConfig(
+        _SELFRAG_MODE.value, _THRESHOLD.value, _NDOCS.value, _W_REL.value, _W_SUP.value,
+        _W_USE.value, _SEQ_SCORE.value, _MAX_NEW.value))
     records = [r.record() for r in selfrag.run(prompts)]
   else:
+    prior = RankPrior.load(_PRIOR.value) if _PRIOR.value else None
+    engine = make_engine(run, index, texts, config, vectors=vectors, prior=prior)
     outputs = engine.run([engine.submit(Request(p, force=f, candidates=c))
                           for p, f, c in zip(prompts, forced, inputs.candidates)], progress=True)
     records = [output_record(run, out) for out in outputs]

@@ -12,7 +12,6 @@ Mesh and dtype flags: launch/serving_flags.py (one process).
   curl -s localhost:8000/v1/generate -d '{"prompt": "...", "max_new_tokens": 64}'
 """
 
-import dataclasses
 import logging
 import signal
 
@@ -23,7 +22,7 @@ from absl import app, flags
 from launch import serving_flags
 from onegen_jax.data.tasks import TASKS
 from onegen_jax.inference.run_dir import generation_config, load_index_dir, load_run, make_engine
-from onegen_jax.inference.selfrag import SelfRag, watched_ids
+from onegen_jax.inference.selfrag import selfrag_runner
 from onegen_jax.retrieval.candidates import RankPrior
 from onegen_jax.serving.app import create_app
 from onegen_jax.serving.schema import Limits
@@ -71,16 +70,6 @@ class _DrainingServer(uvicorn.Server):
     self.should_exit = True
 
 
-def selfrag_runner(run, index, texts, config):
-  """For a selfrag run: config -> a Self-RAG runner on one engine of its own (watching the
-  reflection tokens; a query inside a continuation ends it); None for other tasks."""
-  if run.task.name != "selfrag":
-    return None
-  engine = make_engine(run, index, texts, dataclasses.replace(
-      config, watch=watched_ids(run.tokenizer), max_retrievals=0))
-  return lambda sr: SelfRag(engine, run.tokenizer, index.search_documents, engine.documents, sr)
-
-
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
@@ -101,7 +90,8 @@ def main(argv):
   worker = EngineWorker(lambda: make_engine(run, index, texts, config, vectors=vectors,
                                             prior=prior),
                         max_sessions=_MAX_SESSIONS.value,
-                        make_selfrag=selfrag_runner(run, index, texts, config))
+                        make_selfrag=(selfrag_runner(run, index, texts, config)
+                                      if run.task.name == "selfrag" else None))
   logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
   server = _DrainingServer(
       uvicorn.Config(create_app(run, worker, limits), host=_HOST.value, port=_PORT.value,

@@ -38,7 +38,9 @@ import numpy as np
 from onegen_jax.data.encoding import TaskTokenizer
 from onegen_jax.inference.engine import Engine, SearchFn
 from onegen_jax.inference.requests import output_text
-from onegen_jax.inference.types import Request, RequestOutput
+from onegen_jax.inference.run_dir import LoadedRun, make_engine
+from onegen_jax.retrieval.index import Index
+from onegen_jax.inference.types import GenerationConfig, Request, RequestOutput
 
 RETRIEVE, NO_RETRIEVE = "[Retrieval]", "[No Retrieval]"
 RELEVANCE = ("[Relevant]", "[Irrelevant]")
@@ -104,6 +106,17 @@ class SelfRagResult:
             "evidence": [{"id": e.document, "retrieval_score": e.retrieval_score,
                           "text": e.text, **dataclasses.asdict(e.critique)}
                          for e in self.evidence]}
+
+
+def selfrag_runner(run: LoadedRun, index: Index, texts: dict[str, str],
+                   config: GenerationConfig) -> Callable[[SelfRagConfig], SelfRag]:
+  """A selfrag run's procedure on one engine of its own, built once for launch.infer and the
+  server: the engine watches the reflection tokens (watched_ids) and a query inside an evidence
+  continuation ends it (max_retrievals 0); SelfRagConfig -> the SelfRag runner."""
+  engine = make_engine(run, index, texts, dataclasses.replace(
+      config, watch=watched_ids(run.tokenizer), max_retrievals=0))
+  return lambda settings: SelfRag(engine, run.tokenizer, index.search_documents,
+                                  engine.documents, settings)
 
 
 def watched_ids(tokenizer: TaskTokenizer) -> tuple[int, ...]:
