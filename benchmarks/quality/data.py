@@ -263,13 +263,15 @@ def _pool(db: list[dict], dev: list[dict], distractors: list[str], limit: int) -
 def _packable(lines: list[dict], lengths: np.ndarray, doc_lengths: dict[str, int],
               settings: TaskSettings) -> np.ndarray:
   """Per line: whether it fits an empty batch with the documents its queries bring (per valid
-  anchor, up to n_pos: its first positive and n_neg listed negatives), as the packer places them;
-  a batch that cannot hold one example stops training with an error, hours in."""
+  anchor, up to n_pos: its longest listed positive, since sampling may pick any, and n_neg listed
+  negatives), as the packer places them; a batch that cannot hold one example stops training with
+  an error, hours in."""
   rows = settings.rows // settings.accum_steps
   out = []
   for line, n in zip(lines, lengths):
     valid = [(pos, neg) for pos, neg in _entries(line) if pos and neg][:settings.n_pos]
-    docs = dict.fromkeys(d for pos, neg in valid for d in pos[:1] + neg[:settings.n_neg])
+    longest = lambda pos: [max(pos, key=lambda d: doc_lengths.get(d, 0))]
+    docs = dict.fromkeys(d for pos, neg in valid for d in longest(pos) + neg[:settings.n_neg])
     sizes = [int(n), *(doc_lengths[d] for d in docs if d in doc_lengths)]
     out.append(n <= settings.seq_len and first_fit([0] * rows, sizes, settings.seq_len) is not None)
   return np.asarray(out, bool)

@@ -11,8 +11,10 @@ Multi-hop QA (`qa/<set>/`): each corpus paragraph becomes a `[Document Fragment 
 document (uid: its pid). Each question becomes an example with one `[Question Representation]`
 per supporting paragraph, followed by that paragraph in `<paragraph>...</paragraph>`: with
 MuSiQue's decomposition each hop is its sub-question, the paragraph and the sub-answer, and the
-positive is that hop's paragraph; without one, hop i inserts and retrieves the i-th supporting
-paragraph. Negatives: the question's other paragraphs, topped up to `min_negatives` with
+positive is that hop's paragraph; without one (HotpotQA: its supporting paragraphs come in
+context order, not reasoning order), hop i inserts the i-th supporting paragraph and its positives
+are every supporting paragraph not inserted before it (the first query may retrieve either gold
+paragraph; a listed positive is never a negative). Negatives: the question's other paragraphs, topped up to `min_negatives` with
 random corpus paragraphs (NQ-open gives none). The answer ends with
 `<FINAL-ANSWER>a</FINAL-ANSWER>` and the EOS string.
 
@@ -128,7 +130,7 @@ def convert_qa(src: str, eos: str = "</s>", min_negatives: int = 2, seed: int = 
       pid = pids[rng.integers(len(pids))]
       if pid not in negatives and pid not in {p["pid"] for p in paragraphs}:
         negatives.append(pid)
-    hops = []  # (prefix, paragraph, suffix, positive)
+    hops = []  # (prefix, paragraph, suffix, positive uid or uids)
     if q.get("question_decomposition"):
       answers = []
       for step in q["question_decomposition"]:
@@ -137,7 +139,10 @@ def convert_qa(src: str, eos: str = "</s>", min_negatives: int = 2, seed: int = 
         hops.append((sub, p, f"{step['answer']}\n", p["pid"]))
         answers.append(step["answer"])
     else:
-      hops = [("", p, "", p["pid"]) for p in paragraphs if p["is_supporting"]]
+      supporting = [p for p in paragraphs if p["is_supporting"]]
+      later = [[s["pid"] for s in supporting[i:]] for i in range(len(supporting))]
+      hops = [("", p, "", uids if len(uids) > 1 else uids[0])
+              for p, uids in zip(supporting, later)]
     reply = "".join(f"{pre}{MULTIHOP.query_token}{MULTIHOP.insertion(_paragraph(p))}{post}"
                     for pre, p, post, _ in hops)
     reply += f"<FINAL-ANSWER>{q['answers'][0]}</FINAL-ANSWER>{eos}"
