@@ -223,3 +223,13 @@ def test_a_saved_arm_is_reused_only_under_its_fingerprint(tmp_path):
   assert load_arm(str(tmp_path / "arm.json"), "abc") == result
   assert load_arm(str(tmp_path / "arm.json"), "abd") is None
   assert load_arm(str(tmp_path / "missing.json"), "abc") is None
+
+
+def test_the_prior_arm_evaluates_onegen_infonces_own_training_run():
+  """onegen_infonce_prior trains nothing of its own: its training directory is onegen_infonce's
+  (same loss, same fingerprint); its results file is its own."""
+  from benchmarks.quality.__main__ import _paths
+  args = _args("--arms=onegen_infonce,onegen_infonce_prior")
+  plain, prior = cli.study_arms(args)
+  assert _paths(args, "el", prior)[1] == _paths(args, "el", plain)[1]
+  assert _paths(args, "el", prior)[0] != _paths(args, "el", plain)[0]
