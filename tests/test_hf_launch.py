@@ -24,7 +24,7 @@ import transformers
 
 from launch import export_hf
 from onegen_jax.checkpoint import Checkpointer, read_model_config
-from onegen_jax.data import generate
+from onegen_jax.data import dataset_dir, generate
 from onegen_jax.data.encoding import TaskTokenizer
 from onegen_jax.data.records import Message
 from onegen_jax.data.tasks import EL, MULTIHOP
@@ -62,9 +62,9 @@ def base(tmp_path_factory):
   """Directory with data/ (generated el data), tokenizer/, and one HF model dir per kind."""
   root = tmp_path_factory.mktemp("hf_launch")
   train, dev, db = generate.make_el(0, num_names=16, num_train=96, num_dev=16)
-  generate.write_dataset(str(root / "data"), EL, train, dev, db)
-  generate.train_tokenizer(generate.texts(train, dev, db), MULTIHOP, str(root / "tokenizer"),
-                           BASE_VOCAB)
+  dataset_dir.write_dataset(str(root / "data"), EL, train, dev, db)
+  dataset_dir.train_tokenizer(dataset_dir.texts(train, dev, db), MULTIHOP, str(root / "tokenizer"),
+                              BASE_VOCAB)
   torch.manual_seed(0)
   for kind, config in HF_CONFIGS.items():
     model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)

@@ -27,7 +27,7 @@ import pytest
 from data_util import generated
 from engine_util import ScriptedIndex
 from onegen_jax.data.encoding import TaskTokenizer
-from onegen_jax.data.generate import EOS, PAD, texts
+from onegen_jax.data.dataset_dir import EOS, PAD, texts
 from onegen_jax.data.loader import pack_all
 from onegen_jax.data.packing import BatchShape
 from onegen_jax.data.tokenized import Database, document_records, example_records, key_ids

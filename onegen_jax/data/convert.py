@@ -34,7 +34,7 @@ from collections import Counter, defaultdict
 
 import numpy as np
 
-from onegen_jax.data.generate import write_dataset
+from onegen_jax.data.dataset_dir import write_dataset
 from onegen_jax.data.records import conversation, db_entry, read_jsonl
 from onegen_jax.data.convert_selfrag import convert_nq_oracle, convert_selfrag_file
 from onegen_jax.data.tasks import EL, MULTIHOP, SELFRAG
