@@ -268,6 +268,7 @@ def generate(eval_set: EvalSet, run: LoadedRun, index: Index, arm: Arm, minilm: 
   scores = _scores(eval_set, records)
   query = engine.tokens.query
   scores.finished = sum(o.finished for o in outputs) / max(len(outputs), 1)
+  scores.ran_to_limit = sum(o.stop_reason == "max_new_tokens" for o in outputs)
   scores.queries_emitted = sum(t == query and g for o in outputs
                                for t, g in zip(o.tokens, o.generated))
   scores.gold_queries = sum(line["messages"][-1]["content"].count(task.query_token)

@@ -57,6 +57,10 @@ def _queries(g: Generation | None) -> str:
   return f"{g.queries_emitted} / {g.gold_queries}" if g and g.gold_queries else "—"
 
 
+def _loops(g: Generation | None) -> str:
+  return "—" if g is None or g.ran_to_limit is None else str(g.ran_to_limit)
+
+
 def _rows(results: dict[str, ArmResult], figures) -> list[list[str]]:
   """A row per arm: its label, figures(generation, gold) as percentages, queries emitted, then
   tokens and queries trained, steps and times."""
@@ -65,17 +69,17 @@ def _rows(results: dict[str, ArmResult], figures) -> list[list[str]]:
     g, t = r.generation, r.train
     cells = figures(g or Generation(), r.gold or GoldRecall())
     if r.skipped:
-      rows.append([label(name), f"skipped ({r.skipped})", *["—"] * (len(cells) + 5)])
+      rows.append([label(name), f"skipped ({r.skipped})", *["—"] * (len(cells) + 6)])
       continue
     trained = [_cell(v, False) if t.steps else "—"
                for v in (t.tokens, t.queries, t.steps, t.train_s)]
-    rows.append([label(name), *map(_cell, cells), _queries(g), *trained,
-                 _cell(r.eval_s, False)])
+    rows.append([label(name), *map(_cell, cells), _queries(g), _loops(r.generation),
+                 *trained, _cell(r.eval_s, False)])
   return rows
 
 
-_TAIL = ["query tokens emitted / gold", "tokens trained", "queries trained", "steps", "train s",
-         "eval s"]
+_TAIL = ["query tokens emitted / gold", "ran to max_new_tokens", "tokens trained",
+         "queries trained", "steps", "train s", "eval s"]
 
 
 def table(mode: str, results: dict[str, ArmResult], k: int) -> str:

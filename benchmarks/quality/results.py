@@ -60,6 +60,7 @@ class Generation:
   reference_precision: float | None = None
   reference_recall: float | None = None
   finished: float | None = None  # fraction of requests stopped on EOS
+  ran_to_limit: int | None = None  # requests that stopped at max_new_tokens (greedy loops)
   queries_emitted: int = 0  # query RET tokens the model generated (each one retrieved)
   gold_queries: int = 0  # query RET tokens in the gold answers of the same requests
   retrievals_per_request: float | None = None
