@@ -36,6 +36,13 @@ class GenerationConfig:
   retrieve_k: int = 1  # results kept per retrieval (the first one is inserted / linked)
   temperature: float = 0.0  # 0: greedy
   top_p: float = 1.0
+  presence_penalty: float = 0.0  # OpenAI's: minus this from the logit of every output token seen
+  frequency_penalty: float = 0.0  # OpenAI's: minus this x the token's count in the output
+  repetition_penalty: float = 1.0  # HF's (CTRL): a seen (prompt or output) token's logit / this
+  # if positive, x this if negative; 1: off
+  loop_repeats: int = 0  # >= 2: a request whose output ends in one span (of at most
+  # loop_max_span tokens) repeated this many times ends ("repetition"); 0: off
+  loop_max_span: int = 32
   max_retrievals: int = 5  # per request; a query RET token beyond it ends the request
   batch_size: int = 8  # slots (cache rows)
   capacity: int = 2048  # cache entries per slot: prompt + inserted + generated tokens
@@ -50,8 +57,11 @@ class Request:
   """prompt: token ids. force: tokens replacing the first output-stream choices. candidates: EL
   entity uids every search of this request is restricted to (one list), or one list per query in
   order. keep_session: keep the cache when it ends, for continue_session. seed: its sampling
-  stream (with the config's seed; None: the request id). max_new_tokens, retrieve_k,
-  temperature, top_p: this request's (None: the GenerationConfig's)."""
+  stream (with the config's seed; None: the request id). stop: texts that end the request once
+  its output text contains one (stop_reason "stop"; the output keeps the tokens up to and
+  including the one that completed it: cutting the text is the caller's). max_new_tokens,
+  retrieve_k, temperature, top_p, the penalties and loop_repeats: this request's (None: the
+  GenerationConfig's)."""
 
   prompt: Sequence[int]
   force: Sequence[int] = ()
@@ -62,6 +72,11 @@ class Request:
   retrieve_k: int | None = None
   temperature: float | None = None
   top_p: float | None = None
+  stop: Sequence[str] = ()
+  presence_penalty: float | None = None
+  frequency_penalty: float | None = None
+  repetition_penalty: float | None = None
+  loop_repeats: int | None = None
 
   def candidates_for(self, query_index: int) -> Sequence[str] | None:
     """The candidate uids of this request's query_index-th query (None: unrestricted)."""
@@ -81,7 +96,8 @@ class Retrieval:
   vector: np.ndarray  # float32 [D], the query searched (the hidden state unless query_vectors)
 
 
-STOP_REASONS = ("eos", "max_new_tokens", "max_retrievals", "capacity", "cancelled", "error")
+STOP_REASONS = ("eos", "stop", "repetition", "max_new_tokens", "max_retrievals", "capacity",
+                "cancelled", "error")
 
 
 @dataclasses.dataclass
