@@ -102,11 +102,11 @@ def test_per_set_recall_ranks_each_sets_queries_against_the_whole_pool():
 def test_rag_table_has_a_row_per_arm_and_set():
   result = ArmResult(gold=GoldRecall(pool_r1=0.5, by_set={"hotpot": {"cand_r1": 0.75,
                                                                      "pool_r1": 0.25}}),
-                     generation=Generation(em=0.1, f1=0.2, ran_to_limit=3,
+                     generation=Generation(em=0.1, f1=0.2, ran_to_limit=3, first_query_p=0.25,
                                            by_set={"hotpot": {"em": 0.125, "f1": 0.5}}))
   text = report.table("rag", {"onegen_infonce@lambda_ret=0.5": result}, 2)
-  assert ("| OneGen, InfoNCE (lambda_ret=0.5) | 10.0 | 20.0 | — | — | — | — | 50.0 | — | — | 3 "
-          "| — | — | — | — | — |") in text  # ... emitted / gold, ran to max_new_tokens, ...
+  assert ("| OneGen, InfoNCE (lambda_ret=0.5) | 10.0 | 20.0 | — | — | — | — | 50.0 | — | — | "
+          "0.250 | 3 | — | — | — | — | — |") in text  # ... emitted / gold, P(query first), loops
   assert "| OneGen, InfoNCE (lambda_ret=0.5) | hotpot | 12.5 | 50.0 | 75.0 | 25.0 |" in text
 
 

@@ -220,14 +220,16 @@ def _max_new_tokens(eval_set: EvalSet, tokenizer: TaskTokenizer) -> int:
 
 
 def _generation_config(eval_set: EvalSet, prompts: list[list[int]], max_new: int,
-                       args: argparse.Namespace) -> GenerationConfig:
-  """Room in the cache for the longest prompt, the new tokens and (RAG) the inserted paragraphs."""
+                       args: argparse.Namespace, query: int) -> GenerationConfig:
+  """Room in the cache for the longest prompt, the new tokens and (RAG) the inserted paragraphs;
+  RAG watches the query token's log-probability (a gold answer starts with it)."""
   rag = eval_set.data.task.mode == "rag"
   inserted = RAG_MAX_RETRIEVALS * (eval_set.max_doc_tokens + 8) if rag else 0
   capacity = -(-(max(len(p) for p in prompts) + max_new + inserted + 16) // 256) * 256
   return GenerationConfig(max_new_tokens=max_new,
                           max_retrievals=RAG_MAX_RETRIEVALS if rag else 1 << 30,
-                          retrieve_k=eval_set.k, batch_size=args.gen_batch, capacity=capacity)
+                          retrieve_k=eval_set.k, batch_size=args.gen_batch, capacity=capacity,
+                          watch=(query,) if rag else ())
 
 
 def _scores(eval_set: EvalSet, records: list[dict]) -> Generation:
@@ -253,7 +255,9 @@ def generate(eval_set: EvalSet, run: LoadedRun, index: Index, arm: Arm, minilm: 
   """Free generation with retrieval over the dev prompts; predictions in WORKDIR."""
   start, task = time.time(), eval_set.data.task
   prompts = prompt_tokens(run, read_requests(eval_set.data.dev_path), 1 << 30)
-  config = _generation_config(eval_set, prompts, _max_new_tokens(eval_set, run.tokenizer), args)
+  query = run.tokenizer.ids[task.query_token]
+  config = _generation_config(eval_set, prompts, _max_new_tokens(eval_set, run.tokenizer), args,
+                              query)
   hooks = {}
   if arm.retriever == "minilm":
     queries = GeneratedQueries(run.tokenizer, dict(zip(map(tuple, prompts),
@@ -266,7 +270,8 @@ def generate(eval_set: EvalSet, run: LoadedRun, index: Index, arm: Arm, minilm: 
   records = [output_record(run, o) for o in outputs]
   write_jsonl(os.path.join(workdir, "predictions.jsonl"), records)
   scores = _scores(eval_set, records)
-  query = engine.tokens.query
+  if config.watch:  # P(query token) at the first output step, mean over the requests
+    scores.first_query_p = float(np.mean([np.exp(o.watched[0][0]) for o in outputs if o.watched]))
   scores.finished = sum(o.finished for o in outputs) / max(len(outputs), 1)
   scores.ran_to_limit = sum(o.stop_reason == "max_new_tokens" for o in outputs)
   scores.queries_emitted = sum(t == query and g for o in outputs

@@ -57,6 +57,10 @@ def _queries(g: Generation | None) -> str:
   return f"{g.queries_emitted} / {g.gold_queries}" if g and g.gold_queries else "—"
 
 
+def _first_query(g: Generation | None) -> str:
+  return "—" if g is None or g.first_query_p is None else f"{g.first_query_p:.3f}"
+
+
 def _loops(g: Generation | None) -> str:
   return "—" if g is None or g.ran_to_limit is None else str(g.ran_to_limit)
 
@@ -69,16 +73,17 @@ def _rows(results: dict[str, ArmResult], figures) -> list[list[str]]:
     g, t = r.generation, r.train
     cells = figures(g or Generation(), r.gold or GoldRecall())
     if r.skipped:
-      rows.append([label(name), f"skipped ({r.skipped})", *["—"] * (len(cells) + 6)])
+      rows.append([label(name), f"skipped ({r.skipped})", *["—"] * (len(cells) + 7)])
       continue
     trained = [_cell(v, False) if t.steps else "—"
                for v in (t.tokens, t.queries, t.steps, t.train_s)]
-    rows.append([label(name), *map(_cell, cells), _queries(g), _loops(r.generation),
+    rows.append([label(name), *map(_cell, cells), _queries(g), _first_query(g),
+                 _loops(r.generation),
                  *trained, _cell(r.eval_s, False)])
   return rows
 
 
-_TAIL = ["query tokens emitted / gold", "ran to max_new_tokens", "tokens trained",
+_TAIL = ["query tokens emitted / gold", "P(query token first)", "ran to max_new_tokens", "tokens trained",
          "queries trained", "steps", "train s", "eval s"]
 
 

@@ -63,6 +63,7 @@ class Generation:
   ran_to_limit: int | None = None  # requests that stopped at max_new_tokens (greedy loops)
   queries_emitted: int = 0  # query RET tokens the model generated (each one retrieved)
   gold_queries: int = 0  # query RET tokens in the gold answers of the same requests
+  first_query_p: float | None = None  # RAG: mean P(query token) as the first output token
   retrievals_per_request: float | None = None
   generation_s: float | None = None
 
