@@ -9,8 +9,9 @@ global-norm clipping at 1.0 (both sides). Runs, each in its own process (clean p
 - jax: our jitted, donated train step (`build_train_program`) for every combination of
   --losses (gen: L_gen only, one sequence per row; gen+ret: L_gen + L_ret (BPR) over packed
   examples and the documents their queries need), --remat, --attention, --scan, --dtypes
-  (compute dtype), --gen_chunks (L_gen over that many sequence chunks) and --xla_flags
-  (alternatives separated by ';', each run with that XLA_FLAGS);
+  (compute dtype), --dots (ModelConfig.dot_accumulation: bf16 weight matmuls accumulated in
+  float32 forward and backward, or XLA's own dots), --gen_chunks (L_gen over that many sequence
+  chunks) and --xla_flags (alternatives separated by ';', each run with that XLA_FLAGS);
 - hf-torch once per --torch_dtypes (bfloat16: autocast; float32: none).
 Figures: tokens/s (token slots B x S per second), model TFLOP/s (6 x parameters per token, LM
 head included, embeddings not, plus causal attention at half: onegen_jax.train.metrics), MFU
@@ -48,6 +49,7 @@ from onegen_jax import sharding
 from onegen_jax.data.packing import (BatchPacker, BatchShape, Corpus, Key, Query, Segment,
                                      pack_batches)
 from onegen_jax.model.attention import resolve_impl
+from onegen_jax.model.matmul import accumulates_in_float32
 from onegen_jax.model.decoder import Decoder
 from onegen_jax.train.metrics import flops_per_token
 from onegen_jax.train.optimizer import adamw
@@ -103,7 +105,7 @@ def jax_worker(args, job: dict) -> dict:
   attention = resolve_impl(job["attention"], "bfloat16", jax.default_backend())
   config = models.model_config(args.preset, dtype=job["dtype"], param_dtype="float32",
                                remat_policy=job["remat"], attention_impl=attention,
-                               scan_layers=job["scan"])
+                               scan_layers=job["scan"], dot_accumulation=job["dots"])
   make = gen_batch if job["loss"] == "gen" else ret_batch
   batch = make(np.random.default_rng(0), config.vocab_size, args.batch, args.seq)
   schedule = optax.constant_schedule(1e-4)
@@ -125,6 +127,7 @@ def jax_worker(args, job: dict) -> dict:
   seconds = (time.perf_counter() - start) / args.steps
   memory, where = peak_memory_gib(jax.devices()[0])
   return {"step_s": seconds, "compile_s": compile_s, "attention": attention,
+          "f32_dots": accumulates_in_float32(job["dots"], job["dtype"], jax.default_backend()),
           "packing": float(np.mean(batch["segment_ids"] > 0)), "peak_gib": memory, "memory": where,
           "final_loss": float(metrics["loss"]),
           "params": models.count_params(state.params)}
@@ -198,11 +201,11 @@ def jobs(args) -> list[dict]:
     out += [{"kind": "torch", "loss": "gen", "dtype": dtype, "xla_flags": ""}
             for dtype in args.torch_dtypes.split(",")]
   lists = [x.split(",") for x in (args.losses, args.remat, args.attention, args.scan, args.dtypes,
-                                  args.gen_chunks)]
-  for loss, remat, attention, scan, dtype, chunks, flags in itertools.product(
+                                  args.dots, args.gen_chunks)]
+  for loss, remat, attention, scan, dtype, dots, chunks, flags in itertools.product(
       *lists, args.xla_flags.split(";")):
     out.append({"kind": "jax", "loss": loss, "remat": remat, "attention": attention,
-                "scan": scan == "true", "dtype": dtype, "gen_chunks": int(chunks),
+                "scan": scan == "true", "dtype": dtype, "dots": dots, "gen_chunks": int(chunks),
                 "xla_flags": flags.strip()})
   return out
 
@@ -219,6 +222,8 @@ def run_name(r: dict) -> str:
   if r["kind"] == "torch":
     return f"HF transformers PyTorch, {r['dtype']}{' autocast' if r['dtype'] != 'float32' else ''}"
   name = f"onegen_jax, {'scan' if r['scan'] else 'unrolled'}, remat {r['remat']}, {r['dtype']}"
+  if r.get("f32_dots"):
+    name += ", dots accumulated in f32"
   if r["gen_chunks"] > 1:
     name += f", L_gen in {r['gen_chunks']} chunks"
   return name + (f", XLA_FLAGS {r['xla_flags']}" if r["xla_flags"] else "")
@@ -266,6 +271,9 @@ def main():
                       help="comma list of true (nn.scan), false (unrolled)")
   parser.add_argument("--dtypes", default="bfloat16",
                       help="comma list of compute dtypes of the JAX runs: bfloat16, float32")
+  parser.add_argument("--dots", default="native",
+                      help="comma list of ModelConfig.dot_accumulation: auto (float32 on CPU), "
+                      "float32, native")
   parser.add_argument("--gen_chunks", default="1",
                       help="comma list: L_gen over that many sequence chunks (1: the plain loss)")
   parser.add_argument("--xla_flags", default="",

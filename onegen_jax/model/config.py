@@ -17,6 +17,7 @@ REMAT_POLICIES = (
 )
 # "auto": splash on TPU, cuDNN on GPU (bf16/fp16 compute), XLA otherwise; see model/decoder.py.
 ATTENTION_IMPLS = ("auto", "splash", "cudnn", "xla")
+DOT_ACCUMULATIONS = ("auto", "float32", "native")  # see model/matmul.py
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,12 +55,18 @@ class ModelConfig:
   scan_layers: bool = True
   remat_policy: str = "full"
   attention_impl: str = "auto"
+  # Weight matmuls with a low-precision dtype: "float32" accumulation forward and backward
+  # (model/matmul.py), "native" (XLA's own dot), "auto" (float32 on CPU, native elsewhere).
+  dot_accumulation: str = "native"
 
   def __post_init__(self):
     if self.num_heads % self.num_kv_heads:
       raise ValueError(f"num_heads={self.num_heads} is not a multiple of num_kv_heads={self.num_kv_heads}")
     if self.remat_policy not in REMAT_POLICIES:
       raise ValueError(f"remat_policy={self.remat_policy!r}; expected one of {REMAT_POLICIES}")
+    if self.dot_accumulation not in DOT_ACCUMULATIONS:
+      raise ValueError(f"dot_accumulation={self.dot_accumulation!r}; expected one of "
+                       f"{DOT_ACCUMULATIONS}")
     if self.attention_impl not in ATTENTION_IMPLS:
       raise ValueError(f"attention_impl={self.attention_impl!r}; expected one of {ATTENTION_IMPLS}")
     if self.head_dim is None and self.hidden_size % self.num_heads:
@@ -77,7 +84,7 @@ class ModelConfig:
 # and shapes): a run may set them on top of a stored model (train: `model.init_from`; import:
 # `launch.import_hf --config`). scan_layers is not one: it decides the tree's layout ('layers'
 # stacked [num_layers, ...] vs 'layers_{i}'), so it comes with the stored parameters.
-NUMERIC_FIELDS = ("param_dtype", "dtype", "remat_policy", "attention_impl")
+NUMERIC_FIELDS = ("param_dtype", "dtype", "remat_policy", "attention_impl", "dot_accumulation")
 
 
 PRESETS: dict[str, ModelConfig] = {

@@ -19,8 +19,9 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from onegen_jax import sharding
 from onegen_jax.model.attention import packed_causal_mask, resolve_impl
 from onegen_jax.model.config import ModelConfig
+from onegen_jax.model.matmul import accumulates_in_float32, dense_dot_general, matmul
 from onegen_jax.model.rope import apply_rope, inverse_frequencies
-from onegen_jax.model.splash import splash_attention
+from onegen_jax.model.splash import current_platform, splash_attention
 
 _REMAT_POLICIES = {
     "full": jax.checkpoint_policies.nothing_saveable,
@@ -35,8 +36,14 @@ def _dense(features: int, names: tuple[str, str], config: ModelConfig, name: str
            use_bias: bool = False) -> nn.Dense:
   return nn.Dense(
       features, use_bias=use_bias, dtype=config.dtype, param_dtype=config.param_dtype, name=name,
+      dot_general=dense_dot_general if _f32_dots(config) else None,
       kernel_init=nn.with_logical_partitioning(nn.initializers.normal(0.02), names),
       bias_init=nn.with_logical_partitioning(nn.initializers.zeros, (names[1],)))
+
+
+def _f32_dots(config: ModelConfig) -> bool:
+  """Whether the weight matmuls accumulate in float32 (model/matmul.py) on this platform."""
+  return accumulates_in_float32(config.dot_accumulation, config.dtype, current_platform())
 
 
 def _write_layer(cache: jnp.ndarray, new: jnp.ndarray, layer, index: jnp.ndarray) -> jnp.ndarray:
@@ -230,7 +237,10 @@ class Decoder(nn.Module):
 
   def logits(self, hidden: jnp.ndarray) -> jnp.ndarray:
     """hidden [B, S, D] -> logits [B, S, V] in the compute dtype."""
-    if self.config.tie_embeddings:
+    if self.config.tie_embeddings and _f32_dots(self.config):
+      dtype = self.config.dtype
+      logits = matmul(hidden.astype(dtype), self.embed_tokens.embedding.astype(dtype).T)
+    elif self.config.tie_embeddings:
       logits = self.embed_tokens.attend(hidden)
     else:
       logits = self.lm_head(hidden)
