@@ -1,7 +1,9 @@
 """The server's engine thread (serving.worker.EngineWorker) in process: what a failed compiled
-step does to the requests in the engine, to the sessions it kept, and to the requests after it."""
+step does to the requests in the engine, to the sessions it kept, and to the requests after it;
+other work it runs between steps (`call`)."""
 
 import asyncio
+import threading
 
 import numpy as np
 import pytest
@@ -11,7 +13,7 @@ from onegen_jax.inference.requests import prompt_tokens, read_requests
 from onegen_jax.inference.run_dir import encode_db, load_run, make_engine
 from onegen_jax.inference.types import Request
 from onegen_jax.retrieval.index import ExactIndex
-from onegen_jax.serving.worker import EngineWorker, InternalError, Job
+from onegen_jax.serving.worker import ClientError, EngineWorker, InternalError, Job
 
 
 def final_update(loop: asyncio.AbstractEventLoop, job: Job):
@@ -76,3 +78,24 @@ def test_a_failed_step_fails_its_requests_and_a_fresh_engine_serves_the_next(tra
   assert [(o.tokens, o.stop_reason) for o in got] == [(o.tokens, o.stop_reason) for o in want]
   assert [[r.ids for r in o.retrievals] for o in got] == [[r.ids for r in o.retrievals]
                                                           for o in want]
+
+
+class _IdleEngine:
+  """What the worker reads of an engine that never has work."""
+
+  config = CONFIG
+  busy, waiting, running = False, 0, 0
+
+
+def test_a_call_runs_on_the_engine_thread_and_returns_its_result_or_exception():
+  worker = EngineWorker(_IdleEngine)
+  worker.start()
+  try:
+    assert worker.call(lambda: threading.current_thread().name).result(30) == "onegen-engine"
+    with pytest.raises(ValueError, match="invalid literal"):
+      worker.call(int, "x").result(30)
+    worker.drain(60.0)
+    with pytest.raises(ClientError, match="shutting down"):
+      worker.call(int, "1")
+  finally:
+    worker.stop()

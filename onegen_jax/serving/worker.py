@@ -9,6 +9,10 @@ through `loop.call_soon_threadsafe`, so a job's `updates` queue is read on the e
 Sessions (multi-turn dialogues over one kept cache) are named by the server (`Job.session`); the
 thread maps each name to the engine request whose cache it keeps, and a turn continues it.
 
+Other programs on the engine's devices (the embeddings' encoder) run on the thread too, between
+steps (`call`): two sharded programs in flight at once can deadlock XLA's CPU collectives
+(sharding.wait_on_cpu), and the HTTP handlers' event loop stays free meanwhile.
+
 Failure: an exception from one request's retrieval ends that request (the engine's stop_reason
 "error"); an exception from a whole step fails the requests then in the engine (their
 `Update.error`), logs it, and replaces the engine by a fresh one from `make_engine`, so the
@@ -20,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import concurrent.futures
 import dataclasses
 import logging
 import threading
@@ -27,6 +32,7 @@ import time
 import traceback
 import uuid
 from collections.abc import Callable, Sequence
+from typing import Any
 
 from onegen_jax.inference.engine import Engine
 from onegen_jax.inference.selfrag import SelfRag, SelfRagConfig, SelfRagResult
@@ -94,6 +100,7 @@ class EngineWorker:
     self._inbox: list[Job] = []  # jobs to admit
     self._cancels: list[Job] = []
     self._closes: list[str] = []  # sessions to close
+    self._calls: list[tuple[concurrent.futures.Future, Callable, tuple]] = []  # to run (`call`)
     self._jobs: dict[int, Job] = {}  # engine request id -> its job (thread only)
     self._sessions: dict[str, int | None] = {}  # name -> engine request kept (None: a turn runs)
     self._kept: dict[str, int] = {}  # name -> the ended request whose cache it keeps (thread only)
@@ -127,6 +134,17 @@ class EngineWorker:
         self._sessions[job.session] = None
       self._inbox.append(job)
       self._lock.notify()
+
+  def call(self, fn: Callable[..., Any], *args) -> concurrent.futures.Future:
+    """Runs fn(*args) on the engine's thread between steps (a program on its devices); its
+    result or exception arrives in the future. Raises ClientError 503 while draining."""
+    future = concurrent.futures.Future()
+    with self._lock:
+      if self.draining:
+        raise ClientError(503, "the server is shutting down")
+      self._calls.append((future, fn, args))
+      self._lock.notify()
+    return future
 
   def cancel(self, job: Job):
     """Ends a job early (its client is gone): its slot is freed at the next step."""
@@ -178,12 +196,19 @@ class EngineWorker:
   def _run(self):
     while True:
       with self._lock:
-        while not (self._inbox or self._cancels or self._closes or self.engine.busy
+        while not (self._inbox or self._cancels or self._closes or self._calls or self.engine.busy
                    or self._stopped or self._drain_due()):
           self._lock.wait(_IDLE_WAIT_S)
         inbox, self._inbox = self._inbox, []
         cancels, self._cancels = self._cancels, []
         closes, self._closes = self._closes, []
+        calls, self._calls = self._calls, []
+      for future, fn, args in calls:
+        if future.set_running_or_notify_cancel():
+          try:
+            future.set_result(fn(*args))
+          except Exception as e:  # pylint: disable=broad-except  (the caller's to handle)
+            future.set_exception(e)
       for name in closes:
         self._forget_session_cache(name)
       selfrag = [job for job in inbox if job.selfrag is not None]
