@@ -37,17 +37,15 @@ import fastapi
 from fastapi import responses
 from starlette.exceptions import HTTPException
 
-from onegen_jax.inference.requests import output_record, output_text
+from onegen_jax.inference.requests import output_record
 from onegen_jax.inference.run_dir import LoadedRun
 from onegen_jax.inference.selfrag import SelfRagResult
 from onegen_jax.inference.types import RequestOutput
-from onegen_jax.serving import schema
+from onegen_jax.serving import answers, schema
 from onegen_jax.serving.metrics import prometheus_text
-from onegen_jax.serving.worker import (ClientError, EngineWorker, InternalError, Job, Update,
-                                       new_error_id)
+from onegen_jax.serving.worker import ClientError, EngineWorker, InternalError, Job, new_error_id
 
 log = logging.getLogger("onegen_jax.serving")
-_DISCONNECT_POLL_S = 0.25  # how often a waiting handler checks that its client is still there
 
 
 def create_app(run: LoadedRun, worker: EngineWorker, limits: schema.Limits) -> fastapi.FastAPI:
@@ -61,26 +59,30 @@ def create_app(run: LoadedRun, worker: EngineWorker, limits: schema.Limits) -> f
 
   app = fastapi.FastAPI(title="onegen_jax", lifespan=lifespan)
   _add_error_handlers(app)
-  answers = _Answers(run, worker)
+  native = _Native(run, worker)
 
-  @app.post("/v1/generate")
+  @app.post("/v1/generate", openapi_extra=schema.openapi_body(schema.GenerateBody))
   async def generate(request: fastapi.Request):
-    body = schema.parse(await _body(request, limits.max_body_bytes), schema.GenerateBody)
-    prepared = schema.engine_request(body, run, limits)
+    body = schema.parse(await schema.read_body(request, limits.max_body_bytes),
+                        schema.GenerateBody)
+    prepared = schema.engine_request(schema.native_prompt(body), body, body.max_new_tokens, run,
+                                     limits, keep_session=body.keep_session)
     job = Job(prepared, asyncio.get_running_loop(),
               session=uuid.uuid4().hex if body.keep_session else None,
-              selfrag=schema.selfrag_config(body, run, limits, prepared))
-    return await answers.answer(request, job, body.stream)
+              selfrag=schema.selfrag_config(body.selfrag, body, run, limits, prepared,
+                                            keep_session=body.keep_session))
+    return await native.answer(request, job, body.stream)
 
-  @app.post("/v1/sessions/{session_id}/turns")
+  @app.post("/v1/sessions/{session_id}/turns", openapi_extra=schema.openapi_body(schema.TurnBody))
   async def turn(session_id: str, request: fastapi.Request):
-    body = schema.parse(await _body(request, limits.max_body_bytes), schema.TurnBody)
+    body = schema.parse(await schema.read_body(request, limits.max_body_bytes), schema.TurnBody)
     if not worker.has_session(session_id):  # before tokenising: the common mistake first
       raise ClientError(404, f"unknown session {session_id!r}")
-    engine_request = schema.engine_request(body, run, limits, turn=True)
+    engine_request = schema.engine_request(schema.native_prompt(body, turn=True), body,
+                                           body.max_new_tokens, run, limits, turn=True)
     job = Job(engine_request, asyncio.get_running_loop(), session=session_id,
               turn=engine_request.prompt)
-    return await answers.answer(request, job, body.stream)
+    return await native.answer(request, job, body.stream)
 
   @app.delete("/v1/sessions/{session_id}")
   async def close(session_id: str):
@@ -100,30 +102,61 @@ def create_app(run: LoadedRun, worker: EngineWorker, limits: schema.Limits) -> f
   async def metrics():
     return responses.PlainTextResponse(prometheus_text(worker.metrics()))
 
+  _describe_bodies(app, [schema.GenerateBody, schema.TurnBody])
   return app
 
 
+def error_body(e: ClientError | InternalError) -> tuple[int, dict]:
+  """(status, body) of a native route's error: {"error": one line}, and an internal error's id."""
+  if isinstance(e, InternalError):
+    return 500, {"error": "internal error", "id": e.error_id}
+  return e.status, {"error": str(e)}
+
+
 def _add_error_handlers(app: fastapi.FastAPI) -> None:
-  """{"error": one line} for client errors and unknown routes; 500 with a logged id otherwise."""
+  """{"error": one line} for client errors and unknown routes; any other exception is a 500 with
+  an id, logged with its traceback."""
+
+  def answer(request: fastapi.Request, e: ClientError | InternalError) -> responses.JSONResponse:
+    status, body = error_body(e)
+    return responses.JSONResponse(body, status_code=status)
 
   @app.exception_handler(ClientError)
-  async def client_error(_, e: ClientError):
-    return responses.JSONResponse({"error": str(e)}, status_code=e.status)
+  async def client_error(request, e: ClientError):
+    return answer(request, e)
+
+  @app.exception_handler(InternalError)
+  async def engine_error(request, e: InternalError):  # logged where it was raised
+    return answer(request, e)
 
   @app.exception_handler(HTTPException)
-  async def http_error(_, e: HTTPException):  # unknown routes and methods
-    return responses.JSONResponse({"error": str(e.detail)}, status_code=e.status_code)
+  async def http_error(request, e: HTTPException):  # unknown routes and methods
+    return answer(request, ClientError(e.status_code, str(e.detail)))
 
   @app.exception_handler(Exception)
-  async def internal_error(_, e: Exception):
+  async def internal_error(request, e: Exception):
     error_id = new_error_id()
     log.exception("request failed (%s)", error_id, exc_info=e)
-    return _internal(error_id)
+    return answer(request, InternalError(error_id))
 
 
-class _Answers:
-  """Submits a job to the worker and turns its updates into the HTTP answer: one JSON result, or
-  server-sent events while it runs."""
+def _describe_bodies(app: fastapi.FastAPI, models: list) -> None:
+  """Puts the JSON schemas of the bodies the routes parse themselves (schema.openapi_body) into
+  the OpenAPI document's components."""
+  default = app.openapi
+
+  def openapi() -> dict:
+    if app.openapi_schema is None:
+      spec = default()
+      spec.setdefault("components", {}).setdefault("schemas", {}).update(
+          schema.openapi_schemas(models))
+    return app.openapi_schema
+
+  app.openapi = openapi
+
+
+class _Native:
+  """The native routes' answers: one JSON result, or server-sent events while it runs."""
 
   def __init__(self, run: LoadedRun, worker: EngineWorker):
     self.run = run
@@ -133,67 +166,35 @@ class _Answers:
     self.worker.submit(job)
     if stream:
       return responses.StreamingResponse(self.events(job), media_type="text/event-stream")
-    loop = asyncio.get_running_loop()
-    check_at = loop.time() + _DISCONNECT_POLL_S
-    while True:
-      try:
-        update = await asyncio.wait_for(job.updates.get(), _DISCONNECT_POLL_S)
-        if update.error is not None or update.output is not None:
-          return self.response(job, update)
-      except asyncio.TimeoutError:
-        pass
-      if loop.time() >= check_at:  # updates may come every step: look at the client by time
-        check_at = loop.time() + _DISCONNECT_POLL_S
-        if await request.is_disconnected():
-          self.worker.cancel(job)
-          return responses.Response(status_code=499)  # nobody reads it
+    update = await answers.final(request, self.worker, job)
+    if update is None:
+      return responses.Response(status_code=499)  # nobody reads it
+    return responses.JSONResponse(self.result(job, answers.outcome(update)))
 
   async def events(self, job: Job) -> AsyncIterator[str]:
-    decoder = _TextStream(self.run)
-    ended = False
+    decoder = answers.TextStream(self.run)
     try:
-      while True:
-        update = await job.updates.get()
-        if update.error is not None or update.output is not None:
-          ended = True
-          response = self.response(job, update)
-          if response.status_code != 200:
-            yield _sse("error", {**json.loads(response.body), "status": response.status_code})
+      async with contextlib.aclosing(answers.updates(self.worker, job)) as updates:
+        async for update in updates:
+          if answers.is_final(update):
+            result = self.result(job, answers.outcome(update))
+            rest = decoder.finish()
+            if rest:
+              yield _sse("token", {"text": rest, "tokens": []})
+            yield _sse("done", result)
             return
-          rest = decoder.finish()
-          if rest:
-            yield _sse("token", {"text": rest, "tokens": []})
-          yield _sse("done", json.loads(response.body))
-          return
-        delta = decoder.add(update.tokens)
-        if update.tokens:
-          yield _sse("token", {"text": delta, "tokens": update.tokens})
-        for r in update.retrievals:
-          yield _sse("retrieval", {"position": r.position, "ids": r.ids, "scores": r.scores})
-    finally:
-      if not ended:  # the client went away mid-stream
-        self.worker.cancel(job)
+          delta = decoder.add(update.tokens)
+          if update.tokens:
+            yield _sse("token", {"text": delta, "tokens": update.tokens})
+          for r in update.retrievals:
+            yield _sse("retrieval", {"position": r.position, "ids": r.ids, "scores": r.scores})
+    except (ClientError, InternalError) as e:
+      status, body = error_body(e)
+      yield _sse("error", {**body, "status": status})
 
-  def response(self, job: Job, update: Update) -> responses.JSONResponse:
-    """The final answer for an update that carries an error or an output."""
-    if isinstance(update.error, ClientError):
-      return responses.JSONResponse({"error": str(update.error)}, status_code=update.error.status)
-    if isinstance(update.error, InternalError):
-      return _internal(update.error.error_id)
-    out = update.output
+  def result(self, job: Job, out: RequestOutput | SelfRagResult) -> dict:
     if isinstance(out, SelfRagResult):
-      return responses.JSONResponse({**out.record(), "id": f"req-selfrag-{uuid.uuid4().hex[:8]}"})
-    if out.stop_reason == "error":
-      error_id = new_error_id()
-      log.error("request failed (%s): %s", error_id, out.error)
-      return _internal(error_id)
-    if out.stop_reason == "cancelled":  # only a draining server cancels a request it answers
-      return responses.JSONResponse(
-          {"error": f"the server shut down before the request ended (cancelled after "
-                    f"{sum(out.generated)} generated tokens)"}, status_code=503)
-    return responses.JSONResponse(self.result(job, out))
-
-  def result(self, job: Job, out: RequestOutput) -> dict:
+      return {**out.record(), "id": f"req-selfrag-{uuid.uuid4().hex[:8]}"}
     record = output_record(self.run, out)
     record["id"] = f"req-{job.rid}"
     record["usage"] = {"prompt_tokens": len(out.prompt), "generated_tokens": sum(out.generated),
@@ -203,45 +204,5 @@ class _Answers:
     return record
 
 
-class _TextStream:
-  """Incremental text of an output: each `add` returns the text its tokens add (held back while
-  the decoded text ends inside a character); the pieces add up to output_record's text."""
-
-  def __init__(self, run: LoadedRun):
-    self.tokenizer = run.tokenizer
-    self.tokens: list[int] = []
-    self.sent = ""
-
-  def add(self, tokens: list[int]) -> str:
-    self.tokens += tokens
-    text = output_text(self.tokenizer, self.tokens)
-    if text.endswith("\ufffd") or not text.startswith(self.sent):
-      return ""
-    delta, self.sent = text[len(self.sent):], text
-    return delta
-
-  def finish(self) -> str:
-    """What was held back."""
-    text = output_text(self.tokenizer, self.tokens)
-    return text[len(self.sent):] if text.startswith(self.sent) else ""
-
-
-async def _body(request: fastapi.Request, limit: int) -> bytes:
-  """The request body, refused (413) past `limit` bytes without reading the rest."""
-  declared = request.headers.get("content-length")
-  if declared is not None and declared.isdigit() and int(declared) > limit:
-    raise ClientError(413, f"the body has {declared} bytes; the limit is {limit}")
-  body = bytearray()
-  async for chunk in request.stream():
-    body += chunk
-    if len(body) > limit:
-      raise ClientError(413, f"the body is over the limit of {limit} bytes")
-  return bytes(body)
-
-
 def _sse(event: str, data: dict) -> str:
   return f"event: {event}\ndata: {json.dumps(data)}\n\n"
-
-
-def _internal(error_id: str) -> responses.JSONResponse:
-  return responses.JSONResponse({"error": "internal error", "id": error_id}, status_code=500)

@@ -1,7 +1,8 @@
-"""Request bodies of the HTTP API, checked strictly (wrong types are errors, not coerced), and
-their translation into engine requests: the prompt is tokenised by the one function launch.infer
-and training use (`inference.requests.prompt_tokens`), so a reference-format line's messages give
-the same tokens over HTTP as through `launch.infer`."""
+"""Request bodies of the native HTTP API, checked strictly (wrong types are errors, not coerced),
+and their translation into engine requests: the prompt is tokenised by the one function
+launch.infer and training use (`inference.requests.prompt_tokens`), so a reference-format line's
+messages give the same tokens over HTTP as through `launch.infer`. `Settings` and the checks
+(`engine_request`, `selfrag_config`) take any body that holds the settings, not only these."""
 
 from __future__ import annotations
 
@@ -9,7 +10,9 @@ import dataclasses
 import json
 from typing import Literal
 
+import fastapi
 import pydantic
+import pydantic.json_schema
 
 from onegen_jax.data.records import Message, prompt_messages
 from onegen_jax.inference.requests import answer_prefix_tokens, prompt_tokens
@@ -17,6 +20,9 @@ from onegen_jax.inference.run_dir import LoadedRun
 from onegen_jax.inference.selfrag import MODES, SelfRagConfig
 from onegen_jax.inference.types import Request
 from onegen_jax.serving.worker import ClientError
+
+
+_TYPE_TAGS = ("str", "int", "float", "bool")  # union member tags that look like field names
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,20 +46,28 @@ class MessageBody(pydantic.BaseModel):
   content: str
 
 
-class TurnBody(pydantic.BaseModel):
-  """A session's next turn: the user's new message(s), or `prompt` (one user message)."""
+class Settings(pydantic.BaseModel):
+  """What a request sets besides its prompt and length, with one meaning and one check on every
+  route (the native ones and the OpenAI-compatible ones)."""
 
   model_config = pydantic.ConfigDict(extra="forbid", strict=True)
-  messages: list[MessageBody] | None = None
-  prompt: str | None = None
-  max_new_tokens: int | None = None
   temperature: float = pydantic.Field(0.0, ge=0.0, le=100.0)
   top_p: float = pydantic.Field(1.0, gt=0.0, le=1.0)
   retrieve_k: int | None = None
-  seed: int | None = None
+  seed: int | None = pydantic.Field(None, ge=-(1 << 31), lt=1 << 31)  # the engine's int32 stream
   stream: bool = False
   candidates: list[str] | list[list[str]] | None = None  # inference.types.Candidates as JSON
   answer_prefix: str | None = None  # the answer's first text, forced (as launch.infer's lines)
+
+
+class TurnBody(Settings):
+  """A session's next turn: the user's new message(s), or `prompt` (one user message)."""
+
+  model_config = pydantic.ConfigDict(  # exactly one of them, as the OpenAPI document says
+      json_schema_extra={"oneOf": [{"required": ["messages"]}, {"required": ["prompt"]}]})
+  messages: list[MessageBody] | None = None
+  prompt: str | None = None
+  max_new_tokens: int | None = None
 
 
 class SelfRagBody(pydantic.BaseModel):
@@ -78,16 +92,15 @@ class GenerateBody(TurnBody):
   selfrag: SelfRagBody | None = None
 
 
-def selfrag_config(body: GenerateBody, run: LoadedRun, limits: Limits,
-                   request: Request) -> SelfRagConfig | None:
-  """The Self-RAG settings of a body (None without `selfrag`); ClientError 422 where they do not
-  apply, 400 when the prompt leaves no room in the cache."""
-  if body.selfrag is None:
+def selfrag_config(sr: SelfRagBody | None, body: Settings, run: LoadedRun, limits: Limits,
+                   request: Request, keep_session: bool = False) -> SelfRagConfig | None:
+  """The Self-RAG settings of a request (None without `selfrag`); ClientError 422 where they do
+  not apply, 400 when the prompt leaves no room in the cache."""
+  if sr is None:
     return None
-  sr = body.selfrag
   if run.task.name != "selfrag":
     raise ClientError(422, f"selfrag: this server runs a {run.task.name} model")
-  if (body.stream or body.keep_session or body.candidates is not None
+  if (body.stream or keep_session or body.candidates is not None
       or body.answer_prefix is not None):
     raise ClientError(422, "selfrag: stream, keep_session, candidates and answer_prefix do not "
                       "apply")
@@ -100,7 +113,20 @@ def selfrag_config(body: GenerateBody, run: LoadedRun, limits: Limits,
                        sr.use_seq_score, request.max_new_tokens)
 
 
-def parse(body: bytes, model: type[TurnBody]) -> TurnBody:
+async def read_body(request: fastapi.Request, limit: int) -> bytes:
+  """The request body, refused (413) past `limit` bytes without reading the rest."""
+  declared = request.headers.get("content-length")
+  if declared is not None and declared.isdigit() and int(declared) > limit:
+    raise ClientError(413, f"the body has {declared} bytes; the limit is {limit}")
+  body = bytearray()
+  async for chunk in request.stream():
+    body += chunk
+    if len(body) > limit:
+      raise ClientError(413, f"the body is over the limit of {limit} bytes")
+  return bytes(body)
+
+
+def parse(body: bytes, model: type[pydantic.BaseModel]) -> pydantic.BaseModel:
   """The body as `model`; ClientError 400 for malformed JSON, 422 for a missing, unknown or
   wrong-typed field (one line: the field and the problem)."""
   try:
@@ -112,17 +138,24 @@ def parse(body: bytes, model: type[TurnBody]) -> TurnBody:
   try:
     return model.model_validate(data)
   except pydantic.ValidationError as e:
-    first = e.errors()[0]
-    where = ".".join(str(part) for part in first["loc"]) or "body"
-    more = f" (and {e.error_count() - 1} more)" if e.error_count() > 1 else ""
-    raise ClientError(422, f"{where}: {first['msg']}{more}") from None
+    errors = [(_field(error["loc"]), error["msg"]) for error in e.errors()]
+    where = errors[0][0]  # the first field at fault, and every form of it that did not fit
+    problems = " or ".join(dict.fromkeys(msg for field, msg in errors if field == where))
+    more = sum(field != where for field, _ in errors)
+    raise ClientError(422, f"{where}: {problems}" + (f" (and {more} more)" if more else ""))
 
 
-def engine_request(body: TurnBody, run: LoadedRun, limits: Limits, turn: bool = False
-                   ) -> Request:
-  """The engine request of a checked body; `turn`: the prompt is a session's new turn (its
-  messages only, no assistant message). ClientError 422 for settings out of range, 400 for a
-  prompt that does not fit the cache."""
+def _field(loc: tuple) -> str:
+  """A pydantic error's location as a field path ("messages.0.content"), without the tags it
+  gives the members of a union ("str", "list[str]", "constrained-str")."""
+  tag = lambda part: isinstance(part, str) and (not part.isidentifier() or part in _TYPE_TAGS)
+  return ".".join(str(part) for part in loc if not tag(part)) or "body"
+
+
+def native_prompt(body: TurnBody, turn: bool = False) -> tuple[Message, ...]:
+  """The prompt of a native body: its messages before their last assistant message (as in
+  launch.infer's input lines), or `prompt` as one user message; `turn`: a session's new turn (its
+  messages only, no assistant message). ClientError 422 for a body without exactly one of them."""
   if (body.messages is None) == (body.prompt is None):
     raise ClientError(422, "give exactly one of `messages` and `prompt`")
   messages = ([Message(m.role, m.content) for m in body.messages] if body.messages is not None
@@ -133,9 +166,20 @@ def engine_request(body: TurnBody, run: LoadedRun, limits: Limits, turn: bool = 
   prompt = tuple(messages) if turn else prompt_messages(messages)
   if not prompt:
     raise ClientError(422, "messages: nothing before the assistant's message to prompt with")
-  max_new = body.max_new_tokens if body.max_new_tokens is not None else limits.max_new_tokens
+  return prompt
+
+
+def engine_request(prompt: tuple[Message, ...], body: Settings, max_new_tokens: int | None,
+                   run: LoadedRun, limits: Limits, turn: bool = False, keep_session: bool = False,
+                   length_field: str = "max_new_tokens", **options) -> Request:
+  """The engine request of a prompt and checked settings; `turn`: the prompt is a session's new
+  turn (fed after its kept cache); length_field: the body's name of max_new_tokens (in errors);
+  options: further Request fields as they are (stop strings, penalties). The prompt is tokenised
+  as training tokenises the same messages. ClientError 422 for settings out of range, 400 for a
+  prompt that does not fit the cache."""
+  max_new = max_new_tokens if max_new_tokens is not None else limits.max_new_tokens
   if not 1 <= max_new <= limits.max_new_tokens_limit:
-    raise ClientError(422, f"max_new_tokens: {max_new} is out of range [1, "
+    raise ClientError(422, f"{length_field}: {max_new} is out of range [1, "
                       f"{limits.max_new_tokens_limit}]")
   k = body.retrieve_k if body.retrieve_k is not None else limits.retrieve_k
   if not 1 <= k <= limits.max_retrieve_k:
@@ -145,7 +189,7 @@ def engine_request(body: TurnBody, run: LoadedRun, limits: Limits, turn: bool = 
   force = (answer_prefix_tokens(run.tokenizer, body.answer_prefix)
            if body.answer_prefix is not None else [])
   if len(force) > max_new:
-    raise ClientError(422, f"answer_prefix: {len(force)} tokens, over max_new_tokens={max_new}")
+    raise ClientError(422, f"answer_prefix: {len(force)} tokens, over {length_field}={max_new}")
   tokens = prompt_tokens(run, [prompt], max_len=1 << 62)[0]
   if not tokens:
     raise ClientError(422, "messages: the prompt has no tokens")
@@ -154,4 +198,18 @@ def engine_request(body: TurnBody, run: LoadedRun, limits: Limits, turn: bool = 
                       f"{limits.capacity} per request (prompt + output)")
   return Request(tokens, force=force, candidates=body.candidates, seed=body.seed,
                  max_new_tokens=max_new, retrieve_k=k, temperature=body.temperature,
-                 top_p=body.top_p, keep_session=getattr(body, "keep_session", False) or turn)
+                 top_p=body.top_p, keep_session=keep_session or turn, **options)
+
+
+def openapi_body(model: type[pydantic.BaseModel]) -> dict:
+  """A route's `openapi_extra`: its JSON body is `model` (in the components: openapi_schemas).
+  The route still reads and checks the body itself (`parse`: the size limit, strict types)."""
+  ref = {"$ref": f"#/components/schemas/{model.__name__}"}
+  return {"requestBody": {"required": True, "content": {"application/json": {"schema": ref}}}}
+
+
+def openapi_schemas(models: list[type[pydantic.BaseModel]]) -> dict:
+  """The JSON schemas of `models` and the models they hold, by name, as OpenAPI components."""
+  _, schemas = pydantic.json_schema.models_json_schema(
+      [(m, "validation") for m in models], ref_template="#/components/schemas/{model}")
+  return schemas["$defs"]
