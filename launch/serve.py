@@ -9,10 +9,19 @@ onegen_jax/serving/app.py. SIGTERM (or Ctrl-C): stop accepting, let running requ
 --drain_s seconds, then end those still running with 503 / an SSE `error` event, and exit.
 Mesh and dtype flags: launch/serving_flags.py (one process).
 
+Beside the native /v1/generate and sessions, OpenAI's API (onegen_jax/serving/openai_api.py):
+/v1/chat/completions, /v1/completions (streaming as OpenAI streams), /v1/embeddings (a document's
+key as build_index stores it, or a query vector) and /v1/models, the model named
+--served_model_name. --api_key (or ONEGEN_API_KEYS): every /v1/ route wants `Authorization:
+Bearer KEY`; without a key the server is open (it logs a warning).
+
   curl -s localhost:8000/v1/generate -d '{"prompt": "...", "max_new_tokens": 64}'
+  curl -s localhost:8000/v1/chat/completions -H "Authorization: Bearer $KEY" \
+      -d '{"model": "demo", "messages": [{"role": "user", "content": "..."}]}'
 """
 
 import logging
+import os
 import signal
 
 import jax
@@ -51,6 +60,12 @@ _MAX_BODY = flags.DEFINE_integer("max_body_bytes", 1 << 20, "Larger request bodi
 _MAX_SESSIONS = flags.DEFINE_integer("max_sessions", 64, "Open sessions (kept caches) at most.")
 _DRAIN_S = flags.DEFINE_float("drain_s", 30.0, "On SIGTERM, how long running requests may go "
                               "on before they are ended.")
+_MODEL_NAME = flags.DEFINE_string("served_model_name", None, "The model's name on the OpenAI "
+                                  "routes (a request's `model` must be it; default: the "
+                                  "--workdir's basename).")
+_API_KEYS = flags.DEFINE_multi_string(
+    "api_key", [], "A key /v1/ requests must bear (`Authorization: Bearer KEY`); repeat the flag "
+    "or separate keys by commas (default: the env ONEGEN_API_KEYS, comma-separated; none: open).")
 flags.mark_flags_as_required(["workdir", "index"])
 
 
@@ -93,11 +108,23 @@ def main(argv):
                         make_selfrag=(selfrag_runner(run, index, texts, config)
                                       if run.task.name == "selfrag" else None))
   logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+  keys = _api_keys()
+  if not keys:
+    logging.warning("no API key (--api_key, ONEGEN_API_KEYS): the /v1/ routes are open to "
+                    "whoever reaches %s:%d", _HOST.value, _PORT.value)
+  model_name = _MODEL_NAME.value or os.path.basename(os.path.normpath(_WORKDIR.value))
   server = _DrainingServer(
-      uvicorn.Config(create_app(run, worker, limits), host=_HOST.value, port=_PORT.value,
+      uvicorn.Config(create_app(run, worker, limits, model_name, keys), host=_HOST.value,
+                     port=_PORT.value,
                      timeout_graceful_shutdown=int(_DRAIN_S.value) + 10, log_level="info"),
       worker, _DRAIN_S.value)
   server.run()
+
+
+def _api_keys() -> list[str]:
+  """--api_key's keys (each value split at commas), else ONEGEN_API_KEYS's."""
+  given = _API_KEYS.value or [os.environ.get("ONEGEN_API_KEYS", "")]
+  return [key.strip() for value in given for key in value.split(",") if key.strip()]
 
 
 if __name__ == "__main__":

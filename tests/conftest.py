@@ -48,8 +48,8 @@ BATCH_SHAPE = BatchShape(rows=8, seq_len=64, num_queries=16, num_keys=64, num_ne
 # alone for minutes. test_server builds the trained runs and chains that test_inference_e2e
 # uses too: both first on one worker, so the other worker never waits for them.
 LONGEST_FIRST = ("test_server", "test_selfrag", "test_inference_e2e", "test_engine",
-                 "test_train_step", "test_sharded_inference", "test_resume", "test_multihost",
-                 "test_hf_launch")
+                 "test_openai_api", "test_train_step", "test_sharded_inference", "test_resume",
+                 "test_multihost", "test_hf_launch")
 
 
 def pytest_collection_modifyitems(items):

@@ -36,7 +36,9 @@ def start_server(trained, chain, log_path, *flags):
 
 @pytest.fixture(scope="module")
 def server(trained, chain, tmp_path_factory):
-  url, proc = start_server(trained, chain, tmp_path_factory.mktemp("serve") / "server.log")
+  log = tmp_path_factory.mktemp("serve") / "server.log"
+  url, proc = start_server(trained, chain, log)
+  assert "no API key" in log.read_text()  # an open server says so (with keys: test_openai_api)
   with httpx.Client(base_url=url, timeout=120) as client:
     yield client
   proc.terminate()

@@ -6,6 +6,7 @@
   DELETE /v1/sessions/{id}            frees a session's cache
   GET    /health                      200 {"status": "ok"}, 503 while shutting down
   GET    /metrics                     Prometheus text: queue, occupancy, tokens/s, retrievals/s
+  /v1/chat/completions, /v1/completions, /v1/embeddings, /v1/models: OpenAI's API (openai_api.py)
 
 A result is `inference.requests.output_record` (what launch.infer writes per line: text,
 finished, stop_reason, retrievals, and for EL plain_text and mentions) plus `id`, `usage` and,
@@ -16,12 +17,15 @@ batched with the other Self-RAG requests queued at the same time) and gets what 
 ({"text": the new text, "tokens": their ids}; the texts add up to the result's text),
 `retrieval` ({"position", "ids", "scores"}), then `done` (the result) or `error`.
 
+With API keys (launch.serve --api_key), every /v1/ request needs `Authorization: Bearer KEY`
+(else 401); /health and /metrics stay open.
+
 Errors: {"error": one line} with 400 (malformed JSON, a prompt longer than the cache), 404
 (unknown session), 409 (a session's turn already running), 413 (body over the limit), 422 (a
 missing, unknown, wrong-typed or out-of-range field), 429 (too many sessions), 503 (shutting
 down); an internal error is 500 {"error": "internal error", "id"} with the traceback logged
 under that id, and fails that request only. A client that goes away cancels its request (its
-slot is freed at the next engine step).
+slot is freed at the next engine step). The OpenAI routes answer errors in OpenAI's shape.
 """
 
 from __future__ import annotations
@@ -30,26 +34,30 @@ import asyncio
 import contextlib
 import json
 import logging
+import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 
 import fastapi
 from fastapi import responses
 from starlette.exceptions import HTTPException
 
+from onegen_jax.inference.embeddings import Embedder
 from onegen_jax.inference.requests import output_record
 from onegen_jax.inference.run_dir import LoadedRun
 from onegen_jax.inference.selfrag import SelfRagResult
 from onegen_jax.inference.types import RequestOutput
-from onegen_jax.serving import answers, schema
+from onegen_jax.serving import answers, openai_api, schema
 from onegen_jax.serving.metrics import prometheus_text
 from onegen_jax.serving.worker import ClientError, EngineWorker, InternalError, Job, new_error_id
 
 log = logging.getLogger("onegen_jax.serving")
 
 
-def create_app(run: LoadedRun, worker: EngineWorker, limits: schema.Limits) -> fastapi.FastAPI:
-  """The API over a started-or-not worker (the app's lifespan starts and stops it)."""
+def create_app(run: LoadedRun, worker: EngineWorker, limits: schema.Limits,
+               model_name: str, api_keys: Sequence[str] = ()) -> fastapi.FastAPI:
+  """The API over a started-or-not worker (the app's lifespan starts and stops it). model_name:
+  the model the OpenAI routes serve; api_keys: the keys /v1/ requests must bear (none: open)."""
 
   @contextlib.asynccontextmanager
   async def lifespan(_):
@@ -59,6 +67,8 @@ def create_app(run: LoadedRun, worker: EngineWorker, limits: schema.Limits) -> f
 
   app = fastapi.FastAPI(title="onegen_jax", lifespan=lifespan)
   _add_error_handlers(app)
+  if api_keys:
+    app.add_middleware(openai_api.BearerKeys, keys=api_keys)
   native = _Native(run, worker)
 
   @app.post("/v1/generate", openapi_extra=schema.openapi_body(schema.GenerateBody))
@@ -102,7 +112,9 @@ def create_app(run: LoadedRun, worker: EngineWorker, limits: schema.Limits) -> f
   async def metrics():
     return responses.PlainTextResponse(prometheus_text(worker.metrics()))
 
-  _describe_bodies(app, [schema.GenerateBody, schema.TurnBody])
+  openai_api.add_routes(app, openai_api.Served(run, worker, limits, Embedder(run, limits.capacity),
+                                               model_name, int(time.time())))
+  _describe_bodies(app, [schema.GenerateBody, schema.TurnBody, *openai_api.BODIES])
   return app
 
 
@@ -114,11 +126,12 @@ def error_body(e: ClientError | InternalError) -> tuple[int, dict]:
 
 
 def _add_error_handlers(app: fastapi.FastAPI) -> None:
-  """{"error": one line} for client errors and unknown routes; any other exception is a 500 with
-  an id, logged with its traceback."""
+  """Client errors and unknown routes in the route's shape (native or OpenAI's); any other
+  exception is a 500 with an id, logged with its traceback."""
 
   def answer(request: fastapi.Request, e: ClientError | InternalError) -> responses.JSONResponse:
-    status, body = error_body(e)
+    shape = openai_api.error_body if openai_api.serves(request.url.path) else error_body
+    status, body = shape(e)
     return responses.JSONResponse(body, status_code=status)
 
   @app.exception_handler(ClientError)

@@ -1,8 +1,8 @@
 """Request bodies of the native HTTP API, checked strictly (wrong types are errors, not coerced),
 and their translation into engine requests: the prompt is tokenised by the one function
 launch.infer and training use (`inference.requests.prompt_tokens`), so a reference-format line's
-messages give the same tokens over HTTP as through `launch.infer`. `Settings` and the checks
-(`engine_request`, `selfrag_config`) take any body that holds the settings, not only these."""
+messages give the same tokens over HTTP as through `launch.infer`. The OpenAI-compatible bodies
+(openai_schema.py) share `Settings` and the checks here (`engine_request`, `selfrag_config`)."""
 
 from __future__ import annotations
 
