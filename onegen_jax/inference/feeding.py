@@ -22,8 +22,8 @@ from onegen_jax.inference.slots import cache_window, put_rows, take_rows
 class Feed:
   """One step's inputs, by cache row (B rows): tokens int32 [B, W] (each row's queue, zero-padded;
   an idle row is fed nothing that is kept), queued int32 [B] (queue lengths, 0: idle), lengths
-  int32 [B] (cached entries), counters int32 [B, 2], sampling float32 [B, 2], forced int32 [B]
-  (as step_fn takes them)."""
+  int32 [B] (cached entries), counters int32 [B, 2], sampling float32 [B, 2], forced int32 [B],
+  penalties float32 [B, 3], history int32 [B, H], output_from int32 [B] (as step_fn takes them)."""
 
   tokens: np.ndarray
   queued: np.ndarray
@@ -31,6 +31,9 @@ class Feed:
   counters: np.ndarray
   sampling: np.ndarray
   forced: np.ndarray
+  penalties: np.ndarray
+  history: np.ndarray
+  output_from: np.ndarray
 
   def rows(self, rows: np.ndarray) -> Feed:
     """The inputs of the given rows only (copies)."""
@@ -86,7 +89,8 @@ def _call(step: Callable, params, cache: tuple, batch: Feed,
   """One compiled call over the cache's rows, attending to a bucketed window."""
   *results, cache = step(params, batch.tokens, batch.lengths, cache,
                          np.maximum(batch.queued - 1, 0), batch.counters, batch.sampling,
-                         batch.forced, window=_window(batch, capacity))
+                         batch.forced, batch.penalties, batch.history, batch.output_from,
+                         window=_window(batch, capacity))
   return [np.array(x) for x in jax.device_get(results)], cache  # writable: feed merges
 
 

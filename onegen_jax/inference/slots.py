@@ -12,19 +12,26 @@ import jax
 @dataclasses.dataclass
 class Slot:
   """A busy cache row: request id, tokens to feed next, cached entries, tokens still forced,
-  output-stream tokens so far, steps taken (for the sampling key)."""
+  steps taken (for the sampling key), its output-stream tokens so far (sampled or forced; no
+  insertions)."""
 
   rid: int
   queue: list[int]
   length: int
   force: list[int]
-  new_tokens: int = 0
   steps: int = 0
+  stream: list[int] = dataclasses.field(default_factory=list)
 
 
 def chunk_width(n: int) -> int:
   """Static widths of a fed chunk: 1, then powers of two from 16."""
   return 1 if n == 1 else max(16, 1 << (n - 1).bit_length())
+
+
+def history_width(n: int) -> int:
+  """Static widths of the penalties' token history (the longest penalised row's n tokens): 0 when
+  there is none, then powers of two from 16."""
+  return 0 if n == 0 else max(16, 1 << (n - 1).bit_length())
 
 
 def cache_window(n: int) -> int:
