@@ -1,6 +1,6 @@
 """Generation controls (issue 25): presence, frequency and repetition penalties inside the
-compiled step. A tiny random model over the generated multihop data's byte-level BPE
-tokenizer, wired by make_engine as launch.infer wires it."""
+compiled step, stop strings and the n-gram loop stop on the host. A tiny random model over the generated multihop
+data's byte-level BPE tokenizer, wired by make_engine as launch.infer wires it."""
 
 import dataclasses
 
@@ -12,9 +12,12 @@ import pytest
 from data_util import generated
 from onegen_jax.data.encoding import TaskTokenizer
 from onegen_jax.data.tasks import get_task
-from onegen_jax.inference.engine import NO_PENALTY, PENALTIES, GenerationConfig, Request
+from onegen_jax.inference.engine import (NO_PENALTY, PENALTIES, Engine, GenerationConfig,
+                                         Request, TaskTokens)
+from onegen_jax.inference.requests import output_text
 from onegen_jax.inference.run_dir import LoadedRun, make_engine
 from onegen_jax.inference.step import penalise
+from onegen_jax.inference.stopping import loop_span
 from onegen_jax.model.config import preset
 from onegen_jax.model.decoder import Decoder
 
@@ -196,3 +199,89 @@ def test_a_penalty_makes_greedy_outputs_repeat_less(run, prompts, setting):
   before = sum(repeats(o, p) for o, p in zip(plain, prompts))
   after = sum(repeats(o, p) for o, p in zip(penalised, prompts))
   assert before > 0 and after < before, (before, after)
+
+
+# -- stop strings ------------------------------------------------------------------------------
+def _boundary_stop(tokenizer, tokens: list[int]) -> tuple[str, int]:
+  """(a stop string spanning the boundary before tokens[i], i) for the middle-most i where the
+  text grows by clean characters: the last two of text[:i] and the first two added."""
+  candidates = []
+  for i in range(2, len(tokens)):
+    before, after = output_text(tokenizer, tokens[:i]), output_text(tokenizer, tokens[:i + 1])
+    added = after[len(before):]
+    if (after.startswith(before) and len(before) >= 2 and len(added) >= 2
+        and "\ufffd" not in before[-2:] + added[:2]):
+      candidates.append((before[-2:] + added[:2], i))
+  assert candidates, "no clean token boundary in the output"
+  return min(candidates, key=lambda c: abs(c[1] - len(tokens) // 2))
+
+
+def test_a_stop_string_across_tokens_ends_the_request_at_the_token_completing_it(run, prompts):
+  tokenizer = run.tokenizer
+  engine = _engine(run)
+  first = engine.run([engine.submit(Request(p)) for p in prompts[:2]])
+  assert not any(o.retrievals for o in first)  # the whole output is one uninterrupted stream
+  stop, i = _boundary_stop(tokenizer, first[0].tokens)
+  # The first prefix whose text holds it (the engine decodes only a tail at each token).
+  k = next(k for k in range(1, len(first[0].tokens) + 1)
+           if stop in output_text(tokenizer, first[0].tokens[:k]))
+  assert k <= i + 1
+  stopped, other = engine.run([engine.submit(Request(prompts[0], stop=["never said", stop])),
+                               engine.submit(Request(prompts[1], stop=["\u2603 never said"]))])
+  assert stopped.stop_reason == "stop" and stopped.tokens == first[0].tokens[:k]
+  assert stop in output_text(tokenizer, stopped.tokens)
+  assert stop not in output_text(tokenizer, stopped.tokens[-1:])  # it spans tokens
+  assert (other.tokens, other.stop_reason) == (first[1].tokens, first[1].stop_reason)
+
+
+def test_a_stop_string_in_an_inserted_document_does_not_stop(run, prompts):
+  """Only the output after the engine's last insertion is searched: the retrieved document's
+  text holds the stop string, the request goes on as without it."""
+  engine = _engine(run)
+  [first] = engine.run([engine.submit(Request(prompts[3]))])
+  assert first.retrievals and DOCUMENT in output_text(run.tokenizer, first.tokens)
+  [again] = engine.run([engine.submit(Request(prompts[3], stop=["is a city in"]))])
+  assert (again.tokens, again.stop_reason) == (first.tokens, first.stop_reason)
+
+
+def test_stop_strings_need_an_engine_that_decodes(run, prompts):
+  engine = Engine(run.model, run.params, TaskTokens(query=3, eos=0), OneDocument().search_documents,
+                  documents=None, config=CONFIG, mode="rag")
+  with pytest.raises(ValueError, match="decodes text"):
+    engine.submit(Request(prompts[0], stop=["x"]))
+  with pytest.raises(ValueError, match="non-empty strings"):
+    _engine(run).submit(Request(prompts[0], stop="x"))  # one string, not a sequence of them
+  with pytest.raises(ValueError, match="loop_repeats=1"):
+    engine.submit(Request(prompts[0], loop_repeats=1))
+
+
+# -- the loop stop -----------------------------------------------------------------------------
+@pytest.mark.parametrize("stream, repeats, max_span, want", [
+    ([5, 7, 7, 7], 3, 32, 1),  # span 1, three times
+    ([7, 7], 3, 32, 0),  # two of three
+    ([9, 1, 2, 3, 1, 2, 3, 1, 2, 3], 3, 32, 3),  # span 3
+    ([9, 1, 2, 3, 1, 2, 3], 3, 32, 0),  # N - 1 repeats
+    ([9, 1, 2, 3, 1, 2, 3], 2, 32, 3),  # N repeats exactly
+    ([1, 2, 3, 1, 2, 3, 1, 2, 3], 3, 2, 0),  # longer than max_span
+    ([1, 2, 3, 1, 2, 4, 1, 2, 3], 3, 32, 0),  # not a loop
+    ([4, 4, 4, 4, 4, 4], 3, 32, 1),  # the shortest span
+    ([2, 1, 2, 1, 2, 1, 2], 3, 32, 2),
+    ([], 2, 32, 0),
+])
+def test_loop_span_finds_a_span_repeated_to_the_end(stream, repeats, max_span, want):
+  assert loop_span(stream, repeats, max_span) == want
+
+
+def test_a_looping_greedy_output_ends_with_repetition(run, prompts):
+  engine = _engine(run, max_new_tokens=96)
+  plain = engine.run([engine.submit(Request(p)) for p in prompts])
+  # The first (request, output-stream length) where three copies of a span end the stream.
+  loops = [(i, n) for i, out in enumerate(plain) for n in range(1, len(_stream(out)) + 1)
+           if loop_span(_stream(out)[:n], 3, CONFIG.loop_max_span)]
+  assert loops, "no greedy output loops"
+  i, n = min(loops, key=lambda x: x[1])
+  assert n < 96
+  [out] = engine.run([engine.submit(Request(prompts[i], loop_repeats=3))])
+  assert out.stop_reason == "repetition" and _stream(out) == _stream(plain[i])[:n]
+  looped = engine.run([engine.submit(Request(prompts[i], loop_repeats=3, max_new_tokens=n))])[0]
+  assert looped.stop_reason == "repetition"  # repetition is checked before max_new_tokens

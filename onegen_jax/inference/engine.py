@@ -26,6 +26,7 @@ from onegen_jax.inference.feeding import Feed, feed, rows_apart
 from onegen_jax.inference.slots import (Slot, cache_window, chunk_width, history_width,
                                         restore_row, save_row)
 from onegen_jax.inference.step import step_fn
+from onegen_jax.inference.stopping import loop_span, stop_found
 from onegen_jax.inference.types import (GenerationConfig, Request, RequestOutput, Retrieval,
                                         TaskTokens)
 from onegen_jax.model.decoder import Decoder, init_cache
@@ -46,14 +47,16 @@ class Engine:
                mode: str, vocab_size: int | None = None,
                search_candidates: CandidateSearchFn | None = None,
                query_vectors: Callable[[list[RequestOutput], np.ndarray], np.ndarray] | None = None,
-               mesh: Mesh | None = None):
+               mesh: Mesh | None = None, decode: Callable[[Sequence[int]], str] | None = None):
     """documents: document uid -> the token ids inserted after a query that retrieved it (RAG);
     mode: "rag" or "el"; vocab_size: the tokenizer's size when the model's vocabulary is padded
     beyond it (padded rows are never sampled); search_candidates: exact search among given uids
     (Request.candidates); query_vectors: (outputs of the querying requests, their hidden-state
     vectors [n, D]) -> the vectors to search with (default: the hidden states); mesh: the mesh
     the parameters live on (load_run's): the cache is laid out by `cache_sharding` (rows over
-    data x fsdp, kv heads over 'tensor') and each step runs under the logical rules."""
+    data x fsdp, kv heads over 'tensor') and each step runs under the logical rules; decode:
+    token ids -> their text (make_engine's is requests.output_text), which requests with `stop`
+    strings need."""
     if mode not in ("rag", "el"):
       raise ValueError(f"mode={mode!r}; expected 'rag' or 'el'")
     if mode == "el" and tokens.force_after_query is None:
@@ -61,7 +64,7 @@ class Engine:
     self.model, self.params, self.tokens, self.search = model, params, tokens, search
     self.documents, self.config, self.mode = documents, config, mode
     self.search_candidates, self.query_vectors = search_candidates, query_vectors
-    self.mesh = mesh
+    self.mesh, self.decode = mesh, decode
     self._step = jax.jit(functools.partial(step_fn, model, vocab_size, config.seed,
                                            tuple(config.watch)),
                          donate_argnums=(3,), static_argnames="window")
@@ -88,7 +91,15 @@ class Engine:
     return rid
 
   def _check_controls(self, request: Request):
-    """Refuses settings the engine cannot act on."""
+    """Refuses stop strings and settings the engine cannot act on."""
+    if isinstance(request.stop, str) or not all(isinstance(s, str) and s for s in request.stop):
+      raise ValueError(f"stop={request.stop!r}: expected a sequence of non-empty strings")
+    if request.stop and self.decode is None:
+      raise ValueError("a request with stop strings needs an engine that decodes text: "
+                       "Engine(decode=...), as make_engine wires it")
+    repeats = request.setting("loop_repeats", self.config)
+    if repeats < 0 or repeats == 1:
+      raise ValueError(f"loop_repeats={repeats}: 0 (off) or at least 2")
     repetition = request.setting("repetition_penalty", self.config)
     if repetition <= 0:
       raise ValueError(f"repetition_penalty={repetition}: must be positive")
@@ -277,8 +288,8 @@ class Engine:
   def _advance(self, busy: list[int], next_tok: np.ndarray, vectors: np.ndarray,
                log_probs: np.ndarray, watched: np.ndarray) -> list[int]:
     """Retrievals for the rows that fed a query RET token, the next token for the others (with
-    its log-probability and the watched tokens')."""
-    cfg, tok, ended = self.config, self.tokens, []
+    its log-probability and the watched tokens') and the stop it may bring."""
+    cfg, ended = self.config, []
     querying = [r for r in busy if self._is_query(r)]
     for r in [r for r in querying if len(self.output(self._slots[r].rid).retrievals)
               >= cfg.max_retrievals]:
@@ -298,11 +309,25 @@ class Engine:
         out.watched.append(watched[r])
       slot.stream.append(token)
       slot.queue = [token]
-      if token == tok.eos:
-        ended.append(self._end(r, "eos"))
-      elif len(slot.stream) >= self._setting(slot.rid, "max_new_tokens"):
-        ended.append(self._end(r, "max_new_tokens"))
+      reason = self._stop_reason(slot)
+      if reason:
+        ended.append(self._end(r, reason))
     return ended
+
+  def _stop_reason(self, slot: Slot) -> str:
+    """Why the request in `slot` ends after the output token it just took ("": it goes on):
+    EOS, then a stop string, then a loop, then max_new_tokens."""
+    request, out = self._requests[slot.rid]
+    if slot.stream[-1] == self.tokens.eos:
+      return "eos"
+    if request.stop and stop_found(self.decode, out.tokens, out.generated, request.stop):
+      return "stop"
+    repeats = request.setting("loop_repeats", self.config)
+    if repeats and loop_span(slot.stream, repeats, self.config.loop_max_span):
+      return "repetition"
+    if len(slot.stream) >= request.setting("max_new_tokens", self.config):
+      return "max_new_tokens"
+    return ""
 
   def _rules(self):
     """The mesh and logical rules while tracing and running on a mesh (nothing without one)."""

@@ -6,12 +6,15 @@ from __future__ import annotations
 import dataclasses
 import json
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from onegen_jax.data.encoding import TaskTokenizer
 from onegen_jax.data.records import ROLES, Message, nonblank_lines, prompt_messages
 from onegen_jax.inference.engine import RequestOutput
-from onegen_jax.inference.run_dir import LoadedRun
 from onegen_jax.inference.types import Candidates
+
+if TYPE_CHECKING:  # run_dir wires the engine with output_text
+  from onegen_jax.inference.run_dir import LoadedRun
 
 
 @dataclasses.dataclass(frozen=True)

@@ -6,6 +6,7 @@ to an index (`make_engine`). Used by launch/build_index.py, launch/infer.py and 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 
@@ -23,6 +24,7 @@ from onegen_jax.data.reading import load_documents
 from onegen_jax.data.records import Report
 from onegen_jax.data.tasks import Task, get_task
 from onegen_jax.inference.engine import Engine, GenerationConfig, TaskTokens
+from onegen_jax.inference.requests import output_text
 from onegen_jax.model.decoder import Decoder, abstract_params
 from onegen_jax.retrieval.candidates import CandidateScorer, RankPrior
 from onegen_jax.retrieval.encode import EncodeItem, Encoder
@@ -142,7 +144,8 @@ def make_engine(run: LoadedRun, index: Index, texts: dict[str, str], config: Gen
   """The OneGen engine over `index`: RAG inserts the retrieved key's whole document. vectors
   [keys, D] in the index's key order (build_index's vectors.npy) enable EL requests with
   candidates, ranked by cosine alone or, with `prior`, combined with the candidates' order
-  (launch.fit_prior); hooks: further Engine arguments (query_vectors)."""
+  (launch.fit_prior); hooks: further Engine arguments (query_vectors). Stop strings are looked
+  for in the text `output_text` gives an output (what launch.infer and the server return)."""
   ids = run.tokenizer.ids
   task = run.task
   hf = run.tokenizer.hf
@@ -161,4 +164,4 @@ def make_engine(run: LoadedRun, index: Index, texts: dict[str, str], config: Gen
       config=config, mode=task.mode, vocab_size=len(hf),
       search_candidates=(None if vectors is None
                          else CandidateScorer(vectors, index.ids, prior).search),
-      mesh=run.mesh, **hooks)
+      mesh=run.mesh, decode=functools.partial(output_text, run.tokenizer), **hooks)
