@@ -7,7 +7,10 @@ message. An EL line may carry "candidates": entity uids for all its mentions, or
 mention; its searches are then restricted to them (exact scores against the stored vectors;
 with --candidate_prior, combined with the candidates' order: launch.fit_prior).
 A line may carry "answer_prefix": text the answer starts with, forced as its first output tokens
-(its query RET tokens retrieve as generated ones do; the text written includes it).
+(its query RET tokens retrieve as generated ones do; the text written includes it), and its own
+"stop" (a string or a list: the request ends once its text holds one, stop_reason "stop"; the
+text written keeps it), "presence_penalty", "frequency_penalty", "repetition_penalty" and
+"loop_repeats" (default: the flags). A prompt over --max_prompt_len tokens is refused (never cut).
 OUT.jsonl: one JSON object per request: text, stop_reason, retrievals (position, ids, scores) per
 step, and for el the plain text with the linked mentions (character offsets, entity).
 Mesh, dtype and process flags (every process runs the same requests; process 0 writes
@@ -27,8 +30,8 @@ from absl import app, flags
 
 from launch import serving_flags
 from onegen_jax.inference.engine import Request
-from onegen_jax.inference.requests import (answer_prefix_tokens, output_record, prompt_tokens,
-                                           read_input)
+from onegen_jax.inference.requests import (SETTINGS, answer_prefix_tokens, output_record,
+                                           prompt_tokens, read_input)
 from onegen_jax.inference.run_dir import generation_config, load_index_dir, load_run, make_engine
 from onegen_jax.inference.selfrag import MODES, SelfRagConfig, selfrag_runner
 from onegen_jax.retrieval.candidates import RankPrior
@@ -43,9 +46,20 @@ _MAX_RETRIEVALS = flags.DEFINE_integer("max_retrievals", 5, "Retrievals per requ
 _BATCH = flags.DEFINE_integer("batch_size", 8, "Requests decoded together.")
 _TEMPERATURE = flags.DEFINE_float("temperature", 0.0, "0: greedy.")
 _TOP_P = flags.DEFINE_float("top_p", 1.0, "Nucleus sampling mass.")
-_MAX_PROMPT = flags.DEFINE_integer("max_prompt_len", 1024, "Prompts are cut to this many tokens.")
+_MAX_PROMPT = flags.DEFINE_integer("max_prompt_len", 1024, "Longest prompt in tokens: an input "
+                                   "with a longer one is refused.")
 _CAPACITY = flags.DEFINE_integer("capacity", 2048, "KV-cache entries per request.")
 _RETRIEVE_K = flags.DEFINE_integer("retrieve_k", 10, "Results kept per retrieval (first is used).")
+_PRESENCE = flags.DEFINE_float("presence_penalty", 0.0, "Minus this from the logit of every "
+                               "token the output holds (a line's own: \"presence_penalty\").")
+_FREQUENCY = flags.DEFINE_float("frequency_penalty", 0.0, "Minus this x its count in the output "
+                                "from a token's logit.")
+_REPETITION = flags.DEFINE_float("repetition_penalty", 1.0, "HF's: the logit of a token of the "
+                                 "prompt or output / this if positive, x this if not; 1: off.")
+_LOOP_REPEATS = flags.DEFINE_integer("loop_repeats", 0, "End a request whose output ends in one "
+                                     "span (of at most GenerationConfig.loop_max_span tokens) "
+                                     "repeated this many times (stop_reason \"repetition\"); "
+                                     "0: off.")
 _PRIOR = flags.DEFINE_string("candidate_prior", "", "EL: a prior written by launch.fit_prior; "
                              "searches among a line's candidates then rank by cosine + weight x "
                              "log P(gold at the candidate's rank).")
@@ -73,7 +87,9 @@ def main(argv):
   index, texts, vectors = load_index_dir(_INDEX.value)
   settings = dict(max_new_tokens=_MAX_NEW.value, temperature=_TEMPERATURE.value,
                   top_p=_TOP_P.value, batch_size=_BATCH.value, capacity=_CAPACITY.value,
-                  retrieve_k=_RETRIEVE_K.value)
+                  retrieve_k=_RETRIEVE_K.value, presence_penalty=_PRESENCE.value,
+                  frequency_penalty=_FREQUENCY.value, repetition_penalty=_REPETITION.value,
+                  loop_repeats=_LOOP_REPEATS.value)
   config = generation_config(run.task, _MAX_RETRIEVALS.value, **settings)
   inputs = read_input(_INPUT.value)
   forced = [answer_prefix_tokens(run.tokenizer, p) if p is not None else []
@@ -84,7 +100,13 @@ def main(argv):
   if too_long or (_SELFRAG_MODE.value and any(p is not None for p in inputs.prefixes)):
     raise app.UsageError("\n".join(too_long)
                          or "answer_prefix: Self-RAG's --selfrag_mode takes none")
-  prompts = prompt_tokens(run, inputs.prompts, _MAX_PROMPT.value)
+  if _SELFRAG_MODE.value and any(inputs.settings):
+    raise app.UsageError(f"{', '.join(SETTINGS)}: Self-RAG's --selfrag_mode takes none per line")
+  try:
+    prompts = prompt_tokens(run, inputs.prompts, _MAX_PROMPT.value,
+                            names=[f"{_INPUT.value}:{n}" for n in inputs.numbers])
+  except ValueError as e:
+    raise app.UsageError(f"{e}\n(--max_prompt_len={_MAX_PROMPT.value})") from e
   if _SELFRAG_MODE.value:
     selfrag = selfrag_runner(run, index, texts, config)(SelfRagConfig(
         _SELFRAG_MODE.value, _THRESHOLD.value, _NDOCS.value, _W_REL.value, _W_SUP.value,
@@ -93,8 +115,9 @@ def main(argv):
   else:
     prior = RankPrior.load(_PRIOR.value) if _PRIOR.value else None
     engine = make_engine(run, index, texts, config, vectors=vectors, prior=prior)
-    outputs = engine.run([engine.submit(Request(p, force=f, candidates=c))
-                          for p, f, c in zip(prompts, forced, inputs.candidates)], progress=True)
+    outputs = engine.run([engine.submit(Request(p, force=f, candidates=c, **s))
+                          for p, f, c, s in zip(prompts, forced, inputs.candidates,
+                                                inputs.settings)], progress=True)
     records = [output_record(run, out) for out in outputs]
   if jax.process_index() != 0:  # every process ran the same requests
     return

@@ -1,8 +1,10 @@
 """Generation controls (issue 25): presence, frequency and repetition penalties inside the
-compiled step, stop strings and the n-gram loop stop on the host. A tiny random model over the generated multihop
+compiled step, stop strings and the n-gram loop stop on the host, and launch.infer's per-line
+settings and refusal of a too-long prompt. A tiny random model over the generated multihop
 data's byte-level BPE tokenizer, wired by make_engine as launch.infer wires it."""
 
 import dataclasses
+import json
 
 import jax
 import jax.numpy as jnp
@@ -11,10 +13,11 @@ import pytest
 
 from data_util import generated
 from onegen_jax.data.encoding import TaskTokenizer
+from onegen_jax.data.records import Message
 from onegen_jax.data.tasks import get_task
 from onegen_jax.inference.engine import (NO_PENALTY, PENALTIES, Engine, GenerationConfig,
                                          Request, TaskTokens)
-from onegen_jax.inference.requests import output_text
+from onegen_jax.inference.requests import output_text, prompt_tokens, read_input
 from onegen_jax.inference.run_dir import LoadedRun, make_engine
 from onegen_jax.inference.step import penalise
 from onegen_jax.inference.stopping import loop_span
@@ -285,3 +288,39 @@ def test_a_looping_greedy_output_ends_with_repetition(run, prompts):
   assert out.stop_reason == "repetition" and _stream(out) == _stream(plain[i])[:n]
   looped = engine.run([engine.submit(Request(prompts[i], loop_repeats=3, max_new_tokens=n))])[0]
   assert looped.stop_reason == "repetition"  # repetition is checked before max_new_tokens
+
+
+# -- launch.infer's input ----------------------------------------------------------------------
+def test_a_prompt_over_the_limit_is_refused_naming_its_line(run):
+  long = (Message("user", " ".join(["word"] * 80)),)
+  short = (Message("user", "Who?"),)
+  lengths = [len(t) for t in prompt_tokens(run, [short, long], 1 << 30)]
+  assert prompt_tokens(run, [short, long], lengths[1]) == prompt_tokens(run, [short, long], 1 << 30)
+  with pytest.raises(ValueError) as e:
+    prompt_tokens(run, [long, short, long], lengths[1] - 1, names=["in.jsonl:1", "in.jsonl:2",
+                                                                   "in.jsonl:4"])
+  assert str(e.value).splitlines() == [
+      f"in.jsonl:{n}: the prompt has {lengths[1]} tokens, over the limit of {lengths[1] - 1}"
+      for n in (1, 4)]
+
+
+def test_input_lines_carry_stop_strings_and_penalties_checked_by_field(tmp_path):
+  user = {"messages": [{"role": "user", "content": "Who?"}]}
+  path = tmp_path / "in.jsonl"
+  path.write_text("".join(json.dumps({**user, **s}) + "\n" for s in [
+      {}, {"stop": "\n\n", "presence_penalty": 1, "frequency_penalty": -0.5},
+      {"stop": ["a", "b"], "repetition_penalty": 1.2, "loop_repeats": 3}]))
+  assert read_input(str(path)).settings == [
+      {}, {"stop": ("\n\n",), "presence_penalty": 1.0, "frequency_penalty": -0.5},
+      {"stop": ("a", "b"), "repetition_penalty": 1.2, "loop_repeats": 3}]
+  path.write_text("".join(json.dumps({**user, **s}) + "\n" for s in [
+      {"stop": ["a", ""]}, {"presence_penalty": "1"}, {"repetition_penalty": 0},
+      {"loop_repeats": 1, "frequency_penalty": True}]))
+  with pytest.raises(ValueError) as e:
+    read_input(str(path))
+  assert str(e.value).splitlines() == [
+      f'{path}:1: stop: expected a non-empty string or a list of them, got ["a", ""]',
+      f'{path}:2: presence_penalty: expected a number, got "1"',
+      f"{path}:3: repetition_penalty: expected a positive number, got 0",
+      f"{path}:4: frequency_penalty: expected a number, got true",
+      f"{path}:4: loop_repeats: expected 0 (off) or an integer from 2, got 1"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
@@ -20,13 +21,14 @@ if TYPE_CHECKING:  # run_dir wires the engine with output_text
 @dataclasses.dataclass(frozen=True)
 class Inputs:
   """What launch.infer reads from a jsonl file, one entry per non-blank line: its number in the
-  file, the prompt (messages), its EL candidates (None: unrestricted) and its answer prefix
-  (None: the model starts)."""
+  file, the prompt (messages), its EL candidates (None: unrestricted), its answer prefix (None:
+  the model starts) and its generation settings (Request fields: those of SETTINGS it gives)."""
 
   numbers: list[int]
   prompts: list[tuple[Message, ...]]
   candidates: list[Candidates]
   prefixes: list[str | None]
+  settings: list[dict]
 
 
 def read_requests(path: str) -> list[tuple[Message, ...]]:
@@ -38,9 +40,10 @@ def read_input(path: str) -> Inputs:
   """Each line's prompt, its messages before the last assistant message
   (records.prompt_messages; system messages included, as in training), its optional
   "candidates" (EL): entity uids for all its mentions, or one list per mention in order, and its
-  optional "answer_prefix": text the answer starts with (answer_prefix_tokens). Every bad line is
+  optional "answer_prefix": text the answer starts with (answer_prefix_tokens), and its optional
+  SETTINGS ("stop": a string or a list of them; the penalties; "loop_repeats"). Every bad line is
   named, with its field."""
-  inputs, problems = Inputs([], [], [], []), []
+  inputs, problems = Inputs([], [], [], [], []), []
   for number, line in nonblank_lines(path):
     inputs.numbers.append(number)
     try:
@@ -57,6 +60,12 @@ def read_input(path: str) -> Inputs:
       try:
         out.append(parse(record))
       except (ValueError, KeyError, TypeError) as e:
+        problems.append(f"{path}:{number}: {field}: {e}")
+    inputs.settings.append({})
+    for field in [f for f in SETTINGS if f in record]:
+      try:
+        inputs.settings[-1][field] = SETTINGS[field](record[field])
+      except ValueError as e:
         problems.append(f"{path}:{number}: {field}: {e}")
   if problems:
     raise ValueError("\n".join(problems))
@@ -92,11 +101,48 @@ def _answer_prefix(record: dict) -> str | None:
   return prefix
 
 
-def prompt_tokens(run: LoadedRun, requests: list[tuple[Message, ...]],
-                  max_len: int) -> list[list[int]]:
+def _stop(value) -> tuple[str, ...]:
+  stop = [value] if isinstance(value, str) else value
+  if not isinstance(stop, list) or not all(isinstance(s, str) and s for s in stop):
+    raise ValueError(f"expected a non-empty string or a list of them, got {json.dumps(value)[:80]}")
+  return tuple(stop)
+
+
+def _number(value) -> float:
+  if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+    raise ValueError(f"expected a number, got {json.dumps(value)[:80]}")
+  return float(value)
+
+
+def _positive(value) -> float:
+  if _number(value) <= 0:
+    raise ValueError(f"expected a positive number, got {json.dumps(value)}")
+  return float(value)
+
+
+def _loop_repeats(value) -> int:
+  if isinstance(value, bool) or not isinstance(value, int) or value < 0 or value == 1:
+    raise ValueError(f"expected 0 (off) or an integer from 2, got {json.dumps(value)[:80]}")
+  return value
+
+
+# The per-line generation settings an input line may carry: Request field -> its parser.
+SETTINGS = {"stop": _stop, "presence_penalty": _number, "frequency_penalty": _number,
+            "repetition_penalty": _positive, "loop_repeats": _loop_repeats}
+
+
+def prompt_tokens(run: LoadedRun, requests: list[tuple[Message, ...]], max_len: int,
+                  names: Sequence[str] | None = None) -> list[list[int]]:
   """Token ids of each prompt, tokenised as training tokenises the same messages (each message on
-  its own, no BOS/EOS): the first tokens of the training sequence of the same conversation."""
-  encoded = run.tokenizer.tokenize_with_roles(requests, run.task.query_token, max_len)
+  its own, no BOS/EOS): the first tokens of the training sequence of the same conversation. A
+  prompt is never cut: ValueError naming every prompt over max_len tokens (names[i], default
+  "prompt i"), with its length."""
+  encoded = run.tokenizer.tokenize_with_roles(requests, run.task.query_token, 1 << 62)
+  names = names or [f"prompt {i}" for i in range(len(requests))]
+  too_long = [f"{name}: the prompt has {len(e.tokens)} tokens, over the limit of {max_len}"
+              for name, e in zip(names, encoded) if len(e.tokens) > max_len]
+  if too_long:
+    raise ValueError("\n".join(too_long))
   return [e.tokens.tolist() for e in encoded]
 
 
