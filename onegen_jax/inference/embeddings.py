@@ -3,7 +3,7 @@
 A document text gets the key launch.build_index would store for it: the db document a converter
 writes for the text (`records.db_entry`: the task's document instruction with a title, then the
 text with its document RET token), tokenised by `tokenized.document_records` with the run's
-training max_len and read at that RET token by an `Encoder` of encode_db's shape. A query text
+training max_len and read at that RET token by `run_dir.document_encoder` (encode_db's). A query text
 gets what the engine searches when the model emits the query RET token right after the text's
 prompt (`requests.prompt_tokens` of one user message): the normalised hidden state there.
 """
@@ -15,9 +15,9 @@ from collections.abc import Sequence
 import numpy as np
 
 from onegen_jax.data.records import Document, Message, Report, db_entry
-from onegen_jax.data.tokenized import document_records, max_len
+from onegen_jax.data.tokenized import document_records
 from onegen_jax.inference.requests import prompt_tokens
-from onegen_jax.inference.run_dir import LoadedRun
+from onegen_jax.inference.run_dir import LoadedRun, document_encoder
 from onegen_jax.retrieval.encode import EncodeItem, Encoder
 
 
@@ -32,10 +32,9 @@ class Embedder:
 
   def __init__(self, run: LoadedRun, capacity: int):
     self.run = run
-    self.doc_len = max_len(run.config["data"], run.config["batch"]["seq_len"])
-    rows = 2 * run.mesh.shape["data"] * run.mesh.shape["fsdp"]  # encode_db's default
-    self._documents = Encoder(run.model, run.mesh, rows=rows, seq_len=self.doc_len,
-                              max_reads=4 * rows)
+    self._documents = document_encoder(run)
+    self.doc_len = self._documents.seq_len
+    rows = self._documents.rows
     self._queries = Encoder(run.model, run.mesh, rows=rows, seq_len=capacity, max_reads=4 * rows)
     self.capacity = capacity
 

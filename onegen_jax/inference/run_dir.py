@@ -82,24 +82,30 @@ def compute_dtype(stored: str) -> str:
   return "bfloat16" if jax.default_backend() in ("tpu", "gpu") else stored
 
 
+def document_encoder(run: LoadedRun, rows: int | None = None, seq_len: int | None = None
+                     ) -> Encoder:
+  """The encoder of db documents (build_index's keys): `rows` per batch, a multiple of the mesh's
+  data x fsdp (default: twice it); documents cut to `seq_len` (default: the run's training
+  max_len, so inference has the keys training had)."""
+  seq_len = seq_len or max_len(run.config["data"], run.config["batch"]["seq_len"])
+  rows = rows or 2 * run.mesh.shape["data"] * run.mesh.shape["fsdp"]
+  return Encoder(run.model, run.mesh, rows=rows, seq_len=seq_len, max_reads=4 * rows)
+
+
 def encode_db(run: LoadedRun, db_path: str, out_dir: str, chunk: int = 4096,
               rows: int | None = None, seq_len: int | None = None
               ) -> tuple[np.ndarray | None, list[str], dict[str, str], Report]:
   """Encodes every key of a db.jsonl, streaming vectors to OUT/vectors.npy chunk by chunk.
 
-  rows: encoder rows per batch, a multiple of the mesh's data x fsdp (default: twice it).
-  seq_len: documents are cut to it (default: the run's training max_len, so inference has the
-  keys training had). Returns (vectors float32 [keys, D] memory-mapped, key uids, document uid ->
+  rows, seq_len: `document_encoder`'s. Returns (vectors float32 [keys, D] memory-mapped, key uids, document uid ->
   inserted text (records.Document.text), the report: documents truncated, keys lost, documents
   dropped). Across processes every process encodes (one SPMD forward) and only process 0 writes
   OUT/vectors.npy; the others get vectors=None.
   """
-  seq_len = seq_len or max_len(run.config["data"], run.config["batch"]["seq_len"])
-  rows = rows or 2 * run.mesh.shape["data"] * run.mesh.shape["fsdp"]
+  encoder = document_encoder(run, rows, seq_len)
   docs, report = load_documents(run.task, db_path)
-  records = document_records(docs, run.tokenizer, seq_len, report)
+  records = document_records(docs, run.tokenizer, encoder.seq_len, report)
   database = Database(records)
-  encoder = Encoder(run.model, run.mesh, rows=rows, seq_len=seq_len, max_reads=4 * rows)
   writer = jax.process_index() == 0
   vectors = None
   if writer:
