@@ -288,8 +288,9 @@ def test_an_internal_error_fails_that_request_only(trained, chain, tmp_path):
 @pytest.mark.processes
 @pytest.mark.parametrize("trained", ["el"], indirect=True)
 def test_the_load_benchmark_runs(trained, chain, tmp_path):
-  """benchmarks/serve_load.py at its smallest (2 client counts, 4 requests), RESULTS.md left
-  alone: it starts the server, checks the answers agree across client counts, prints its table."""
+  """benchmarks/serve_load.py at its smallest (2 client counts, 4 requests, both routes),
+  RESULTS.md left alone: it starts the server, checks the answers agree across client counts and
+  between /v1/generate and the OpenAI chat route, prints its table."""
   index = tmp_path / "index"
   shutil.copytree(chain.index, index)
   results = os.path.join(ROOT, "benchmarks", "RESULTS.md")
@@ -300,5 +301,6 @@ def test_the_load_benchmark_runs(trained, chain, tmp_path):
        "--requests=4", "--max_new_tokens=8", "--max_batch=2", "--capacity=512", "--no_record"],
       cwd=ROOT, capture_output=True, text=True, timeout=300)
   assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-3000:]
-  assert "| 2 | 4 |" in run.stdout and '"same_answers_at_every_level": true' in run.stdout
+  assert "| generate | 2 | 4 |" in run.stdout and "| chat | 2 | 4 |" in run.stdout
+  assert '"same_answers_at_every_level_and_route": true' in run.stdout
   assert open(results).read() == before
