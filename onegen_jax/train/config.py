@@ -38,9 +38,10 @@ def base_config(task: str) -> ConfigDict:
   # Decoder: a preset plus overrides of any field of onegen_jax.model.config.ModelConfig;
   # init_from: a run directory (e.g. from launch.import_hf) whose parameters start training.
   # attention_impl: auto (splash on TPU, cuDNN on GPU, XLA on CPU), splash, cudnn or xla.
+  # dot_accumulation: native, float32 or auto (model/matmul.py).
   c.model = ConfigDict(dict(preset="tiny", dtype="bfloat16", param_dtype="float32",
                             remat_policy="full", scan_layers=True, attention_impl="auto",
-                            init_from=""))
+                            dot_accumulation="native", init_from=""))
   # Mesh axis sizes; -1 fills the remaining devices.
   c.mesh = ConfigDict(dict(data=1, fsdp=-1, tensor=1))
   # lambda_gen * L_gen + lambda_ret * L_ret; "bpr" (the reference's setting) or "infonce"
