@@ -94,8 +94,9 @@ runs of the real model: EL trains 219 steps of 3 x 384 slots (914 real tokens a 
 200k tokens and ~970 queries per arm; 9-9.5 s a step measured, 29-34 min per arm) and evaluates a
 model arm in ~12 min (2,341 pool entities, 276 dev pieces encoded, 276 generations); RAG trains 165
 steps of 3 x 512 (1,214 real tokens, 3.0 queries a step: 200k tokens, ~500 queries; 29-34 min per
-arm at those rates, but a 3 x 512 step ran at 75 tokens/s with remat dots_with_no_batch_dims (49
-without) on this machine under load: up to ~55 min) and evaluates a model arm in ~10 min (536 pool
+arm at those rates; the preset trains with remat none, 99 tokens/s against remat
+dots_with_no_batch_dims' 83 on the idle machine (RESULTS.md, 2026-12-03 11:59), though under
+load an earlier run saw the opposite, 49 vs 75: up to ~55 min) and evaluates a model arm in ~10 min (536 pool
 paragraphs, 100 questions). Baselines take ~1 min per task. Per task: no_ft, four trained arms;
 onegen_infonce runs last (about a quarter of the time: leave it out with --arms, or stop the run,
 and rerun the same command later to add it). --budget_s skips arms that would not fit.
