@@ -23,20 +23,25 @@ class Slot:
   stream: list[int] = dataclasses.field(default_factory=list)
 
 
+def _power_of_two(n: int, smallest: int) -> int:
+  """The smallest power of two >= n, at least `smallest` (a static shape's bucket)."""
+  return max(smallest, 1 << (n - 1).bit_length())
+
+
 def chunk_width(n: int) -> int:
   """Static widths of a fed chunk: 1, then powers of two from 16."""
-  return 1 if n == 1 else max(16, 1 << (n - 1).bit_length())
+  return 1 if n == 1 else _power_of_two(n, 16)
 
 
 def history_width(n: int) -> int:
   """Static widths of the penalties' token history (the longest penalised row's n tokens): 0 when
   there is none, then powers of two from 16."""
-  return 0 if n == 0 else max(16, 1 << (n - 1).bit_length())
+  return 0 if n == 0 else _power_of_two(n, 16)
 
 
 def cache_window(n: int) -> int:
   """Cache entries attended (or saved) for n used ones: a power of two from 256."""
-  return max(256, 1 << (n - 1).bit_length())
+  return _power_of_two(n, 256)
 
 
 @functools.partial(jax.jit, static_argnames="window")
