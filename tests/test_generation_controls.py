@@ -15,8 +15,8 @@ from data_util import generated
 from onegen_jax.data.encoding import TaskTokenizer
 from onegen_jax.data.records import Message
 from onegen_jax.data.tasks import get_task
-from onegen_jax.inference.engine import (NO_PENALTY, PENALTIES, Engine, GenerationConfig,
-                                         Request, TaskTokens)
+from onegen_jax.inference.engine import Engine, GenerationConfig, Request, TaskTokens
+from onegen_jax.inference.feeding import NO_PENALTY, PENALTIES
 from onegen_jax.inference.requests import output_text, prompt_tokens, read_input
 from onegen_jax.inference.run_dir import LoadedRun, make_engine
 from onegen_jax.inference.step import penalise

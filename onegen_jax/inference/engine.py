@@ -22,11 +22,10 @@ import tqdm
 from jax.sharding import Mesh
 
 from onegen_jax import sharding
-from onegen_jax.inference.feeding import Feed, feed, rows_apart
-from onegen_jax.inference.slots import (Slot, cache_window, chunk_width, history_width,
-                                        restore_row, save_row)
+from onegen_jax.inference.feeding import PENALTIES, Feed, feed, penalty_inputs, rows_apart
+from onegen_jax.inference.slots import Slot, cache_window, chunk_width, restore_row, save_row
 from onegen_jax.inference.step import step_fn
-from onegen_jax.inference.stopping import loop_span, stop_found
+from onegen_jax.inference.stopping import check_request, stop_reason
 from onegen_jax.inference.types import (GenerationConfig, Request, RequestOutput, Retrieval,
                                         TaskTokens)
 from onegen_jax.model.decoder import Decoder, init_cache
@@ -35,8 +34,6 @@ from onegen_jax.model.decoder import Decoder, init_cache
 SearchFn = Callable[[np.ndarray, int], tuple[list[list[str]], np.ndarray]]
 # (query vector float32 [D], candidate uids, k) -> (ids [<= k], scores [<= k]), best first
 CandidateSearchFn = Callable[[np.ndarray, Sequence[str], int], tuple[list[str], np.ndarray]]
-PENALTIES = ("presence_penalty", "frequency_penalty", "repetition_penalty")
-NO_PENALTY = (0.0, 0.0, 1.0)
 
 
 class Engine:
@@ -84,25 +81,11 @@ class Engine:
     if len(request.prompt) + 1 > self.config.capacity:
       raise ValueError(f"a prompt of {len(request.prompt)} tokens does not fit capacity="
                        f"{self.config.capacity}")
-    self._check_controls(request)
+    check_request(request, self.config, decodes=self.decode is not None)
     rid, self._next_id = self._next_id, self._next_id + 1
     self._requests[rid] = (request, RequestOutput(list(request.prompt), [], [], []))
     self._waiting.append(rid)
     return rid
-
-  def _check_controls(self, request: Request):
-    """Refuses stop strings and settings the engine cannot act on."""
-    if isinstance(request.stop, str) or not all(isinstance(s, str) and s for s in request.stop):
-      raise ValueError(f"stop={request.stop!r}: expected a sequence of non-empty strings")
-    if request.stop and self.decode is None:
-      raise ValueError("a request with stop strings needs an engine that decodes text: "
-                       "Engine(decode=...), as make_engine wires it")
-    repeats = request.setting("loop_repeats", self.config)
-    if repeats < 0 or repeats == 1:
-      raise ValueError(f"loop_repeats={repeats}: 0 (off) or at least 2")
-    repetition = request.setting("repetition_penalty", self.config)
-    if repetition <= 0:
-      raise ValueError(f"repetition_penalty={repetition}: must be positive")
 
   def continue_session(self, session: int, turn: Sequence[int], keep_session: bool = True,
                        **settings) -> int:
@@ -215,7 +198,9 @@ class Engine:
         sampling=np.array([[self._setting(s.rid, "temperature"), self._setting(s.rid, "top_p")]
                            if s else [0.0, 1.0] for s in self._slots], np.float32),
         forced=np.array([s.force[0] if s and s.force else -1 for s in self._slots], np.int32),
-        **self._penalty_inputs())
+        **penalty_inputs([(tuple(self._setting(s.rid, name) for name in PENALTIES),
+                           self.output(s.rid).prompt, s.stream) if s else None
+                          for s in self._slots]))
     apart = rows_apart(queued, width) if self.config.prefill_apart else None
     with self._rules():
       (next_tok, vectors, log_probs, watched), self._cache = feed(
@@ -264,27 +249,6 @@ class Engine:
         else:
           self._slots[r] = Slot(rid, list(request.prompt), 0, list(request.force))
 
-  def _penalty_inputs(self) -> dict[str, np.ndarray]:
-    """The step's penalty inputs (Feed's): each row's penalties float32 [B, 3] (PENALTIES), its
-    history int32 [B, H] (-1 padded; H bucketed, 0 when no row has a penalty): its prompt (only
-    with a repetition penalty) then its output-stream tokens, which start at output_from int32
-    [B] (inserted documents are in neither)."""
-    rows = len(self._slots)
-    penalties = np.tile(np.asarray(NO_PENALTY, np.float32), (rows, 1))
-    output_from = np.zeros(rows, np.int32)
-    seen = {}
-    for r, slot in enumerate(self._slots):
-      if slot is None:
-        continue
-      penalties[r] = [self._setting(slot.rid, name) for name in PENALTIES]
-      if tuple(penalties[r]) != NO_PENALTY:
-        prompt = self.output(slot.rid).prompt if penalties[r, 2] != 1 else []
-        seen[r], output_from[r] = [*prompt, *slot.stream], len(prompt)
-    history = np.full((rows, history_width(max(map(len, seen.values()), default=0))), -1, np.int32)
-    for r, tokens in seen.items():
-      history[r, :len(tokens)] = tokens
-    return dict(penalties=penalties, history=history, output_from=output_from)
-
   def _advance(self, busy: list[int], next_tok: np.ndarray, vectors: np.ndarray,
                log_probs: np.ndarray, watched: np.ndarray) -> list[int]:
     """Retrievals for the rows that fed a query RET token, the next token for the others (with
@@ -309,25 +273,11 @@ class Engine:
         out.watched.append(watched[r])
       slot.stream.append(token)
       slot.queue = [token]
-      reason = self._stop_reason(slot)
+      request, out = self._requests[slot.rid]
+      reason = stop_reason(request, self.config, out, slot.stream, self.tokens.eos, self.decode)
       if reason:
         ended.append(self._end(r, reason))
     return ended
-
-  def _stop_reason(self, slot: Slot) -> str:
-    """Why the request in `slot` ends after the output token it just took ("": it goes on):
-    EOS, then a stop string, then a loop, then max_new_tokens."""
-    request, out = self._requests[slot.rid]
-    if slot.stream[-1] == self.tokens.eos:
-      return "eos"
-    if request.stop and stop_found(self.decode, out.tokens, out.generated, request.stop):
-      return "stop"
-    repeats = request.setting("loop_repeats", self.config)
-    if repeats and loop_span(slot.stream, repeats, self.config.loop_max_span):
-      return "repetition"
-    if len(slot.stream) >= request.setting("max_new_tokens", self.config):
-      return "max_new_tokens"
-    return ""
 
   def _rules(self):
     """The mesh and logical rules while tracing and running on a mesh (nothing without one)."""

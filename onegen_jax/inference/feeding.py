@@ -10,12 +10,17 @@ prompts that was 5.9x slower than prefilling apart (benchmarks/batching.py, RESU
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import jax
 import numpy as np
 
-from onegen_jax.inference.slots import cache_window, put_rows, take_rows
+from onegen_jax.inference.slots import cache_window, history_width, put_rows, take_rows
+
+# A row's penalties, in Feed.penalties' order (Request / GenerationConfig fields), and their
+# "off" values.
+PENALTIES = ("presence_penalty", "frequency_penalty", "repetition_penalty")
+NO_PENALTY = (0.0, 0.0, 1.0)
 
 
 @dataclasses.dataclass
@@ -38,6 +43,28 @@ class Feed:
   def rows(self, rows: np.ndarray) -> Feed:
     """The inputs of the given rows only (copies)."""
     return Feed(*(getattr(self, f.name)[rows] for f in dataclasses.fields(self)))
+
+
+def penalty_inputs(rows: Sequence[tuple[tuple[float, float, float], Sequence[int],
+                                        Sequence[int]] | None]) -> dict[str, np.ndarray]:
+  """Feed's penalty fields from each cache row's (penalties in PENALTIES' order, prompt, output
+  stream) (None: idle): penalties float32 [B, 3]; history int32 [B, H] (-1 padded; H bucketed,
+  0 when no row has a penalty): the prompt (only with a repetition penalty) then the output
+  stream's tokens, which start at output_from int32 [B] (inserted documents are in neither)."""
+  penalties = np.tile(np.asarray(NO_PENALTY, np.float32), (len(rows), 1))
+  output_from = np.zeros(len(rows), np.int32)
+  seen = {}
+  for r, row in enumerate(rows):
+    if row is None or tuple(row[0]) == NO_PENALTY:
+      continue
+    penalties[r] = row[0]
+    prompt = row[1] if penalties[r, 2] != 1 else []
+    seen[r], output_from[r] = [*prompt, *row[2]], len(prompt)
+  history = np.full((len(rows), history_width(max(map(len, seen.values()), default=0))), -1,
+                    np.int32)
+  for r, tokens in seen.items():
+    history[r, :len(tokens)] = tokens
+  return dict(penalties=penalties, history=history, output_from=output_from)
 
 
 def rows_apart(queued: np.ndarray, width: int) -> tuple[np.ndarray, int] | None:

@@ -1,11 +1,14 @@
-"""The host-side stops the engine checks after each output token: a stop string in the decoded
-tail of the output, and an n-gram loop (one span repeated to the end of the output stream)."""
+"""The engine's host-side generation controls: a request's settings checked at submit, and the
+stops after each output token (EOS, a stop string in the decoded tail of the output, an n-gram
+loop: one span repeated to the end of the output stream, max_new_tokens)."""
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
 import numpy as np
+
+from onegen_jax.inference.types import GenerationConfig, Request, RequestOutput
 
 # Tokens decoded before a stop string's bytes: a character cut by the window's start, a leading
 # space that a SentencePiece decoder drops at the start of a text.
@@ -40,3 +43,37 @@ def loop_span(stream: Sequence[int], repeats: int, max_span: int) -> int:
   here, before = np.clip(n - back, 0, None), np.clip(n - back - spans, 0, None)
   repeated = np.all((tail[here] == tail[before]) | ~needed, axis=1) & (spans[:, 0] * repeats <= n)
   return int(np.argmax(repeated)) + 1 if repeated.any() else 0
+
+
+def check_request(request: Request, config: GenerationConfig, decodes: bool) -> None:
+  """ValueError for stop strings and settings the engine cannot act on (decodes: the engine can
+  turn tokens into text, which stop strings need)."""
+  if isinstance(request.stop, str) or not all(isinstance(s, str) and s for s in request.stop):
+    raise ValueError(f"stop={request.stop!r}: expected a sequence of non-empty strings")
+  if request.stop and not decodes:
+    raise ValueError("a request with stop strings needs an engine that decodes text: "
+                     "Engine(decode=...), as make_engine wires it")
+  repeats = request.setting("loop_repeats", config)
+  if repeats < 0 or repeats == 1:
+    raise ValueError(f"loop_repeats={repeats}: 0 (off) or at least 2")
+  repetition = request.setting("repetition_penalty", config)
+  if repetition <= 0:
+    raise ValueError(f"repetition_penalty={repetition}: must be positive")
+
+
+def stop_reason(request: Request, config: GenerationConfig, out: RequestOutput,
+                stream: Sequence[int], eos: int,
+                decode: Callable[[Sequence[int]], str] | None) -> str:
+  """Why a request ends after the output token it just took ("": it goes on), given its output
+  and its output-stream tokens so far: EOS, then a stop string, then a loop, then
+  max_new_tokens."""
+  if stream[-1] == eos:
+    return "eos"
+  if request.stop and stop_found(decode, out.tokens, out.generated, request.stop):
+    return "stop"
+  repeats = request.setting("loop_repeats", config)
+  if repeats and loop_span(stream, repeats, config.loop_max_span):
+    return "repetition"
+  if len(stream) >= request.setting("max_new_tokens", config):
+    return "max_new_tokens"
+  return ""
