@@ -127,12 +127,16 @@ class Served:
             "owned_by": "onegen_jax",
             "onegen": {"task": self.run.task.name, "mode": self.run.task.mode}}
 
+  def check_model(self, name: str) -> None:
+    """OpenAIError 404 (model_not_found) unless `name` is this server's model."""
+    if name != self.model_name:
+      raise OpenAIError(404, f"model: `{name}` does not exist; this server serves "
+                        f"`{self.model_name}`", "model_not_found")
+
   async def read(self, request: fastapi.Request, model: type):
     """The body as `model` (schema.parse), for this server's model (else 404)."""
     body = schema.parse(await schema.read_body(request, self.limits.max_body_bytes), model)
-    if body.model != self.model_name:
-      raise OpenAIError(404, f"model: `{body.model}` does not exist; this server serves "
-                        f"`{self.model_name}`", "model_not_found")
+    self.check_model(body.model)
     return body
 
 
@@ -176,9 +180,7 @@ def add_routes(app: fastapi.FastAPI, served: Served) -> None:
 
   @app.get("/v1/models/{model:path}")
   async def model(model: str):
-    if model != served.model_name:
-      raise OpenAIError(404, f"model: `{model}` does not exist; this server serves "
-                        f"`{served.model_name}`", "model_not_found")
+    served.check_model(model)
     return served.card()
 
 
@@ -267,12 +269,12 @@ class _Generation:
           if not answers.is_final(update):
             piece = stops.add(texts.add(update.tokens)) if update.tokens else ""
             if piece:
-              yield self._chunk({"content": piece} if self.chat else {"text": piece})
+              yield self._text_chunk(piece)
             continue
           ended = self.ended(job, answers.outcome(update))
           piece = stops.add(texts.finish()) + stops.finish()
           if piece:
-            yield self._chunk({"content": piece} if self.chat else {"text": piece})
+            yield self._text_chunk(piece)
           yield self._chunk({"onegen": ended.onegen} if self.chat
                             else {"text": "", "onegen": ended.onegen}, ended.finish_reason)
           if self.body.stream_options is not None and self.body.stream_options.include_usage:
@@ -285,6 +287,9 @@ class _Generation:
   @property
   def _chunk_object(self) -> str:
     return "chat.completion.chunk" if self.chat else "text_completion"
+
+  def _text_chunk(self, piece: str) -> str:
+    return self._chunk({"content": piece} if self.chat else {"text": piece})
 
   def _chunk(self, content: dict, finish_reason: str | None = None) -> str:
     choice = ({"index": 0, "delta": content} if self.chat
