@@ -13,7 +13,8 @@ from onegen_jax.inference.requests import prompt_tokens, read_requests
 from onegen_jax.inference.run_dir import encode_db, load_run, make_engine
 from onegen_jax.inference.types import Request
 from onegen_jax.retrieval.index import ExactIndex
-from onegen_jax.serving.worker import ClientError, EngineWorker, InternalError, Job
+from onegen_jax.serving.errors import ClientError, InternalError
+from onegen_jax.serving.worker import EngineWorker, Job
 
 
 def final_update(loop: asyncio.AbstractEventLoop, job: Job):

@@ -15,8 +15,8 @@ from onegen_jax.inference.requests import output_text
 from onegen_jax.inference.run_dir import LoadedRun
 from onegen_jax.inference.selfrag import SelfRagResult
 from onegen_jax.inference.types import RequestOutput
-from onegen_jax.serving.worker import (ClientError, EngineWorker, InternalError, Job, Update,
-                                       new_error_id)
+from onegen_jax.serving.errors import ClientError, InternalError, new_error_id
+from onegen_jax.serving.worker import EngineWorker, Job, Update
 
 log = logging.getLogger("onegen_jax.serving")
 _DISCONNECT_POLL_S = 0.25  # how often a waiting handler checks that its client is still there

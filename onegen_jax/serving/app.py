@@ -49,7 +49,8 @@ from onegen_jax.inference.selfrag import SelfRagResult
 from onegen_jax.inference.types import RequestOutput
 from onegen_jax.serving import answers, openai_api, schema
 from onegen_jax.serving.metrics import prometheus_text
-from onegen_jax.serving.worker import ClientError, EngineWorker, InternalError, Job, new_error_id
+from onegen_jax.serving.errors import ClientError, InternalError, new_error_id
+from onegen_jax.serving.worker import EngineWorker, Job
 
 log = logging.getLogger("onegen_jax.serving")
 
@@ -69,6 +70,16 @@ def create_app(run: LoadedRun, worker: EngineWorker, limits: schema.Limits,
   _add_error_handlers(app)
   if api_keys:
     app.add_middleware(openai_api.BearerKeys, keys=api_keys)
+  _add_native_routes(app, run, worker, limits)
+  openai_api.add_routes(app, openai_api.Served(run, worker, limits, Embedder(run, limits.capacity),
+                                               model_name, int(time.time())))
+  _describe_bodies(app, [schema.GenerateBody, schema.TurnBody, *openai_api.BODIES])
+  return app
+
+
+def _add_native_routes(app: fastapi.FastAPI, run: LoadedRun, worker: EngineWorker,
+                       limits: schema.Limits) -> None:
+  """/v1/generate, the sessions' routes, /health and /metrics."""
   native = _Native(run, worker)
 
   @app.post("/v1/generate", openapi_extra=schema.openapi_body(schema.GenerateBody))
@@ -111,11 +122,6 @@ def create_app(run: LoadedRun, worker: EngineWorker, limits: schema.Limits,
   @app.get("/metrics")
   async def metrics():
     return responses.PlainTextResponse(prometheus_text(worker.metrics()))
-
-  openai_api.add_routes(app, openai_api.Served(run, worker, limits, Embedder(run, limits.capacity),
-                                               model_name, int(time.time())))
-  _describe_bodies(app, [schema.GenerateBody, schema.TurnBody, *openai_api.BODIES])
-  return app
 
 
 def error_body(e: ClientError | InternalError) -> tuple[int, dict]:

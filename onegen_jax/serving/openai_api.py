@@ -46,7 +46,8 @@ from onegen_jax.inference.selfrag import SelfRagResult
 from onegen_jax.inference.types import RequestOutput
 from onegen_jax.serving import answers, schema, stop_text
 from onegen_jax.serving.openai_schema import ChatBody, CompletionBody, EmbeddingsBody
-from onegen_jax.serving.worker import ClientError, EngineWorker, InternalError, Job
+from onegen_jax.serving.errors import ClientError, InternalError
+from onegen_jax.serving.worker import EngineWorker, Job
 
 BODIES = [ChatBody, CompletionBody, EmbeddingsBody]
 _ROUTES = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/models")

@@ -19,7 +19,7 @@ from onegen_jax.inference.requests import answer_prefix_tokens, prompt_tokens
 from onegen_jax.inference.run_dir import LoadedRun
 from onegen_jax.inference.selfrag import MODES, SelfRagConfig
 from onegen_jax.inference.types import Request
-from onegen_jax.serving.worker import ClientError
+from onegen_jax.serving.errors import ClientError
 
 
 _TYPE_TAGS = ("str", "int", "float", "bool")  # union member tags that look like field names

@@ -30,26 +30,18 @@ import logging
 import threading
 import time
 import traceback
-import uuid
 from collections.abc import Callable, Sequence
 from typing import Any
 
 from onegen_jax.inference.engine import Engine
 from onegen_jax.inference.selfrag import SelfRag, SelfRagConfig, SelfRagResult
 from onegen_jax.inference.types import Request, RequestOutput, Retrieval
+from onegen_jax.serving.errors import ClientError, InternalError, new_error_id
 from onegen_jax.serving.metrics import Stats
 
 log = logging.getLogger("onegen_jax.serving")
 
 _IDLE_WAIT_S = 0.05  # how often an idle thread looks at the drain deadline
-
-
-class ClientError(Exception):
-  """A job the engine refused: status (an HTTP 4xx code) and a one-line reason."""
-
-  def __init__(self, status: int, reason: str):
-    super().__init__(reason)
-    self.status = status
 
 
 @dataclasses.dataclass
@@ -332,19 +324,6 @@ class EngineWorker:
     if rid is not None:
       self.engine.close_session(rid)
       self.engine.release(rid)
-
-
-def new_error_id() -> str:
-  """The id an internal error is answered and logged under."""
-  return f"err-{uuid.uuid4().hex[:12]}"
-
-
-class InternalError(Exception):
-  """An engine failure, named by the id logged with its traceback."""
-
-  def __init__(self, error_id: str):
-    super().__init__(error_id)
-    self.error_id = error_id
 
 
 def _settings(request: Request) -> dict:
