@@ -2,7 +2,7 @@
 ApproxIndex (ids exactly, scores to 1e-5), Index.search_documents, CandidateScorer (EL
 candidates) and TaskTokenizer.insertion_tokens (the RAG token table, two tokenizer families), on
 the 8-device mesh and a (1, 2, 4) mesh, with a row count that does not divide the shards, k over
-the hits, and search inside jax.jit and a lax.while_loop body."""
+the hits, bfloat16 keys, and search inside jax.jit and a lax.while_loop body."""
 
 import functools
 
@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 from data_util import generated
 from test_parity import tokenizer_dir
@@ -85,6 +86,23 @@ def test_k_over_the_keys_gives_minus_one(mesh, data):
   np.testing.assert_array_equal(ids[:, :N], _rows(want_ids))
   np.testing.assert_allclose(scores[:, :N], want_scores, atol=1e-5)
   assert (np.asarray(ids[:, N:]) == -1).all() and np.isneginf(scores[:, N:]).all()
+
+
+def test_bfloat16_keys_under_the_model_mesh(data):
+  """bfloat16 keys (the TPU layout) searched with queries laid out as the decode step's (rows
+  over data x fsdp) under the model's mesh and rules: ExactIndex over the same rounded values,
+  the products accumulated in float32."""
+  vectors, queries = data
+  mesh = sharding.make_mesh(data=2, fsdp=2, tensor=2)
+  kb, _ = device_kb.build(vectors, UIDS, mesh, dtype=jnp.bfloat16)
+  rounded = lambda x: np.asarray(jnp.asarray(x, jnp.bfloat16).astype(jnp.float32))
+  want_ids, want_scores = ExactIndex().build(rounded(vectors), UIDS).search(rounded(queries), 5)
+  with sharding.activate(mesh):
+    placed = jax.device_put(np.concatenate([queries, queries[:2]]),
+                            NamedSharding(mesh, P(("data", "fsdp"), None)))
+    ids, scores = _search(kb, placed, k=5)
+  np.testing.assert_array_equal(ids[:Q], _rows(want_ids))
+  np.testing.assert_allclose(scores[:Q], want_scores, atol=1e-5)
 
 
 def test_approx_search_equals_the_approx_index(data):
