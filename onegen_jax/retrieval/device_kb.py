@@ -19,7 +19,7 @@ sharded by rows over the same axes for the same reason. Rows are padded to a mul
 padded row never scores.
 
 Search: exact scores (float32 at the highest matmul precision) and `lax.top_k` per shard under
-`shard_map`, then one merge (`index.sharded_top_k`, which `ExactIndex` uses too, so results equal
+`shard_map`, then one merge (`topk.sharded_top_k`, which `ExactIndex` uses too, so results equal
 it: ties take the lower row); with `recall_target` set, `lax.approx_max_k` per shard instead (TPU
 KNN; exact off TPU) at default precision, as `ApproxIndex`. Candidates (EL): each shard scores
 the candidates it holds, the others give -inf, and a max over the shards joins them; the best k
@@ -42,7 +42,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from onegen_jax.data.records import document_uid
-from onegen_jax.retrieval.index import approx_top_k, exact_top_k, sharded_top_k
+from onegen_jax.retrieval.topk import approx_top_k, exact_top_k, sharded_top_k
 
 MIB = 1 << 20
 
