@@ -46,6 +46,19 @@ def test_gradients_equal_jax_own_transpose_of_the_float32_accumulating_dot():
                                rtol=BF16_RTOL, atol=1e-6)
 
 
+def test_weight_gradient_of_a_token_sharded_input_equals_the_unsharded_one():
+  """The backward pass's row-major x^T copy keeps working when the token axis is sharded."""
+  rng = np.random.default_rng(3)
+  x, w = _bf16(rng, (8, 6, 24)), _bf16(rng, (24, 16))
+  grads = jax.jit(jax.grad(lambda x, w: jnp.sum(matmul(x, w).astype(jnp.float32) ** 2), (0, 1)))
+  mesh = jax.sharding.Mesh(np.array(jax.devices()[:8]), ("data",))
+  sharded = jax.device_put(x, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data")))
+  for got, want in zip(grads(sharded, w), grads(x, w)):  # sums in another order: one rounding
+    want = np.asarray(want, np.float32)
+    np.testing.assert_allclose(np.asarray(got, np.float32), want, rtol=BF16_RTOL,
+                               atol=BF16_RTOL * np.abs(want).max())
+
+
 def test_other_contractions_go_to_lax_dot_general():
   rng = np.random.default_rng(2)
   a, b = _bf16(rng, (4, 6)), _bf16(rng, (5, 6))

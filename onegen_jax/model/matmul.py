@@ -6,6 +6,10 @@ bfloat16 -> float32 dot (`preferred_element_type`) on a library kernel that uses
 AVX512-BF16 instructions: 2-4x the GEMM rate on the benchmark machine (benchmarks/RESULTS.md,
 finding 9). JAX's own transpose of such a dot hands the float32 cotangent to both backward dots,
 which then run in float32; the custom VJP here keeps them bfloat16 x bfloat16 -> float32 too.
+The weight gradient x^T @ g contracts the token axis, the leading axis of both operands; XLA:CPU
+runs that dot (or one on a transposed view, which layout assignment turns back into the same
+thing) at half its rate for the same dot on row-major operands (finding 14), so the backward pass
+copies x^T into a row-major array first (`_row_major_transpose`).
 Outputs are cast back to the operands' dtype, as a plain low-precision dot returns them. TPUs and
 GPUs accumulate low-precision dots in float32 natively: "auto" leaves them alone.
 """
@@ -42,13 +46,23 @@ def _matmul_fwd(x, w):
   return matmul(x, w), (x, w)
 
 
+def _row_major_transpose(x: jnp.ndarray) -> jnp.ndarray:
+  """x [T, K] -> x^T [K, T] as a physical row-major copy: reshaped to [K, T/2, 2] behind an
+  optimization barrier, so XLA cannot fold the transpose into the consumer's operand layout (the
+  split keeps T's sharding on its major part). Odd T: the plain transposed view."""
+  rows, cols = x.shape
+  if rows % 2:
+    return x.T
+  return lax.optimization_barrier(x.T.reshape(cols, rows // 2, 2)).reshape(cols, rows)
+
+
 def _matmul_bwd(residuals, g):
   """g [..., N] -> (dx [..., K] = g @ w^T, dw [K, N] = x^T @ g over every leading axis)."""
   x, w = residuals
   g = g.astype(x.dtype)
-  leading = tuple(range(x.ndim - 1))
+  x_t = _row_major_transpose(x.reshape(-1, x.shape[-1]))
   return (_dot_f32(g, w, ((g.ndim - 1,), (1,)), x.dtype),
-          _dot_f32(x, g, (leading, leading), w.dtype))
+          _dot_f32(x_t, g.reshape(-1, g.shape[-1]), ((1,), (0,)), w.dtype))
 
 
 matmul.defvjp(_matmul_fwd, _matmul_bwd)
