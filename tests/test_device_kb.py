@@ -2,7 +2,8 @@
 ApproxIndex (ids exactly, scores to 1e-5), Index.search_documents, CandidateScorer (EL
 candidates) and TaskTokenizer.insertion_tokens (the RAG token table, two tokenizer families), on
 the 8-device mesh and a (1, 2, 4) mesh, with a row count that does not divide the shards, k over
-the hits, bfloat16 keys, and search inside jax.jit and a lax.while_loop body."""
+the hits, bfloat16 keys, and search inside jax.jit and a lax.while_loop body; and each retrieval
+policy's device half against its host half."""
 
 import functools
 
@@ -18,6 +19,7 @@ from onegen_jax import sharding
 from onegen_jax.data.encoding import TaskTokenizer
 from onegen_jax.data.reading import load_documents
 from onegen_jax.data.tasks import MULTIHOP
+from onegen_jax.inference.retrieval_policy import make_policy
 from onegen_jax.retrieval import device_kb
 from onegen_jax.retrieval.candidates import CandidateScorer
 from onegen_jax.retrieval.index import ApproxIndex, ExactIndex
@@ -223,3 +225,41 @@ def test_footprint_is_the_bytes_on_each_device(data):
   assert big.total == 156_250 * 4096 * 2
   assert big.summary(2 << 30) == "device KB: 1220.7 MiB per device of budget 2048.0 MiB (fits)"
   assert not big.fits(1 << 30) and "does not fit: ScaNN" in big.summary(1 << 30)
+
+
+def test_each_policy_follows_a_retrieval_on_device_as_on_the_host(data):
+  """retrieval_policy's device half (device_search, then device_follow of the best row, jitted)
+  gives the ids and tokens of its host half (search / search_among, then follow): RAG inserts
+  the best document's insertion, EL forces its token (also after a search without a hit)."""
+  vectors, queries = data
+  mesh = sharding.make_mesh(**MESHES["1x2x4"])
+  texts = {u: f"text of {u}" for u in UIDS}
+  tokens = _Tokens()
+  kb, documents = device_kb.build(vectors, UIDS, mesh, tokenizer=tokens, texts=texts)
+  index = ExactIndex().build(vectors, UIDS)
+  scorer = CandidateScorer(vectors, UIDS)
+  force = 7
+  rag = make_policy("rag", index.search_documents,
+                    lambda uid: tokens.insertion_tokens(texts[uid]), None)
+  el = make_policy("el", index.search, None, force, scorer.search)
+  lists = [UIDS[i::4] for i in range(Q - 1)] + [["no-such-entity"]]
+  candidates = jnp.asarray(device_kb.candidate_rows(UIDS, lists))
+
+  @functools.partial(jax.jit, static_argnums=0)
+  def after(policy, queries, candidates=None):
+    rows, scores = policy.device_search(kb, queries, 3, candidates)
+    return (rows, scores, *policy.device_follow(kb, rows[:, 0]))
+
+  for policy, names, among in ((rag, documents, None), (el, UIDS, None), (el, UIDS, candidates)):
+    rows, scores, inserted, lengths = after(policy, queries, among)
+    for i, query in enumerate(queries):
+      if among is None:
+        [ids], [want] = policy.search(query[None], 3)
+      else:
+        ids, want = policy.search_among(query, lists[i], 3)
+      n = len(ids)
+      assert [names[r] for r in rows[i, :n]] == list(ids) and (np.asarray(rows[i, n:]) == -1).all()
+      np.testing.assert_allclose(scores[i, :n], want, atol=1e-5)
+      assert inserted[i, :lengths[i]].tolist() == policy.follow(ids)
+  with pytest.raises(ValueError, match="RAG searches documents"):
+    rag.device_search(kb, queries, 3, candidates)

@@ -82,7 +82,7 @@ def runner(chain):
     config = generation_config(run.task, 0, max_new_tokens=24, batch_size=8, capacity=1024,
                                watch=selfrag.watched_ids(run.tokenizer))
     engine = make_engine(run, index, texts, config)
-    return selfrag.SelfRag(engine, run.tokenizer, index.search_documents, engine.documents,
+    return selfrag.SelfRag(engine, run.tokenizer,
                            selfrag.SelfRagConfig(mode, threshold, k, max_new_tokens=24))
 
   return make, run, prompts
@@ -155,7 +155,7 @@ def test_evidence_rows_share_one_prefill_and_equal_a_full_forward(runner):
   [result] = sr.run(prompts[:1])
   prompt, ids = prompts[0], sr.ids
   prefix = [*prompt, ids[selfrag.RETRIEVE], sr.query]
-  insertions = [list(sr.insertion(c.document)) for c in result.evidence]
+  insertions = [sr.policy.insertion(c.document) for c in result.evidence]
   assert len(result.evidence) == 3
   fed = sr.engine.tokens_fed - fed_before
   # The last generated token of each request is never fed; nothing else is fed twice.
@@ -170,7 +170,7 @@ def test_evidence_rows_share_one_prefill_and_equal_a_full_forward(runner):
     for field in ("relevance", "support", "utility", "seq_score", "score"):
       assert getattr(full, field) == pytest.approx(getattr(c.critique, field), abs=1e-4), field
   query = hidden[len(prefix) - 1] / np.linalg.norm(hidden[len(prefix) - 1])
-  found, scores = sr.search(query[None], 3)
+  found, scores = sr.policy.search(query[None], 3)
   assert [c.document for c in result.evidence] == list(found[0])
   np.testing.assert_allclose([c.retrieval_score for c in result.evidence], scores[0], atol=1e-4)
 

@@ -23,17 +23,13 @@ from jax.sharding import Mesh
 
 from onegen_jax import sharding
 from onegen_jax.inference.feeding import PENALTIES, Feed, feed, penalty_inputs, rows_apart
+from onegen_jax.inference.retrieval_policy import CandidateSearchFn, SearchFn, make_policy
 from onegen_jax.inference.slots import Slot, cache_window, chunk_width, restore_row, save_row
 from onegen_jax.inference.step import step_fn
 from onegen_jax.inference.stopping import check_request, stop_reason
 from onegen_jax.inference.types import (GenerationConfig, Request, RequestOutput, Retrieval,
                                         TaskTokens)
 from onegen_jax.model.decoder import Decoder, init_cache
-
-# (query vectors float32 [n, D], k) -> (ids [n][k], scores float32 [n, k])
-SearchFn = Callable[[np.ndarray, int], tuple[list[list[str]], np.ndarray]]
-# (query vector float32 [D], candidate uids, k) -> (ids [<= k], scores [<= k]), best first
-CandidateSearchFn = Callable[[np.ndarray, Sequence[str], int], tuple[list[str], np.ndarray]]
 
 
 class Engine:
@@ -53,14 +49,11 @@ class Engine:
     the parameters live on (load_run's): the cache is laid out by `cache_sharding` (rows over
     data x fsdp, kv heads over 'tensor') and each step runs under the logical rules; decode:
     token ids -> their text (make_engine's is requests.output_text), which requests with `stop`
-    strings need."""
-    if mode not in ("rag", "el"):
-      raise ValueError(f"mode={mode!r}; expected 'rag' or 'el'")
-    if mode == "el" and tokens.force_after_query is None:
-      raise ValueError("entity linking needs the token forced after the query token")
-    self.model, self.params, self.tokens, self.search = model, params, tokens, search
-    self.documents, self.config, self.mode = documents, config, mode
-    self.search_candidates, self.query_vectors = search_candidates, query_vectors
+    strings need. What follows a retrieval is `policy` (retrieval_policy.make_policy of mode,
+    search, documents, the forced token and search_candidates)."""
+    self.policy = make_policy(mode, search, documents, tokens.force_after_query, search_candidates)
+    self.model, self.params, self.tokens, self.config = model, params, tokens, config
+    self.query_vectors = query_vectors
     self.mesh, self.decode = mesh, decode
     self._step = jax.jit(functools.partial(step_fn, model, vocab_size, config.seed,
                                            tuple(config.watch)),
@@ -315,19 +308,16 @@ class Engine:
     outs = [self.output(self._slots[r].rid) for r in rows]
     queries = vectors[rows] if self.query_vectors is None else self.query_vectors(outs, vectors[rows])
     ks = [self._setting(self._slots[r].rid, "retrieve_k") for r in rows]
-    found = list(zip(*self.search(queries, max(ks))))  # (ids, scores) per row
+    found = list(zip(*self.policy.search(queries, max(ks))))  # (ids, scores) per row
     failed = []
     for i, r in enumerate(rows):
       slot, out = self._slots[r], outs[i]
       try:
         candidates = self._requests[slot.rid][0].candidates_for(len(out.retrievals))
         if candidates is not None:
-          if self.search_candidates is None:
-            raise ValueError("a request has candidates but the engine has no search_candidates")
-          found[i] = self.search_candidates(queries[i], candidates, ks[i])
+          found[i] = self.policy.search_among(queries[i], candidates, ks[i])
         ids, scores = list(found[i][0])[:ks[i]], list(found[i][1])[:ks[i]]
-        queued = (list(self.documents(ids[0])) if self.mode == "rag"
-                  else [self.tokens.force_after_query])
+        queued = self.policy.follow(ids)
       except Exception as e:  # pylint: disable=broad-except  (that request fails, not the batch)
         out.error = f"{type(e).__name__}: {e}"
         failed.append(self._end(r, "error"))

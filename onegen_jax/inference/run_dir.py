@@ -25,8 +25,9 @@ from onegen_jax.data.records import Report
 from onegen_jax.data.tasks import Task, get_task
 from onegen_jax.inference.engine import Engine, GenerationConfig, TaskTokens
 from onegen_jax.inference.requests import output_text
+from onegen_jax.inference.retrieval_policy import task_retrieval
 from onegen_jax.model.decoder import Decoder, abstract_params
-from onegen_jax.retrieval.candidates import CandidateScorer, RankPrior
+from onegen_jax.retrieval.candidates import RankPrior
 from onegen_jax.retrieval.encode import EncodeItem, Encoder
 from onegen_jax.retrieval.index import Index, load_index
 
@@ -147,11 +148,11 @@ def generation_config(task: Task, max_retrievals: int, **settings) -> Generation
 def make_engine(run: LoadedRun, index: Index, texts: dict[str, str], config: GenerationConfig,
                 vectors: np.ndarray | None = None, prior: RankPrior | None = None,
                 **hooks) -> Engine:
-  """The OneGen engine over `index`: RAG inserts the retrieved key's whole document. vectors
-  [keys, D] in the index's key order (build_index's vectors.npy) enable EL requests with
-  candidates, ranked by cosine alone or, with `prior`, combined with the candidates' order
-  (launch.fit_prior); hooks: further Engine arguments (query_vectors). Stop strings are looked
-  for in the text `output_text` gives an output (what launch.infer and the server return)."""
+  """The OneGen engine over `index`, retrieving as the run's task does
+  (retrieval_policy.task_retrieval: RAG inserts the retrieved document; vectors and prior: EL
+  requests with candidates); hooks: further Engine arguments (query_vectors). Stop strings are
+  looked for in the text `output_text` gives an output (what launch.infer and the server
+  return)."""
   ids = run.tokenizer.ids
   task = run.task
   hf = run.tokenizer.hf
@@ -159,15 +160,10 @@ def make_engine(run: LoadedRun, index: Index, texts: dict[str, str], config: Gen
   if eos is None:
     raise ValueError("the tokenizer has no EOS token; generation could not stop")
   force = dict(task.force_after).get(task.query_token)
-
-  # RAG retrieves documents (a paragraph's sentence keys map to it); EL retrieves entity keys.
-  search = index.search_documents if task.mode == "rag" else index.search
   return Engine(
       run.model, run.params,
       TaskTokens(query=ids[task.query_token], eos=eos,
                  force_after_query=ids[force] if force else None),
-      search, documents=lambda uid: run.tokenizer.insertion_tokens(texts[uid]),
-      config=config, mode=task.mode, vocab_size=len(hf),
-      search_candidates=(None if vectors is None
-                         else CandidateScorer(vectors, index.ids, prior).search),
-      mesh=run.mesh, decode=functools.partial(output_text, run.tokenizer), **hooks)
+      config=config, vocab_size=len(hf), mesh=run.mesh,
+      decode=functools.partial(output_text, run.tokenizer),
+      **task_retrieval(run, index, texts, vectors, prior), **hooks)

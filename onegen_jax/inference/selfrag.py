@@ -36,8 +36,9 @@ from collections.abc import Callable, Sequence
 import numpy as np
 
 from onegen_jax.data.encoding import TaskTokenizer
-from onegen_jax.inference.engine import Engine, SearchFn
+from onegen_jax.inference.engine import Engine
 from onegen_jax.inference.requests import output_text
+from onegen_jax.inference.retrieval_policy import InsertDocument
 from onegen_jax.inference.run_dir import LoadedRun, make_engine
 from onegen_jax.retrieval.index import Index
 from onegen_jax.inference.types import GenerationConfig, Request, RequestOutput
@@ -115,8 +116,7 @@ def selfrag_runner(run: LoadedRun, index: Index, texts: dict[str, str],
   continuation ends it (max_retrievals 0); SelfRagConfig -> the SelfRag runner."""
   engine = make_engine(run, index, texts, dataclasses.replace(
       config, watch=watched_ids(run.tokenizer), max_retrievals=0))
-  return lambda settings: SelfRag(engine, run.tokenizer, index.search_documents,
-                                  engine.documents, settings)
+  return lambda settings: SelfRag(engine, run.tokenizer, settings)
 
 
 def watched_ids(tokenizer: TaskTokenizer) -> tuple[int, ...]:
@@ -150,16 +150,16 @@ def critique(out: RequestOutput, ids: dict[str, int], config: SelfRagConfig) -> 
 
 class SelfRag:
   """Runs the procedure for a list of prompts on `engine` (GenerationConfig.watch =
-  watched_ids(tokenizer); max_retrievals=0, so a query inside a continuation ends it).
-  search: (query vectors [n, D], k) -> (document uids, scores); insertion: document uid -> its
-  insertion's token ids."""
+  watched_ids(tokenizer); max_retrievals=0, so a query inside a continuation ends it): the
+  engine's retrieval policy (an InsertDocument: make_engine's for a selfrag run) searches the
+  documents and gives each one's insertion."""
 
-  def __init__(self, engine: Engine, tokenizer: TaskTokenizer, search: SearchFn,
-               insertion: Callable[[str], Sequence[int]], config: SelfRagConfig):
+  def __init__(self, engine: Engine, tokenizer: TaskTokenizer, config: SelfRagConfig):
     if tuple(engine.config.watch) != watched_ids(tokenizer):
       raise ValueError("the engine must watch selfrag.watched_ids(tokenizer)")
-    self.engine, self.tokenizer, self.search = engine, tokenizer, search
-    self.insertion, self.config = insertion, config
+    if not isinstance(engine.policy, InsertDocument):
+      raise ValueError(f"Self-RAG inserts documents; the engine's policy is {engine.policy.mode}")
+    self.engine, self.tokenizer, self.policy, self.config = engine, tokenizer, engine.policy, config
     self.ids = {t: tokenizer.ids[t] for t in WATCHED}
     self.query = tokenizer.ids[tokenizer.task.query_token]
 
@@ -186,8 +186,8 @@ class SelfRag:
       self._release(firsts)
     asked = sorted(queries)
     vectors = [out.prompt_vector for out in engine.run([queries[i] for i in asked])]
-    found_ids, found_scores = self.search(np.stack(vectors), cfg.k) if asked else ([], [])
-    branches = {i: engine.branch(queries[i], [list(self.insertion(d)) for d in found_ids[j]],
+    found_ids, found_scores = self.policy.search(np.stack(vectors), cfg.k) if asked else ([], [])
+    branches = {i: engine.branch(queries[i], [self.policy.insertion(d) for d in found_ids[j]],
                                  **self._settings()) for j, i in enumerate(asked)}
     self._release(queries.values())
     rids = [rid for i in asked for rid in branches[i]] + list(plain.values())

@@ -1,0 +1,155 @@
+"""What happens after a retrieval: one owner per task.
+
+A query RET token the model writes is searched (its hidden state is the query vector), and then
+the task decides what the request's cache gets next:
+  - EL (`LinkEntity`): the entity keys are searched (a request's candidates restrict the search)
+    and the task's forced token ([_CONTINUE_]) follows the RET token (the reference never trains
+    the token after a RET token, so the model cannot write it);
+  - RAG (`InsertDocument`): documents are searched (a paragraph's sentence keys map to it) and the
+    best document's insertion follows, `TaskTokenizer.insertion_tokens` of its text
+    (`<paragraph>{text}</paragraph>` tokenised as training tokenised it);
+  - Self-RAG runs on an `InsertDocument` engine: its procedure (selfrag.py) searches the model's
+    own query through the policy and branches one row per document with the policy's insertion.
+`make_policy` is the one constructor (the Engine calls it with its arguments); `task_retrieval`
+is the one place a run's task, index and documents become those arguments (make_engine).
+Each policy acts on the host (`search`, `search_among`, `follow`: the Engine) and on the devices
+(`device_search`, `device_follow` over a retrieval/device_kb.DeviceKB: pure, jit-able, for the
+compiled decode loop), the two giving the same ids and tokens (tests/test_device_kb.py).
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from onegen_jax.retrieval import device_kb
+from onegen_jax.retrieval.candidates import CandidateScorer, RankPrior
+
+if TYPE_CHECKING:  # the engine imports this module without an index (run_dir imports it too)
+  from onegen_jax.inference.run_dir import LoadedRun
+  from onegen_jax.retrieval.index import Index
+
+# (query vectors float32 [n, D], k) -> (ids [n][k], scores float32 [n, k])
+SearchFn = Callable[[np.ndarray, int], tuple[list[list[str]], np.ndarray]]
+# (query vector float32 [D], candidate uids, k) -> (ids [<= k], scores [<= k]), best first
+CandidateSearchFn = Callable[[np.ndarray, Sequence[str], int], tuple[list[str], np.ndarray]]
+MODES = ("rag", "el")
+
+
+class RetrievalPolicy(abc.ABC):
+  """The search a query runs and the tokens fed after its RET token.
+
+  search: the whole index's top k; search_candidates: exact search among given uids
+  (Request.candidates; None: a request with candidates fails)."""
+
+  mode: str  # one of MODES
+
+  def __init__(self, search: SearchFn, search_candidates: CandidateSearchFn | None = None):
+    self.search, self.search_candidates = search, search_candidates
+
+  def search_among(self, query: np.ndarray, candidates: Sequence[str],
+                   k: int) -> tuple[list[str], np.ndarray]:
+    """query float32 [D] searched among `candidates` -> (ids [<= k], scores [<= k])."""
+    if self.search_candidates is None:
+      raise ValueError("a request has candidates but the engine has no search_candidates")
+    return self.search_candidates(query, candidates, k)
+
+  @abc.abstractmethod
+  def follow(self, ids: Sequence[str]) -> list[int]:
+    """The tokens fed right after the RET token whose search found `ids` (best first)."""
+
+  @abc.abstractmethod
+  def device_search(self, kb: device_kb.DeviceKB, queries: jax.Array, k: int,
+                    candidates: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+    """`search` (or, with candidates int32 [B, C] of key rows, `search_among`) on the devices:
+    queries float32 [B, D] -> (rows int32 [B, k] of what `follow` reads, -1: no hit; scores
+    float32 [B, k])."""
+
+  @abc.abstractmethod
+  def device_follow(self, kb: device_kb.DeviceKB,
+                    best: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """`follow` on the devices: each query's best row int32 [B] of device_search ->
+    (tokens int32 [B, L], lengths int32 [B]), 0-padded."""
+
+
+class LinkEntity(RetrievalPolicy):
+  """EL: the forced token follows every query; the found entity is the link."""
+
+  mode = "el"
+
+  def __init__(self, force: int, search: SearchFn,
+               search_candidates: CandidateSearchFn | None = None):
+    super().__init__(search, search_candidates)
+    self.force = force
+
+  def follow(self, ids: Sequence[str]) -> list[int]:
+    return [self.force]
+
+  def device_search(self, kb, queries, k, candidates=None):
+    return device_kb.search(kb, queries, k, candidates)
+
+  def device_follow(self, kb, best):
+    """The forced token, found or not (a query without a hit links to nothing, as on the host)."""
+    return jnp.full((len(best), 1), self.force, jnp.int32), jnp.ones(len(best), jnp.int32)
+
+
+class InsertDocument(RetrievalPolicy):
+  """RAG: the best document's insertion follows the query. documents: document uid -> the token
+  ids of its insertion (None: an engine that never inserts; a retrieval then fails its request)."""
+
+  mode = "rag"
+
+  def __init__(self, documents: Callable[[str], Sequence[int]] | None, search: SearchFn,
+               search_candidates: CandidateSearchFn | None = None):
+    super().__init__(search, search_candidates)
+    self.documents = documents
+
+  def insertion(self, uid: str) -> list[int]:
+    """The token ids inserted for document `uid`."""
+    return list(self.documents(uid))
+
+  def follow(self, ids: Sequence[str]) -> list[int]:
+    return self.insertion(ids[0])
+
+  def device_search(self, kb, queries, k, candidates=None):
+    """Document rows (device_kb.search_documents); candidates restrict EL's entity search."""
+    if candidates is not None:
+      raise ValueError("RAG searches documents: candidates restrict entity linking's search")
+    return device_kb.search_documents(kb, queries, k)
+
+  def device_follow(self, kb, best):
+    """The document's insertion from the KB's token table; length 0 for -1 (no document: the
+    host engine fails such a request)."""
+    return device_kb.insertion(kb, best)
+
+
+def make_policy(mode: str, search: SearchFn, documents: Callable[[str], Sequence[int]] | None,
+                force: int | None, search_candidates: CandidateSearchFn | None = None
+                ) -> RetrievalPolicy:
+  """The policy of `mode` ("rag" or "el"); force: EL's token after the query token."""
+  if mode not in MODES:
+    raise ValueError(f"mode={mode!r}; expected 'rag' or 'el'")
+  if mode == "el":
+    if force is None:
+      raise ValueError("entity linking needs the token forced after the query token")
+    return LinkEntity(force, search, search_candidates)
+  return InsertDocument(documents, search, search_candidates)
+
+
+def task_retrieval(run: LoadedRun, index: Index, texts: dict[str, str],
+                   vectors: np.ndarray | None = None, prior: RankPrior | None = None) -> dict:
+  """The Engine's retrieval arguments (mode, search, documents, search_candidates) for a run's
+  task: RAG searches documents (`Index.search_documents`) and inserts
+  `insertion_tokens(texts[uid])`; EL searches entity keys. vectors [keys, D] in the index's key
+  order (build_index's vectors.npy) enable requests with candidates, ranked by cosine alone or,
+  with `prior`, combined with the candidates' order."""
+  rag = run.task.mode == "rag"
+  return dict(mode=run.task.mode, search=index.search_documents if rag else index.search,
+              documents=lambda uid: run.tokenizer.insertion_tokens(texts[uid]),
+              search_candidates=(None if vectors is None
+                                 else CandidateScorer(vectors, index.ids, prior).search))
