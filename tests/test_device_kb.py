@@ -21,7 +21,7 @@ from onegen_jax.data.reading import load_documents
 from onegen_jax.data.tasks import MULTIHOP
 from onegen_jax.inference.retrieval_policy import make_policy
 from onegen_jax.retrieval import device_kb
-from onegen_jax.retrieval.candidates import CandidateScorer
+from onegen_jax.retrieval.candidates import CandidateScorer, RankPrior
 from onegen_jax.retrieval.index import ApproxIndex, ExactIndex
 
 N, D, Q = 37, 16, 6  # 37 keys: not a multiple of 8 shards
@@ -117,20 +117,25 @@ def test_approx_search_equals_the_approx_index(data):
   np.testing.assert_allclose(scores, want_scores, atol=1e-5)
 
 
-def test_candidates_equal_the_candidate_scorer(mesh, data):
-  """Per-row candidate lists (duplicates, a uid that is no key, shorter than k, one empty) give
-  CandidateScorer.search's ids and scores; slots past a row's candidates are -1."""
+@pytest.mark.parametrize("prior", [None, RankPrior(0.05, (-0.2, -1.0, -2.5))])
+def test_candidates_equal_the_candidate_scorer(mesh, data, prior):
+  """Per-query candidate lists (duplicates, a uid that is no key, shorter than k, one empty),
+  with and without a rank prior, give CandidateScorer.search's ids and scores; slots past a
+  query's hits are -1; a query without candidates (None) searches the whole KB."""
   vectors, queries = data
   kb, _ = device_kb.build(vectors, UIDS, mesh)
   rng = np.random.default_rng(1)
-  lists = [list(rng.choice(UIDS, size=n)) for n in (7, 3, 1, 12, 5)] + [[]]
-  lists[0] += ["no-such-entity", lists[0][0]]
-  rows = device_kb.candidate_rows(UIDS, lists, width=16)
-  scorer = CandidateScorer(vectors, UIDS)
+  lists = [list(rng.choice(UIDS, size=n)) for n in (7, 3, 1, 12)] + [[], None]
+  lists[0][1:1] = ["no-such-entity", lists[0][0]]
+  candidates = device_kb.candidate_rows(UIDS, lists, width=16, prior=prior)
+  scorer = CandidateScorer(vectors, UIDS, prior)
   k = 4
-  ids, scores = _search(kb, queries, k=k, candidates=jnp.asarray(rows))
+  ids, scores = _search(kb, queries, k=k, candidates=candidates)
   for i, cands in enumerate(lists):
-    want_ids, want_scores = scorer.search(queries[i], cands, k)
+    if cands is None:
+      [want_ids], [want_scores] = ExactIndex().build(vectors, UIDS).search(queries[i:i + 1], k)
+    else:
+      want_ids, want_scores = scorer.search(queries[i], cands, k)
     n = len(want_ids)
     assert list(ids[i, :n]) == [UIDS.index(u) for u in want_ids]
     np.testing.assert_allclose(scores[i, :n], want_scores, atol=1e-5)
@@ -191,7 +196,7 @@ def test_search_inside_a_while_loop(data):
   vectors, queries = data
   mesh = sharding.make_mesh(**MESHES["1x2x4"])
   kb, _ = device_kb.build(vectors, UIDS, mesh, tokenizer=_Tokens(), texts={u: u for u in UIDS})
-  candidates = jnp.asarray(device_kb.candidate_rows(UIDS, [UIDS[i::5] for i in range(Q)]))
+  candidates = device_kb.candidate_rows(UIDS, [UIDS[i::5] for i in range(Q)])
 
   def searched(q):
     docs, _ = device_kb.search_documents(kb, q, 1)
@@ -243,7 +248,7 @@ def test_each_policy_follows_a_retrieval_on_device_as_on_the_host(data):
                     lambda uid: tokens.insertion_tokens(texts[uid]), None)
   el = make_policy("el", index.search, None, force, scorer.search)
   lists = [UIDS[i::4] for i in range(Q - 1)] + [["no-such-entity"]]
-  candidates = jnp.asarray(device_kb.candidate_rows(UIDS, lists))
+  candidates = device_kb.candidate_rows(UIDS, lists)
 
   @functools.partial(jax.jit, static_argnums=0)
   def after(policy, queries, candidates=None):

@@ -65,8 +65,9 @@ class RetrievalPolicy(abc.ABC):
 
   @abc.abstractmethod
   def device_search(self, kb: device_kb.DeviceKB, queries: jax.Array, k: int,
-                    candidates: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
-    """`search` (or, with candidates int32 [B, C] of key rows, `search_among`) on the devices:
+                    candidates: device_kb.CandidateRows | None = None
+                    ) -> tuple[jax.Array, jax.Array]:
+    """`search` (and, for the queries `candidates` restricts, `search_among`) on the devices:
     queries float32 [B, D] -> (rows int32 [B, k] of what `follow` reads, -1: no hit; scores
     float32 [B, k])."""
 

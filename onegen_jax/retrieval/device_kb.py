@@ -3,7 +3,7 @@ compiled code (the decode loop of issue 24), with no trip to the host.
 
   kb, documents = build(vectors, key_uids, mesh, tokenizer=tok, texts=texts)
   ids, scores = search(kb, queries, k)                   # key rows [B, k], -1: no hit
-  ids, scores = search(kb, queries, k, candidates)       # among candidate rows [B, C] (EL)
+  ids, scores = search(kb, queries, k, candidate_rows(key_uids, lists))  # EL candidates
   docs, scores = search_documents(kb, queries, k)        # document rows (RAG)
   tokens, lengths = insertion(kb, docs[:, 0])            # what follows the query RET token
   kb.footprint().summary(budget)                         # "device KB: X MiB per device of ..."
@@ -11,21 +11,22 @@ compiled code (the decode loop of issue 24), with no trip to the host.
 Layout: the key matrix [N, D] (float32, or bfloat16 for large KBs) has its rows sharded over
 EVERY axis of the mesh the model runs on (default `mesh.axis_names`, e.g. ('data', 'fsdp',
 'tensor')), so each of the P devices holds N / P rows and nothing is replicated. Why all axes:
-the KB's size is what decides between the device and ScaNN (10M x 4096 bfloat16 keys are 80 GB,
-1.25 GB per device on 64 chips, 10 GB per device if replicated over a data axis of 8), while the
-query side is tiny: the B x D queries are replicated to every shard and the merge moves B x k
-candidates per shard. The RAG token table [num_docs, L] int32 and the key -> document map are
-sharded by rows over the same axes for the same reason. Rows are padded to a multiple of P; a
-padded row never scores.
+the KB's size is what decides between the device and ScaNN (10M x 4096 bfloat16 keys are 80 GB:
+1.25 GB per device over 64 chips, 10 GB if split over an axis of 8 and replicated over the
+rest), while the query side is tiny: the B x D queries are replicated to every shard and the
+merge moves B x k candidates per shard. The RAG token table [num_docs, L] int32 and the key ->
+document map are sharded by rows over the same axes for the same reason. Rows are padded to a
+multiple of P; a padded row never scores.
 
 Search: exact scores (float32 at the highest matmul precision) and `lax.top_k` per shard under
 `shard_map`, then one merge (`topk.sharded_top_k`, which `ExactIndex` uses too, so results equal
 it: ties take the lower row); with `recall_target` set, `lax.approx_max_k` per shard instead (TPU
 KNN; exact off TPU) at default precision, as `ApproxIndex`. Candidates (EL): each shard scores
 the candidates it holds, the others give -inf, and a max over the shards joins them; the best k
-of a row's candidates, ties in the candidates' order (as `CandidateScorer.search` without a
-prior). Every function here is pure and jit-able: callable inside `jax.jit` and a
-`lax.while_loop` body (k, and the KB's static fields, are compile-time).
+of a query's candidates, ties in the candidates' order, the prior's bonus added by rank (as
+`CandidateScorer.search`); the unrestricted queries of the same batch take the whole search.
+Every function here is pure and jit-able: callable inside `jax.jit` and a `lax.while_loop` body
+(k, and the KB's static fields, are compile-time).
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from onegen_jax.data.records import document_uid
+from onegen_jax.retrieval.candidates import RankPrior
 from onegen_jax.retrieval.topk import approx_top_k, exact_top_k, sharded_top_k
 
 MIB = 1 << 20
@@ -174,28 +176,27 @@ def _pad_to(values: jax.Array, rows: jax.Array, k: int) -> tuple[jax.Array, jax.
 
 
 def search(kb: DeviceKB, queries: jax.Array, k: int,
-           candidates: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+           candidates: CandidateRows | None = None) -> tuple[jax.Array, jax.Array]:
   """queries float32 [B, D] -> (key rows int32 [B, k], scores float32 [B, k]), best first; a slot
-  without a hit (k over the keys, or over a row's candidates) has row -1 and score -inf.
+  without a hit (k over the keys, or over a query's candidates) has row -1 and score -inf.
 
-  candidates: int32 [B, C] distinct key rows per query, -1 padding (`candidate_rows`): each
-  query's search is restricted to its own (exact scores in both modes)."""
+  candidates (`candidate_rows`): the queries it restricts search only their own candidates
+  (exact scores plus the prior's bonus), the others the whole KB."""
   queries = queries.astype(jnp.float32)
+  local = (exact_top_k if kb.recall_target is None
+           else functools.partial(approx_top_k, kb.recall_target, kb.keys.shape[0]))
+  values, rows = _pad_to(*sharded_top_k(queries, kb.keys, kb.num_keys, k, kb.mesh, kb.axes,
+                                        local, _precision(kb)), k)
   if candidates is not None:
-    values, rows = _candidate_top_k(kb, queries, candidates, k)
-  else:
-    local = (exact_top_k if kb.recall_target is None
-             else functools.partial(approx_top_k, kb.recall_target, kb.keys.shape[0]))
-    values, rows = sharded_top_k(queries, kb.keys, kb.num_keys, k, kb.mesh, kb.axes, local,
-                                 _precision(kb))
-  values, rows = _pad_to(values, rows, k)
+    among, among_rows = _pad_to(*_candidate_top_k(kb, queries, candidates, k), k)
+    values = jnp.where(candidates.restricted[:, None], among, values)
+    rows = jnp.where(candidates.restricted[:, None], among_rows, rows)
   return jnp.where(values > -jnp.inf, rows, -1).astype(jnp.int32), values
 
 
-def _candidate_top_k(kb: DeviceKB, queries: jax.Array, candidates: jax.Array,
+def _candidate_top_k(kb: DeviceKB, queries: jax.Array, candidates: CandidateRows,
                      k: int) -> tuple[jax.Array, jax.Array]:
-  """The best min(k, C) of each row's candidates: (scores [B, k'], key rows [B, k'])."""
-  candidates = candidates.astype(jnp.int32)
+  """The best min(k, C) of each query's candidates: (scores [B, k'], key rows [B, k'])."""
 
   def shard_scores(q, cand, shard):
     rows = shard.shape[0]
@@ -208,9 +209,9 @@ def _candidate_top_k(kb: DeviceKB, queries: jax.Array, candidates: jax.Array,
     return jax.lax.pmax(jnp.where(held, scores, -jnp.inf), kb.axes)
 
   scores = jax.shard_map(shard_scores, mesh=kb.mesh, in_specs=(P(), P(), P(kb.axes, None)),
-                         out_specs=P())(queries, candidates, kb.keys)
+                         out_specs=P())(queries, candidates.rows, kb.keys) + candidates.bonus
   values, best = jax.lax.top_k(scores, min(k, scores.shape[1]))  # ties: the candidates' order
-  return values, jnp.take_along_axis(candidates, best, axis=1)
+  return values, jnp.take_along_axis(candidates.rows, best, axis=1)
 
 
 def search_documents(kb: DeviceKB, queries: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
@@ -251,17 +252,36 @@ def _rows_of(table: jax.Array, rows: jax.Array, kb: DeviceKB) -> jax.Array:
       rows.astype(jnp.int32), table)
 
 
-def candidate_rows(key_uids: Sequence[str], candidates: Sequence[Sequence[str]],
-                   width: int | None = None) -> np.ndarray:
-  """Each query's candidate uids -> int32 [B, C] key rows for `search`: the distinct candidates
-  that are keys, in the given order (a uid that is no key is skipped, as CandidateScorer skips
-  it), -1 padding. C: `width` (default: the longest list, at least 1)."""
+@functools.partial(jax.tree_util.register_dataclass,
+                   data_fields=("rows", "restricted", "bonus"), meta_fields=())
+@dataclasses.dataclass(frozen=True)
+class CandidateRows:
+  """EL candidates of a batch of queries, on device.
+
+  rows int32 [B, C]: each query's distinct candidates in the given order as key rows (-1: a uid
+  that is no key, kept in its place so that a column is the candidate's rank, and padding);
+  restricted bool [B]: whether the query is restricted (False: it searches the whole KB, as a
+  request without candidates for that query); bonus float32 [C]: the prior's term per rank
+  (`RankPrior.bonus`; zeros without a prior)."""
+
+  rows: jax.Array
+  restricted: jax.Array
+  bonus: jax.Array
+
+
+def candidate_rows(key_uids: Sequence[str], candidates: Sequence[Sequence[str] | None],
+                   width: int | None = None, prior: RankPrior | None = None) -> CandidateRows:
+  """Each query's candidate uids (None: unrestricted) -> CandidateRows, as CandidateScorer ranks
+  them: the distinct uids in the given order, a uid that is no key never found. C: `width`
+  (default: the longest list, at least 1)."""
   row = {uid: i for i, uid in enumerate(key_uids)}
-  lists = [[row[c] for c in dict.fromkeys(cands) if c in row] for cands in candidates]
-  width = max(map(len, lists), default=0) if width is None else width
-  out = np.full((len(lists), max(width, 1)), -1, np.int32)
-  for i, rows in enumerate(lists):
-    if len(rows) > width:
-      raise ValueError(f"query {i} has {len(rows)} candidates, over width={width}")
-    out[i, :len(rows)] = rows
-  return out
+  lists = [[row.get(c, -1) for c in dict.fromkeys(cands or ())] for cands in candidates]
+  width = max(max(map(len, lists), default=0), 1) if width is None else width
+  rows = np.full((len(lists), width), -1, np.int32)
+  for i, ranked in enumerate(lists):
+    if len(ranked) > width:
+      raise ValueError(f"query {i} has {len(ranked)} candidates, over width={width}")
+    rows[i, :len(ranked)] = ranked
+  bonus = np.zeros(width, np.float32) if prior is None else prior.bonus(width)
+  return CandidateRows(jnp.asarray(rows), jnp.asarray([c is not None for c in candidates]),
+                       jnp.asarray(bonus, jnp.float32))
