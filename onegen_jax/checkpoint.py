@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers
 
-from onegen_jax.model.config import Llama3RopeScaling, ModelConfig
+from onegen_jax.model.config import Llama3RopeScaling, LoraConfig, ModelConfig
 
 if TYPE_CHECKING:  # an annotation only: checkpoints do not depend on the train step
   from onegen_jax.train.step import TrainState
@@ -36,6 +36,9 @@ def model_config_from_json(data: dict) -> ModelConfig:
   data = dict(data)
   if data.get("rope_scaling"):
     data["rope_scaling"] = Llama3RopeScaling(**data["rope_scaling"])
+  if data.get("lora"):  # JSON lists back to the dataclass's (hashable) tuples
+    data["lora"] = LoraConfig(**{k: tuple(v) if isinstance(v, list) else v
+                                 for k, v in data["lora"].items()})
   return ModelConfig(**data)
 
 

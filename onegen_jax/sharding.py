@@ -30,6 +30,7 @@ LOGICAL_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("mlp", "tensor"),
     ("norm", None),
     ("layers", None),
+    ("lora_rank", None),  # LoRA's A [in, r] and B [r, out]: split on in / out only
     # activations
     ("batch", BATCH_AXES),
     ("length", None),

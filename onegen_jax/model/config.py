@@ -18,6 +18,8 @@ REMAT_POLICIES = (
 # "auto": splash on TPU, cuDNN on GPU (bf16/fp16 compute), XLA otherwise; see model/decoder.py.
 ATTENTION_IMPLS = ("auto", "splash", "cudnn", "xla")
 DOT_ACCUMULATIONS = ("auto", "float32", "native")  # see model/matmul.py
+LORA_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")  # the projections LoRA may adapt
+LORA_BASE_DTYPES = ("float32", "bfloat16", "int8")  # int8: weight-only, per output channel
 
 
 @dataclasses.dataclass(frozen=True)
@@ -28,6 +30,46 @@ class Llama3RopeScaling:
   low_freq_factor: float = 1.0
   high_freq_factor: float = 4.0
   original_max_position_embeddings: int = 8192
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraConfig:
+  """LoRA adapters over a frozen base (model/lora.py): y = x W + (alpha / rank) dropout(x) A B.
+
+  targets: projections with adapters (q_proj ... down_proj by their short names); every other
+  parameter is frozen except the rows `token_ids` of embed_tokens (and of an untied lm_head:
+  PEFT's trainable_token_indices) and the top-level modules in `modules_to_save` (trained whole).
+  base_dtype: the frozen weights' storage; "int8" stores the projections' kernels as int8 with a
+  float32 scale per output channel (model/quant.py), the other frozen weights in bfloat16.
+  """
+
+  rank: int = 16
+  alpha: float = 32.0
+  dropout: float = 0.0
+  targets: tuple[str, ...] = LORA_TARGETS
+  base_dtype: str = "bfloat16"
+  token_ids: tuple[int, ...] = ()
+  modules_to_save: tuple[str, ...] = ()
+
+  def __post_init__(self):
+    if self.rank < 1:
+      raise ValueError(f"lora rank={self.rank}; expected >= 1")
+    if not set(self.targets) <= set(LORA_TARGETS) or not self.targets:
+      raise ValueError(f"lora targets={self.targets}; expected a subset of {LORA_TARGETS}")
+    if self.base_dtype not in LORA_BASE_DTYPES:
+      raise ValueError(f"lora base_dtype={self.base_dtype!r}; expected one of {LORA_BASE_DTYPES}")
+    if not set(self.modules_to_save) <= {"embed_tokens", "lm_head"}:
+      raise ValueError(f"lora modules_to_save={self.modules_to_save}; expected embed_tokens "
+                       "and/or lm_head")
+
+  @property
+  def scale(self) -> float:
+    return self.alpha / self.rank
+
+  @property
+  def frozen_dtype(self) -> str:
+    """The storage dtype of frozen floating-point weights (int8 kernels aside)."""
+    return "float32" if self.base_dtype == "float32" else "bfloat16"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,6 +100,7 @@ class ModelConfig:
   # Weight matmuls with a low-precision dtype: "float32" accumulation forward and backward
   # (model/matmul.py), "native" (XLA's own dot), "auto" (float32 on CPU, native elsewhere).
   dot_accumulation: str = "native"
+  lora: LoraConfig | None = None  # None: every parameter trains (no adapters)
 
   def __post_init__(self):
     if self.num_heads % self.num_kv_heads:

@@ -19,6 +19,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from onegen_jax import sharding
 from onegen_jax.model.attention import packed_causal_mask, resolve_impl
 from onegen_jax.model.config import ModelConfig
+from onegen_jax.model.lora import LoraDense
 from onegen_jax.model.matmul import accumulates_in_float32, dense_dot_general, matmul
 from onegen_jax.model.rope import apply_rope, inverse_frequencies
 from onegen_jax.model.splash import current_platform, splash_attention
@@ -33,11 +34,17 @@ CACHE_AXES = ("layers", "batch", "length", "act_kv", None)
 
 
 def _dense(features: int, names: tuple[str, str], config: ModelConfig, name: str,
-           use_bias: bool = False) -> nn.Dense:
+           use_bias: bool = False) -> nn.Module:
+  """nn.Dense; with `config.lora`, a layer projection is a LoraDense (adapted when `name` is one
+  of lora.targets: "q" for q_proj, ...) and lm_head stays nn.Dense."""
+  dot_general = dense_dot_general if _f32_dots(config) else None
+  init = nn.initializers.normal(0.02)
+  if config.lora is not None and name != "lm_head":
+    return LoraDense(features, names, config.lora, config.dtype, use_bias,
+                     name.removesuffix("_proj") in config.lora.targets, init, dot_general, name=name)
   return nn.Dense(
       features, use_bias=use_bias, dtype=config.dtype, param_dtype=config.param_dtype, name=name,
-      dot_general=dense_dot_general if _f32_dots(config) else None,
-      kernel_init=nn.with_logical_partitioning(nn.initializers.normal(0.02), names),
+      dot_general=dot_general, kernel_init=nn.with_logical_partitioning(init, names),
       bias_init=nn.with_logical_partitioning(nn.initializers.zeros, (names[1],)))
 
 
@@ -177,7 +184,7 @@ class Decoder(nn.Module):
       layer = nn.remat(layer, policy=_REMAT_POLICIES[cfg.remat_policy], prevent_cse=not cfg.scan_layers)
     if cfg.scan_layers:
       self.layers = nn.scan(
-          layer, variable_axes={"params": 0}, split_rngs={"params": True},
+          layer, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
           in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, 0), length=cfg.num_layers,
           metadata_params={nn.PARTITION_NAME: "layers"})(cfg, name="layers")
     else:

@@ -50,6 +50,15 @@ def base_config(task: str) -> ConfigDict:
   # dropped in turn (large vocabularies: Qwen2 152k, Llama-3.1 128k); 1 = whole logits at once.
   # negatives_across_micro_batches (InfoNCE, batch.accum_steps > 1): each query scored against
   # the keys of every micro-batch, as in one large batch (a two-pass step, one more forward).
+  # LoRA (model/lora.py): adapters of `rank` on the `targets` projections (q, k, v, o, gate, up,
+  # down), scaled by alpha / rank, dropout on their input; the base frozen in base_dtype
+  # ("bfloat16", "int8": weight-only per output channel, "float32"). trainable_tokens "added":
+  # the task's special tokens' rows of embed_tokens (and an untied lm_head) train too, "none":
+  # not; modules_to_save: ("embed_tokens", "lm_head") train whole. The base is model.init_from
+  # (or, without it, the model's random init).
+  c.lora = ConfigDict(dict(enabled=False, rank=16, alpha=32.0, dropout=0.05,
+                           targets=("q", "k", "v", "o", "gate", "up", "down"),
+                           trainable_tokens="added", modules_to_save=(), base_dtype="bfloat16"))
   c.loss = ConfigDict(dict(loss_type="bpr", temperature=0.02, lambda_gen=1.0, lambda_ret=1.0,
                            gen_chunks=1, negatives_across_micro_batches=False))
   # AdamW after global-norm clipping; schedule "linear" (reference), "warmup_cosine", "constant".

@@ -4,6 +4,9 @@ Checkpoints (when a workdir is given) hold the train state, the data iterator st
 config: a restarted run resumes from the latest complete step with the same batches. SIGTERM
 saves at the next step boundary and returns normally; a non-finite loss stops the run (the last
 good checkpoint untouched) or, with `train.nan_policy="skip"`, drops that step's update.
+A LoRA run (config.lora.enabled) saves its trainable tree and optimizer state only; the config
+item records its base ({"lora": {"base": {"workdir", "step"}}}: model.init_from and the step
+read, or none for a random base), from which the frozen tree is rebuilt at start and on resume.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import numpy as np
 import tqdm
 
 from onegen_jax.checkpoint import Checkpointer, dumps_config
+from onegen_jax.model import lora
 from onegen_jax.data.loader import to_global
 from onegen_jax.data.packing import packing_efficiency
 from onegen_jax.data.records import ConfigError
@@ -25,7 +29,8 @@ from onegen_jax.train import metrics as metrics_lib
 from onegen_jax.train.data import TrainData, make_train_data
 from onegen_jax.train.metrics import say
 from onegen_jax.train.preemption import PreemptionWatcher
-from onegen_jax.train.program import batch_shape, build_program, model_config
+from onegen_jax.train.program import (abstract_base_params, batch_shape, build_program,
+                                      run_model_config)
 from onegen_jax.train.retrieval_eval import dev_recall
 from onegen_jax.train.step import TrainProgram, TrainState, batch_shardings
 from onegen_jax.train.run_length import BatchFill, with_derived_steps
@@ -54,7 +59,7 @@ class Trainer:
 
   def __init__(self, config: ml_collections.ConfigDict, workdir: str | None, data: TrainData):
     self.config, self.data = config, data
-    self.model_cfg = model_config(config.model)
+    self.model_cfg = run_model_config(config)
     self.program = build_program(config, model=self.model_cfg)
     c = config.checkpoint
     self.ckpt = Checkpointer(workdir, c.every_steps, c.keep, c.best_metric or None,
@@ -66,27 +71,48 @@ class Trainer:
         seq_len=config.batch.seq_len)
     self.first_step = self.last_saved = int(self.state.step)
     self.saved_config = dumps_config(config)
+    if self.model_cfg.lora is not None:
+      self.saved_config["lora"]["base"] = self.base
     self.fill = BatchFill(config.batch.num_keys)
     self.flops = metrics_lib.flops_per_token(self.model_cfg, config.batch.seq_len)
     self.peak = metrics_lib.peak_flops_per_device()
     self.start, self.tokens = time.time(), 0
 
   def _initial_state(self) -> TrainState:
-    """The latest checkpoint of this run, else `init_from`'s parameters, else a fresh init."""
+    """The latest checkpoint of this run, else `init_from`'s parameters, else a fresh init.
+    LoRA: the frozen tree always comes from the base (init_from, else the seed's init)."""
     latest = self.ckpt.latest_step() if self.ckpt else None
+    init_from = self.config.model.get("init_from")
+    self.base = {"workdir": init_from or None, "step": None}
+    if latest is not None and self.model_cfg.lora is not None:
+      self.base = self.ckpt.restore_json(latest, "config")["lora"]["base"]
+    state = None
+    if latest is None or self.model_cfg.lora is not None:
+      state = self.program.init_state(self.config.train.seed)
+      if init_from:
+        state = self._from_base(state)  # fresh optimizer state (Adam moments are zeros)
     if latest is not None:
-      state, data_state = self.ckpt.restore(latest, self.program.abstract_state)
+      restored, data_state = self.ckpt.restore(latest, self.program.abstract_state)
       if data_state is not None:
         self.data.set_state(data_state)
       say(f"resumed from step {latest} of {self.ckpt.manager.directory}")
-      return state
-    state = self.program.init_state(self.config.train.seed)
-    if self.config.model.get("init_from"):
-      source = Checkpointer(self.config.model.init_from)
-      params = source.restore_params(source.latest_step(), self.program.abstract_state.params)
-      source.close()
-      state = state.replace(params=params)  # fresh optimizer state (Adam moments are zeros)
+      return restored.replace(frozen=None if state is None else state.frozen)
     return state
+
+  def _from_base(self, state: TrainState) -> TrainState:
+    """`state` with init_from's parameters (step self.base["step"], default its latest): all of
+    them, or for LoRA the base weights (frozen, quantized if so) and the token rows."""
+    source = Checkpointer(self.base["workdir"])
+    self.base["step"] = step = source.latest_step() if self.base["step"] is None else self.base["step"]
+    cfg = self.model_cfg.lora
+    if cfg is None:
+      params = source.restore_params(step, self.program.abstract_state.params)
+      source.close()
+      return state.replace(params=params)
+    base = source.restore_params(step, abstract_base_params(self.model_cfg, self.program.mesh))
+    source.close()
+    params, frozen = lora.split(lora.with_base(self.program.model_params(state), base), cfg)
+    return jax.device_put(state.replace(params=params, frozen=frozen), self.program.state_shardings)
 
   def step(self, step: int) -> dict[str, float]:
     """Trains one step; returns its metrics (with throughput ones on a log step)."""
@@ -124,9 +150,10 @@ class Trainer:
     batches = self.data.eval_batches()
     if not batches and not self.data.dev_records:
       return {}
-    metrics = heldout_metrics(self.program, self.state.params, batches)
+    params = self.program.model_params(self.state)
+    metrics = heldout_metrics(self.program, params, batches)
     if self.encoder is not None:
-      metrics.update(dev_recall(self.encoder, self.state.params, self.data.database,
+      metrics.update(dev_recall(self.encoder, params, self.data.database,
                                 self.data.dev_records))
     self.writer.write(step, metrics, prefix="eval")
     say(f"step {step} eval: {metrics}")

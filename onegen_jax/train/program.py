@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 
+import flax.linen as nn
 import jax
 import ml_collections
 import numpy as np
@@ -14,8 +15,11 @@ import numpy as np
 from onegen_jax import sharding
 from onegen_jax.checkpoint import read_model_config
 from onegen_jax.data.packing import BatchPacker, BatchShape, Corpus
-from onegen_jax.model.config import NUMERIC_FIELDS, ModelConfig, preset
-from onegen_jax.model.decoder import Decoder
+from onegen_jax.data import synthetic
+from onegen_jax.data.encoding import TaskTokenizer
+from onegen_jax.data.tasks import get_task
+from onegen_jax.model.config import NUMERIC_FIELDS, LoraConfig, ModelConfig, preset
+from onegen_jax.model.decoder import Decoder, abstract_params
 from onegen_jax.train.optimizer import adamw, learning_rate_schedule
 from onegen_jax.train.step import LossConfig, TrainProgram, build_train_program
 
@@ -28,6 +32,42 @@ def model_config(model: ml_collections.ConfigDict) -> ModelConfig:
     base, _ = read_model_config(model.init_from)
     return base.replace(**{k: model[k] for k in NUMERIC_FIELDS if k in model})
   return preset(model.preset, **{k: v for k, v in model.items() if k in fields})
+
+
+def run_model_config(config: ml_collections.ConfigDict) -> ModelConfig:
+  """`model_config(config.model)`, with `config.lora.enabled` its LoraConfig: targets, rank,
+  alpha, dropout, base_dtype, modules_to_save, and with trainable_tokens="added" the rows of the
+  task's special tokens (`task_token_ids`)."""
+  model = model_config(config.model)
+  c = config.get("lora")
+  if model.lora is not None:
+    raise ValueError(f"model.init_from={config.model.init_from} is a LoRA run: start from its "
+                     "base, or export it merged (launch.export_hf --merge) and import that")
+  if not c or not c.enabled:
+    return model
+  if c.trainable_tokens not in ("added", "none"):
+    raise ValueError(f"lora.trainable_tokens={c.trainable_tokens!r}; expected 'added' or 'none'")
+  ids = task_token_ids(config) if c.trainable_tokens == "added" else ()
+  return model.replace(lora=LoraConfig(
+      rank=c.rank, alpha=c.alpha, dropout=c.dropout, targets=tuple(c.targets),
+      base_dtype=c.base_dtype, token_ids=ids, modules_to_save=tuple(c.modules_to_save)))
+
+
+def task_token_ids(config: ml_collections.ConfigDict) -> tuple[int, ...]:
+  """The ids of the task's special tokens (RET, CTX tags, markup): by name through the run's
+  tokenizer, or the synthetic task's own."""
+  if config.data.kind == "synthetic":
+    return tuple(range(synthetic.RET_QUERY, synthetic.DOC_PROMPT + 1))
+  tokenizer = TaskTokenizer(config.data.tokenizer_path, get_task(config.data.task))
+  return tuple(sorted(set(tokenizer.ids.values())))
+
+
+def abstract_base_params(model: ModelConfig, mesh: jax.sharding.Mesh):
+  """ShapeDtypeStructs of the plain Decoder's params (`model` without LoRA) carrying their
+  shardings on `mesh` by the logical rules: the target of a restore or an import."""
+  boxed = abstract_params(model.replace(lora=None))
+  shardings = sharding.logical_to_sharding(nn.get_partition_spec(boxed), mesh)
+  return sharding.with_shardings(nn.unbox(boxed), shardings)
 
 
 def batch_shape(config: ml_collections.ConfigDict) -> BatchShape:
@@ -57,6 +97,6 @@ def build_program(config: ml_collections.ConfigDict, devices: list[jax.Device] |
   o = config.optim
   schedule = learning_rate_schedule(o.lr, config.train.steps, o.schedule, o.warmup_steps)
   tx = adamw(schedule, o.b1, o.b2, o.eps, o.weight_decay, o.clip_norm)
-  return build_train_program(Decoder(model or model_config(config.model)), tx, schedule,
+  return build_train_program(Decoder(model or run_model_config(config)), tx, schedule,
                              LossConfig(**config.loss), mesh, example_batch(config),
-                             config.batch.accum_steps, config.train.nan_policy)
+                             config.batch.accum_steps, config.train.nan_policy, config.train.seed)
