@@ -51,7 +51,8 @@ MIB = 1 << 20
 
 @dataclasses.dataclass(frozen=True)
 class Footprint:
-  """Bytes per device of a device KB: the keys, the key -> document map, the token table."""
+  """Bytes per device a device KB keeps resident: the keys, the key -> document map, the token
+  table (with its lengths). A search adds its transient scores, float32 [B, N / P] per device."""
 
   keys: int
   key_docs: int = 0
