@@ -42,6 +42,7 @@ SMOKE = {
          "--xla_flags=--xla_cpu_enable_fast_min_max=false"],
         "| onegen_jax, scan, remat dots_with_no_batch_dims, float32, L_gen in 2 chunks, XLA_FLAGS "
         "--xla_cpu_enable_fast_min_max=false | gen+ret |"),
+    "benchmarks.gemm": (["--preset=tiny", "--tokens=16", "--reps=1"], "| lm head ("),
     "benchmarks.index": (
         ["--sizes=16:400", "--queries=8", "--cluster_size=50", "--scann=0.5:10"],
         "| ScannIndex leaves 0.5, reorder 10 |"),

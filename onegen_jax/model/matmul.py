@@ -9,7 +9,7 @@ which then run in float32; the custom VJP here keeps them bfloat16 x bfloat16 ->
 The weight gradient x^T @ g contracts the token axis, the leading axis of both operands; XLA:CPU
 runs that dot (or one on a transposed view, which layout assignment turns back into the same
 thing) at half its rate for the same dot on row-major operands (finding 14), so the backward pass
-copies x^T into a row-major array first (`_row_major_transpose`).
+copies x^T into a row-major array first (`row_major_transpose`).
 Outputs are cast back to the operands' dtype, as a plain low-precision dot returns them. TPUs and
 GPUs accumulate low-precision dots in float32 natively: "auto" leaves them alone.
 """
@@ -46,7 +46,7 @@ def _matmul_fwd(x, w):
   return matmul(x, w), (x, w)
 
 
-def _row_major_transpose(x: jnp.ndarray) -> jnp.ndarray:
+def row_major_transpose(x: jnp.ndarray) -> jnp.ndarray:
   """x [T, K] -> x^T [K, T] as a physical row-major copy: reshaped to [K, T/2, 2] behind an
   optimization barrier, so XLA cannot fold the transpose into the consumer's operand layout (the
   split keeps T's sharding on its major part). Odd T: the plain transposed view."""
@@ -60,7 +60,7 @@ def _matmul_bwd(residuals, g):
   """g [..., N] -> (dx [..., K] = g @ w^T, dw [K, N] = x^T @ g over every leading axis)."""
   x, w = residuals
   g = g.astype(x.dtype)
-  x_t = _row_major_transpose(x.reshape(-1, x.shape[-1]))
+  x_t = row_major_transpose(x.reshape(-1, x.shape[-1]))
   return (_dot_f32(g, w, ((g.ndim - 1,), (1,)), x.dtype),
           _dot_f32(x_t, g.reshape(-1, g.shape[-1]), ((1,), (0,)), w.dtype))
 
