@@ -19,6 +19,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from onegen_jax import sharding
 from onegen_jax.model.attention import packed_causal_mask, resolve_impl
 from onegen_jax.model.config import ModelConfig
+from onegen_jax.model.dense_attention import dense_attention
 from onegen_jax.model.lora import LoraDense
 from onegen_jax.model.matmul import accumulates_in_float32, dense_dot_general, matmul
 from onegen_jax.model.rope import apply_rope, inverse_frequencies
@@ -124,6 +125,8 @@ class Attention(nn.Module):
       k, v = (_read_layer(c, layer, mask.shape[-1]) for c in cache)
     if impl == "splash":
       out = splash_attention(q, k, v, mask)
+    elif impl == "xla" and _f32_dots(cfg):
+      out = dense_attention(q, k, v, mask)
     else:
       out = jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=impl)
     out = nn.with_logical_constraint(out, ("batch", "length", "act_heads", None))
