@@ -1,12 +1,16 @@
-"""The train step's weight matmuls one by one: XLA:CPU (model/matmul.py's bfloat16 x bfloat16 ->
-float32 dots) against PyTorch's bfloat16 matmul on the same shapes, forward and both backward dots.
+"""The train step's weight matmuls and attention one by one: XLA:CPU (model/matmul.py's and
+model/dense_attention.py's bfloat16 x bfloat16 -> float32 dots) against PyTorch's bfloat16 kernels
+on the same shapes, forward and backward.
 
 Per projection of a decoder layer (and the LM head) at T tokens, the three dots of its training
 step: forward x [T, K] @ w [K, N]; dx = g [T, N] @ w^T; dw = x^T @ g, contracting the token axis,
 both as XLA's dot on the leading axes ("dw TN") and on the row-major copy of x^T that matmul.py's
 backward pass makes ("dw copy", the copy's cost included). Each dot is timed alone (min over
 --reps interleaved rounds, so a burst of other load on the machine hits every variant alike).
-  .venv/bin/python -m benchmarks.gemm --preset smollm2-135m --tokens 1024
+Attention (one layer, --rows x tokens/rows, causal): forward + backward of JAX's own autodiff of
+`jax.nn.dot_product_attention` (XLA), of dense_attention's custom VJP, and of torch's
+scaled_dot_product_attention under bf16.
+  .venv/bin/python -m benchmarks.gemm --preset smollm2-135m --tokens 1024 --rows 4
 """
 
 from __future__ import annotations
@@ -21,6 +25,8 @@ import torch
 from jax import lax
 
 from benchmarks import models, results_md
+from onegen_jax.model.attention import packed_causal_mask
+from onegen_jax.model.dense_attention import dense_attention
 from onegen_jax.model.matmul import row_major_transpose
 
 F32, BF16 = jnp.float32, jnp.bfloat16
@@ -79,10 +85,40 @@ def measure(tokens: int, k: int, n: int, reps: int) -> dict[str, float]:
   return {name: flops / s / 1e9 for name, s in best_seconds(calls, reps).items()}
 
 
+def attention_ms(preset: str, rows: int, seq: int, reps: int) -> dict[str, float]:
+  """Milliseconds of one layer's causal attention, forward + backward, per implementation."""
+  c = models.model_config(preset)
+  head_dim = c.head_dim or c.hidden_size // c.num_heads
+  rng = np.random.default_rng(0)
+  q, k, v = (rng.normal(size=(rows, seq, h, head_dim)).astype(np.float32)
+             for h in (c.num_heads, c.num_kv_heads, c.num_kv_heads))
+  mask = packed_causal_mask(jnp.ones((rows, seq), jnp.int32))
+  xla = lambda q, k, v, m: jax.nn.dot_product_attention(q, k, v, mask=m, implementation="xla")
+
+  def grads(attend):
+    loss = lambda q, k, v: jnp.sum(attend(q, k, v, mask).astype(F32) ** 2)
+    return jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
+
+  jq, jk, jv = (jnp.asarray(a, BF16) for a in (q, k, v))
+  tq, tk, tv = (torch.from_numpy(a).to(torch.bfloat16).transpose(1, 2).requires_grad_()
+                for a in (q, k, v))
+
+  def torch_step():
+    out = torch.nn.functional.scaled_dot_product_attention(tq, tk, tv, is_causal=True,
+                                                           enable_gqa=True)
+    out.float().pow(2).sum().backward()
+
+  calls = {f"jax {name}": (lambda f=grads(f): jax.block_until_ready(f(jq, jk, jv)))
+           for name, f in (("autodiff", xla), ("dense_attention", dense_attention))}
+  calls["torch sdpa"] = torch_step
+  return {name: s * 1e3 for name, s in best_seconds(calls, reps).items()}
+
+
 def main():
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   parser.add_argument("--preset", default="smollm2-135m")
   parser.add_argument("--tokens", type=int, default=1024, help="T: batch rows x sequence length")
+  parser.add_argument("--rows", type=int, default=4, help="attention: rows of tokens/rows")
   parser.add_argument("--reps", type=int, default=8)
   parser.add_argument("--threads", type=int, default=0, help="torch threads (0: its default)")
   parser.add_argument("--no_record", action="store_true", help="print only; leave RESULTS.md")
@@ -102,7 +138,10 @@ def main():
                  f"{r['jax dx']:.0f} / {r['torch dx']:.0f}", f"{r['jax dw TN']:.0f}",
                  f"{r['jax dw copy']:.0f}", f"{r['torch dw']:.0f}",
                  f"{r['jax dw copy'] / r['jax dw TN']:.2f}x"])
-  table = results_md.markdown_table(headers, rows)
+  att = attention_ms(args.preset, args.rows, args.tokens // args.rows, args.reps)
+  att_table = results_md.markdown_table(
+      ["attention fwd+bwd, one layer", "ms"], [[name, f"{ms:.1f}"] for name, ms in att.items()])
+  table = results_md.markdown_table(headers, rows) + "\n\n" + att_table
   print(table)
   ratio = totals["torch"] / totals["jax"]
   ratio_tn = totals["torch"] / totals["jax TN"]
@@ -113,7 +152,11 @@ def main():
              "(model/matmul.py), torch's bf16 matmul likewise internally.",
              f"Time of every weight matmul of the model (three dots each, at these rates): jax at "
              f"{ratio:.2f}x torch's rate with matmul.py's dw copy, {ratio_tn:.2f}x with XLA's TN "
-             "dot."]
+             "dot.",
+             f"Attention at {args.rows} x {args.tokens // args.rows}: dense_attention in "
+             f"{att['jax dense_attention'] / att['jax autodiff']:.2f}x the time of JAX's autodiff "
+             f"of dot_product_attention, {att['jax dense_attention'] / att['torch sdpa']:.2f}x "
+             "torch's sdpa."]
     results_md.record("gemm", f"{args.preset} weight matmuls at {args.tokens} tokens", table,
                       notes, [(f"weight-matmul rate vs PyTorch bf16 ({args.preset}, "
                                f"{args.tokens} tokens)", f"{ratio:.2f}x (TN dw: {ratio_tn:.2f}x)")],
