@@ -1,6 +1,7 @@
 """Exports the parameters of a run directory as a Hugging Face checkpoint with its tokenizer.
 
   python -m launch.export_hf --workdir=RUN --out=DIR [--step=N] [--dtype=bfloat16]
+  python -m launch.export_hf --workdir=LORA_RUN --out=DIR --merge | --adapter
 
 RUN is a training run or an import (launch.import_hf); the step defaults to the latest. The
 architecture and the real vocabulary size come from the import record ({"hf": ...} in the config
@@ -9,6 +10,11 @@ padded vocabulary rows beyond it are dropped. Without a record the architecture 
 (Qwen2ForCausalLM with q/k/v biases, else LlamaForCausalLM) and the vocabulary is trimmed to the
 tokenizer. The tokenizer is the first of RUN/tokenizer and the run's data.tokenizer_path (then the
 same for init_from), with the task's special tokens added by name.
+
+A LoRA run (config.lora) is exported with --merge (one HF model: its base as it trained,
+bfloat16-rounded or int8, plus (alpha / r) A B, the trained token rows written in) or with
+--adapter (a PEFT LoRA adapter directory for `peft.PeftModel.from_pretrained` over the base's HF
+export, which is `launch.export_hf --workdir=BASE_RUN`; no tokenizer or model config written).
 """
 
 from __future__ import annotations
@@ -17,24 +23,25 @@ import math
 import os
 import sys
 
-import flax.linen as nn
 import jax
 from absl import app, flags, logging
 from etils import epath
 from transformers import AutoTokenizer
 
 from onegen_jax import hf, sharding
-from onegen_jax.checkpoint import Checkpointer, model_config_from_json
+from onegen_jax.checkpoint import (Checkpointer, model_config_from_json, restore_lora,
+                                   restore_merged, restore_target)
 from onegen_jax.data.encoding import TaskTokenizer
 from onegen_jax.data.tasks import get_task
 from onegen_jax.model.config import ModelConfig
-from onegen_jax.model.decoder import abstract_params
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory: a training run or an import.")
 _OUT = flags.DEFINE_string("out", None, "Output directory of the Hugging Face checkpoint.")
 _STEP = flags.DEFINE_integer("step", None, "Step to export (default: the latest).")
 _DTYPE = flags.DEFINE_enum("dtype", "bfloat16", ["float32", "bfloat16", "float16"],
                            "dtype of the written tensors.")
+_MERGE = flags.DEFINE_bool("merge", False, "A LoRA run: its adapters merged into one HF model.")
+_ADAPTER = flags.DEFINE_bool("adapter", False, "A LoRA run: a PEFT adapter directory.")
 flags.mark_flags_as_required(["workdir", "out"])
 
 
@@ -82,13 +89,6 @@ def _tokenizer(runs: list[tuple[str, dict]]):
   return None
 
 
-def _abstract_params(model_config: ModelConfig, mesh: jax.sharding.Mesh):
-  """ShapeDtypeStructs of the Decoder's params carrying their shardings on `mesh`."""
-  boxed = abstract_params(model_config)
-  shardings = sharding.logical_to_sharding(nn.get_partition_spec(boxed), mesh)
-  return sharding.with_shardings(nn.unbox(boxed), shardings)
-
-
 def _mesh(model_config: ModelConfig) -> jax.sharding.Mesh:
   """An fsdp mesh over all devices (the fsdp axis divides the hidden size; data takes the rest)."""
   n = jax.device_count()
@@ -96,10 +96,16 @@ def _mesh(model_config: ModelConfig) -> jax.sharding.Mesh:
   return sharding.make_mesh(data=n // fsdp, fsdp=fsdp)
 
 
-def export_hf(workdir: str, out: str, step: int | None = None, dtype: str = "bfloat16") -> dict:
-  """Writes step `step` of `workdir` to `out`; returns {"step", "architecture", "vocab_size"}."""
+def export_hf(workdir: str, out: str, step: int | None = None, dtype: str = "bfloat16",
+              lora: str | None = None) -> dict:
+  """Writes step `step` of `workdir` to `out`; returns {"step", "architecture", "vocab_size"}.
+  lora: a LoRA run's export, "merge" or "adapter" (module doc); None for any other run."""
   ckpt, step = _open(workdir, step)
   model_config = model_config_from_json(ckpt.restore_json(step, "model"))
+  if (model_config.lora is None) != (lora is None):
+    ckpt.close()
+    raise ValueError(f"{workdir} is a LoRA run: pass --merge or --adapter" if lora is None else
+                     f"--{lora} exports a LoRA run; {workdir} is not one")
   runs = _lineage(workdir, ckpt.restore_json(step, "config"))
   record, tokenizer = _hf_record(runs), _tokenizer(runs)
   vocab = record.get("vocab_size") or (len(tokenizer) if tokenizer else model_config.vocab_size)
@@ -107,7 +113,17 @@ def export_hf(workdir: str, out: str, step: int | None = None, dtype: str = "bfl
     raise ValueError(f"the tokenizer has {len(tokenizer)} tokens, the model only {vocab}")
   mesh = _mesh(model_config)
   _say(f"restoring step {step} of {workdir}")
-  params = ckpt.restore_params(step, _abstract_params(model_config, mesh))
+  if lora == "adapter":
+    trainable, base = restore_lora(ckpt, step, model_config, mesh)
+    ckpt.close()
+    _say(f"writing the PEFT adapter {out} (base: step {base['step']} of {base['workdir']})")
+    hf.save_peft_adapter(trainable, model_config, out, vocab, base["workdir"])
+    return {"step": step, "architecture": record.get("architecture"), "vocab_size": vocab}
+  if lora == "merge":
+    params = restore_merged(ckpt, step, model_config, mesh)
+    model_config = model_config.replace(lora=None)
+  else:
+    params = ckpt.restore_params(step, restore_target(model_config, mesh))
   ckpt.close()
   architecture = record.get("architecture")
   _say(f"writing {out}: {architecture or 'default architecture'}, {dtype}, vocab {vocab} "
@@ -124,7 +140,10 @@ def main(argv):
   if not flags.FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)  # Orbax logs at INFO
   try:
-    export_hf(_WORKDIR.value, _OUT.value, _STEP.value, _DTYPE.value)
+    if _MERGE.value and _ADAPTER.value:
+      raise app.UsageError("--merge and --adapter exclude each other")
+    lora = "merge" if _MERGE.value else "adapter" if _ADAPTER.value else None
+    export_hf(_WORKDIR.value, _OUT.value, _STEP.value, _DTYPE.value, lora)
   except (FileNotFoundError, ValueError) as e:
     sys.exit(f"export_hf: {e}")
   return 0

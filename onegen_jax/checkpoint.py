@@ -7,7 +7,9 @@ A step directory holds these items:
   config     the run's full ml_collections config (JSON)
   model      the ModelConfig (JSON): enough to rebuild the decoder without the task config
 A training step is written by `save`; an import (launch.import_hf) writes step 0 with params,
-model and config only (`save_params`). Saves are asynchronous; Orbax writes each step into a
+model and config only (`save_params`). A LoRA run's params item is its trainable tree only
+(model/lora.py) and its config item names its base ({"lora": {"base": {"workdir", "step"}}});
+`restore_lora` reads both, `restore_merged` folds them into the plain Decoder's parameters. Saves are asynchronous; Orbax writes each step into a
 temporary directory and renames it when complete, so a crash during a save leaves the previous
 complete step as the latest.
 """
@@ -19,10 +21,16 @@ import json
 import os
 from typing import TYPE_CHECKING, Any
 
+import flax.linen as nn
+import jax
 import orbax.checkpoint as ocp
+from jax.sharding import Mesh
 from orbax.checkpoint import checkpoint_managers
 
+from onegen_jax import sharding
+from onegen_jax.model import lora as lora_lib
 from onegen_jax.model.config import Llama3RopeScaling, LoraConfig, ModelConfig
+from onegen_jax.model.decoder import abstract_params
 
 if TYPE_CHECKING:  # an annotation only: checkpoints do not depend on the train step
   from onegen_jax.train.step import TrainState
@@ -137,6 +145,43 @@ def read_model_config(workdir: str, step: int | None = None) -> tuple[ModelConfi
   config = model_config_from_json(ckpt.restore_json(step, "model"))
   ckpt.close()
   return config, step
+
+
+def restore_target(model_config: ModelConfig, mesh: Mesh, part=None):
+  """ShapeDtypeStructs of the Decoder's params (or of `part(boxed params)`, e.g. LoRA's trainable
+  tree) carrying their shardings on `mesh` by the logical rules: what a restore reads onto."""
+  boxed = abstract_params(model_config)
+  if part is not None:
+    boxed = jax.eval_shape(part, boxed)
+  shardings = sharding.logical_to_sharding(nn.get_partition_spec(boxed), mesh)
+  return sharding.with_shardings(nn.unbox(boxed), shardings)
+
+
+def restore_lora(ckpt: Checkpointer, step: int, model_config: ModelConfig, mesh: Mesh):
+  """A LoRA run's step: (its trainable tree on `mesh`, its base reference {"workdir", "step"})."""
+  lora = model_config.lora
+  trainable = ckpt.restore_params(
+      step, restore_target(model_config, mesh, lambda p: lora_lib.split(p, lora)[0]))
+  return trainable, ckpt.restore_json(step, "config")["lora"]["base"]
+
+
+def restore_merged(ckpt: Checkpointer, step: int, model_config: ModelConfig, mesh: Mesh):
+  """The plain Decoder's params of a LoRA run's step on `mesh`, in model_config.param_dtype: its
+  base (restored from the run the reference names) as it trained, bfloat16-rounded or int8, plus
+  (alpha / r) A B, the trained token rows written in. ValueError for a run on a random base (no
+  model.init_from: nothing to restore it from)."""
+  lora = model_config.lora
+  trainable, ref = restore_lora(ckpt, step, model_config, mesh)
+  if not ref["workdir"]:
+    raise ValueError("this LoRA run trained on a random base (no model.init_from): there is no "
+                     "base to merge its adapters into")
+  source = Checkpointer(ref["workdir"])
+  base = source.restore_params(ref["step"], restore_target(model_config.replace(lora=None), mesh))
+  source.close()
+  template = nn.unbox(abstract_params(model_config))
+  _, frozen = lora_lib.split(lora_lib.with_base(template, base), lora)
+  return lora_lib.merge_adapters(lora_lib.merge(trainable, frozen, lora), lora,
+                                 model_config.param_dtype)
 
 
 def dumps_config(config) -> dict:

@@ -7,12 +7,15 @@ import subprocess
 import sys
 import time
 
+import flax.linen as nn
 import jax
 import numpy as np
 import pytest
 
 from conftest import demo_config, el_demo, el_demo_flags
 from onegen_jax.checkpoint import Checkpointer
+from onegen_jax.model.config import preset
+from onegen_jax.model.decoder import Decoder
 from onegen_jax.train.data import SyntheticData
 from onegen_jax.train.loop import fit
 from onegen_jax.train.program import batch_shape
@@ -110,3 +113,32 @@ def test_nan_skip_policy_drops_the_step(tmp_path):
   assert skipped == {s: float(s == 3) for s in range(1, 9)}
   assert any(line["split"] == "eval" for line in lines)
   assert os.listdir(tmp_path / "tensorboard")
+
+
+def test_a_lora_run_saves_adapters_only_and_resumes_exactly(tmp_path):
+  """A LoRA run (int8 base from model.init_from, adapter dropout): its checkpoints hold the
+  trainable tree only and name their base (workdir, step); stopped after 2 steps and restarted,
+  it reaches the straight run's adapters and token rows bitwise."""
+  base = tmp_path / "base"
+  model = Decoder(preset("tiny"))
+  probe = np.zeros((1, 8), np.int32)
+  params = nn.unbox(model.init(jax.random.key(7), probe, probe, probe)["params"])
+  ckpt = Checkpointer(str(base), async_save=False)
+  ckpt.save_params(0, params, {}, model.config)
+  ckpt.close()
+  config = lambda steps: demo_config(
+      model=dict(init_from=str(base)), train=dict(steps=steps, eval_every=0),
+      optim=dict(schedule="constant"), checkpoint=dict(every_steps=2),
+      lora=dict(enabled=True, rank=4, base_dtype="int8"))
+  fit(config(4), str(tmp_path / "straight"))
+  fit(config(2), str(tmp_path / "resumed"))
+  fit(config(4), str(tmp_path / "resumed"))
+  for run in ("straight", "resumed"):
+    saved = Checkpointer(str(tmp_path / run))
+    assert saved.restore_json(4, "config")["lora"]["base"] == {"workdir": str(base), "step": 0}
+    assert saved.restore_json(4, "model")["lora"]["base_dtype"] == "int8"
+    saved.close()
+  straight, resumed = _params(tmp_path / "straight", 4), _params(tmp_path / "resumed", 4)
+  assert sum(x.size for x in straight) < sum(x.size for x in jax.tree.leaves(params)) / 10
+  for a, b in zip(straight, resumed):
+    np.testing.assert_array_equal(a, b)

@@ -10,14 +10,14 @@ import functools
 import json
 import os
 
-import flax.linen as nn
 import jax
 import numpy as np
 import tqdm
 from jax.sharding import Mesh
 
 from onegen_jax import sharding
-from onegen_jax.checkpoint import Checkpointer, model_config_from_json
+from onegen_jax.checkpoint import (Checkpointer, model_config_from_json, restore_merged,
+                                   restore_target)
 from onegen_jax.data.encoding import TaskTokenizer
 from onegen_jax.data.tokenized import Database, document_records, max_len
 from onegen_jax.data.reading import load_documents
@@ -26,7 +26,7 @@ from onegen_jax.data.tasks import Task, get_task
 from onegen_jax.inference.engine import Engine, GenerationConfig, TaskTokens
 from onegen_jax.inference.requests import output_text
 from onegen_jax.inference.retrieval_policy import task_retrieval
-from onegen_jax.model.decoder import Decoder, abstract_params
+from onegen_jax.model.decoder import Decoder
 from onegen_jax.retrieval.candidates import RankPrior
 from onegen_jax.retrieval.encode import EncodeItem, Encoder
 from onegen_jax.retrieval.index import Index, load_index
@@ -50,7 +50,8 @@ def load_run(workdir: str, step: int | None = None, mesh: Mesh | None = None,
   it by the training logical rules (vocab, heads, kv, mlp over 'tensor'; embed over 'fsdp').
   Default: a data-only mesh over all devices (every device holds all parameters).
   dtype: the compute dtype (activations, KV cache); default `compute_dtype`: bfloat16 on TPU and
-  GPU, the run's own on CPU. Parameters keep their stored dtype.
+  GPU, the run's own on CPU. Parameters keep their stored dtype. A LoRA run is loaded merged
+  into its base (checkpoint.restore_merged), as a plain Decoder in its param_dtype.
   The tokenizer is WORKDIR/tokenizer when present (an import), else the run's data.tokenizer_path.
   """
   ckpt = Checkpointer(workdir)
@@ -61,10 +62,11 @@ def load_run(workdir: str, step: int | None = None, mesh: Mesh | None = None,
   model_config = model_config.replace(dtype=dtype or compute_dtype(model_config.dtype))
   config = ckpt.restore_json(step, "config")
   mesh = sharding.make_mesh(data=-1) if mesh is None else mesh
-  abstract = abstract_params(model_config)
-  target = sharding.with_shardings(nn.unbox(abstract), sharding.logical_to_sharding(
-      nn.get_partition_spec(abstract), mesh))
-  params = ckpt.restore_params(step, target)
+  if model_config.lora is None:
+    params = ckpt.restore_params(step, restore_target(model_config, mesh))
+  else:  # merged into its base at load: a plain model, no per-step adapter cost
+    params = restore_merged(ckpt, step, model_config, mesh)
+    model_config = model_config.replace(lora=None)
   ckpt.close()
   name = task or config.get("data", {}).get("task") or config.get("task")
   if not name:

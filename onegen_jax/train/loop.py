@@ -19,7 +19,7 @@ import ml_collections
 import numpy as np
 import tqdm
 
-from onegen_jax.checkpoint import Checkpointer, dumps_config
+from onegen_jax.checkpoint import Checkpointer, dumps_config, restore_target
 from onegen_jax.model import lora
 from onegen_jax.data.loader import to_global
 from onegen_jax.data.packing import packing_efficiency
@@ -29,8 +29,7 @@ from onegen_jax.train import metrics as metrics_lib
 from onegen_jax.train.data import TrainData, make_train_data
 from onegen_jax.train.metrics import say
 from onegen_jax.train.preemption import PreemptionWatcher
-from onegen_jax.train.program import (abstract_base_params, batch_shape, build_program,
-                                      run_model_config)
+from onegen_jax.train.program import batch_shape, build_program, run_model_config
 from onegen_jax.train.retrieval_eval import dev_recall
 from onegen_jax.train.step import TrainProgram, TrainState, batch_shardings
 from onegen_jax.train.run_length import BatchFill, with_derived_steps
@@ -109,7 +108,8 @@ class Trainer:
       params = source.restore_params(step, self.program.abstract_state.params)
       source.close()
       return state.replace(params=params)
-    base = source.restore_params(step, abstract_base_params(self.model_cfg, self.program.mesh))
+    base = source.restore_params(step, restore_target(self.model_cfg.replace(lora=None),
+                                                      self.program.mesh))
     source.close()
     params, frozen = lora.split(lora.with_base(self.program.model_params(state), base), cfg)
     return jax.device_put(state.replace(params=params, frozen=frozen), self.program.state_shardings)

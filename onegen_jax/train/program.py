@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import dataclasses
 
-import flax.linen as nn
 import jax
 import ml_collections
 import numpy as np
@@ -19,7 +18,7 @@ from onegen_jax.data import synthetic
 from onegen_jax.data.encoding import TaskTokenizer
 from onegen_jax.data.tasks import get_task
 from onegen_jax.model.config import NUMERIC_FIELDS, LoraConfig, ModelConfig, preset
-from onegen_jax.model.decoder import Decoder, abstract_params
+from onegen_jax.model.decoder import Decoder
 from onegen_jax.train.optimizer import adamw, learning_rate_schedule
 from onegen_jax.train.step import LossConfig, TrainProgram, build_train_program
 
@@ -60,14 +59,6 @@ def task_token_ids(config: ml_collections.ConfigDict) -> tuple[int, ...]:
     return tuple(range(synthetic.RET_QUERY, synthetic.DOC_PROMPT + 1))
   tokenizer = TaskTokenizer(config.data.tokenizer_path, get_task(config.data.task))
   return tuple(sorted(set(tokenizer.ids.values())))
-
-
-def abstract_base_params(model: ModelConfig, mesh: jax.sharding.Mesh):
-  """ShapeDtypeStructs of the plain Decoder's params (`model` without LoRA) carrying their
-  shardings on `mesh` by the logical rules: the target of a restore or an import."""
-  boxed = abstract_params(model.replace(lora=None))
-  shardings = sharding.logical_to_sharding(nn.get_partition_spec(boxed), mesh)
-  return sharding.with_shardings(nn.unbox(boxed), shardings)
 
 
 def batch_shape(config: ml_collections.ConfigDict) -> BatchShape:
