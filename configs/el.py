@@ -8,8 +8,10 @@ Launch:
   python -m launch.train --config=configs/el.py:llama2-7b --compile_only --topology=v5p-64
 
 Variants: `demo` (the tiny decoder on the project's generated entity-linking data, written to
-runs/demo-data/el on first use; CPU, about a minute) and `llama2-7b` (the paper's setting below;
-what all paper settings share: onegen_jax/train/config.py).
+runs/demo-data/el on first use; CPU, about a minute), `llama2-7b` (the paper's setting below;
+what all paper settings share: onegen_jax/train/config.py) and `llama2-7b-lora` (the same with
+LoRA adapters over a bfloat16 base: train/config.py `with_lora`; add
+`--config.lora.base_dtype=int8` for an int8 base).
 """
 
 from onegen_jax.train.config import PaperSetting, demo_config, paper_config

@@ -9,8 +9,9 @@ Launch:
   python -m launch.train --config=configs/multihop.py:PRESET --compile_only --topology=v5p-64
 
 Variants: `demo` (the tiny decoder on the project's generated multi-hop data, written to
-runs/demo-data/multihop on first use; CPU) and one per model of the paper's table
-(below; what all paper settings share: onegen_jax/train/config.py).
+runs/demo-data/multihop on first use; CPU), one per model of the paper's table
+(below; what all paper settings share: onegen_jax/train/config.py) and `qwen2-7b-lora` (LoRA
+adapters over a bfloat16 base: train/config.py `with_lora`; any PRESET-lora works likewise).
 """
 
 from onegen_jax.train.config import PaperSetting, demo_config, paper_config

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from flax import traverse_util
 
+from configs import el
 from conftest import BATCH_SHAPE, demo_config, synthetic_task
 from onegen_jax.data.packing import pack_batches, stack_micro_batches
 from onegen_jax.model import lora
@@ -144,3 +145,19 @@ def test_int8_base_forward_is_close_to_the_bfloat16_base():
   (logits_bf16, ret_bf16), (logits_int8, ret_int8) = outputs["bfloat16"], outputs["int8"]
   np.testing.assert_allclose(logits_int8, logits_bf16, rtol=0, atol=INT8_LOGITS_ATOL)
   assert np.sum(ret_int8 * ret_bf16, axis=-1).min() > INT8_MIN_COSINE
+
+
+def test_llama2_7b_lora_variant_state_shapes():
+  """configs/el.py:llama2-7b-lora, abstractly (jax.eval_shape, nothing allocated): rank 16 on
+  every projection is PEFT's 39,976,960 adapter parameters (+ 2 x 4096 per task token), Adam
+  holds 2 floats per trainable parameter only, and the frozen base is 6.7e9 bfloat16 numbers."""
+  config = el.get_config("llama2-7b-lora")
+  config.data.kind = "synthetic"  # its 6 task tokens (the real run reads the tokenizer's)
+  state = program_lib.build_program(config).abstract_state
+  sizes = lambda tree: sum(x.size for x in jax.tree.leaves(tree))
+  adapters = {p: x for p, x in traverse_util.flatten_dict(state.params).items() if p[0] == "layers"}
+  assert sum(x.size for x in adapters.values()) == 39_976_960
+  assert sizes(state.params) == 39_976_960 + 2 * len(TOKENS) * 4096
+  assert sizes([x for x in jax.tree.leaves(state.opt_state) if x.ndim]) == 2 * sizes(state.params)
+  assert {str(x.dtype) for x in jax.tree.leaves(state.frozen)} == {"bfloat16"}
+  assert 6.7e9 < sizes(state.frozen) < 6.8e9

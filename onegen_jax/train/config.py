@@ -93,7 +93,10 @@ def base_config(task: str) -> ConfigDict:
 
 def paper_config(task: str, preset: str, settings: dict[str, PaperSetting]) -> ConfigDict:
   """The config of the paper's setting for `task` with the model `preset` (a key of `settings`,
-  the task's rows: configs/TASK.py); data paths are set on the command line."""
+  the task's rows: configs/TASK.py), or with "PRESET-lora" its LoRA variant (`with_lora`); data
+  paths are set on the command line."""
+  if preset.endswith(LORA_SUFFIX):
+    return with_lora(paper_config(task, preset.removesuffix(LORA_SUFFIX), settings))
   if preset not in settings:
     raise ValueError(f"no paper setting for {task} with {preset!r}; known: {sorted(settings)}")
   s = settings[preset]
@@ -111,6 +114,20 @@ def paper_config(task: str, preset: str, settings: dict[str, PaperSetting]) -> C
   c.batch.update(rows=64 * accum, seq_len=-(-max(2048, max_len) // 256) * 256, accum_steps=accum,
                  num_queries=per_micro * n_pos, num_keys=per_micro * n_pos * (1 + n_neg),
                  num_negatives=n_neg)
+  return c
+
+
+LORA_SUFFIX = "-lora"
+
+
+def with_lora(c: ConfigDict) -> ConfigDict:
+  """`c` as a LoRA run: adapters of rank 16 (alpha 32, dropout 0.05) on every projection, the
+  task tokens' rows trained, the base frozen in bfloat16; lr 1e-4 (LoRA's usual rate: the
+  adapters start at zero and move far less per step than full weights at the paper's 5e-6 to
+  2e-5). The rest (batch, schedule, epochs) stays the paper's."""
+  c.lora.update(enabled=True, rank=16, alpha=32.0, dropout=0.05, trainable_tokens="added",
+                base_dtype="bfloat16")
+  c.optim.lr = 1e-4
   return c
 
 
