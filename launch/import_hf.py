@@ -2,6 +2,8 @@
 
   python -m launch.import_hf --hf_dir=DIR --workdir=RUN [--config=configs/el.py[:VARIANT]]
       [--tokenizer_dir=DIR] [--pad_vocab_to=128]
+  python -m launch.import_hf --adapter=PEFT_DIR --base=BASE_RUN --workdir=RUN
+      [--base_dtype=bfloat16]
 
 The run directory is what `launch.train --config.model.init_from=RUN`, `launch.export_hf` and
 inference read. Parameters are read shard by shard onto an fsdp mesh over all devices and stored
@@ -15,10 +17,17 @@ RUN/tokenizer. The config item of step 0 holds the task config (if any) plus
 {"hf": {"architecture", "vocab_size", "source"}}: vocab_size is the real (unpadded) vocabulary,
 max(the checkpoint's vocab_size, tokenizer size), which export keeps and the padding beyond it
 is dropped.
+
+With --adapter, a PEFT LoRA adapter directory (adapter_config.json + adapter_model.safetensors,
+trained elsewhere or by launch.export_hf --adapter) becomes a LoRA run over BASE_RUN (the import
+of its base model, step: its latest): step 0 holds the adapters (and token rows, modules_to_save)
+with BASE_RUN as its base, its config item BASE_RUN's with {"lora": {"base": ...}}; BASE_RUN's
+tokenizer is copied. Inference and export_hf --merge then read it like a trained LoRA run.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -32,8 +41,10 @@ from ml_collections import config_flags
 from transformers import AutoTokenizer
 
 from onegen_jax import hf, sharding
-from onegen_jax.checkpoint import Checkpointer, dumps_config
-from onegen_jax.model.config import NUMERIC_FIELDS, ModelConfig
+from onegen_jax.checkpoint import (Checkpointer, dumps_config, model_config_from_json,
+                                   restore_target)
+from onegen_jax.model import lora
+from onegen_jax.model.config import LORA_BASE_DTYPES, NUMERIC_FIELDS, ModelConfig
 
 _HF_DIR = flags.DEFINE_string("hf_dir", None, "Hugging Face model directory (config.json and "
                               "*.safetensors).")
@@ -46,7 +57,13 @@ _TOKENIZER_DIR = flags.DEFINE_string("tokenizer_dir", None, "Tokenizer directory
                                      "--hf_dir).")
 _PAD_VOCAB_TO = flags.DEFINE_integer("pad_vocab_to", 128, "With --config: pad the vocabulary to "
                                      "a multiple of this (shards evenly).")
-flags.mark_flags_as_required(["hf_dir", "workdir"])
+_ADAPTER = flags.DEFINE_string("adapter", None, "A PEFT LoRA adapter directory to import as a "
+                               "LoRA run over --base (instead of --hf_dir).")
+_BASE = flags.DEFINE_string("base", None, "With --adapter: the run directory of the base model "
+                            "(launch.import_hf of it).")
+_BASE_DTYPE = flags.DEFINE_enum("base_dtype", "bfloat16", list(LORA_BASE_DTYPES), "With "
+                                "--adapter: the dtype the base is served in before the merge.")
+flags.mark_flags_as_required(["workdir"])
 
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
 
@@ -137,14 +154,54 @@ def import_hf(hf_dir: str, workdir: str, config=None, tokenizer_dir: str | None 
     _say(f"saved the tokenizer ({len(tokenizer)} tokens) to {_save_tokenizer(tokenizer, workdir)}")
 
 
+def import_adapter(adapter_dir: str, base: str, workdir: str, base_dtype: str = "bfloat16") -> None:
+  """Writes step 0 of `workdir`: the PEFT adapter in `adapter_dir` as a LoRA run over the run
+  `base` (module doc)."""
+  if not os.path.isfile(os.path.join(adapter_dir, "adapter_config.json")):
+    raise FileNotFoundError(f"{adapter_dir}/adapter_config.json not found: --adapter must be a "
+                            "PEFT adapter directory")
+  source = Checkpointer(base)
+  step = source.latest_step()
+  if step is None:
+    raise FileNotFoundError(f"no complete checkpoint in {base}")
+  base_config = source.restore_json(step, "config")
+  model_config = model_config_from_json(source.restore_json(step, "model"))
+  source.close()
+  ckpt = Checkpointer(workdir, async_save=False)
+  if ckpt.latest_step() is not None:
+    raise FileExistsError(f"{workdir} already holds a checkpoint (step {ckpt.latest_step()})")
+  lora_config = dataclasses.replace(hf.read_lora_config(adapter_dir), base_dtype=base_dtype)
+  model_config = model_config.replace(lora=lora_config)
+  template = restore_target(model_config, _mesh(model_config),
+                            lambda p: lora.split(p, lora_config)[0])
+  trainable = hf.load_peft_adapter(adapter_dir, template, model_config)
+  saved_config = {**base_config, "model": {**base_config.get("model", {}), "init_from": base},
+                  "lora": {"base": {"workdir": base, "step": step},
+                           "source": os.path.abspath(adapter_dir)}}
+  ckpt.save_params(0, trainable, saved_config, model_config)
+  ckpt.wait()
+  ckpt.close()
+  _say(f"saved step 0 to {workdir}: rank {lora_config.rank} on {lora_config.targets}, "
+       f"{sum(x.size for x in jax.tree.leaves(trainable)):,} parameters over {base} step {step}")
+  if _has_tokenizer(tokenizer := os.path.join(base, "tokenizer")):
+    _say(f"saved {tokenizer} to {_save_tokenizer(AutoTokenizer.from_pretrained(tokenizer), workdir)}")
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   if not flags.FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO
   try:
-    import_hf(_HF_DIR.value, _WORKDIR.value, _CONFIG.value, _TOKENIZER_DIR.value,
-              _PAD_VOCAB_TO.value)
+    if _ADAPTER.value:
+      if not _BASE.value or _HF_DIR.value:
+        raise app.UsageError("--adapter needs --base (and no --hf_dir)")
+      import_adapter(_ADAPTER.value, _BASE.value, _WORKDIR.value, _BASE_DTYPE.value)
+    elif not _HF_DIR.value:
+      raise app.UsageError("--hf_dir (or --adapter with --base) is required")
+    else:
+      import_hf(_HF_DIR.value, _WORKDIR.value, _CONFIG.value, _TOKENIZER_DIR.value,
+                _PAD_VOCAB_TO.value)
   except (FileNotFoundError, FileExistsError, ValueError) as e:
     sys.exit(f"import_hf: {e}")
   return 0
