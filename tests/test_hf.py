@@ -353,16 +353,18 @@ def test_smollm2_greedy_decoding_matches_transformers(tmp_path):
     assert ours[row, :len(hf_tokens)].tolist() == hf_tokens
 
 
-@pytest.fixture(scope="module")
-def lora_run(checkpoint, tmp_path_factory):
-  """(base run, LoRA run, torch base model, LoRA model config): the tiny Llama saved as
-  launch.import_hf saves an import, and a LoRA run over it (all targets, token rows 3 and 5, a
-  float32 base) whose adapters and rows are random, saved as the fit loop saves one."""
-  path, model, base_config, base = _import(checkpoint, "llama")
-  root = tmp_path_factory.mktemp("lora")
+@pytest.fixture(scope="module", params=["llama", "qwen2_tied"])
+def lora_run(checkpoint, tmp_path_factory, request):
+  """(base run, LoRA run, torch base model, LoRA model config): a tiny model (Llama; Qwen2 with
+  q/k/v biases and tied embeddings) saved as launch.import_hf saves an import, and a LoRA run over
+  it (all targets, token rows 3 and 5, a float32 base) whose adapters and rows are random, saved
+  as the fit loop saves one."""
+  path, model, base_config, base = _import(checkpoint, request.param)
+  root = tmp_path_factory.mktemp(f"lora-{request.param}")
   base_run, lora_run = str(root / "base"), str(root / "lora")
   ckpt = Checkpointer(base_run, async_save=False)
-  ckpt.save_params(0, base, {"hf": {"architecture": "LlamaForCausalLM", "vocab_size": VOCAB}},
+  architecture = type(model).__name__
+  ckpt.save_params(0, base, {"hf": {"architecture": architecture, "vocab_size": VOCAB}},
                    base_config)
   ckpt.close()
   config = base_config.replace(lora=LoraConfig(rank=4, alpha=8.0, base_dtype="float32",

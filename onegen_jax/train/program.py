@@ -16,6 +16,7 @@ from onegen_jax.checkpoint import read_model_config
 from onegen_jax.data.packing import BatchPacker, BatchShape, Corpus
 from onegen_jax.data import synthetic
 from onegen_jax.data.encoding import TaskTokenizer
+from onegen_jax.data.records import ConfigError
 from onegen_jax.data.tasks import get_task
 from onegen_jax.model.config import NUMERIC_FIELDS, LoraConfig, ModelConfig, preset
 from onegen_jax.model.decoder import Decoder
@@ -57,6 +58,9 @@ def task_token_ids(config: ml_collections.ConfigDict) -> tuple[int, ...]:
   tokenizer, or the synthetic task's own."""
   if config.data.kind == "synthetic":
     return tuple(range(synthetic.RET_QUERY, synthetic.DOC_PROMPT + 1))
+  if not config.data.tokenizer_path:
+    raise ConfigError("lora.trainable_tokens='added' reads the task tokens' ids through "
+                      "data.tokenizer_path: set it (or lora.trainable_tokens='none')")
   tokenizer = TaskTokenizer(config.data.tokenizer_path, get_task(config.data.task))
   return tuple(sorted(set(tokenizer.ids.values())))
 
