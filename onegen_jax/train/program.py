@@ -41,12 +41,15 @@ def run_model_config(config: ml_collections.ConfigDict) -> ModelConfig:
   model = model_config(config.model)
   c = config.get("lora")
   if model.lora is not None:
-    raise ValueError(f"model.init_from={config.model.init_from} is a LoRA run: start from its "
-                     "base, or export it merged (launch.export_hf --merge) and import that")
+    raise ConfigError(f"model.init_from={config.model.init_from} is a LoRA run: start from its "
+                      "base, or export it merged (launch.export_hf --merge) and import that")
   if not c or not c.enabled:
     return model
   if c.trainable_tokens not in ("added", "none"):
-    raise ValueError(f"lora.trainable_tokens={c.trainable_tokens!r}; expected 'added' or 'none'")
+    raise ConfigError(f"lora.trainable_tokens={c.trainable_tokens!r}; expected 'added' or 'none'")
+  if model.tie_embeddings and "lm_head" in c.modules_to_save:
+    raise ConfigError("lora.modules_to_save names lm_head, but the model ties it to "
+                      "embed_tokens: name embed_tokens")
   ids = task_token_ids(config) if c.trainable_tokens == "added" else ()
   return model.replace(lora=LoraConfig(
       rank=c.rank, alpha=c.alpha, dropout=c.dropout, targets=tuple(c.targets),
