@@ -95,7 +95,7 @@ def _model_flags(a) -> None:
   a("--chat_template", default=True, action=argparse.BooleanOptionalAction,
     help="Wrap user messages in the tokenizer's chat template; answers end with its EOS.")
   a("--dtype", default="", help="Compute dtype (default: float32 on CPU, bfloat16 elsewhere).")
-  a("--remat", default=None, help="Rematerialisation policy of training (model.remat_policy).")
+  a("--remat", default=None, help="Rematerialisation policy of training (model.remat_policy; auto: the least that fits).")
   a("--num_layers", type=int, default=0, help="Keep only the first N layers of the imported "
     "model (0: all). For quick CPU debugging only: it is no longer the pretrained model.")
 

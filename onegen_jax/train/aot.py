@@ -10,14 +10,12 @@ from __future__ import annotations
 import dataclasses
 import os
 
-import jax
 import ml_collections
 from jax.experimental import topologies
 
-from onegen_jax import sharding
 from onegen_jax.train.metrics import flops_per_token
-from onegen_jax.train.program import build_program, example_batch
-from onegen_jax.train.step import batch_shardings
+from onegen_jax.train.program import build_program, compile_step
+from onegen_jax.train.remat_auto import compiled_bytes
 
 # User-facing slice name -> (topology name, chip config name); every host holds 2x2x1 chips
 # (chips_per_host_bounds in topology_devices). v4/v5p names count TensorCores (2 per chip, one
@@ -75,18 +73,11 @@ def compile_train_step(config: ml_collections.ConfigDict, topology: str) -> Comp
 
   devices = topology_devices(topology)
   program = build_program(config, devices=devices)
-  batch = example_batch(config)
-  shardings = batch_shardings(program.mesh, {k: v.ndim for k, v in batch.items()},
-                              config.batch.accum_steps > 1)
-  abstract_batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=shardings[k])
-                    for k, v in batch.items()}
-  with sharding.activate(program.mesh):
-    compiled = program.train_step.lower(program.abstract_state, abstract_batch).compile()
+  compiled = compile_step(config, program)
   memory = compiled.memory_analysis()
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-  total = (memory.argument_size_in_bytes + memory.output_size_in_bytes + memory.temp_size_in_bytes
-           - memory.alias_size_in_bytes)
+  total = compiled_bytes(compiled)
   tokens = config.batch.rows * config.batch.seq_len
   model_flops = flops_per_token(program.model.config, config.batch.seq_len) * tokens / len(devices)
   return CompiledStepReport(topology, len(devices), dict(program.mesh.shape), int(total),

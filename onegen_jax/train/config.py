@@ -39,6 +39,8 @@ def base_config(task: str) -> ConfigDict:
   # init_from: a run directory (e.g. from launch.import_hf) whose parameters start training.
   # attention_impl: auto (splash on TPU, cuDNN on GPU, XLA on CPU), splash, cudnn or xla.
   # dot_accumulation: native, float32 or auto (model/matmul.py).
+  # remat_policy: none, dots, dots_with_no_batch_dims, full, or auto (train/remat_auto.py: the
+  # first of none, dots_with_no_batch_dims, full whose compiled step fits the device's memory).
   c.model = ConfigDict(dict(preset="tiny", dtype="bfloat16", param_dtype="float32",
                             remat_policy="full", scan_layers=True, attention_impl="auto",
                             dot_accumulation="native", init_from=""))

@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 
 import jax
+from absl import logging
 import ml_collections
 import numpy as np
 
@@ -21,17 +22,20 @@ from onegen_jax.data.tasks import get_task
 from onegen_jax.model.config import NUMERIC_FIELDS, LoraConfig, ModelConfig, preset
 from onegen_jax.model.decoder import Decoder
 from onegen_jax.train.optimizer import adamw, learning_rate_schedule
-from onegen_jax.train.step import LossConfig, TrainProgram, build_train_program
+from onegen_jax.train import remat_auto
+from onegen_jax.train.step import LossConfig, TrainProgram, batch_shardings, build_train_program
 
 
 def model_config(model: ml_collections.ConfigDict) -> ModelConfig:
   """`config.model`: a preset name plus overrides of any ModelConfig field; with `init_from`, the
   shapes come from that run's checkpoint and only numeric fields are overridden."""
   fields = {f.name for f in dataclasses.fields(ModelConfig)}
+  # remat_policy "auto" is resolved by build_program (remat_auto); the config keeps the default.
+  given = {k: v for k, v in model.items() if not (k == "remat_policy" and v == "auto")}
   if model.get("init_from"):
     base, _ = read_model_config(model.init_from)
-    return base.replace(**{k: model[k] for k in NUMERIC_FIELDS if k in model})
-  return preset(model.preset, **{k: v for k, v in model.items() if k in fields})
+    return base.replace(**{k: given[k] for k in NUMERIC_FIELDS if k in given})
+  return preset(model.preset, **{k: v for k, v in given.items() if k in fields})
 
 
 def run_model_config(config: ml_collections.ConfigDict) -> ModelConfig:
@@ -95,6 +99,32 @@ def build_program(config: ml_collections.ConfigDict, devices: list[jax.Device] |
   o = config.optim
   schedule = learning_rate_schedule(o.lr, config.train.steps, o.schedule, o.warmup_steps)
   tx = adamw(schedule, o.b1, o.b2, o.eps, o.weight_decay, o.clip_norm)
-  return build_train_program(Decoder(model or run_model_config(config)), tx, schedule,
-                             LossConfig(**config.loss), mesh, example_batch(config),
-                             config.batch.accum_steps, config.train.nan_policy, config.train.seed)
+  model = model or run_model_config(config)
+
+  def build(remat_policy: str) -> TrainProgram:
+    return build_train_program(Decoder(model.replace(remat_policy=remat_policy)), tx, schedule,
+                               LossConfig(**config.loss), mesh, example_batch(config),
+                               config.batch.accum_steps, config.train.nan_policy,
+                               config.train.seed)
+
+  if config.model.get("remat_policy") != "auto":
+    return build(model.remat_policy)
+  choice = remat_auto.choose_remat(build, lambda program: compile_step(config, program),
+                                   remat_auto.device_budget(list(mesh.devices.flat)))
+  logging.info("%s", choice.describe())
+  return choice.program
+
+
+def abstract_batch(config: ml_collections.ConfigDict, program: TrainProgram) -> dict:
+  """ShapeDtypeStructs of the run's training batch, with the program's batch shardings."""
+  batch = example_batch(config)
+  shardings = batch_shardings(program.mesh, {k: v.ndim for k, v in batch.items()},
+                              config.batch.accum_steps > 1)
+  return {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=shardings[k])
+          for k, v in batch.items()}
+
+
+def compile_step(config: ml_collections.ConfigDict, program: TrainProgram):
+  """The program's train step compiled ahead of time for the run's batch (jax Compiled)."""
+  with sharding.activate(program.mesh):
+    return program.train_step.lower(program.abstract_state, abstract_batch(config, program)).compile()
