@@ -22,6 +22,7 @@ import tqdm
 from jax.sharding import Mesh
 
 from onegen_jax import sharding
+from onegen_jax.inference.device_loop import DeviceLoop, DeviceRetrieval
 from onegen_jax.inference.feeding import PENALTIES, Feed, feed, penalty_inputs, rows_apart
 from onegen_jax.inference.retrieval_policy import CandidateSearchFn, SearchFn, make_policy
 from onegen_jax.inference.slots import Slot, cache_window, chunk_width, restore_row, save_row
@@ -40,7 +41,8 @@ class Engine:
                mode: str, vocab_size: int | None = None,
                search_candidates: CandidateSearchFn | None = None,
                query_vectors: Callable[[list[RequestOutput], np.ndarray], np.ndarray] | None = None,
-               mesh: Mesh | None = None, decode: Callable[[Sequence[int]], str] | None = None):
+               mesh: Mesh | None = None, decode: Callable[[Sequence[int]], str] | None = None,
+               device: DeviceRetrieval | None = None):
     """documents: document uid -> the token ids inserted after a query that retrieved it (RAG);
     mode: "rag" or "el"; vocab_size: the tokenizer's size when the model's vocabulary is padded
     beyond it (padded rows are never sampled); search_candidates: exact search among given uids
@@ -50,7 +52,10 @@ class Engine:
     data x fsdp, kv heads over 'tensor') and each step runs under the logical rules; decode:
     token ids -> their text (make_engine's is requests.output_text), which requests with `stop`
     strings need. What follows a retrieval is `policy` (retrieval_policy.make_policy of mode,
-    search, documents, the forced token and search_candidates)."""
+    search, documents, the forced token and search_candidates). device: the KB on `mesh`: each
+    step is then one call of the device loop (inference/device_loop.py) of up to
+    config.steps_per_dispatch decode steps, searching and inserting on the devices (search and
+    documents unused); without it, config.steps_per_dispatch must be 1."""
     self.policy = make_policy(mode, search, documents, tokens.force_after_query, search_candidates)
     self.model, self.params, self.tokens, self.config = model, params, tokens, config
     self.query_vectors = query_vectors
@@ -67,6 +72,10 @@ class Engine:
     self.tokens_fed = 0  # tokens fed through the model so far (prompts, insertions, outputs)
     self._sessions: dict[int, tuple[tuple, int]] = {}  # request id -> (cache row, length)
     self._continues: dict[int, tuple[tuple, int]] = {}  # request id -> its session's (row, length)
+    if device is None and config.steps_per_dispatch != 1:
+      raise ValueError(f"steps_per_dispatch={config.steps_per_dispatch} needs the device loop: "
+                       "Engine(device=DeviceRetrieval(...))")
+    self._device = None if device is None else DeviceLoop(self, vocab_size, device)
 
   # -- the stepping interface ------------------------------------------------------------------
   def submit(self, request: Request) -> int:
@@ -75,6 +84,8 @@ class Engine:
       raise ValueError(f"a prompt of {len(request.prompt)} tokens does not fit capacity="
                        f"{self.config.capacity}")
     check_request(request, self.config, decodes=self.decode is not None)
+    if self._device is not None:
+      self._device.check(self, request)
     rid, self._next_id = self._next_id, self._next_id + 1
     self._requests[rid] = (request, RequestOutput(list(request.prompt), [], [], []))
     self._waiting.append(rid)
@@ -171,9 +182,12 @@ class Engine:
     return bool(self._waiting) or self.running > 0
 
   def step(self) -> list[int]:
-    """Admits waiting requests into free slots, feeds every busy slot once, acts on queries and
-    stops; returns the ids of the requests that ended in this step."""
+    """Admits waiting requests into free slots, feeds every busy slot once (with a device KB: up
+    to steps_per_dispatch times, DeviceLoop.dispatch), acts on queries and stops; returns the ids
+    of the requests that ended in this step."""
     self._admit()
+    if self._device is not None:
+      return self._device.dispatch(self) if self.running else []
     ended = [self._end(r, "capacity") for r, s in enumerate(self._slots)
              if s is not None and s.length + len(s.queue) > self.config.capacity]
     busy = [r for r, s in enumerate(self._slots) if s is not None]

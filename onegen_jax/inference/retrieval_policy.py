@@ -77,6 +77,10 @@ class RetrievalPolicy(abc.ABC):
     """`follow` on the devices: each query's best row int32 [B] of device_search ->
     (tokens int32 [B, L], lengths int32 [B]), 0-padded."""
 
+  @abc.abstractmethod
+  def follow_width(self, kb: device_kb.DeviceKB) -> int:
+    """L: the width of device_follow's tokens (static)."""
+
 
 class LinkEntity(RetrievalPolicy):
   """EL: the forced token follows every query; the found entity is the link."""
@@ -97,6 +101,9 @@ class LinkEntity(RetrievalPolicy):
   def device_follow(self, kb, best):
     """The forced token, found or not (a query without a hit links to nothing, as on the host)."""
     return jnp.full((len(best), 1), self.force, jnp.int32), jnp.ones(len(best), jnp.int32)
+
+  def follow_width(self, kb):
+    return 1
 
 
 class InsertDocument(RetrievalPolicy):
@@ -127,6 +134,9 @@ class InsertDocument(RetrievalPolicy):
     """The document's insertion from the KB's token table; length 0 for -1 (no document: the
     host engine fails such a request)."""
     return device_kb.insertion(kb, best)
+
+  def follow_width(self, kb):
+    return kb.tokens.shape[1]
 
 
 def make_policy(mode: str, search: SearchFn, documents: Callable[[str], Sequence[int]] | None,

@@ -39,6 +39,12 @@ def history_width(n: int) -> int:
   return 0 if n == 0 else _power_of_two(n, 16)
 
 
+def list_width(n: int) -> int:
+  """Static widths of a padded per-row list (the device loop's forced tokens, EL candidates):
+  powers of two from 16, so one shape serves every short list."""
+  return _power_of_two(n, 16)
+
+
 def cache_window(n: int) -> int:
   """Cache entries attended (or saved) for n used ones: a power of two from 256."""
   return _power_of_two(n, 256)

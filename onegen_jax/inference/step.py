@@ -52,23 +52,19 @@ def _sample(logits: jnp.ndarray, keys: jax.Array, temperature: jnp.ndarray,
   return jax.lax.cond(jnp.any(temperature > 0), sampled, lambda: greedy)
 
 
-def step_fn(model, vocab_size, seed, watch, params, tokens, cache_len, cache, last, counters,
-             sampling, forced, penalties, history, output_from, window):
-  """Feeds tokens [B, T] after each row's cache_len [B], attending to the first `window` cache
-  entries. counters int32 [B, 2]: (request seed, its step) of each row, which key its sampling,
-  so a request samples the same tokens whatever it is batched with; sampling float32 [B, 2]: each
-  row's (temperature, top_p); forced int32 [B]: the token a row's next output is forced to (-1:
-  none); penalties float32 [B, 3], history int32 [B, H], output_from int32 [B]: each row's
-  penalties over its tokens so far (`penalise`; H == 0: no row has any, no work); watch: static
-  token ids. Returns, at each row's `last` fed index: the next token [B] (sampled from the
-  penalised logits), the normalised hidden state [B, D], the log-probability of the row's next
-  output token (forced or sampled) [B] and of each watched id [B, len(watch)], both from the
-  model's unpenalised distribution (what Self-RAG scores with); and the new cache."""
-  keys = jax.vmap(lambda c: jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), c[0]),
+def row_keys(seed: int, counters: jnp.ndarray) -> jax.Array:
+  """counters int32 [B, 2]: each row's (request seed, its step) -> one rng key per row [B], so a
+  request samples the same tokens whatever it is batched with."""
+  return jax.vmap(lambda c: jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), c[0]),
                                                c[1]))(counters)
-  hidden, cache = model.apply({"params": params}, tokens, cache_len, cache, window,
-                              method=Decoder.extend)
-  final = hidden[jnp.arange(tokens.shape[0]), last]  # [B, D]
+
+
+def next_token(model, vocab_size, watch, params, final, keys, sampling, forced, penalties,
+               history, output_from):
+  """What follows each row's last fed hidden state final [B, D] (step_fn's arguments otherwise):
+  (the next token [B] sampled from the penalised logits, the normalised hidden state [B, D], the
+  log-probability of the row's next output token (forced or sampled) [B] and of each watched id
+  [B, len(watch)], both from the model's unpenalised distribution)."""
   logits = model.apply({"params": params}, final[:, None], method=Decoder.logits)[:, 0]
   logits = logits.astype(jnp.float32)
   if vocab_size is not None:
@@ -79,4 +75,20 @@ def step_fn(model, vocab_size, seed, watch, params, tokens, cache_len, cache, la
   chosen = jnp.where(forced >= 0, forced, sampled)
   chosen_log_prob = jnp.take_along_axis(log_probs, chosen[:, None], axis=-1)[:, 0]
   watched = log_probs[:, jnp.asarray(watch, jnp.int32)] if watch else log_probs[:, :0]
-  return sampled, l2_normalize(final), chosen_log_prob, watched, cache
+  return sampled, l2_normalize(final), chosen_log_prob, watched
+
+
+def step_fn(model, vocab_size, seed, watch, params, tokens, cache_len, cache, last, counters,
+             sampling, forced, penalties, history, output_from, window):
+  """Feeds tokens [B, T] after each row's cache_len [B], attending to the first `window` cache
+  entries. counters int32 [B, 2]: (request seed, its step) of each row, which key its sampling
+  (`row_keys`); sampling float32 [B, 2]: each row's (temperature, top_p); forced int32 [B]: the
+  token a row's next output is forced to (-1: none); penalties float32 [B, 3], history int32
+  [B, H], output_from int32 [B]: each row's penalties over its tokens so far (`penalise`; H == 0:
+  no row has any, no work); watch: static token ids. Returns `next_token`'s four results at each
+  row's `last` fed index, and the new cache."""
+  hidden, cache = model.apply({"params": params}, tokens, cache_len, cache, window,
+                              method=Decoder.extend)
+  final = hidden[jnp.arange(tokens.shape[0]), last]  # [B, D]
+  return (*next_token(model, vocab_size, watch, params, final, row_keys(seed, counters),
+                      sampling, forced, penalties, history, output_from), cache)

@@ -50,6 +50,8 @@ class GenerationConfig:
   continuous: bool = True  # a freed slot takes the next request at once (else: static batches)
   prefill_apart: bool = True  # rows prefilling beside decoding rows get a call of their own
   watch: tuple[int, ...] = ()  # token ids whose log-probabilities each output step records
+  steps_per_dispatch: int = 1  # N: decode steps per compiled call of the device loop
+  # (inference/device_loop.py; an Engine given a device KB); 1 without one: the host step
 
 
 @dataclasses.dataclass(frozen=True)

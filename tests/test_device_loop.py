@@ -1,0 +1,181 @@
+"""The device loop (inference/device_loop.py: N decode steps per call, search and insertion on
+device) against the host engine it must equal: tokens, stop reasons and retrieval ids exactly,
+scores to 1e-5, at N = 1, 7 and 32, for EL (with and without candidates, a list shorter than k)
+and RAG, greedy and seeded sampling, more requests than rows (continuous batching), on the
+8-device mesh with a KB of 37 keys (not a multiple of the 8 shards). The tiny model is randomly
+initialised: forced tokens put query RET tokens (and an EOS) into the outputs, so every request
+retrieves whatever the model would write."""
+
+import dataclasses
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from onegen_jax import sharding
+from onegen_jax.inference.device_loop import DeviceRetrieval
+from onegen_jax.inference.engine import Engine, GenerationConfig, Request, TaskTokens
+from onegen_jax.model.config import preset
+from onegen_jax.model.decoder import Decoder
+from onegen_jax.retrieval import device_kb
+from onegen_jax.retrieval.candidates import CandidateScorer
+from onegen_jax.retrieval.index import ExactIndex
+
+QUERY, EOS, CONTINUE = 5, 2, 6
+TOKENS = TaskTokens(query=QUERY, eos=EOS, force_after_query=CONTINUE)
+CONFIG = GenerationConfig(max_new_tokens=20, batch_size=4, capacity=128, retrieve_k=3,
+                          max_retrievals=3, watch=(EOS, QUERY), prefill_apart=False)
+# (prefill_apart off: fewer programs for the host reference to compile; tests/test_engine.py
+# checks that it changes nothing)
+N_KEYS = 37  # not a multiple of the 8 shards
+
+
+def _key_uids(n: int) -> list[str]:
+  """Documents of 1 to 3 keys ("d4", "d4-1", "d4-2", as records.document_uid reads them)."""
+  uids, doc = [], 0
+  while len(uids) < n:
+    uids += [f"d{doc}", *(f"d{doc}-{j}" for j in range(1, doc % 3 + 1))][:n - len(uids)]
+    doc += 1
+  return uids
+
+
+UIDS = _key_uids(N_KEYS)
+
+
+class _Tokens:
+  """A stand-in tokenizer: a document's insertion is one token per character of its text."""
+
+  def insertion_tokens(self, text):
+    return [10 + ord(c) % 400 for c in text]
+
+
+@pytest.fixture(scope="module")
+def setup():
+  """(model, params on the mesh, mesh, host index, key vectors, texts)."""
+  model = Decoder(preset("tiny"))
+  x = jnp.ones((1, 8), jnp.int32)
+  params = nn.unbox(model.init(jax.random.key(0), x, x, jnp.arange(8)[None]))["params"]
+  mesh = sharding.make_mesh(data=-1)
+  params = jax.device_put(jax.device_get(params), NamedSharding(mesh, P()))
+  rng = np.random.default_rng(0)
+  vectors = rng.normal(size=(N_KEYS, 64)).astype(np.float32)
+  vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+  texts = {u: f"<p>{u}" + "x" * (i % 9) for i, u in enumerate(UIDS) if "-" not in u}
+  return model, params, mesh, ExactIndex().build(vectors, UIDS), vectors, texts
+
+
+def _engines(setup, mode, steps, **config):
+  """(host engine, device-loop engine at N = steps) of one mode over the same model and KB."""
+  model, params, mesh, index, vectors, texts = setup
+  config = dataclasses.replace(CONFIG, **config)
+  tokens = _Tokens()
+  common = dict(
+      model=model, params=params, tokens=TOKENS, mode=mode, mesh=mesh,
+      search=index.search_documents if mode == "rag" else index.search,
+      documents=lambda uid: tokens.insertion_tokens(texts[uid]),
+      search_candidates=CandidateScorer(vectors, UIDS).search, decode=_decode)
+  kb, documents = device_kb.build(vectors, UIDS, mesh, **(
+      dict(tokenizer=tokens, texts=texts) if mode == "rag" else {}))
+  device = Engine(config=dataclasses.replace(config, steps_per_dispatch=steps),
+                  device=DeviceRetrieval(kb, UIDS, documents), **common)
+  return Engine(config=config, **common), device
+
+
+def _decode(tokens) -> str:
+  """Token ids -> text, for stop strings: the ids in decimal."""
+  return " ".join(map(str, tokens))
+
+
+def _requests(mode: str, sampled: bool) -> list[Request]:
+  """Ten requests (prompts of 3 to 14 tokens) whose forced starts hold query tokens: 1 to 4
+  retrievals (max_retrievals is 3), an EOS, per-request max_new_tokens, one running into the
+  cache's capacity, the host-only stops (a stop string, the loop stop) and, for EL, candidates (one list for every query, or one per query, one shorter than k=3)."""
+  rng = np.random.default_rng(1)
+  requests = []
+  for i in range(10):
+    prompt = [int(t) for t in rng.integers(20, 500, 3 + i)]
+    force = [int(t) for t in rng.integers(20, 500, 1 + i % 3)]
+    force += [QUERY, *rng.integers(20, 500, i % 3).tolist()] * (1 + i % 4)  # <= 16 in all
+    if i == 6:
+      force += [EOS]
+    if i == 4:
+      force += [77, 78, 77, 78]  # the loop stop's (loop_repeats=2)
+    candidates = None
+    if mode == "el" and i % 3 == 1:
+      candidates = list(rng.choice(UIDS, size=6, replace=False))
+    elif mode == "el" and i % 3 == 2:
+      candidates = [list(rng.choice(UIDS, size=n, replace=False)) for n in (2, 5)]
+    settings = {0: dict(stop=[" 4"]), 4: dict(loop_repeats=2), 9: dict(max_new_tokens=200)}
+    requests.append(Request(prompt, force, candidates=candidates, seed=i if sampled else None,
+                            temperature=0.9 if sampled and i % 2 else None,
+                            top_p=0.8 if sampled and i % 4 == 1 else None,
+                            **{"max_new_tokens": 12 + 3 * (i % 5), **settings.get(i, {})}))
+  return requests
+
+
+def _same(host, device):
+  assert device.tokens == host.tokens
+  assert device.generated == host.generated
+  assert device.stop_reason == host.stop_reason
+  assert len(device.retrievals) == len(host.retrievals)
+  for a, b in zip(host.retrievals, device.retrievals):
+    assert (b.position, b.ids) == (a.position, a.ids)
+    np.testing.assert_allclose(b.scores, a.scores, atol=1e-5)
+    np.testing.assert_allclose(b.vector, a.vector, atol=1e-5)
+  np.testing.assert_allclose(device.log_probs, host.log_probs, atol=1e-5)
+  np.testing.assert_allclose(device.watched, host.watched, atol=1e-5)
+  np.testing.assert_allclose(device.prompt_vector, host.prompt_vector, atol=1e-5)
+
+
+def _drain(engine, requests):
+  """(the outputs of `requests` run to their ends, the engine steps (calls) that took)."""
+  ids = [engine.submit(r) for r in requests]
+  calls = 0
+  while engine.busy:
+    engine.step()
+    calls += 1
+  return [engine.output(i) for i in ids], calls
+
+
+@pytest.mark.parametrize("mode,sampled", [("el", False), ("el", True), ("rag", False),
+                                          ("rag", True)])
+def test_device_loop_equals_the_host_engine(setup, mode, sampled):
+  requests = _requests(mode, sampled)
+  reference = None
+  for steps in (1, 7, 32):
+    host, device = _engines(setup, mode, steps)
+    if reference is None:
+      reference, host_calls = _drain(host, requests)
+      reasons = {out.stop_reason for out in reference}
+      assert reasons >= {"eos", "stop", "repetition", "max_new_tokens", "max_retrievals",
+                         "capacity"}, reasons
+      assert sum(len(out.retrievals) for out in reference) >= 10
+    outs, calls = _drain(device, requests)
+    for want, got in zip(reference, outs):
+      _same(want, got)
+    if steps == 1:
+      assert calls == host_calls
+    if steps == 32:
+      assert calls * 4 < host_calls, (calls, host_calls)
+
+
+def test_penalties_and_sessions(setup):
+  """At N = 7: sampled and greedy requests with penalties (the token history grows on device)
+  beside ones without; a kept session continued over its cache."""
+  requests = _requests("el", sampled=True)[:6]
+  for i in (0, 1, 2):  # prompt and output fit one history width (16)
+    requests[i] = dataclasses.replace(requests[i], presence_penalty=0.5, frequency_penalty=0.3,
+                                      repetition_penalty=1.3, max_new_tokens=8)
+  requests[3] = dataclasses.replace(requests[3], keep_session=True)
+  host, device = _engines(setup, "el", 7)
+  results = [_drain(engine, requests)[0] for engine in (host, device)]
+  for want, got in zip(*results):
+    _same(want, got)
+  turn = [31, 32, 33]
+  continued = [engine.run([engine.continue_session(3, turn, max_new_tokens=8)])[0]
+               for engine in (host, device)]
+  _same(*continued)
+  assert continued[1].prompt[-3:] == turn and continued[1].tokens
