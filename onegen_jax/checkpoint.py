@@ -9,9 +9,9 @@ A step directory holds these items:
 A training step is written by `save`; an import (launch.import_hf) writes step 0 with params,
 model and config only (`save_params`). A LoRA run's params item is its trainable tree only
 (model/lora.py) and its config item names its base ({"lora": {"base": {"workdir", "step"}}});
-`restore_lora` reads both, `restore_merged` folds them into the plain Decoder's parameters. Saves are asynchronous; Orbax writes each step into a
-temporary directory and renames it when complete, so a crash during a save leaves the previous
-complete step as the latest.
+`restore_lora` reads both, `restore_merged` folds them into the plain Decoder's parameters.
+Saves are asynchronous; Orbax writes each step into a temporary directory and renames it when
+complete, so a crash during a save leaves the previous complete step as the latest.
 """
 
 from __future__ import annotations

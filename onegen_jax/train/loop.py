@@ -81,14 +81,13 @@ class Trainer:
     """The latest checkpoint of this run, else `init_from`'s parameters, else a fresh init.
     LoRA: the frozen tree always comes from the base (init_from, else the seed's init)."""
     latest = self.ckpt.latest_step() if self.ckpt else None
-    init_from = self.config.model.get("init_from")
-    self.base = {"workdir": init_from or None, "step": None}
+    self.base = {"workdir": self.config.model.get("init_from") or None, "step": None}
     if latest is not None and self.model_cfg.lora is not None:
       self.base = self.ckpt.restore_json(latest, "config")["lora"]["base"]
     state = None
     if latest is None or self.model_cfg.lora is not None:
       state = self.program.init_state(self.config.train.seed)
-      if init_from:
+      if self.base["workdir"]:
         state = self._from_base(state)  # fresh optimizer state (Adam moments are zeros)
     if latest is not None:
       restored, data_state = self.ckpt.restore(latest, self.program.abstract_state)
