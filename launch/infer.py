@@ -32,8 +32,10 @@ from launch import serving_flags
 from onegen_jax.inference.engine import Request
 from onegen_jax.inference.requests import (SETTINGS, answer_prefix_tokens, output_record,
                                            prompt_tokens, read_input)
+from onegen_jax.inference.retrieval_policy import task_device_retrieval
 from onegen_jax.inference.run_dir import generation_config, load_index_dir, load_run, make_engine
 from onegen_jax.inference.selfrag import MODES, SelfRagConfig, selfrag_runner
+from onegen_jax.inference.types import host_step
 from onegen_jax.retrieval.candidates import RankPrior
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory.")
@@ -73,6 +75,10 @@ _W_REL = flags.DEFINE_float("w_rel", 1.0, "selfrag: weight of the relevance scor
 _W_SUP = flags.DEFINE_float("w_sup", 1.0, "selfrag: weight of the support score.")
 _W_USE = flags.DEFINE_float("w_use", 0.5, "selfrag: weight of the utility score.")
 _SEQ_SCORE = flags.DEFINE_bool("use_seq_score", True, "selfrag: add exp(mean token log-prob).")
+_STEPS_PER_DISPATCH = flags.DEFINE_integer(
+    "steps_per_dispatch", 1, "Decode steps per compiled call: > 1 runs the device loop "
+    "(onegen_jax/inference/device_loop.py: the index's vectors on the mesh, search and insertion "
+    "inside the loop); 1: the host step. Self-RAG's procedure always runs on the host step.")
 flags.mark_flags_as_required(["workdir", "index", "input", "output"])
 
 
@@ -89,7 +95,7 @@ def main(argv):
                   top_p=_TOP_P.value, batch_size=_BATCH.value, capacity=_CAPACITY.value,
                   retrieve_k=_RETRIEVE_K.value, presence_penalty=_PRESENCE.value,
                   frequency_penalty=_FREQUENCY.value, repetition_penalty=_REPETITION.value,
-                  loop_repeats=_LOOP_REPEATS.value)
+                  loop_repeats=_LOOP_REPEATS.value, steps_per_dispatch=_STEPS_PER_DISPATCH.value)
   config = generation_config(run.task, _MAX_RETRIEVALS.value, **settings)
   inputs = read_input(_INPUT.value)
   forced = [answer_prefix_tokens(run.tokenizer, p) if p is not None else []
@@ -108,13 +114,15 @@ def main(argv):
   except ValueError as e:
     raise app.UsageError(f"{e}\n(--max_prompt_len={_MAX_PROMPT.value})") from e
   if _SELFRAG_MODE.value:
-    selfrag = selfrag_runner(run, index, texts, config)(SelfRagConfig(
+    selfrag = selfrag_runner(run, index, texts, host_step(config))(SelfRagConfig(
         _SELFRAG_MODE.value, _THRESHOLD.value, _NDOCS.value, _W_REL.value, _W_SUP.value,
         _W_USE.value, _SEQ_SCORE.value, _MAX_NEW.value))
     records = [r.record() for r in selfrag.run(prompts)]
   else:
     prior = RankPrior.load(_PRIOR.value) if _PRIOR.value else None
-    engine = make_engine(run, index, texts, config, vectors=vectors, prior=prior)
+    device = (task_device_retrieval(run, index, texts, vectors, prior)
+              if _STEPS_PER_DISPATCH.value > 1 else None)
+    engine = make_engine(run, index, texts, config, vectors=vectors, prior=prior, device=device)
     outputs = engine.run([engine.submit(Request(p, force=f, candidates=c, **s))
                           for p, f, c, s in zip(prompts, forced, inputs.candidates,
                                                 inputs.settings)], progress=True)

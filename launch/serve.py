@@ -30,8 +30,10 @@ from absl import app, flags
 
 from launch import serving_flags
 from onegen_jax.data.tasks import TASKS
+from onegen_jax.inference.retrieval_policy import task_device_retrieval
 from onegen_jax.inference.run_dir import generation_config, load_index_dir, load_run, make_engine
 from onegen_jax.inference.selfrag import selfrag_runner
+from onegen_jax.inference.types import host_step
 from onegen_jax.retrieval.candidates import RankPrior
 from onegen_jax.serving.app import create_app
 from onegen_jax.serving.schema import Limits
@@ -63,6 +65,11 @@ _DRAIN_S = flags.DEFINE_float("drain_s", 30.0, "On SIGTERM, how long running req
 _MODEL_NAME = flags.DEFINE_string("served_model_name", None, "The model's name on the OpenAI "
                                   "routes (a request's `model` must be it; default: the "
                                   "--workdir's basename).")
+_STEPS_PER_DISPATCH = flags.DEFINE_integer(
+    "steps_per_dispatch", 1, "Decode steps per compiled call: > 1 runs the device loop "
+    "(onegen_jax/inference/device_loop.py: the index's vectors on the mesh, search and insertion "
+    "inside the loop; the worker admits requests and posts tokens between calls); 1: the host "
+    "step. Self-RAG's procedure always runs on the host step.")
 _API_KEYS = flags.DEFINE_multi_string(
     "api_key", [], "A key /v1/ requests must bear (`Authorization: Bearer KEY`); repeat the flag "
     "or separate keys by commas (default: the env ONEGEN_API_KEYS, comma-separated; none: open).")
@@ -96,16 +103,19 @@ def main(argv):
   index, texts, vectors = load_index_dir(_INDEX.value)
   config = generation_config(run.task, _MAX_RETRIEVALS.value, max_new_tokens=_MAX_NEW.value,
                              batch_size=_MAX_BATCH.value, capacity=_CAPACITY.value,
-                             retrieve_k=_RETRIEVE_K.value)
+                             retrieve_k=_RETRIEVE_K.value,
+                             steps_per_dispatch=_STEPS_PER_DISPATCH.value)
   limits = Limits(capacity=_CAPACITY.value, max_new_tokens=_MAX_NEW.value,
                   max_new_tokens_limit=_MAX_NEW_LIMIT.value or _CAPACITY.value - 1,
                   retrieve_k=_RETRIEVE_K.value, max_retrieve_k=_MAX_RETRIEVE_K.value,
                   max_body_bytes=_MAX_BODY.value)
   prior = RankPrior.load(_PRIOR.value) if _PRIOR.value else None
+  device = (task_device_retrieval(run, index, texts, vectors, prior)
+            if _STEPS_PER_DISPATCH.value > 1 else None)
   worker = EngineWorker(lambda: make_engine(run, index, texts, config, vectors=vectors,
-                                            prior=prior),
+                                            prior=prior, device=device),
                         max_sessions=_MAX_SESSIONS.value,
-                        make_selfrag=(selfrag_runner(run, index, texts, config)
+                        make_selfrag=(selfrag_runner(run, index, texts, host_step(config))
                                       if run.task.name == "selfrag" else None))
   logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
   keys = _api_keys()

@@ -7,6 +7,7 @@ initialised: forced tokens put query RET tokens (and an EOS) into the outputs, s
 retrieves whatever the model would write."""
 
 import dataclasses
+import types
 
 import flax.linen as nn
 import jax
@@ -18,6 +19,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from onegen_jax import sharding
 from onegen_jax.inference.device_loop import DeviceRetrieval
 from onegen_jax.inference.engine import Engine, GenerationConfig, Request, TaskTokens
+from onegen_jax.inference.retrieval_policy import task_device_retrieval
 from onegen_jax.model.config import preset
 from onegen_jax.model.decoder import Decoder
 from onegen_jax.retrieval import device_kb
@@ -92,7 +94,8 @@ def _decode(tokens) -> str:
 def _requests(mode: str, sampled: bool) -> list[Request]:
   """Ten requests (prompts of 3 to 14 tokens) whose forced starts hold query tokens: 1 to 4
   retrievals (max_retrievals is 3), an EOS, per-request max_new_tokens, one running into the
-  cache's capacity, the host-only stops (a stop string, the loop stop) and, for EL, candidates (one list for every query, or one per query, one shorter than k=3)."""
+  cache's capacity, the host-only stops (a stop string, the loop stop) and, for EL, candidates
+  (one list for every query, or one per query, one shorter than k=3)."""
   rng = np.random.default_rng(1)
   requests = []
   for i in range(10):
@@ -179,3 +182,22 @@ def test_penalties_and_sessions(setup):
                for engine in (host, device)]
   _same(*continued)
   assert continued[1].prompt[-3:] == turn and continued[1].tokens
+
+
+def test_task_device_retrieval_and_refusals(setup):
+  """task_device_retrieval (launch.infer's and launch.serve's --steps_per_dispatch) places the
+  index's keys and, for RAG, its documents; N > 1 without a device KB and RAG candidates are
+  refused."""
+  _, _, mesh, index, vectors, texts = setup
+  for mode in ("el", "rag"):
+    run = types.SimpleNamespace(task=types.SimpleNamespace(mode=mode), tokenizer=_Tokens(),
+                                mesh=mesh)
+    device = task_device_retrieval(run, index, texts, vectors)
+    assert list(device.key_uids) == UIDS and device.kb.num_keys == N_KEYS
+    assert list(device.documents) == ([] if mode == "el" else list(texts))
+  host, rag = _engines(setup, "rag", 4)
+  with pytest.raises(ValueError, match="needs the device loop"):
+    Engine(host.model, host.params, TOKENS, host.policy.search, None,
+           dataclasses.replace(CONFIG, steps_per_dispatch=4), "el", mesh=mesh)
+  with pytest.raises(ValueError, match="candidates restrict entity linking"):
+    rag.submit(Request([30, 31], candidates=["d0"]))

@@ -1,17 +1,16 @@
 """The engine's device path: up to N decode steps per compiled call, retrieval inside the loop.
 
 One `lax.while_loop` over the engine's KV cache and rows (it exits early once every row has
-stopped): each iteration feeds every running row's pending tokens (a prompt or an inserted
-document: a chunk of static width W, while the other rows feed their one token in the same
-`extend`; an iteration where every row feeds one token runs at width 1, a `lax.cond`), picks the next token as
+stopped): each iteration feeds every running row's pending tokens (a prompt or an inserted document:
+a chunk of static width W, while the other rows feed their one token in the same `extend`; an
+iteration where every row feeds one token runs at width 1, a `lax.cond`), picks the next token as
 the host step does (`step.next_token`: penalties, greedy or seeded sampling, forced tokens) and
-stops a row on EOS, max_new_tokens, max_retrievals and capacity. A row that fed the query RET
-token of its output stream is searched in the same iteration (`policy.device_search` over the
-`DeviceKB`, its hidden state as the query; EL requests' candidates as `CandidateRows`) and its
-insertion (`policy.device_follow`: EL's forced token, RAG's document tokens from the KB's token
-table) becomes what it feeds next. Retrievals are recorded on device in fixed-size arrays (row
-ids, scores, query vectors, positions, inserted tokens: R per row and call) and come back with
-the generated tokens.
+stops a row on EOS, max_new_tokens, max_retrievals and capacity. A row that fed the query RET token
+of its output stream is searched in the same iteration (`policy.device_search` over the `DeviceKB`,
+its hidden state as the query; EL requests' candidates as `CandidateRows`) and its insertion
+(`policy.device_follow`: EL's forced token, RAG's document tokens from the KB's token table) becomes
+what it feeds next. Retrievals are recorded on device in fixed-size arrays (row ids, scores, query
+vectors, positions, inserted tokens: R per row and call) and come back with the generated tokens.
 
 Between calls the host (`DeviceLoop.dispatch`) admits requests, builds the rows' inputs from the
 engine's slots and replays each row's recorded events through the engine's own bookkeeping: the
@@ -205,7 +204,8 @@ def decode_loop(model, vocab_size, seed, watch, policy, query, eos, capacity, ma
       history = history.at[b, jnp.where(output, s["history_len"], history.shape[1])].set(
           token, mode="drop")
     s = dict(
-        pending=jnp.where(retrieved[:, None], jnp.pad(inserted, ((0, 0), (0, width - follow_width))),
+        pending=jnp.where(retrieved[:, None],
+                          jnp.pad(inserted, ((0, 0), (0, width - follow_width))),
                           jnp.where(output[:, None], next_pending, s["pending"])),
         count=jnp.where(retrieved, inserted_len, jnp.where(output, 1, count)),
         is_output=jnp.where(retrieved, False, s["is_output"] | output),
@@ -301,7 +301,8 @@ class DeviceLoop:
                                 False), bool),
         length=array(per_row(lambda r, s: s.length, 0)),
         steps=array(per_row(lambda r, s: s.steps, 0)),
-        seeds=array(per_row(lambda r, s: engine._stream(s.rid), 0)),  # pylint: disable=protected-access
+        seeds=array(per_row(lambda r, s: engine._stream(s.rid),  # pylint: disable=protected-access
+                            0)),
         sampling=array(per_row(lambda r, s: [setting(s, "temperature"), setting(s, "top_p")],
                                [0.0, 1.0]), np.float32),
         penalties=penalties["penalties"], history=history, history_len=history_len,

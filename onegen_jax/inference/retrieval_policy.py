@@ -11,7 +11,8 @@ the task decides what the request's cache gets next:
   - Self-RAG runs on an `InsertDocument` engine: its procedure (selfrag.py) searches the model's
     own query through the policy and branches one row per document with the policy's insertion.
 `make_policy` is the one constructor (the Engine calls it with its arguments); `task_retrieval`
-is the one place a run's task, index and documents become those arguments (make_engine).
+is the one place a run's task, index and documents become those arguments (make_engine), and
+`task_device_retrieval` the KB the device loop searches (the Engine's `device`).
 Each policy acts on the host (`search`, `search_among`, `follow`: the Engine) and on the devices
 (`device_search`, `device_follow` over a retrieval/device_kb.DeviceKB: pure, jit-able, for the
 compiled decode loop), the two giving the same ids and tokens (tests/test_device_kb.py).
@@ -27,6 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from onegen_jax.inference.device_loop import DeviceRetrieval
 from onegen_jax.retrieval import device_kb
 from onegen_jax.retrieval.candidates import CandidateScorer, RankPrior
 
@@ -150,6 +152,20 @@ def make_policy(mode: str, search: SearchFn, documents: Callable[[str], Sequence
       raise ValueError("entity linking needs the token forced after the query token")
     return LinkEntity(force, search, search_candidates)
   return InsertDocument(documents, search, search_candidates)
+
+
+def task_device_retrieval(run: LoadedRun, index: Index, texts: dict[str, str],
+                          vectors: np.ndarray, prior: RankPrior | None = None,
+                          dtype=np.float32) -> DeviceRetrieval:
+  """The device loop's KB for a run's task (the Engine's `device`), as task_retrieval searches on
+  the host: vectors [keys, D] in the index's key order on the run's mesh (rows sharded over all
+  its axes, in `dtype`); RAG's token table holds `insertion_tokens(texts[uid])` of each
+  document; EL's candidates are ranked with `prior`."""
+  rag = run.task.mode == "rag"
+  kb, documents = device_kb.build(vectors, index.ids, run.mesh, dtype=dtype,
+                                  tokenizer=run.tokenizer if rag else None,
+                                  texts=texts if rag else None)
+  return DeviceRetrieval(kb, list(index.ids), documents, prior)
 
 
 def task_retrieval(run: LoadedRun, index: Index, texts: dict[str, str],

@@ -54,6 +54,12 @@ class GenerationConfig:
   # (inference/device_loop.py; an Engine given a device KB); 1 without one: the host step
 
 
+def host_step(config: GenerationConfig) -> GenerationConfig:
+  """`config` on the host step (steps_per_dispatch 1): for an engine without a device KB
+  (Self-RAG's procedure, which searches on the host)."""
+  return dataclasses.replace(config, steps_per_dispatch=1)
+
+
 @dataclasses.dataclass(frozen=True)
 class Request:
   """prompt: token ids. force: tokens replacing the first output-stream choices. candidates: EL
