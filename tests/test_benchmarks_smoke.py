@@ -29,6 +29,11 @@ SMOKE = {
         ["--requests=6", "--batch_size=2", "--prompt_len=4,8", "--short=2,4", "--long=12,16",
          "--doc_tokens=8", "--num_docs=8", "--repeats=1"],
         "| continuous |"),
+    "benchmarks.decode_loop": (
+        ["--presets=tiny", "--steps=1,2", "--workloads=rag", "--requests=2", "--batch_size=2",
+         "--prompt_len=4", "--output_len=4", "--retrievals=1", "--doc_tokens=4", "--num_docs=8",
+         "--repeats=1"],
+        "| tiny | rag | device loop | 2 |"),
     "benchmarks.decode_capacity": (
         ["--preset=tiny", "--capacities=256", "--cached=16", "--prefill=16", "--repeats=1"],
         "| unrolled | 256 |"),
