@@ -201,3 +201,21 @@ def test_task_device_retrieval_and_refusals(setup):
            dataclasses.replace(CONFIG, steps_per_dispatch=4), "el", mesh=mesh)
   with pytest.raises(ValueError, match="candidates restrict entity linking"):
     rag.submit(Request([30, 31], candidates=["d0"]))
+
+
+def test_device_loop_on_a_1x2x4_mesh(setup):
+  """RAG at N = 7 on a (1,2,4) mesh ('data' 1, 'fsdp' 2, 'tensor' 4; the cache's rows over
+  fsdp): the KB's keys, key -> document map and token table sharded over all 8 devices (37 keys:
+  5 rows per shard, the last 3 padding), equal to the host engine on the same mesh."""
+  model, params, _, index, vectors, texts = setup
+  mesh = sharding.make_mesh(data=1, fsdp=2, tensor=4)
+  params = jax.device_put(jax.device_get(params), NamedSharding(mesh, P()))
+  host, device = _engines((model, params, mesh, index, vectors, texts), "rag", 7)
+  kb = device._device.retrieval.kb  # pylint: disable=protected-access  (the KB the loop searches)
+  assert kb.axes == ("data", "fsdp", "tensor") and kb.shards == 8
+  assert {s.data.shape for s in kb.keys.addressable_shards} == {(5, 64)}
+  requests = _requests("rag", sampled=False)[:4]
+  results = [_drain(engine, requests)[0] for engine in (host, device)]
+  assert sum(len(out.retrievals) for out in results[0]) >= 4
+  for want, got in zip(*results):
+    _same(want, got)
