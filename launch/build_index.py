@@ -5,7 +5,9 @@
 DIR gets the index (onegen_jax.retrieval.index), vectors.npy (float32 [keys, D], the index's key
 order) and documents.json (uid -> the text inserted on retrieval), which launch.infer reads.
 Several processes (--distributed) encode together, each on its devices; process 0 writes DIR.
-Mesh, dtype and process flags: launch/serving_flags.py.
+Mesh, dtype and process flags: launch/serving_flags.py. It also prints (stderr) whether the
+index fits the devices as the KB of launch.infer's / launch.serve's --steps_per_dispatch > 1: its
+bytes per device on this run's mesh against --device_kb_budget_mib.
 """
 
 import json
@@ -16,6 +18,7 @@ import jax
 from absl import app, flags
 
 from launch import serving_flags
+from onegen_jax.inference.retrieval_policy import BUDGET_HELP, device_kb_budget, task_footprint
 from onegen_jax.inference.run_dir import encode_db, load_run
 from onegen_jax.retrieval.index import ApproxIndex, ExactIndex, ScannIndex
 
@@ -30,6 +33,7 @@ _SEQ_LEN = flags.DEFINE_integer("seq_len", None, "Row length for packed encoding
                                 "keys training saw.")
 _ENCODE_ROWS = flags.DEFINE_integer("encode_rows", None, "Rows of seq_len tokens per encoder "
                                     "batch, a multiple of mesh data x fsdp (default: twice it).")
+_KB_BUDGET = flags.DEFINE_integer("device_kb_budget_mib", 0, BUDGET_HELP)
 flags.mark_flags_as_required(["workdir", "db", "out"])
 
 _BACKENDS = {"exact": ExactIndex, "scann": ScannIndex, "approx": ApproxIndex}
@@ -45,6 +49,10 @@ def main(argv):
     return
   for warning in report.warnings:
     print(f"warning: {warning}", file=sys.stderr)
+  footprint = task_footprint(run, uids, texts, vectors.shape[1])
+  print(f"retrieval: the {_BACKEND.value} index on the host (--steps_per_dispatch=1); "
+        f"as the device KB (--steps_per_dispatch > 1): "
+        f"{footprint.summary(device_kb_budget(run.mesh, _KB_BUDGET.value))}", file=sys.stderr)
   index = _BACKENDS[_BACKEND.value]().build(vectors, uids)
   index.save(_OUT.value)
   with open(os.path.join(_OUT.value, "documents.json"), "w") as f:

@@ -24,6 +24,7 @@ whether it retrieved, and every evidence continuation's document, text and score
 """
 
 import json
+import sys
 
 import jax
 from absl import app, flags
@@ -32,7 +33,9 @@ from launch import serving_flags
 from onegen_jax.inference.engine import Request
 from onegen_jax.inference.requests import (SETTINGS, answer_prefix_tokens, output_record,
                                            prompt_tokens, read_input)
-from onegen_jax.inference.retrieval_policy import task_device_retrieval
+from onegen_jax.inference.retrieval_policy import (BUDGET_HELP, device_kb_budget,
+                                                   task_device_retrieval, task_footprint,
+                                                   which_retrieval)
 from onegen_jax.inference.run_dir import generation_config, load_index_dir, load_run, make_engine
 from onegen_jax.inference.selfrag import MODES, SelfRagConfig, selfrag_runner
 from onegen_jax.inference.types import host_step
@@ -79,6 +82,7 @@ _STEPS_PER_DISPATCH = flags.DEFINE_integer(
     "steps_per_dispatch", 1, "Decode steps per compiled call: > 1 runs the device loop "
     "(onegen_jax/inference/device_loop.py: the index's vectors on the mesh, search and insertion "
     "inside the loop); 1: the host step. Self-RAG's procedure always runs on the host step.")
+_KB_BUDGET = flags.DEFINE_integer("device_kb_budget_mib", 0, BUDGET_HELP)
 flags.mark_flags_as_required(["workdir", "index", "input", "output"])
 
 
@@ -91,6 +95,15 @@ def main(argv):
   if _SELFRAG_MODE.value and run.task.name != "selfrag":
     raise app.UsageError(f"--selfrag_mode is Self-RAG's; {_WORKDIR.value} is a {run.task.name} run")
   index, texts, vectors = load_index_dir(_INDEX.value)
+  steps = 1 if _SELFRAG_MODE.value else _STEPS_PER_DISPATCH.value  # Self-RAG: the host step
+  try:
+    line = which_retrieval(task_footprint(run, index.ids, texts, vectors.shape[1]),
+                           device_kb_budget(run.mesh, _KB_BUDGET.value), steps,
+                           type(index).__name__)
+  except ValueError as e:
+    raise app.UsageError(str(e)) from e
+  if jax.process_index() == 0:
+    print(line, file=sys.stderr)
   settings = dict(max_new_tokens=_MAX_NEW.value, temperature=_TEMPERATURE.value,
                   top_p=_TOP_P.value, batch_size=_BATCH.value, capacity=_CAPACITY.value,
                   retrieve_k=_RETRIEVE_K.value, presence_penalty=_PRESENCE.value,

@@ -30,7 +30,9 @@ from absl import app, flags
 
 from launch import serving_flags
 from onegen_jax.data.tasks import TASKS
-from onegen_jax.inference.retrieval_policy import task_device_retrieval
+from onegen_jax.inference.retrieval_policy import (BUDGET_HELP, device_kb_budget,
+                                                   task_device_retrieval, task_footprint,
+                                                   which_retrieval)
 from onegen_jax.inference.run_dir import generation_config, load_index_dir, load_run, make_engine
 from onegen_jax.inference.selfrag import selfrag_runner
 from onegen_jax.inference.types import host_step
@@ -73,6 +75,7 @@ _STEPS_PER_DISPATCH = flags.DEFINE_integer(
 _API_KEYS = flags.DEFINE_multi_string(
     "api_key", [], "A key /v1/ requests must bear (`Authorization: Bearer KEY`); repeat the flag "
     "or separate keys by commas (default: the env ONEGEN_API_KEYS, comma-separated; none: open).")
+_KB_BUDGET = flags.DEFINE_integer("device_kb_budget_mib", 0, BUDGET_HELP)
 flags.mark_flags_as_required(["workdir", "index"])
 
 
@@ -101,6 +104,12 @@ def main(argv):
   if _TASK.value and _TASK.value != run.task.name:
     raise app.UsageError(f"--task={_TASK.value}, but {_WORKDIR.value} is a {run.task.name} run")
   index, texts, vectors = load_index_dir(_INDEX.value)
+  try:
+    retrieval = which_retrieval(task_footprint(run, index.ids, texts, vectors.shape[1]),
+                                device_kb_budget(run.mesh, _KB_BUDGET.value),
+                                _STEPS_PER_DISPATCH.value, type(index).__name__)
+  except ValueError as e:
+    raise app.UsageError(str(e)) from e
   config = generation_config(run.task, _MAX_RETRIEVALS.value, max_new_tokens=_MAX_NEW.value,
                              batch_size=_MAX_BATCH.value, capacity=_CAPACITY.value,
                              retrieve_k=_RETRIEVE_K.value,
@@ -118,6 +127,7 @@ def main(argv):
                         make_selfrag=(selfrag_runner(run, index, texts, host_step(config))
                                       if run.task.name == "selfrag" else None))
   logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+  logging.info("%s", retrieval)
   keys = _api_keys()
   if not keys:
     logging.warning("no API key (--api_key, ONEGEN_API_KEYS): the /v1/ routes are open to "

@@ -19,7 +19,8 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from onegen_jax import sharding
 from onegen_jax.inference.device_loop import DeviceRetrieval
 from onegen_jax.inference.engine import Engine, GenerationConfig, Request, TaskTokens
-from onegen_jax.inference.retrieval_policy import task_device_retrieval
+from onegen_jax.inference.retrieval_policy import (device_kb_budget, task_device_retrieval,
+                                                   task_footprint, which_retrieval)
 from onegen_jax.model.config import preset
 from onegen_jax.model.decoder import Decoder
 from onegen_jax.retrieval import device_kb
@@ -219,3 +220,23 @@ def test_device_loop_on_a_1x2x4_mesh(setup):
   assert sum(len(out.retrievals) for out in results[0]) >= 4
   for want, got in zip(*results):
     _same(want, got)
+
+
+def test_which_retrieval_weighs_the_kb_against_the_budget(setup):
+  """task_footprint (from the sizes: 37 keys of 64 float32 over 8 shards, RAG's table as wide as
+  the longest insertion), the budget (--device_kb_budget_mib, else a fraction of the device's
+  memory) and which_retrieval's line; N > 1 with a KB over the budget is an error naming both."""
+  _, _, mesh, index, vectors, texts = setup
+  run = types.SimpleNamespace(task=types.SimpleNamespace(mode="rag"), tokenizer=_Tokens(),
+                              mesh=mesh)
+  footprint = task_footprint(run, UIDS, texts, 64)
+  kb, _ = device_kb.build(vectors, UIDS, mesh, tokenizer=_Tokens(), texts=texts)
+  assert footprint == kb.footprint() and footprint.keys == 5 * 64 * 4
+  assert device_kb_budget(mesh, 3) == 3 << 20 and device_kb_budget(mesh) > 1 << 20
+  line = which_retrieval(footprint, 1 << 20, 8, "ExactIndex")
+  assert line.startswith("retrieval: on the devices") and "(fits)" in line
+  assert "on the host, ExactIndex" in which_retrieval(footprint, 1000, 1, "ExactIndex")
+  large = device_kb.footprint(10_000_000, 4096, np.float16, 64)  # the issue's KB on v5p-64
+  with pytest.raises(ValueError, match=r"takes 1220.7 MiB per device, over the budget of "
+                                       r"1024.0 MiB per device \(--device_kb_budget_mib\)"):
+    which_retrieval(large, 1024 << 20, 8, "ScannIndex")

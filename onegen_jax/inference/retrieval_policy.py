@@ -12,7 +12,9 @@ the task decides what the request's cache gets next:
     own query through the policy and branches one row per document with the policy's insertion.
 `make_policy` is the one constructor (the Engine calls it with its arguments); `task_retrieval`
 is the one place a run's task, index and documents become those arguments (make_engine), and
-`task_device_retrieval` the KB the device loop searches (the Engine's `device`).
+`task_device_retrieval` the KB the device loop searches (the Engine's `device`), after
+`which_retrieval` has weighed its bytes per device (`task_footprint`) against the budget
+(`device_kb_budget`): what launch.build_index, launch.infer and launch.serve print.
 Each policy acts on the host (`search`, `search_among`, `follow`: the Engine) and on the devices
 (`device_search`, `device_follow` over a retrieval/device_kb.DeviceKB: pure, jit-able, for the
 compiled decode loop), the two giving the same ids and tokens (tests/test_device_kb.py).
@@ -27,7 +29,9 @@ from typing import TYPE_CHECKING
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh
 
+from onegen_jax.data.records import document_uid
 from onegen_jax.inference.device_loop import DeviceRetrieval
 from onegen_jax.retrieval import device_kb
 from onegen_jax.retrieval.candidates import CandidateScorer, RankPrior
@@ -41,6 +45,12 @@ SearchFn = Callable[[np.ndarray, int], tuple[list[list[str]], np.ndarray]]
 # (query vector float32 [D], candidate uids, k) -> (ids [<= k], scores [<= k]), best first
 CandidateSearchFn = Callable[[np.ndarray, Sequence[str], int], tuple[list[str], np.ndarray]]
 MODES = ("rag", "el")
+# Of device memory (train/remat_auto.device_budget's) a device KB may take by default: the rest
+# holds the parameters, the KV cache and the loop's transients.
+DEVICE_KB_FRACTION = 0.25
+BUDGET_HELP = ("MiB per device the device KB (--steps_per_dispatch > 1: the index's keys and "
+               f"RAG's token table on the mesh) may take; 0: {DEVICE_KB_FRACTION:.0%} of a "
+               "device's memory (CPU: of the host RAM per local device).")
 
 
 class RetrievalPolicy(abc.ABC):
@@ -152,6 +162,42 @@ def make_policy(mode: str, search: SearchFn, documents: Callable[[str], Sequence
       raise ValueError("entity linking needs the token forced after the query token")
     return LinkEntity(force, search, search_candidates)
   return InsertDocument(documents, search, search_candidates)
+
+
+def device_kb_budget(mesh: Mesh, mib: int = 0) -> int:
+  """Bytes per device of `mesh` a device KB may take: `mib` MiB, or with 0 DEVICE_KB_FRACTION of
+  a device's memory (remat_auto.device_budget: an accelerator's bytes_limit, on CPU the host RAM
+  over its local devices)."""
+  from onegen_jax.train.remat_auto import device_budget  # noqa: PLC0415  (imports the train step)
+  return mib * device_kb.MIB if mib else device_budget(list(mesh.devices.flat), DEVICE_KB_FRACTION)
+
+
+def task_footprint(run: LoadedRun, key_uids: Sequence[str], texts: dict[str, str], dim: int,
+                   dtype=np.float32) -> device_kb.Footprint:
+  """The bytes per device task_device_retrieval's KB of `key_uids` (keys [len, dim] in `dtype`)
+  would hold on the run's mesh, from the sizes alone; RAG's token table is as wide as the longest
+  `insertion_tokens(texts[uid])` of the keys' documents (each is tokenised)."""
+  documents = dict.fromkeys(map(document_uid, key_uids)) if run.task.mode == "rag" else {}
+  width = max((len(run.tokenizer.insertion_tokens(texts[uid])) for uid in documents), default=0)
+  return device_kb.footprint(len(key_uids), dim, dtype, run.mesh.devices.size, len(documents),
+                             width)
+
+
+def which_retrieval(footprint: device_kb.Footprint, budget: int, steps_per_dispatch: int,
+                    host_index: str) -> str:
+  """The line launch.infer and launch.serve print: the search that runs (the device loop's KB
+  for steps_per_dispatch > 1, else the host's `host_index`) and the KB's Footprint.summary
+  against `budget` bytes per device. ValueError naming both sizes when steps_per_dispatch > 1
+  and the KB does not fit."""
+  if steps_per_dispatch > 1 and not footprint.fits(budget):
+    raise ValueError(
+        f"--steps_per_dispatch={steps_per_dispatch} puts the index on the devices, but its KB "
+        f"takes {footprint.total / device_kb.MIB:.1f} MiB per device, over the budget of "
+        f"{budget / device_kb.MIB:.1f} MiB per device (--device_kb_budget_mib): raise the budget "
+        f"or run --steps_per_dispatch=1 (the host's {host_index})")
+  where = (f"on the devices, in the decode loop (--steps_per_dispatch={steps_per_dispatch})"
+           if steps_per_dispatch > 1 else f"on the host, {host_index} (--steps_per_dispatch=1)")
+  return f"retrieval: {where}; {footprint.summary(budget)}"
 
 
 def task_device_retrieval(run: LoadedRun, index: Index, texts: dict[str, str],
