@@ -52,15 +52,19 @@ def _params(workdir, step):
   return jax.tree.leaves(params)
 
 
-def test_sigkill_then_restart_reaches_the_same_parameters(tmp_path):
-  fit(el_demo(RUN), str(tmp_path / "straight"))  # in this process, as launch.train runs it
+@pytest.mark.parametrize("lora", [{}, {"lora.enabled": True}], ids=["full", "lora"])
+def test_sigkill_then_restart_reaches_the_same_parameters(tmp_path, lora):
+  """Full fine-tuning, and LoRA (adapters and task-token rows over the seed's frozen base,
+  adapter dropout): the restarted run's parameters equal the straight run's bitwise."""
+  fit(el_demo({**RUN, **lora}), str(tmp_path / "straight"))  # as launch.train runs it
   killed = tmp_path / "killed"
-  proc = _launch(killed, wait=False)
+  flags = [f"--config.{k}={v}" for k, v in lora.items()]
+  proc = _launch(killed, *flags, wait=False)
   _wait_for_checkpoint(killed, proc, 10)
   proc.kill()  # SIGKILL: no handler runs
   proc.wait()
   assert max(int(p) for p in os.listdir(killed) if p.isdigit()) < STEPS
-  final = _launch(killed)
+  final = _launch(killed, *flags)
   assert final["step"] == STEPS
   for a, b in zip(_params(tmp_path / "straight", STEPS), _params(killed, STEPS)):
     np.testing.assert_array_equal(a, b)  # bitwise, data order included
