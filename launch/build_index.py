@@ -50,8 +50,8 @@ def main(argv):
   for warning in report.warnings:
     print(f"warning: {warning}", file=sys.stderr)
   footprint = task_footprint(run, uids, texts, vectors.shape[1])
-  print(f"retrieval: the {_BACKEND.value} index on the host (--steps_per_dispatch=1); "
-        f"as the device KB (--steps_per_dispatch > 1): "
+  print(f"retrieval: the {_BACKEND.value} index on the host (--steps_per_dispatch=1); for "
+        f"--steps_per_dispatch > 1, the "
         f"{footprint.summary(device_kb_budget(run.mesh, _KB_BUDGET.value))}", file=sys.stderr)
   index = _BACKENDS[_BACKEND.value]().build(vectors, uids)
   index.save(_OUT.value)
