@@ -26,6 +26,7 @@ from onegen_jax.model.decoder import Decoder
 from onegen_jax.retrieval import device_kb
 from onegen_jax.retrieval.candidates import CandidateScorer
 from onegen_jax.retrieval.index import ExactIndex
+from tests.test_device_kb import _key_uids
 
 QUERY, EOS, CONTINUE = 5, 2, 6
 TOKENS = TaskTokens(query=QUERY, eos=EOS, force_after_query=CONTINUE)
@@ -34,15 +35,6 @@ CONFIG = GenerationConfig(max_new_tokens=20, batch_size=4, capacity=128, retriev
 # (prefill_apart off: fewer programs for the host reference to compile; tests/test_engine.py
 # checks that it changes nothing)
 N_KEYS = 37  # not a multiple of the 8 shards
-
-
-def _key_uids(n: int) -> list[str]:
-  """Documents of 1 to 3 keys ("d4", "d4-1", "d4-2", as records.document_uid reads them)."""
-  uids, doc = [], 0
-  while len(uids) < n:
-    uids += [f"d{doc}", *(f"d{doc}-{j}" for j in range(1, doc % 3 + 1))][:n - len(uids)]
-    doc += 1
-  return uids
 
 
 UIDS = _key_uids(N_KEYS)
