@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import statistics
 import time
 
 import jax
@@ -55,7 +54,7 @@ class Workload:
   inserts: dict[str, list[int]]
 
   def insertion_tokens(self, uid: str) -> list[int]:
-    """The tokenizer's role for device_kb.build: a document's text is its uid."""
+    """The tokenizer's role for device_kb.insertion_table: a document's text is its uid."""
     return self.inserts[uid]
 
 
@@ -93,9 +92,10 @@ def make_engine(args, model: Decoder, params, mesh, work: Workload, steps: int) 
   index = ExactIndex().build(work.keys, work.uids)
   device = None
   if steps > 1:
-    kb, documents = device_kb.build(work.keys, work.uids, mesh, **(
-        dict(tokenizer=work, texts={u: u for u in work.uids}) if work.mode == "rag" else {}))
-    device = DeviceRetrieval(kb, work.uids, documents)
+    table = (device_kb.insertion_table(work.uids, work, {u: u for u in work.uids})
+             if work.mode == "rag" else None)
+    device = DeviceRetrieval(device_kb.build(work.keys, work.uids, mesh, table=table), work.uids,
+                             table.documents if table else [])
   search = index.search_documents if work.mode == "rag" else index.search
   return Engine(model, params, task_tokens(model.config.vocab_size), search,
                 work.insertion_tokens, config, work.mode, mesh=mesh, device=device)

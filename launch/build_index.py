@@ -18,7 +18,8 @@ import jax
 from absl import app, flags
 
 from launch import serving_flags
-from onegen_jax.inference.retrieval_policy import BUDGET_HELP, device_kb_budget, task_footprint
+from onegen_jax.inference.retrieval_policy import (BUDGET_HELP, device_kb_budget, task_footprint,
+                                                   task_table)
 from onegen_jax.inference.run_dir import encode_db, load_run
 from onegen_jax.retrieval.index import ApproxIndex, ExactIndex, ScannIndex
 
@@ -49,7 +50,7 @@ def main(argv):
     return
   for warning in report.warnings:
     print(f"warning: {warning}", file=sys.stderr)
-  footprint = task_footprint(run, uids, texts, vectors.shape[1])
+  footprint = task_footprint(run, len(uids), vectors.shape[1], task_table(run, uids, texts))
   print(f"retrieval: the {_BACKEND.value} index on the host (--steps_per_dispatch=1); for "
         f"--steps_per_dispatch > 1, the "
         f"{footprint.summary(device_kb_budget(run.mesh, _KB_BUDGET.value))}", file=sys.stderr)

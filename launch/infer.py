@@ -33,9 +33,8 @@ from launch import serving_flags
 from onegen_jax.inference.engine import Request
 from onegen_jax.inference.requests import (SETTINGS, answer_prefix_tokens, output_record,
                                            prompt_tokens, read_input)
-from onegen_jax.inference.retrieval_policy import (BUDGET_HELP, device_kb_budget,
-                                                   task_device_retrieval, task_footprint,
-                                                   which_retrieval)
+from onegen_jax.inference.retrieval_policy import (BUDGET_HELP, choose_retrieval,
+                                                   device_kb_budget)
 from onegen_jax.inference.run_dir import generation_config, load_index_dir, load_run, make_engine
 from onegen_jax.inference.selfrag import MODES, SelfRagConfig, selfrag_runner
 from onegen_jax.inference.types import host_step
@@ -96,12 +95,12 @@ def main(argv):
     raise app.UsageError(f"--selfrag_mode is Self-RAG's; {_WORKDIR.value} is a {run.task.name} run")
   index, texts, vectors = load_index_dir(_INDEX.value)
   steps = 1 if _SELFRAG_MODE.value else _STEPS_PER_DISPATCH.value  # Self-RAG: the host step
+  prior = RankPrior.load(_PRIOR.value) if _PRIOR.value else None
   try:
-    line = which_retrieval(task_footprint(run, index.ids, texts, vectors.shape[1]),
-                           device_kb_budget(run.mesh, _KB_BUDGET.value), steps,
-                           type(index).__name__)
-  except ValueError as e:
-    raise app.UsageError(str(e)) from e
+    line, device = choose_retrieval(run, index, texts, vectors, prior, steps,
+                                    device_kb_budget(run.mesh, _KB_BUDGET.value))
+  except (KeyError, ValueError) as e:
+    raise app.UsageError(f"{_INDEX.value}: {e}") from e
   if jax.process_index() == 0:
     print(line, file=sys.stderr)
   settings = dict(max_new_tokens=_MAX_NEW.value, temperature=_TEMPERATURE.value,
@@ -132,9 +131,6 @@ def main(argv):
         _W_USE.value, _SEQ_SCORE.value, _MAX_NEW.value))
     records = [r.record() for r in selfrag.run(prompts)]
   else:
-    prior = RankPrior.load(_PRIOR.value) if _PRIOR.value else None
-    device = (task_device_retrieval(run, index, texts, vectors, prior)
-              if _STEPS_PER_DISPATCH.value > 1 else None)
     engine = make_engine(run, index, texts, config, vectors=vectors, prior=prior, device=device)
     outputs = engine.run([engine.submit(Request(p, force=f, candidates=c, **s))
                           for p, f, c, s in zip(prompts, forced, inputs.candidates,

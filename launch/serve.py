@@ -30,9 +30,8 @@ from absl import app, flags
 
 from launch import serving_flags
 from onegen_jax.data.tasks import TASKS
-from onegen_jax.inference.retrieval_policy import (BUDGET_HELP, device_kb_budget,
-                                                   task_device_retrieval, task_footprint,
-                                                   which_retrieval)
+from onegen_jax.inference.retrieval_policy import (BUDGET_HELP, choose_retrieval,
+                                                   device_kb_budget)
 from onegen_jax.inference.run_dir import generation_config, load_index_dir, load_run, make_engine
 from onegen_jax.inference.selfrag import selfrag_runner
 from onegen_jax.inference.types import host_step
@@ -104,12 +103,13 @@ def main(argv):
   if _TASK.value and _TASK.value != run.task.name:
     raise app.UsageError(f"--task={_TASK.value}, but {_WORKDIR.value} is a {run.task.name} run")
   index, texts, vectors = load_index_dir(_INDEX.value)
+  prior = RankPrior.load(_PRIOR.value) if _PRIOR.value else None
   try:
-    retrieval = which_retrieval(task_footprint(run, index.ids, texts, vectors.shape[1]),
-                                device_kb_budget(run.mesh, _KB_BUDGET.value),
-                                _STEPS_PER_DISPATCH.value, type(index).__name__)
-  except ValueError as e:
-    raise app.UsageError(str(e)) from e
+    retrieval, device = choose_retrieval(run, index, texts, vectors, prior,
+                                         _STEPS_PER_DISPATCH.value,
+                                         device_kb_budget(run.mesh, _KB_BUDGET.value))
+  except (KeyError, ValueError) as e:
+    raise app.UsageError(f"{_INDEX.value}: {e}") from e
   config = generation_config(run.task, _MAX_RETRIEVALS.value, max_new_tokens=_MAX_NEW.value,
                              batch_size=_MAX_BATCH.value, capacity=_CAPACITY.value,
                              retrieve_k=_RETRIEVE_K.value,
@@ -118,9 +118,6 @@ def main(argv):
                   max_new_tokens_limit=_MAX_NEW_LIMIT.value or _CAPACITY.value - 1,
                   retrieve_k=_RETRIEVE_K.value, max_retrieve_k=_MAX_RETRIEVE_K.value,
                   max_body_bytes=_MAX_BODY.value)
-  prior = RankPrior.load(_PRIOR.value) if _PRIOR.value else None
-  device = (task_device_retrieval(run, index, texts, vectors, prior)
-            if _STEPS_PER_DISPATCH.value > 1 else None)
   worker = EngineWorker(lambda: make_engine(run, index, texts, config, vectors=vectors,
                                             prior=prior, device=device),
                         max_sessions=_MAX_SESSIONS.value,

@@ -70,7 +70,7 @@ def _search(kb, queries, k, candidates=None):
 
 def test_search_equals_the_exact_index(mesh, data):
   vectors, queries = data
-  kb, _ = device_kb.build(vectors, UIDS, mesh)
+  kb = device_kb.build(vectors, UIDS, mesh)
   assert kb.shards == 8 and kb.keys.shape[0] == 40
   index = ExactIndex().build(vectors, UIDS)
   for k in (1, 5, N):
@@ -82,7 +82,7 @@ def test_search_equals_the_exact_index(mesh, data):
 
 def test_k_over_the_keys_gives_minus_one(mesh, data):
   vectors, queries = data
-  kb, _ = device_kb.build(vectors, UIDS, mesh)
+  kb = device_kb.build(vectors, UIDS, mesh)
   want_ids, want_scores = ExactIndex().build(vectors, UIDS).search(queries, N)
   ids, scores = _search(kb, queries, k=N + 9)
   np.testing.assert_array_equal(ids[:, :N], _rows(want_ids))
@@ -96,7 +96,7 @@ def test_bfloat16_keys_under_the_model_mesh(data):
   the products accumulated in float32."""
   vectors, queries = data
   mesh = sharding.make_mesh(data=2, fsdp=2, tensor=2)
-  kb, _ = device_kb.build(vectors, UIDS, mesh, dtype=jnp.bfloat16)
+  kb = device_kb.build(vectors, UIDS, mesh, dtype=jnp.bfloat16)
   rounded = lambda x: np.asarray(jnp.asarray(x, jnp.bfloat16).astype(jnp.float32))
   want_ids, want_scores = ExactIndex().build(rounded(vectors), UIDS).search(rounded(queries), 5)
   with sharding.activate(mesh):
@@ -110,7 +110,7 @@ def test_bfloat16_keys_under_the_model_mesh(data):
 def test_approx_search_equals_the_approx_index(data):
   """On CPU approx_max_k is exact; the point is the wiring (recall_target, precision)."""
   vectors, queries = data
-  kb, _ = device_kb.build(vectors, UIDS, sharding.make_mesh(data=-1), recall_target=0.9)
+  kb = device_kb.build(vectors, UIDS, sharding.make_mesh(data=-1), recall_target=0.9)
   want_ids, want_scores = ApproxIndex(recall_target=0.9).build(vectors, UIDS).search(queries, 4)
   ids, scores = _search(kb, queries, k=4)
   np.testing.assert_array_equal(ids, _rows(want_ids))
@@ -123,7 +123,7 @@ def test_candidates_equal_the_candidate_scorer(mesh, data, prior):
   with and without a rank prior, give CandidateScorer.search's ids and scores; slots past a
   query's hits are -1; a query without candidates (None) searches the whole KB."""
   vectors, queries = data
-  kb, _ = device_kb.build(vectors, UIDS, mesh)
+  kb = device_kb.build(vectors, UIDS, mesh)
   rng = np.random.default_rng(1)
   lists = [list(rng.choice(UIDS, size=n)) for n in (7, 3, 1, 12)] + [[], None]
   lists[0][1:1] = ["no-such-entity", lists[0][0]]
@@ -146,8 +146,8 @@ def test_candidates_equal_the_candidate_scorer(mesh, data, prior):
 
 def test_search_documents_equals_the_index(mesh, data):
   vectors, queries = data
-  kb, documents = device_kb.build(vectors, UIDS, mesh, tokenizer=_Tokens(),
-                                  texts={u: u for u in UIDS})
+  table = device_kb.insertion_table(UIDS, _Tokens(), {u: u for u in UIDS})
+  kb, documents = device_kb.build(vectors, UIDS, mesh, table=table), table.documents
   index = ExactIndex().build(vectors, UIDS)
   assert kb.num_docs == index.num_documents == len(documents) and kb.keys_per_doc == 3
   search = jax.jit(device_kb.search_documents, static_argnames="k")
@@ -177,8 +177,9 @@ def test_the_token_table_holds_insertion_tokens(family):
   texts[docs[0].uid] = " Ünïcode, leading space\nand a line break "
   uids = [u for doc in texts for u in (doc, f"{doc}-1")]  # two keys each
   mesh = sharding.make_mesh(**MESHES["1x2x4"])
-  kb, documents = device_kb.build(_unit(np.random.default_rng(2), (len(uids), D)), uids, mesh,
-                                  tokenizer=tokenizer, texts=texts)
+  table = device_kb.insertion_table(uids, tokenizer, texts)
+  kb = device_kb.build(_unit(np.random.default_rng(2), (len(uids), D)), uids, mesh, table=table)
+  documents = table.documents
   assert documents == list(texts)
   rows = jnp.asarray([*range(len(documents)), -1], jnp.int32)
   tokens, lengths = jax.jit(device_kb.insertion)(kb, rows)
@@ -195,7 +196,8 @@ def test_search_inside_a_while_loop(data):
   its best document gives what the same calls give one by one."""
   vectors, queries = data
   mesh = sharding.make_mesh(**MESHES["1x2x4"])
-  kb, _ = device_kb.build(vectors, UIDS, mesh, tokenizer=_Tokens(), texts={u: u for u in UIDS})
+  kb = device_kb.build(vectors, UIDS, mesh,
+                       table=device_kb.insertion_table(UIDS, _Tokens(), {u: u for u in UIDS}))
   candidates = device_kb.candidate_rows(UIDS, [UIDS[i::5] for i in range(Q)])
 
   def searched(q):
@@ -220,10 +222,11 @@ def test_search_inside_a_while_loop(data):
 def test_footprint_is_the_bytes_on_each_device(data):
   vectors, _ = data
   mesh = sharding.make_mesh(data=-1)
-  kb, _ = device_kb.build(vectors, UIDS, mesh, tokenizer=_Tokens(), texts={u: u for u in UIDS})
+  kb = device_kb.build(vectors, UIDS, mesh,
+                       table=device_kb.insertion_table(UIDS, _Tokens(), {u: u for u in UIDS}))
   on_device = sum(a.addressable_shards[0].data.nbytes for a in jax.tree.leaves(kb))
   assert kb.footprint().total == on_device
-  el, _ = device_kb.build(vectors, UIDS, mesh, dtype=jnp.bfloat16)
+  el = device_kb.build(vectors, UIDS, mesh, dtype=jnp.bfloat16)
   assert el.footprint() == device_kb.Footprint(keys=5 * D * 2)
   # llama2-7b EL's 10M x 4096 bfloat16 keys over v5p-64: 156250 rows of 8 KiB per chip.
   big = device_kb.footprint(10_000_000, 4096, jnp.bfloat16, shards=64)
@@ -240,7 +243,8 @@ def test_each_policy_follows_a_retrieval_on_device_as_on_the_host(data):
   mesh = sharding.make_mesh(**MESHES["1x2x4"])
   texts = {u: f"text of {u}" for u in UIDS}
   tokens = _Tokens()
-  kb, documents = device_kb.build(vectors, UIDS, mesh, tokenizer=tokens, texts=texts)
+  table = device_kb.insertion_table(UIDS, tokens, texts)
+  kb, documents = device_kb.build(vectors, UIDS, mesh, table=table), table.documents
   index = ExactIndex().build(vectors, UIDS)
   scorer = CandidateScorer(vectors, UIDS)
   force = 7

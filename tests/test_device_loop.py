@@ -19,8 +19,8 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from onegen_jax import sharding
 from onegen_jax.inference.device_loop import DeviceRetrieval
 from onegen_jax.inference.engine import Engine, GenerationConfig, Request, TaskTokens
-from onegen_jax.inference.retrieval_policy import (device_kb_budget, task_device_retrieval,
-                                                   task_footprint, which_retrieval)
+from onegen_jax.inference.retrieval_policy import (choose_retrieval, device_kb_budget,
+                                                   task_footprint, task_table)
 from onegen_jax.model.config import preset
 from onegen_jax.model.decoder import Decoder
 from onegen_jax.retrieval import device_kb
@@ -72,8 +72,9 @@ def _engines(setup, mode, steps, **config):
       search=index.search_documents if mode == "rag" else index.search,
       documents=lambda uid: tokens.insertion_tokens(texts[uid]),
       search_candidates=CandidateScorer(vectors, UIDS).search, decode=_decode)
-  kb, documents = device_kb.build(vectors, UIDS, mesh, **(
-      dict(tokenizer=tokens, texts=texts) if mode == "rag" else {}))
+  table = device_kb.insertion_table(UIDS, tokens, texts) if mode == "rag" else None
+  kb = device_kb.build(vectors, UIDS, mesh, table=table)
+  documents = table.documents if table else []
   device = Engine(config=dataclasses.replace(config, steps_per_dispatch=steps),
                   device=DeviceRetrieval(kb, UIDS, documents), **common)
   return Engine(config=config, **common), device
@@ -177,17 +178,24 @@ def test_penalties_and_sessions(setup):
   assert continued[1].prompt[-3:] == turn and continued[1].tokens
 
 
-def test_task_device_retrieval_and_refusals(setup):
-  """task_device_retrieval (launch.infer's and launch.serve's --steps_per_dispatch) places the
-  index's keys and, for RAG, its documents; N > 1 without a device KB and RAG candidates are
-  refused."""
+def test_choose_retrieval_places_the_kb_and_refuses(setup):
+  """choose_retrieval (launch.infer's and launch.serve's --steps_per_dispatch) at N > 1 places the
+  index's keys and, for RAG, its documents; at N = 1 it touches neither (a documents.json missing
+  a document is then the request's error, not start-up's). N > 1 without a device KB, RAG
+  candidates, and a RAG KB missing a document's text are refused."""
   _, _, mesh, index, vectors, texts = setup
   for mode in ("el", "rag"):
     run = types.SimpleNamespace(task=types.SimpleNamespace(mode=mode), tokenizer=_Tokens(),
                                 mesh=mesh)
-    device = task_device_retrieval(run, index, texts, vectors)
+    line, device = choose_retrieval(run, index, texts, vectors, None, 8, 1 << 20)
+    assert line.startswith("retrieval: on the devices") and "(fits)" in line
     assert list(device.key_uids) == UIDS and device.kb.num_keys == N_KEYS
     assert list(device.documents) == ([] if mode == "el" else list(texts))
+  broken = dict(list(texts.items())[1:])
+  assert choose_retrieval(run, index, broken, vectors, None, 1, 0) == (
+      f"retrieval: on the host, {type(index).__name__} (--steps_per_dispatch=1)", None)
+  with pytest.raises(KeyError, match=repr(list(texts)[0])):
+    choose_retrieval(run, index, broken, vectors, None, 8, 1 << 20)
   host, rag = _engines(setup, "rag", 4)
   with pytest.raises(ValueError, match="needs the device loop"):
     Engine(host.model, host.params, TOKENS, host.policy.search, None,
@@ -214,21 +222,21 @@ def test_device_loop_on_a_1x2x4_mesh(setup):
     _same(want, got)
 
 
-def test_which_retrieval_weighs_the_kb_against_the_budget(setup):
-  """task_footprint (from the sizes: 37 keys of 64 float32 over 8 shards, RAG's table as wide as
-  the longest insertion), the budget (--device_kb_budget_mib, else a fraction of the device's
-  memory) and which_retrieval's line; N > 1 with a KB over the budget is an error naming both."""
+def test_the_kb_is_weighed_against_the_budget(setup):
+  """task_footprint of task_table (from the sizes: 37 keys of 64 float32 over 8 shards, RAG's
+  table as wide as the longest insertion) equals the placed KB's; the budget
+  (--device_kb_budget_mib, else a fraction of the device's memory); N > 1 with a KB over the
+  budget is an error naming both sizes."""
   _, _, mesh, index, vectors, texts = setup
   run = types.SimpleNamespace(task=types.SimpleNamespace(mode="rag"), tokenizer=_Tokens(),
                               mesh=mesh)
-  footprint = task_footprint(run, UIDS, texts, 64)
-  kb, _ = device_kb.build(vectors, UIDS, mesh, tokenizer=_Tokens(), texts=texts)
-  assert footprint == kb.footprint() and footprint.keys == 5 * 64 * 4
+  table = task_table(run, UIDS, texts)
+  footprint = task_footprint(run, len(UIDS), 64, table)
+  assert footprint == device_kb.build(vectors, UIDS, mesh, table=table).footprint()
+  assert footprint.keys == 5 * 64 * 4
   assert device_kb_budget(mesh, 3) == 3 << 20 and device_kb_budget(mesh) > 1 << 20
-  line = which_retrieval(footprint, 1 << 20, 8, "ExactIndex")
-  assert line.startswith("retrieval: on the devices") and "(fits)" in line
-  assert "on the host, ExactIndex" in which_retrieval(footprint, 1000, 1, "ExactIndex")
+  with pytest.raises(ValueError, match=r"takes 0\.0 MiB per device, over the budget of 0\.0 MiB "
+                                       r"per device \(--device_kb_budget_mib\)"):
+    choose_retrieval(run, index, texts, vectors, None, 8, 100)
   large = device_kb.footprint(10_000_000, 4096, np.float16, 64)  # the issue's KB on v5p-64
-  with pytest.raises(ValueError, match=r"takes 1220.7 MiB per device, over the budget of "
-                                       r"1024.0 MiB per device \(--device_kb_budget_mib\)"):
-    which_retrieval(large, 1024 << 20, 8, "ScannIndex")
+  assert f"{large.total / device_kb.MIB:.1f}" == "1220.7" and not large.fits(1024 << 20)

@@ -12,9 +12,9 @@ the task decides what the request's cache gets next:
     own query through the policy and branches one row per document with the policy's insertion.
 `make_policy` is the one constructor (the Engine calls it with its arguments); `task_retrieval`
 is the one place a run's task, index and documents become those arguments (make_engine), and
-`task_device_retrieval` the KB the device loop searches (the Engine's `device`), after
-`which_retrieval` has weighed its bytes per device (`task_footprint`) against the budget
-(`device_kb_budget`): what launch.build_index, launch.infer and launch.serve print.
+`choose_retrieval` the search launch.infer and launch.serve run: the host's index, or the KB
+the device loop searches (the Engine's `device`) once its bytes per device (`task_footprint` of
+`task_table`) fit the budget (`device_kb_budget`); launch.build_index prints that footprint.
 Each policy acts on the host (`search`, `search_among`, `follow`: the Engine) and on the devices
 (`device_search`, `device_follow` over a retrieval/device_kb.DeviceKB: pure, jit-able, for the
 compiled decode loop), the two giving the same ids and tokens (tests/test_device_kb.py).
@@ -31,7 +31,6 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
-from onegen_jax.data.records import document_uid
 from onegen_jax.inference.device_loop import DeviceRetrieval
 from onegen_jax.retrieval import device_kb
 from onegen_jax.retrieval.candidates import CandidateScorer, RankPrior
@@ -172,46 +171,50 @@ def device_kb_budget(mesh: Mesh, mib: int = 0) -> int:
   return mib * device_kb.MIB if mib else device_budget(list(mesh.devices.flat), DEVICE_KB_FRACTION)
 
 
-def task_footprint(run: LoadedRun, key_uids: Sequence[str], texts: dict[str, str], dim: int,
+def task_table(run: LoadedRun, key_uids: Sequence[str],
+               texts: dict[str, str]) -> device_kb.InsertionTable | None:
+  """RAG's insertion table of the keys `key_uids` (each document's `insertion_tokens`, tokenised
+  once, on the host); None for EL."""
+  return (device_kb.insertion_table(key_uids, run.tokenizer, texts) if run.task.mode == "rag"
+          else None)
+
+
+def task_footprint(run: LoadedRun, num_keys: int, dim: int,
+                   table: device_kb.InsertionTable | None,
                    dtype=np.float32) -> device_kb.Footprint:
-  """The bytes per device task_device_retrieval's KB of `key_uids` (keys [len, dim] in `dtype`)
-  would hold on the run's mesh, from the sizes alone; RAG's token table is as wide as the longest
-  `insertion_tokens(texts[uid])` of the keys' documents (each is tokenised)."""
-  documents = dict.fromkeys(map(document_uid, key_uids)) if run.task.mode == "rag" else {}
-  width = max((len(run.tokenizer.insertion_tokens(texts[uid])) for uid in documents), default=0)
-  return device_kb.footprint(len(key_uids), dim, dtype, run.mesh.devices.size, len(documents),
-                             width)
+  """The bytes per device a device KB of `num_keys` keys [dim] in `dtype` and `table` (task_table)
+  would hold on the run's mesh, from the sizes alone (nothing is placed)."""
+  num_docs, width = (0, 0) if table is None else table.tokens.shape
+  return device_kb.footprint(num_keys, dim, dtype, run.mesh.devices.size, num_docs, width)
 
 
-def which_retrieval(footprint: device_kb.Footprint, budget: int, steps_per_dispatch: int,
-                    host_index: str) -> str:
-  """The line launch.infer and launch.serve print: the search that runs (the device loop's KB
-  for steps_per_dispatch > 1, else the host's `host_index`) and the KB's Footprint.summary
-  against `budget` bytes per device. ValueError naming both sizes when steps_per_dispatch > 1
-  and the KB does not fit."""
-  if steps_per_dispatch > 1 and not footprint.fits(budget):
+def choose_retrieval(run: LoadedRun, index: Index, texts: dict[str, str], vectors: np.ndarray,
+                     prior: RankPrior | None, steps_per_dispatch: int,
+                     budget: int) -> tuple[str, DeviceRetrieval | None]:
+  """Where launch.infer's and launch.serve's search runs, and the line they print saying why.
+
+  steps_per_dispatch 1: the host's `index` (the KB is not tokenised or sized; build_index
+  printed its size), device None. Above 1: the device loop's KB, placed on the run's mesh when
+  its Footprint fits `budget` bytes per device (device_kb_budget), as task_retrieval searches on
+  the host: vectors [keys, D] in the index's key order (rows sharded over all the mesh's axes),
+  RAG's token table of `insertion_tokens(texts[uid])`, EL's candidates ranked with `prior`.
+  ValueError naming both sizes when it does not fit; KeyError when texts lacks a document."""
+  host = type(index).__name__
+  if steps_per_dispatch <= 1:
+    return f"retrieval: on the host, {host} (--steps_per_dispatch=1)", None
+  table = task_table(run, index.ids, texts)
+  footprint = task_footprint(run, len(index.ids), vectors.shape[1], table)
+  if not footprint.fits(budget):
     raise ValueError(
         f"--steps_per_dispatch={steps_per_dispatch} puts the index on the devices, but its KB "
         f"takes {footprint.total / device_kb.MIB:.1f} MiB per device, over the budget of "
         f"{budget / device_kb.MIB:.1f} MiB per device (--device_kb_budget_mib): raise the budget "
-        f"or run --steps_per_dispatch=1 (the host's {host_index})")
-  where = (f"on the devices, in the decode loop (--steps_per_dispatch={steps_per_dispatch})"
-           if steps_per_dispatch > 1 else f"on the host, {host_index} (--steps_per_dispatch=1)")
-  return f"retrieval: {where}; {footprint.summary(budget)}"
-
-
-def task_device_retrieval(run: LoadedRun, index: Index, texts: dict[str, str],
-                          vectors: np.ndarray, prior: RankPrior | None = None,
-                          dtype=np.float32) -> DeviceRetrieval:
-  """The device loop's KB for a run's task (the Engine's `device`), as task_retrieval searches on
-  the host: vectors [keys, D] in the index's key order on the run's mesh (rows sharded over all
-  its axes, in `dtype`); RAG's token table holds `insertion_tokens(texts[uid])` of each
-  document; EL's candidates are ranked with `prior`."""
-  rag = run.task.mode == "rag"
-  kb, documents = device_kb.build(vectors, index.ids, run.mesh, dtype=dtype,
-                                  tokenizer=run.tokenizer if rag else None,
-                                  texts=texts if rag else None)
-  return DeviceRetrieval(kb, list(index.ids), documents, prior)
+        f"or run --steps_per_dispatch=1 (the host's {host})")
+  kb = device_kb.build(vectors, index.ids, run.mesh, table=table)
+  line = (f"retrieval: on the devices, in the decode loop (--steps_per_dispatch="
+          f"{steps_per_dispatch}); {footprint.summary(budget)}")
+  return line, DeviceRetrieval(kb, list(index.ids), [] if table is None else table.documents,
+                               prior)
 
 
 def task_retrieval(run: LoadedRun, index: Index, texts: dict[str, str],

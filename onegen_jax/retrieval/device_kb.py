@@ -1,7 +1,8 @@
 """The knowledge base on the devices: keys and RAG insertion tokens searched and read inside
 compiled code (the decode loop of issue 24), with no trip to the host.
 
-  kb, documents = build(vectors, key_uids, mesh, tokenizer=tok, texts=texts)
+  table = insertion_table(key_uids, tok, texts)          # RAG's documents, tokenised on the host
+  kb = build(vectors, key_uids, mesh, table=table)       # placed on the mesh
   ids, scores = search(kb, queries, k)                   # key rows [B, k], -1: no hit
   ids, scores = search(kb, queries, k, candidate_rows(key_uids, lists))  # EL candidates
   docs, scores = search_documents(kb, queries, k)        # document rows (RAG)
@@ -31,7 +32,6 @@ Every function here is pure and jit-able: callable inside `jax.jit` and a `lax.w
 
 from __future__ import annotations
 
-import collections
 import dataclasses
 import functools
 import math
@@ -71,6 +71,42 @@ class Footprint:
     verdict = "fits" if self.fits(budget) else "does not fit: ScaNN on the host"
     return (f"device KB: {self.total / MIB:.1f} MiB per device of budget {budget / MIB:.1f} MiB "
             f"({verdict})")
+
+
+@dataclasses.dataclass(frozen=True)
+class InsertionTable:
+  """RAG's documents on the host, before placement: documents (uids, in row order, one per
+  distinct `records.document_uid` of the keys, in the keys' order), key_docs int32 [N] (each
+  key's document row), tokens int32 [num_docs, L] (each document's insertion, left-aligned,
+  0-padded) and lengths int32 [num_docs]."""
+
+  documents: list[str]
+  key_docs: np.ndarray
+  tokens: np.ndarray
+  lengths: np.ndarray
+
+  @property
+  def keys_per_doc(self) -> int:
+    return int(np.bincount(self.key_docs).max())
+
+
+def insertion_table(key_uids: Sequence[str], tokenizer, texts: dict[str, str]) -> InsertionTable:
+  """The InsertionTable of the keys `key_uids` (the index's key order): each document's
+  `tokenizer.insertion_tokens(texts[uid])` (tokenizer: a TaskTokenizer; texts: build_index's
+  documents.json). KeyError naming the document a key maps to when texts lacks it."""
+  doc_of = [document_uid(uid) for uid in key_uids]
+  documents = list(dict.fromkeys(doc_of))
+  missing = [uid for uid in documents if uid not in texts]
+  if missing:
+    raise KeyError(f"{len(missing)} documents of the index's keys are not in its documents.json, "
+                   f"e.g. {missing[:3]}")
+  row_of = {uid: i for i, uid in enumerate(documents)}
+  inserted = [tokenizer.insertion_tokens(texts[uid]) for uid in documents]
+  tokens = np.zeros((len(documents), max(map(len, inserted))), np.int32)
+  for i, ids in enumerate(inserted):
+    tokens[i, :len(ids)] = ids
+  return InsertionTable(documents, np.array([row_of[d] for d in doc_of], np.int32), tokens,
+                        np.array(list(map(len, inserted)), np.int32))
 
 
 def footprint(num_keys: int, dim: int, dtype, shards: int, num_docs: int = 0,
@@ -120,15 +156,12 @@ class DeviceKB:
 
 
 def build(vectors: np.ndarray, key_uids: Sequence[str], mesh: Mesh,
-          axes: Sequence[str] | None = None, dtype=np.float32, tokenizer=None,
-          texts: dict[str, str] | None = None,
-          recall_target: float | None = None) -> tuple[DeviceKB, list[str]]:
+          axes: Sequence[str] | None = None, dtype=np.float32,
+          table: InsertionTable | None = None,
+          recall_target: float | None = None) -> DeviceKB:
   """Places a KB on `mesh`: vectors [N, D] (key row i is key_uids[i], the index's key order),
-  rows sharded over `axes` (default: all of the mesh's). With `tokenizer` (a TaskTokenizer) and
-  `texts` (document uid -> text, build_index's documents.json), the RAG table: a document per
-  distinct `records.document_uid` of the keys, in their order, holding
-  `tokenizer.insertion_tokens(texts[uid])`. Returns (the KB, the document uids of its document
-  rows; [] without a table)."""
+  rows sharded over `axes` (default: all of the mesh's), with RAG's `table` (insertion_table of
+  the same keys; None: EL, no table)."""
   axes = tuple(mesh.axis_names if axes is None else axes)
   shards = _shards(mesh, axes)
 
@@ -137,20 +170,11 @@ def build(vectors: np.ndarray, key_uids: Sequence[str], mesh: Mesh,
         mesh, P(axes, *[None] * (array.ndim - 1))))
 
   keys = place(np.asarray(vectors, dtype))
-  if tokenizer is None:
-    return DeviceKB(keys, None, None, None, len(key_uids), 0, 1, mesh, axes, recall_target), []
-  doc_of = [document_uid(uid) for uid in key_uids]
-  documents = list(dict.fromkeys(doc_of))
-  row_of = {uid: i for i, uid in enumerate(documents)}
-  inserted = [tokenizer.insertion_tokens(texts[uid]) for uid in documents]
-  table = np.zeros((len(documents), max(map(len, inserted))), np.int32)
-  for i, ids in enumerate(inserted):
-    table[i, :len(ids)] = ids
-  kb = DeviceKB(keys, place(np.array([row_of[d] for d in doc_of], np.int32), fill=-1),
-                place(table), place(np.array(list(map(len, inserted)), np.int32)),
-                len(key_uids), len(documents), max(collections.Counter(doc_of).values()), mesh,
-                axes, recall_target)
-  return kb, documents
+  if table is None:
+    return DeviceKB(keys, None, None, None, len(key_uids), 0, 1, mesh, axes, recall_target)
+  return DeviceKB(keys, place(table.key_docs, fill=-1), place(table.tokens), place(table.lengths),
+                  len(key_uids), len(table.documents), table.keys_per_doc, mesh, axes,
+                  recall_target)
 
 
 def _shards(mesh: Mesh, axes: tuple[str, ...]) -> int:
