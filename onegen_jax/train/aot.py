@@ -27,7 +27,7 @@ _SLICES = {
     "v5p-8": ("v5:2x2x1", "megacore"), "v5p-16": ("v5:2x2x2", "megacore"),
     "v5p-32": ("v5:2x2x4", "megacore"), "v5p-64": ("v5:2x4x4", "megacore"),
     "v5p-128": ("v5:4x4x4", "megacore"), "v5p-256": ("v5:4x4x8", "megacore"),
-    "v5e-4": ("v5e:2x2", "default"), "v5e-8": ("v5e:2x4", "default"),
+    "v5e-1": ("v5e:1x1", "default"), "v5e-4": ("v5e:2x2", "default"), "v5e-8": ("v5e:2x4", "default"),
     "v5e-16": ("v5e:4x4", "default"), "v5e-32": ("v5e:4x8", "default"),
     "v5e-64": ("v5e:8x8", "default"), "v5e-128": ("v5e:8x16", "default"),
     "v5e-256": ("v5e:16x16", "default"),
@@ -61,8 +61,10 @@ def topology_devices(name: str) -> list:
                      "or a raw name such as 'v5:2x4x4'")
   # libtpu takes a machine-wide lock unless told that several processes may load it.
   os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+  dims = [int(d) for d in topology.split(":")[1].split("x")] + [1, 1]
+  host = tuple(min(d, most) for d, most in zip(dims, (2, 2, 1)))  # a slice under one host's 2x2
   desc = topologies.get_topology_desc(platform="tpu", topology_name=topology,
-                                      chip_config_name=chip_config, chips_per_host_bounds=(2, 2, 1),
+                                      chip_config_name=chip_config, chips_per_host_bounds=host,
                                       num_slices=1)
   return list(desc.devices)
 
