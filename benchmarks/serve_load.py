@@ -51,6 +51,9 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument("--routes", default="generate,chat", help="Routes taking turns at each client "
                  f"count: {', '.join(f'{k} ({v})' for k, v in PATHS.items())}.")
   p.add_argument("--requests", type=int, default=64, help="Requests per client count and route.")
+  p.add_argument("--repeats", type=int, default=1, help="Turns of the routes at each client count "
+                 "(each sends every request once); a rate is all turns' requests over their "
+                 "summed wall time, latencies are over all turns.")
   p.add_argument("--max_new_tokens", type=int, default=64)
   p.add_argument("--max_batch", type=int, default=16, help="The server's slots.")
   p.add_argument("--capacity", type=int, default=1024)
@@ -181,18 +184,16 @@ def main(argv=None):
       for route in routes:
         run_level(url, PATHS[route], bodies[route], clients)
     for clients in levels:
-      for route in routes:  # in turns at each level: a drift of the machine's load hits all alike
-        if time.monotonic() > deadline:
-          raise SystemExit(f"past --deadline_s={args.deadline_s} before {route} at {clients} "
-                           "clients")
-        wall, latencies, results = run_level(url, PATHS[route], bodies[route], clients)
-        answers[route, clients] = [answer(route, r) for r in results]
-        rates[route, clients] = rate = len(results) / wall
-        rows.append([route, clients, len(results), f"{wall:.2f}", f"{rate:.2f}",
+      timed = measure_level(args, url, bodies, clients, deadline, answers)
+      for route in routes:
+        wall, latencies = timed[route]
+        count = len(latencies)
+        rates[route, clients] = rate = count / wall
+        tokens = args.repeats * sum(a[2] for a in answers[route, clients])
+        rows.append([route, clients, count, f"{wall:.2f}", f"{rate:.2f}",
                      f"{rate / rates[route, levels[0]]:.2f}x", vs_generate(rates, route, clients),
                      f"{1e3 * percentile(latencies, 50):.0f}",
-                     f"{1e3 * percentile(latencies, 99):.0f}",
-                     f"{sum(a[2] for a in answers[route, clients]) / wall:.0f}"])
+                     f"{1e3 * percentile(latencies, 99):.0f}", f"{tokens / wall:.0f}"])
   finally:
     proc.terminate()
     proc.wait(60)
@@ -206,6 +207,26 @@ def main(argv=None):
     raise SystemExit("answers differ:\n" + "\n".join(differ))
   if not args.no_record:
     record(args, levels, routes, rates, table)
+
+
+def measure_level(args, url: str, bodies: dict, clients: int, deadline: float,
+                  answers: dict) -> dict[str, tuple[float, list[float]]]:
+  """route -> (summed wall seconds, latencies) of --repeats turns of every route at `clients`
+  (in turns: a drift of the machine's load hits all alike); answers[route, clients] gets each
+  turn's answers, SystemExit when a turn's differ from the first's."""
+  timed = {route: (0.0, []) for route in args.routes}
+  for turn in range(args.repeats):
+    for route in args.routes:
+      if time.monotonic() > deadline:
+        raise SystemExit(f"past --deadline_s={args.deadline_s} before {route} at {clients} "
+                         "clients")
+      wall, latencies, results = run_level(url, PATHS[route], bodies[route], clients)
+      got = [answer(route, r) for r in results]
+      if answers.setdefault((route, clients), got) != got:
+        raise SystemExit(f"{route} at {clients} clients: turn {turn + 1}'s answers differ from "
+                         "the first turn's")
+      timed[route] = (timed[route][0] + wall, timed[route][1] + latencies)
+  return timed
 
 
 def vs_generate(rates: dict, route: str, clients: int) -> str:
@@ -234,7 +255,7 @@ def record(args, levels: list[int], routes: list[str], rates: dict, table: str):
        f"max_new_tokens={args.max_new_tokens}.",
        "Routes: " + ", ".join(f"{r} = `POST {PATHS[r]}`" for r in routes) + "; the same requests "
        "on each (chat: messages, max_tokens, temperature 0), the routes in turns at each client "
-       "count; generated tokens: /v1/generate's usage.generated_tokens, chat's "
+       f"count, {args.repeats} turn(s) each (requests: all turns'); generated tokens: /v1/generate's usage.generated_tokens, chat's "
        "usage.completion_tokens.",
        "Clients: threads on the same 2-core machine as the server, one HTTP connection each; "
        "every level ran once untimed on every route before (compiles).",
