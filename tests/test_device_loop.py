@@ -88,12 +88,13 @@ def _decode(tokens) -> str:
 def _requests(mode: str, sampled: bool) -> list[Request]:
   """Ten requests (prompts of 3 to 14 tokens) whose forced starts hold query tokens: 1 to 4
   retrievals (max_retrievals is 3), an EOS, per-request max_new_tokens, one running into the
-  cache's capacity, the host-only stops (a stop string, the loop stop) and, for EL, candidates
-  (one list for every query, or one per query, one shorter than k=3)."""
+  cache's capacity, the host-only stops (a stop string, the loop stop), one prompt (40 tokens)
+  wider than the loop's chunk (fed by a host step first) and, for EL, candidates (one list for
+  every query, or one per query, one shorter than k=3)."""
   rng = np.random.default_rng(1)
   requests = []
   for i in range(10):
-    prompt = [int(t) for t in rng.integers(20, 500, 3 + i)]
+    prompt = [int(t) for t in rng.integers(20, 500, 40 if i == 8 else 3 + i)]
     force = [int(t) for t in rng.integers(20, 500, 1 + i % 3)]
     force += [QUERY, *rng.integers(20, 500, i % 3).tolist()] * (1 + i % 4)  # <= 16 in all
     if i == 6:
