@@ -1,12 +1,24 @@
-"""Ahead-of-time compilation of the train step for TPU slices (libtpu, no TPU attached)."""
+"""Ahead-of-time compilation of the train step and of the device decode loop for TPU slices (libtpu,
+no TPU attached)."""
 
+import json
 import os
 import subprocess
 import sys
 
+import jax
+import numpy as np
 import pytest
 
 from conftest import demo_config
+from onegen_jax import sharding
+from onegen_jax.inference.aot import abstract_rows, compile_decode_loop
+from onegen_jax.inference.device_loop import DeviceRetrieval, records_per_call
+from onegen_jax.inference.engine import Engine, GenerationConfig, Request, TaskTokens
+from onegen_jax.inference.slots import chunk_width
+from onegen_jax.model.config import preset
+from onegen_jax.model.decoder import Decoder
+from onegen_jax.retrieval import device_kb
 from onegen_jax.train.aot import compile_train_step, topology_devices
 
 pytestmark = pytest.mark.processes  # run by .ci/run, not by make test (see pyproject.toml)
@@ -50,3 +62,49 @@ def test_a_config_that_does_not_fit_fails_with_the_compilers_message():
       cwd=ROOT, capture_output=True, text=True, timeout=600)
   assert run.returncode == 1
   assert "does not fit on v5e-4: RESOURCE_EXHAUSTED" in run.stderr
+
+
+def test_decode_loop_compiles_for_v5p_8_with_its_kb():
+  """The tiny model's device loop (EL) for v5p-8 (4 devices, fsdp 4) with a KB of 1001 keys (not
+  a multiple of the devices): the KB's bytes per device are device_kb.footprint's."""
+  report = compile_decode_loop(preset("tiny"), "v5p-8", mesh_shape=dict(data=1, fsdp=-1),
+                               kb_keys=1001, kb_dtype="bfloat16", batch=8, capacity=256,
+                               steps_per_dispatch=8, k=4)
+  assert report.num_devices == 4 and report.mesh == {"data": 1, "fsdp": 4, "tensor": 1}
+  assert (report.width, report.records) == (256, 4)
+  assert report.kb_bytes == device_kb.footprint(1001, 64, "bfloat16", 4).total == 251 * 64 * 2
+  parts = report.params_bytes + report.kb_bytes + report.cache_bytes
+  assert report.argument_bytes >= parts and report.alias_bytes == report.cache_bytes
+  assert report.bytes_per_device >= parts + report.temp_bytes
+
+
+def test_abstract_rows_are_the_engines():
+  """abstract_rows' shapes and dtypes are those DeviceLoop builds for a call feeding the longest
+  prompt a capacity of 128 takes (127 tokens: a chunk of 128)."""
+  mesh = sharding.make_mesh(data=-1)
+  uids = ["a", "b", "c"]
+  config = GenerationConfig(batch_size=4, capacity=128, steps_per_dispatch=8,
+                            max_retrievals=1 << 30)
+  engine = Engine(Decoder(preset("tiny")), None, TaskTokens(5, 2, 6), None, None, config, "el",
+                  mesh=mesh, device=DeviceRetrieval(device_kb.build(np.zeros((3, 64)), uids,
+                                                                    mesh), uids))
+  engine.submit(Request(list(range(10, 137))))
+  engine._admit()  # pylint: disable=protected-access
+  records = records_per_call(config)
+  rows, window, _ = engine._device._rows(engine, 8, records)  # pylint: disable=protected-access
+  described = lambda tree: jax.tree.map(lambda x: (x.shape, np.dtype(x.dtype)), tree)
+  assert window == 128
+  assert described(rows) == described(abstract_rows(4, chunk_width(127), records, mesh))
+
+
+def test_a_kb_too_large_for_the_slice_fails_with_the_compilers_message():
+  """1.7e9 float32 keys of the tiny model's 64 dimensions: 101 GiB per v5p-8 device (95 GiB of
+  HBM each). The CLI prints the configuration with the compiler's message and exits 1."""
+  run = subprocess.run(
+      [sys.executable, "-m", "benchmarks.aot_decode_loop", "--config=configs/el.py:demo",
+       "--topology=v5p-8", "--kb_keys=1700000000", "--kb_dtype=float32", "--batch=8",
+       "--capacity=256", "--steps_per_dispatch=8", "--k=4"],
+      cwd=ROOT, capture_output=True, text=True, timeout=600)
+  assert run.returncode == 1, run.stderr[-2000:]
+  line = json.loads(run.stdout.strip().splitlines()[-1])
+  assert line["kb_keys"] == 1700000000 and line["error"].startswith("RESOURCE_EXHAUSTED")

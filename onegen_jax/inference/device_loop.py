@@ -36,7 +36,7 @@ from onegen_jax.inference.feeding import PENALTIES, penalty_inputs
 from onegen_jax.inference.slots import cache_window, chunk_width, history_width, list_width
 from onegen_jax.inference.step import next_token, row_keys
 from onegen_jax.inference.stopping import stop_reason
-from onegen_jax.inference.types import Retrieval
+from onegen_jax.inference.types import GenerationConfig, Retrieval, TaskTokens
 from onegen_jax.model.decoder import Decoder
 from onegen_jax.retrieval import device_kb
 from onegen_jax.retrieval.candidates import RankPrior
@@ -73,15 +73,14 @@ class DeviceRetrieval:
 @dataclasses.dataclass(frozen=True)
 class Rows:
   """The rows' state entering a call (B rows, from the engine's slots): pending int32 [B, W] and
-  count int32 [B] (the tokens to feed next, 0-padded; 0: idle row), is_output bool [B] (pending
-  is the row's last output-stream token: a query RET token there is searched), length int32 [B]
+  count int32 [B] (the tokens to feed next, 0-padded; 0: idle row), is_output bool [B] (pending is
+  the row's last output-stream token: a query RET token there is searched), length int32 [B]
   (cached entries), steps int32 [B] and seeds int32 [B] (the sampling key's counters), sampling
-  float32 [B, 2], penalties float32 [B, 3], history int32 [B, H] (H: 0, or room for a whole
-  cache row),
-  history_len int32 [B], output_from int32 [B] (as step_fn takes them), force int32 [B, F] and
-  force_count int32 [B] (forced output tokens left), stream_len and max_new int32 [B] (output
-  tokens so far, and the row's max_new_tokens), retrievals int32 [B] (so far), candidates
-  (EL): CandidateRows with rows [B, R, C] and restricted [B, R], the row's next R queries."""
+  float32 [B, 2], penalties float32 [B, 3], history int32 [B, H] (H: 0, or room for a whole cache
+  row), history_len int32 [B], output_from int32 [B] (as step_fn takes them), force int32 [B, F]
+  and force_count int32 [B] (forced output tokens left), stream_len and max_new int32 [B] (output
+  tokens so far, and the row's max_new_tokens), retrievals int32 [B] (so far), candidates (EL):
+  CandidateRows with rows [B, R, C] and restricted [B, R], the row's next R queries."""
 
   pending: jax.Array
   count: jax.Array
@@ -151,9 +150,8 @@ def decode_loop(model, vocab_size, seed, watch, policy, query, eos, capacity, ma
 
   def no_search(queries, made):
     del queries, made
-    hits = zeros((batch, k), fill=-1)
-    return (hits, zeros((batch, k), jnp.float32, -jnp.inf), zeros((batch, follow_width)),
-            zeros((batch,)))
+    return (zeros((batch, k), fill=-1), zeros((batch, k), jnp.float32, -jnp.inf),
+            zeros((batch, follow_width)), zeros((batch,)))
 
   def body(carry):
     i, s, cache, out = carry
@@ -216,12 +214,23 @@ def decode_loop(model, vocab_size, seed, watch, policy, query, eos, capacity, ma
         active=active & ~(over | missing | eos_stop | new_stop))
     return i + 1, s, cache, out
 
-  def going(carry):
-    i, s, _, _ = carry
-    return (i < steps) & jnp.any(s["active"])
-
+  going = lambda carry: (carry[0] < steps) & jnp.any(carry[1]["active"])
   _, _, cache, out = jax.lax.while_loop(going, body, (jnp.int32(0), state, cache, out))
   return out, cache
+
+
+def compiled_loop(model, vocab_size, config: GenerationConfig, policy, tokens: TaskTokens):
+  """decode_loop jitted as the engine runs it: config's seed, watch, capacity and max_retrievals
+  and the tokens' query and EOS bound; the cache donated; steps, window, k, records static."""
+  return jax.jit(functools.partial(decode_loop, model, vocab_size, config.seed,
+                                   tuple(config.watch), policy, tokens.query, tokens.eos,
+                                   config.capacity, config.max_retrievals),
+                 donate_argnames="cache", static_argnames=("steps", "window", "k", "records"))
+
+
+def records_per_call(config: GenerationConfig) -> int:
+  """R: the retrievals a row may make in one call of N steps (one per two steps at most)."""
+  return max(1, min((config.steps_per_dispatch + 1) // 2, config.max_retrievals))
 
 
 class DeviceLoop:
@@ -229,7 +238,6 @@ class DeviceLoop:
   `decode_loop` and replays its records into the engine's outputs (`dispatch`)."""
 
   def __init__(self, engine: Engine, vocab_size: int | None, retrieval: DeviceRetrieval):
-    cfg = engine.config
     if engine.query_vectors is not None:
       raise ValueError("query_vectors (a pipeline's own query encoder) needs the host step: "
                        "the device loop searches the hidden states")
@@ -237,11 +245,7 @@ class DeviceLoop:
     self.retrieval = retrieval
     self.names = list(retrieval.documents if policy.mode == "rag" else retrieval.key_uids)
     self.follow_width = policy.follow_width(retrieval.kb)
-    self._loop = jax.jit(
-        functools.partial(decode_loop, engine.model, vocab_size, cfg.seed, tuple(cfg.watch),
-                          policy, engine.tokens.query, engine.tokens.eos, cfg.capacity,
-                          cfg.max_retrievals),
-        donate_argnames="cache", static_argnames=("steps", "window", "k", "records"))
+    self._loop = compiled_loop(engine.model, vocab_size, engine.config, policy, engine.tokens)
 
   def check(self, engine: Engine, request) -> None:
     """ValueError for a request the device loop cannot run (RAG searches documents, never
@@ -254,7 +258,7 @@ class DeviceLoop:
     cfg, slots = engine.config, engine._slots  # pylint: disable=protected-access
     busy = [r for r, s in enumerate(slots) if s is not None]
     steps = cfg.steps_per_dispatch
-    records = max(1, min((steps + 1) // 2, cfg.max_retrievals))
+    records = records_per_call(cfg)
     rows, window, k = self._rows(engine, steps, records)
     with engine._rules():  # pylint: disable=protected-access
       out, engine._cache = self._loop(  # pylint: disable=protected-access
@@ -262,12 +266,8 @@ class DeviceLoop:
           k=k, records=records)
       out = jax.device_get(out)
     engine.tokens_fed += int(out["fed"])
-    ended = []
-    for r in busy:
-      rid = self._replay(engine, r, out)
-      if rid is not None:
-        ended.append(rid)
-    return ended
+    ended = [self._replay(engine, r, out) for r in busy]
+    return [rid for rid in ended if rid is not None]
 
   def _rows(self, engine: Engine, steps: int, records: int) -> tuple[Rows, int, int]:
     """(Rows, window, k) of a call over the engine's slots."""
