@@ -48,6 +48,7 @@ def test_splash_needs_no_score_temporaries():
 def test_named_slices_have_their_chip_counts():
   assert len(topology_devices("v5p-64")) == 32  # v5p names count TensorCores, 2 per chip
   assert len(topology_devices("v5e-256")) == 256
+  assert len(topology_devices("v5e-1")) == 1  # under one host's 2x2 chips
   with pytest.raises(ValueError, match="unknown TPU topology 'v9-8'"):
     topology_devices("v9-8")
 
