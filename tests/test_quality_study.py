@@ -73,6 +73,26 @@ def test_wide_arm_trains_four_micro_batches_per_step_with_shared_negatives():
   assert wide.loss.negatives_across_micro_batches and not plain.loss.negatives_across_micro_batches
 
 
+def test_lora_arm_trains_adapters_over_the_imported_base_with_the_same_batches():
+  """onegen_infonce_lora: LoRA rank 16 over model.init_from (the imported model) in bf16, the
+  task tokens' rows trained, every other setting onegen_infonce's; its own fingerprint, and the
+  full arms' fingerprints do not move (their finished runs stay reusable)."""
+  args = _args("--arms=onegen_infonce,onegen_infonce_lora")
+  task = data.TaskData(cli.TaskSettings.from_args(args, "el"), "train.jsonl", "dev.jsonl",
+                       "db.jsonl", "pool.jsonl", "", [], {})
+  full, lora = (train_config(args, task, "/tmp/run", arm, "bfloat16")
+                for arm in cli.study_arms(args))
+  assert not full.lora.enabled and lora.model.init_from == "/tmp/run"
+  assert (lora.lora.enabled, lora.lora.rank, lora.lora.base_dtype) == (True, 16, "bfloat16")
+  assert lora.lora.trainable_tokens == "added"
+  lora.lora, full.lora = full.lora, full.lora
+  assert lora.to_dict() == full.to_dict()
+  plain = cli.fingerprint(args, "el", _arm(args, "onegen_infonce"))
+  assert plain != cli.fingerprint(args, "el", _arm(args, "onegen_infonce_lora"))
+  assert plain == cli.fingerprint(_args("--arms=onegen_infonce"), "el",
+                                  _arm(_args("--arms=onegen_infonce"), "onegen_infonce"))
+
+
 def test_rag_dev_keeps_multi_hop_questions_and_trains_the_others():
   single, double = _line(("p1", ["n1"])), _line(("p2", ["n2"]), ("p3", ["n3"]))
   train, dev = data.multi_hop_dev([_line(("p0", ["n0"]))], [single, double])

@@ -24,6 +24,9 @@ questions / documents:
   onegen_infonce_wide  OneGen-InfoNCE with 4x the rows per optimizer step as 4 accumulation
                   micro-batches, negatives across them (the GradCache-style step): 4x the
                   in-batch keys per query, a quarter of the steps, same tokens
+  onegen_infonce_lora  OneGen-InfoNCE as LoRA (rank 16, alpha 32, every linear projection, the
+                  task tokens' embedding rows) over the imported model frozen in bf16; same
+                  batches and steps as onegen_infonce (issue 26)
   onegen_infonce_prior  EL: onegen_infonce's model; among a mention's candidates, cosine + the
                   candidate prior (RankPrior: weight x log P(gold at rank), fit on
                   --el_prior_fit_pieces training pieces, never dev), as launch.infer

@@ -37,6 +37,7 @@ class Arm:
   # Optimizer steps this many times wider: rows and accumulation micro-batches x batch_scale,
   # InfoNCE negatives across the micro-batches (the GradCache-style step), steps / batch_scale.
   batch_scale: int = 1
+  lora_rank: int = 0  # > 0: LoRA adapters of this rank over the frozen base (full fine-tune: 0)
 
   def __post_init__(self):
     if self.retriever not in RETRIEVERS:
@@ -71,6 +72,8 @@ ARMS = (
         Loss("infonce", 1.0, 1.0), n_neg=0),
     Arm("onegen_infonce_wide", "OneGen, InfoNCE, 4x wider steps (negatives across 4 "
         "micro-batches)", Loss("infonce", 1.0, 1.0), batch_scale=4),
+    Arm("onegen_infonce_lora", "OneGen, InfoNCE, LoRA rank 16 (adapters and task-token rows over "
+        "a bf16 base)", Loss("infonce", 1.0, 1.0), lora_rank=16),
     Arm("onegen_infonce_prior", "OneGen, InfoNCE + candidate prior (weight fit on training "
         "mentions)", Loss("infonce", 1.0, 1.0), "self_prior", writes=False, tasks=("el",),
         model_of="onegen_infonce"),

@@ -266,7 +266,8 @@ def fingerprint(args: argparse.Namespace, mode: str, arm: Arm, training: bool = 
             if k not in skip and not k.startswith(_OTHER_TASK[mode])}
   if arm.loss is not None:
     values["arm"] = {**dataclasses.asdict(arm.loss), "n_neg": arm.n_neg,
-                     "batch_scale": arm.batch_scale}
+                     "batch_scale": arm.batch_scale,
+                     **({"lora_rank": arm.lora_rank} if arm.lora_rank else {})}
   return hashlib.sha256(json.dumps(values, sort_keys=True, default=str).encode()).hexdigest()[:10]
 
 

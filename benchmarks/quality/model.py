@@ -106,6 +106,9 @@ def train_config(args: argparse.Namespace, data: TaskData, run_dir: str, arm: Ar
                  num_queries=max(micro_tokens // TOKENS_PER_QUERY, s.n_pos),
                  num_keys=max(micro_tokens // TOKENS_PER_KEY, s.n_pos * (1 + n_neg)),
                  num_negatives=max(n_neg, 1))
+  if arm.lora_rank:  # the run's base is model.init_from (the imported model)
+    c.lora.update(enabled=True, rank=arm.lora_rank, alpha=2.0 * arm.lora_rank,
+                  base_dtype="bfloat16")
   c.train.update(steps=args.steps, seed=args.seed, log_every=1, eval_every=0)
   c.checkpoint.update(every_steps=args.checkpoint_every, keep=1)
   c.data.update(train_path=data.train_path, db_path=data.db_path, dev_path="",
