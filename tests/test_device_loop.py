@@ -17,10 +17,12 @@ import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from onegen_jax import sharding
-from onegen_jax.inference.device_loop import DeviceRetrieval
+from onegen_jax.checkpoint import restore_target
+from onegen_jax.inference import aot
+from onegen_jax.inference.device_loop import DeviceRetrieval, compiled_loop, records_per_call
 from onegen_jax.inference.engine import Engine, GenerationConfig, Request, TaskTokens
 from onegen_jax.inference.retrieval_policy import (choose_retrieval, device_kb_budget,
-                                                   task_footprint, task_table)
+                                                   make_policy, task_footprint, task_table)
 from onegen_jax.model.config import preset
 from onegen_jax.model.decoder import Decoder
 from onegen_jax.retrieval import device_kb
@@ -241,3 +243,26 @@ def test_the_kb_is_weighed_against_the_budget(setup):
     choose_retrieval(run, index, texts, vectors, None, 8, 100)
   large = device_kb.footprint(10_000_000, 4096, np.float16, 64)  # the issue's KB on v5p-64
   assert f"{large.total / device_kb.MIB:.1f}" == "1220.7" and not large.fits(1024 << 20)
+
+
+def test_the_compiled_loop_keeps_the_cache_in_place():
+  """The compiled loop (tiny model, EL, on the 8-device mesh, as inference/aot.py lowers it) holds
+  no copy of the KV cache: the feed's two widths run as loops of 0 or 1 trips. As a lax.cond
+  they copied the whole cache 6 times per iteration (RESULTS.md finding 15)."""
+  config, mesh = preset("tiny"), sharding.make_mesh(data=-1)
+  generation = dataclasses.replace(CONFIG, batch_size=8, steps_per_dispatch=8)
+  cache = aot.abstract_cache(config, 8, generation.capacity, mesh)
+  records = records_per_call(generation)
+  loop = compiled_loop(Decoder(config), None, generation,
+                       make_policy("el", None, None, CONTINUE), TOKENS)
+  kb = aot.abstract_kb(N_KEYS, config.hidden_size, np.float32, mesh)
+  params = restore_target(config, mesh)
+  with sharding.activate(mesh):
+    text = loop.lower(params, kb, cache,
+                      aot.abstract_rows(8, 16, records, mesh), steps=8, window=generation.capacity,
+                      k=3, records=records).compile().as_text()
+  shard = cache[0].sharding.shard_shape(cache[0].shape)
+  dtype = {"float32": "f32", "bfloat16": "bf16"}[str(cache[0].dtype)]
+  cache_hlo = f"= {dtype}[{','.join(map(str, shard))}]"
+  assert cache_hlo in text  # the shape as the HLO names it
+  assert not [line for line in text.splitlines() if " copy(" in line and cache_hlo in line]

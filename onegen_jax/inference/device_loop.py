@@ -138,6 +138,17 @@ def decode_loop(model, vocab_size, seed, watch, policy, query, eos, capacity, ma
       return hidden[b, jnp.maximum(s["count"] - 1, 0) if chunk > 1 else 0], cache
     return run
 
+  def feed_at_width(wide, s, cache):
+    """feed(width) when `wide`, else feed(1), as two loops of 0 or 1 trips rather than a
+    lax.cond: XLA keeps a loop's carried cache in place, where a cond's branches copied it."""
+    hidden = jax.eval_shape(feed(1), s, cache)[0]
+    final = jnp.zeros(hidden.shape, hidden.dtype)
+    for chunk, take in ((width, wide), (1, ~wide)):
+      run = feed(chunk)
+      _, final, cache = jax.lax.while_loop(
+          lambda c: c[0], lambda c, run=run: (False, *run(s, c[2])), (take, final, cache))
+    return final, cache
+
   def search(queries, made):
     candidates = None
     if rows.candidates is not None:
@@ -160,7 +171,7 @@ def decode_loop(model, vocab_size, seed, watch, policy, query, eos, capacity, ma
     active = s["active"] & ~full
     count = jnp.where(active, s["count"], 0)
     s = dict(s, count=count)
-    final, cache = jax.lax.cond(jnp.any(count > 1), feed(width), feed(1), s, cache)
+    final, cache = feed_at_width(jnp.any(count > 1), s, cache)
     forced_at = jnp.minimum(s["forced_so_far"], rows.force.shape[1] - 1)
     forced = jnp.where(s["forced_so_far"] < rows.force_count, rows.force[b, forced_at], -1)
     sampled, vector, log_prob, watched = next_token(
