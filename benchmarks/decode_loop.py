@@ -54,7 +54,7 @@ class Workload:
   inserts: dict[str, list[int]]
 
   def insertion_tokens(self, uid: str) -> list[int]:
-    """The tokenizer's role for device_kb.insertion_table: a document's text is its uid."""
+    """The Engine's `documents` and device_kb.insertion_table's insertion: uid -> tokens."""
     return self.inserts[uid]
 
 
@@ -92,7 +92,7 @@ def make_engine(args, model: Decoder, params, mesh, work: Workload, steps: int) 
   index = ExactIndex().build(work.keys, work.uids)
   device = None
   if steps > 1:
-    table = (device_kb.insertion_table(work.uids, work, {u: u for u in work.uids})
+    table = (device_kb.insertion_table(work.uids, work.insertion_tokens)
              if work.mode == "rag" else None)
     device = DeviceRetrieval(device_kb.build(work.keys, work.uids, mesh, table=table), work.uids,
                              table.documents if table else [])

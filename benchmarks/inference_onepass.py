@@ -47,7 +47,6 @@ import argparse
 import dataclasses
 import statistics
 import time
-import types
 
 import jax
 import numpy as np
@@ -223,10 +222,9 @@ def build_index(encoder: Encoder, params, documents: dict[str, list[int]],
 
 def onegen_kb(setup: dict) -> DeviceRetrieval:
   """OneGen's index as the device loop's KB on the benchmark's mesh, each document's insertion
-  in its token table (a document's "text" is its uid)."""
+  (the Engine's `documents`) in its token table."""
   uids = list(setup["documents"])
-  insert = types.SimpleNamespace(insertion_tokens=setup["inserted"].__getitem__)
-  table = device_kb.insertion_table(uids, insert, {uid: uid for uid in uids})
+  table = device_kb.insertion_table(uids, setup["inserted"].__getitem__)
   kb = device_kb.build(setup["onegen_vectors"], uids, setup["mesh"], table=table)
   return DeviceRetrieval(kb, uids, table.documents)
 

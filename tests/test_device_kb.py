@@ -146,7 +146,7 @@ def test_candidates_equal_the_candidate_scorer(mesh, data, prior):
 
 def test_search_documents_equals_the_index(mesh, data):
   vectors, queries = data
-  table = device_kb.insertion_table(UIDS, _Tokens(), {u: u for u in UIDS})
+  table = device_kb.insertion_table(UIDS, _Tokens().insertion_tokens)
   kb, documents = device_kb.build(vectors, UIDS, mesh, table=table), table.documents
   index = ExactIndex().build(vectors, UIDS)
   assert kb.num_docs == index.num_documents == len(documents) and kb.keys_per_doc == 3
@@ -177,7 +177,7 @@ def test_the_token_table_holds_insertion_tokens(family):
   texts[docs[0].uid] = " Ünïcode, leading space\nand a line break "
   uids = [u for doc in texts for u in (doc, f"{doc}-1")]  # two keys each
   mesh = sharding.make_mesh(**MESHES["1x2x4"])
-  table = device_kb.insertion_table(uids, tokenizer, texts)
+  table = device_kb.insertion_table(uids, lambda uid: tokenizer.insertion_tokens(texts[uid]))
   kb = device_kb.build(_unit(np.random.default_rng(2), (len(uids), D)), uids, mesh, table=table)
   documents = table.documents
   assert documents == list(texts)
@@ -197,7 +197,7 @@ def test_search_inside_a_while_loop(data):
   vectors, queries = data
   mesh = sharding.make_mesh(**MESHES["1x2x4"])
   kb = device_kb.build(vectors, UIDS, mesh,
-                       table=device_kb.insertion_table(UIDS, _Tokens(), {u: u for u in UIDS}))
+                       table=device_kb.insertion_table(UIDS, _Tokens().insertion_tokens))
   candidates = device_kb.candidate_rows(UIDS, [UIDS[i::5] for i in range(Q)])
 
   def searched(q):
@@ -223,7 +223,7 @@ def test_footprint_is_the_bytes_on_each_device(data):
   vectors, _ = data
   mesh = sharding.make_mesh(data=-1)
   kb = device_kb.build(vectors, UIDS, mesh,
-                       table=device_kb.insertion_table(UIDS, _Tokens(), {u: u for u in UIDS}))
+                       table=device_kb.insertion_table(UIDS, _Tokens().insertion_tokens))
   on_device = sum(a.addressable_shards[0].data.nbytes for a in jax.tree.leaves(kb))
   assert kb.footprint().total == on_device
   el = device_kb.build(vectors, UIDS, mesh, dtype=jnp.bfloat16)
@@ -243,13 +243,13 @@ def test_each_policy_follows_a_retrieval_on_device_as_on_the_host(data):
   mesh = sharding.make_mesh(**MESHES["1x2x4"])
   texts = {u: f"text of {u}" for u in UIDS}
   tokens = _Tokens()
-  table = device_kb.insertion_table(UIDS, tokens, texts)
+  insertion = lambda uid: tokens.insertion_tokens(texts[uid])
+  table = device_kb.insertion_table(UIDS, insertion)
   kb, documents = device_kb.build(vectors, UIDS, mesh, table=table), table.documents
   index = ExactIndex().build(vectors, UIDS)
   scorer = CandidateScorer(vectors, UIDS)
   force = 7
-  rag = make_policy("rag", index.search_documents,
-                    lambda uid: tokens.insertion_tokens(texts[uid]), None)
+  rag = make_policy("rag", index.search_documents, insertion, None)
   el = make_policy("el", index.search, None, force, scorer.search)
   lists = [UIDS[i::4] for i in range(Q - 1)] + [["no-such-entity"]]
   candidates = device_kb.candidate_rows(UIDS, lists)

@@ -74,7 +74,7 @@ def _engines(setup, mode, steps, **config):
       search=index.search_documents if mode == "rag" else index.search,
       documents=lambda uid: tokens.insertion_tokens(texts[uid]),
       search_candidates=CandidateScorer(vectors, UIDS).search, decode=_decode)
-  table = device_kb.insertion_table(UIDS, tokens, texts) if mode == "rag" else None
+  table = device_kb.insertion_table(UIDS, common["documents"]) if mode == "rag" else None
   kb = device_kb.build(vectors, UIDS, mesh, table=table)
   documents = table.documents if table else []
   device = Engine(config=dataclasses.replace(config, steps_per_dispatch=steps),

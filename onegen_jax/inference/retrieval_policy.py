@@ -171,12 +171,19 @@ def device_kb_budget(mesh: Mesh, mib: int = 0) -> int:
   return mib * device_kb.MIB if mib else device_budget(list(mesh.devices.flat), DEVICE_KB_FRACTION)
 
 
+def task_documents(run: LoadedRun, texts: dict[str, str]) -> Callable[[str], list[int]]:
+  """A document uid -> what follows the query token that retrieved it,
+  `insertion_tokens(texts[uid])`: the host engine's `documents` and the device KB's table
+  alike (texts: build_index's documents.json)."""
+  return lambda uid: run.tokenizer.insertion_tokens(texts[uid])
+
+
 def task_table(run: LoadedRun, key_uids: Sequence[str],
                texts: dict[str, str]) -> device_kb.InsertionTable | None:
-  """RAG's insertion table of the keys `key_uids` (each document's `insertion_tokens`, tokenised
-  once, on the host); None for EL."""
-  return (device_kb.insertion_table(key_uids, run.tokenizer, texts) if run.task.mode == "rag"
-          else None)
+  """RAG's insertion table of the keys `key_uids` (task_documents, built once, on the host);
+  None for EL."""
+  return (device_kb.insertion_table(key_uids, task_documents(run, texts))
+          if run.task.mode == "rag" else None)
 
 
 def task_footprint(run: LoadedRun, num_keys: int, dim: int,
@@ -226,6 +233,6 @@ def task_retrieval(run: LoadedRun, index: Index, texts: dict[str, str],
   with `prior`, combined with the candidates' order."""
   rag = run.task.mode == "rag"
   return dict(mode=run.task.mode, search=index.search_documents if rag else index.search,
-              documents=lambda uid: run.tokenizer.insertion_tokens(texts[uid]),
+              documents=task_documents(run, texts),
               search_candidates=(None if vectors is None
                                  else CandidateScorer(vectors, index.ids, prior).search))

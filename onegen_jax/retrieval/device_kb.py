@@ -1,7 +1,7 @@
 """The knowledge base on the devices: keys and RAG insertion tokens searched and read inside
 compiled code (the decode loop of issue 24), with no trip to the host.
 
-  table = insertion_table(key_uids, tok, texts)          # RAG's documents, tokenised on the host
+  table = insertion_table(key_uids, documents)          # RAG's insertions, built on the host
   kb = build(vectors, key_uids, mesh, table=table)       # placed on the mesh
   ids, scores = search(kb, queries, k)                   # key rows [B, k], -1: no hit
   ids, scores = search(kb, queries, k, candidate_rows(key_uids, lists))  # EL candidates
@@ -35,7 +35,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -90,18 +90,24 @@ class InsertionTable:
     return int(np.bincount(self.key_docs).max())
 
 
-def insertion_table(key_uids: Sequence[str], tokenizer, texts: dict[str, str]) -> InsertionTable:
+def insertion_table(key_uids: Sequence[str],
+                    insertion: Callable[[str], Sequence[int]]) -> InsertionTable:
   """The InsertionTable of the keys `key_uids` (the index's key order): each document's
-  `tokenizer.insertion_tokens(texts[uid])` (tokenizer: a TaskTokenizer; texts: build_index's
-  documents.json). KeyError naming the document a key maps to when texts lacks it."""
+  `insertion(uid)`, the host engine's `documents` (retrieval_policy.task_documents: a run's
+  `insertion_tokens(texts[uid])`). KeyError naming the documents whose insertion raised it (a
+  documents.json without them)."""
   doc_of = [document_uid(uid) for uid in key_uids]
   documents = list(dict.fromkeys(doc_of))
-  missing = [uid for uid in documents if uid not in texts]
+  inserted, missing = [], []
+  for uid in documents:
+    try:
+      inserted.append(insertion(uid))
+    except KeyError:
+      missing.append(uid)
   if missing:
     raise KeyError(f"{len(missing)} documents of the index's keys are not in its documents.json, "
                    f"e.g. {missing[:3]}")
   row_of = {uid: i for i, uid in enumerate(documents)}
-  inserted = [tokenizer.insertion_tokens(texts[uid]) for uid in documents]
   tokens = np.zeros((len(documents), max(map(len, inserted))), np.int32)
   for i, ids in enumerate(inserted):
     tokens[i, :len(ids)] = ids
