@@ -13,9 +13,8 @@ import pytest
 from conftest import demo_config
 from onegen_jax import sharding
 from onegen_jax.inference.aot import abstract_rows, compile_decode_loop
-from onegen_jax.inference.device_loop import DeviceRetrieval, records_per_call
+from onegen_jax.inference.device_loop import DeviceRetrieval, loop_width, records_per_call
 from onegen_jax.inference.engine import Engine, GenerationConfig, Request, TaskTokens
-from onegen_jax.inference.slots import chunk_width
 from onegen_jax.model.config import preset
 from onegen_jax.model.decoder import Decoder
 from onegen_jax.retrieval import device_kb
@@ -72,7 +71,7 @@ def test_decode_loop_compiles_for_v5p_8_with_its_kb():
                                kb_keys=1001, kb_dtype="bfloat16", batch=8, capacity=256,
                                steps_per_dispatch=8, k=4)
   assert report.num_devices == 4 and report.mesh == {"data": 1, "fsdp": 4, "tensor": 1}
-  assert (report.width, report.records) == (256, 4)
+  assert (report.width, report.records) == (16, 4)  # W: EL's insertion width (one token) -> 16
   assert report.kb_bytes == device_kb.footprint(1001, 64, "bfloat16", 4).total == 251 * 64 * 2
   parts = report.params_bytes + report.kb_bytes + report.cache_bytes
   assert report.argument_bytes >= parts and report.alias_bytes == report.cache_bytes
@@ -80,8 +79,8 @@ def test_decode_loop_compiles_for_v5p_8_with_its_kb():
 
 
 def test_abstract_rows_are_the_engines():
-  """abstract_rows' shapes and dtypes are those DeviceLoop builds for a call feeding the longest
-  prompt a capacity of 128 takes (127 tokens: a chunk of 128)."""
+  """abstract_rows' shapes and dtypes are those DeviceLoop builds for a call feeding a prompt
+  of its width W (16: EL's insertion is one token; a longer prompt is the host step's)."""
   mesh = sharding.make_mesh(data=-1)
   uids = ["a", "b", "c"]
   config = GenerationConfig(batch_size=4, capacity=128, steps_per_dispatch=8,
@@ -89,13 +88,14 @@ def test_abstract_rows_are_the_engines():
   engine = Engine(Decoder(preset("tiny")), None, TaskTokens(5, 2, 6), None, None, config, "el",
                   mesh=mesh, device=DeviceRetrieval(device_kb.build(np.zeros((3, 64)), uids,
                                                                     mesh), uids))
-  engine.submit(Request(list(range(10, 137))))
+  engine.submit(Request(list(range(10, 26))))
   engine._admit()  # pylint: disable=protected-access
   records = records_per_call(config)
   rows, window, _ = engine._device._rows(engine, 8, records)  # pylint: disable=protected-access
   described = lambda tree: jax.tree.map(lambda x: (x.shape, np.dtype(x.dtype)), tree)
   assert window == 128
-  assert described(rows) == described(abstract_rows(4, chunk_width(127), records, mesh))
+  assert engine._device.feeds(engine)  # pylint: disable=protected-access
+  assert described(rows) == described(abstract_rows(4, loop_width(1), records, mesh))
 
 
 def test_a_kb_too_large_for_the_slice_fails_with_the_compilers_message():

@@ -12,9 +12,9 @@ The arguments are laid out as the engine holds them: the params as load_run rest
 the KV cache as init_cache and cache_sharding make it (rows over data x fsdp, kv heads over
 tensor), the DeviceKB as device_kb.build places it (rows over every mesh axis, padded to a
 multiple of the devices), the Rows replicated (the engine passes them as host arrays). The call
-is the largest the engine makes with these settings: a prompt chunk of chunk_width(capacity - 1)
-(the longest prompt `submit` accepts) beside decoding rows, attending to the whole capacity, N
-steps, R = records_per_call retrievals recorded per row; EL's policy (LinkEntity), no penalties
+is the largest the engine makes with these settings: chunks of the loop's width W (loop_width:
+an insertion's; a longer prompt is the host step's) beside decoding rows, attending to the whole
+capacity, N steps, R = records_per_call retrievals recorded per row; EL's policy (LinkEntity), no penalties
 (history width 0), forced tokens and candidates at their smallest width (list_width(0)).
 
 Mesh: the caller's ('data', 'fsdp', 'tensor') sizes. The CLI takes the model config's `mesh`
@@ -35,10 +35,10 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from onegen_jax import sharding
 from onegen_jax.checkpoint import restore_target
 from onegen_jax.data.tasks import get_task
-from onegen_jax.inference.device_loop import Rows, compiled_loop, records_per_call
+from onegen_jax.inference.device_loop import Rows, compiled_loop, loop_width, records_per_call
 from onegen_jax.inference.retrieval_policy import make_policy
 from onegen_jax.inference.run_dir import generation_config
-from onegen_jax.inference.slots import chunk_width, list_width
+from onegen_jax.inference.slots import list_width
 from onegen_jax.inference.types import TaskTokens
 from onegen_jax.model.config import ModelConfig
 from onegen_jax.model.decoder import Decoder, cache_sharding, init_cache
@@ -90,7 +90,7 @@ def compile_decode_loop(model_config: ModelConfig, topology: str, *, mesh_shape:
                              steps_per_dispatch=steps_per_dispatch)
   records = records_per_call(config)
   kb = abstract_kb(kb_keys, model_config.hidden_size, kb_dtype, mesh)
-  width = chunk_width(max(2, policy.follow_width(kb), capacity - 1))
+  width = loop_width(policy.follow_width(kb))
   params = restore_target(model_config, mesh)
   cache = abstract_cache(model_config, batch, capacity, mesh)
   loop = compiled_loop(Decoder(model_config), None, config, policy, tokens)

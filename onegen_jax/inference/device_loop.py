@@ -239,6 +239,13 @@ def compiled_loop(model, vocab_size, config: GenerationConfig, policy, tokens: T
                  donate_argnames="cache", static_argnames=("steps", "window", "k", "records"))
 
 
+def loop_width(follow_width: int) -> int:
+  """W, the chunk of every call: an insertion's width (`follow_width`), at least 16 (chunk_width
+  of 2), so one compiled loop serves calls with and without chunks; a wider turn is fed by the
+  host step (DeviceLoop.feeds)."""
+  return chunk_width(max(2, follow_width))
+
+
 def records_per_call(config: GenerationConfig) -> int:
   """R: the retrievals a row may make in one call of N steps (one per two steps at most)."""
   return max(1, min((config.steps_per_dispatch + 1) // 2, config.max_retrievals))
@@ -256,6 +263,7 @@ class DeviceLoop:
     self.retrieval = retrieval
     self.names = list(retrieval.documents if policy.mode == "rag" else retrieval.key_uids)
     self.follow_width = policy.follow_width(retrieval.kb)
+    self.width = loop_width(self.follow_width)
     self._loop = compiled_loop(engine.model, vocab_size, engine.config, policy, engine.tokens)
 
   def check(self, engine: Engine, request) -> None:
@@ -263,6 +271,13 @@ class DeviceLoop:
     candidates)."""
     if request.candidates is not None and engine.policy.mode == "rag":
       raise ValueError("RAG searches documents: candidates restrict entity linking's search")
+
+  def feeds(self, engine: Engine) -> bool:
+    """Whether every busy slot's queue fits W. A wider turn (a prompt, a continued turn) is for
+    the host step (the same tokens, search and choice as the loop's first iteration): the loop
+    feeds every chunk of a call at one width, so a wide turn would widen each insertion."""
+    slots = engine._slots  # pylint: disable=protected-access
+    return all(len(s.queue) <= self.width for s in slots if s)
 
   def dispatch(self, engine: Engine) -> list[int]:
     """One call of up to N steps over the engine's busy slots; returns the requests that ended."""
@@ -285,10 +300,7 @@ class DeviceLoop:
     cfg, slots = engine.config, engine._slots  # pylint: disable=protected-access
     outs = [engine.output(s.rid) if s else None for s in slots]
     setting = lambda s, name: engine._setting(s.rid, name)  # pylint: disable=protected-access
-    # At least 16 (chunk_width of 2): every call can feed a chunk, so one compiled loop serves
-    # calls with and without prompts.
-    width = chunk_width(max(2, self.follow_width, *(len(s.queue) for s in slots if s)))
-    pending = np.zeros((len(slots), width), np.int32)
+    pending = np.zeros((len(slots), self.width), np.int32)
     for r, s in enumerate(slots):
       if s:
         pending[r, :len(s.queue)] = s.queue

@@ -187,7 +187,7 @@ class Engine:
     insertion), acts on queries and stops; returns the ids of the requests that ended in this
     step."""
     self._admit()
-    if self._device is not None and not self._feeds_wide():
+    if self._device is not None and self._device.feeds(self):
       return self._device.dispatch(self) if self.running else []
     ended = [self._end(r, "capacity") for r, s in enumerate(self._slots)
              if s is not None and s.length + len(s.queue) > self.config.capacity]
@@ -221,14 +221,6 @@ class Engine:
       slot.length += len(slot.queue)
       slot.steps += 1
     return ended + self._advance(busy, next_tok, vectors, log_probs, watched)
-
-  def _feeds_wide(self) -> bool:
-    """With a device KB: whether a busy slot queues more tokens than an insertion (a prompt or a
-    continued turn). Such a step runs as the host step (one feed at that width, the same
-    tokens, search and choice as the loop's first iteration): the loop feeds every chunk of a
-    call at the call's widest, so a wide turn would widen each insertion after it."""
-    width = chunk_width(max(2, self._device.follow_width))
-    return any(s is not None and len(s.queue) > width for s in self._slots)
 
   # -- batch helpers -----------------------------------------------------------------------------
   def generate(self, prompts: Sequence[Sequence[int]], progress: bool = False,
