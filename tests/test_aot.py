@@ -13,7 +13,8 @@ import pytest
 from conftest import demo_config
 from onegen_jax import sharding
 from onegen_jax.inference.aot import abstract_rows, compile_decode_loop
-from onegen_jax.inference.device_loop import DeviceRetrieval, loop_width, records_per_call
+from onegen_jax.inference.device_decode import loop_width, records_per_call
+from onegen_jax.inference.device_loop import DeviceRetrieval
 from onegen_jax.inference.engine import Engine, GenerationConfig, Request, TaskTokens
 from onegen_jax.model.config import preset
 from onegen_jax.model.decoder import Decoder

@@ -19,7 +19,8 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from onegen_jax import sharding
 from onegen_jax.checkpoint import restore_target
 from onegen_jax.inference import aot
-from onegen_jax.inference.device_loop import DeviceRetrieval, compiled_loop, records_per_call
+from onegen_jax.inference.device_decode import compiled_loop, records_per_call
+from onegen_jax.inference.device_loop import DeviceRetrieval
 from onegen_jax.inference.engine import Engine, GenerationConfig, Request, TaskTokens
 from onegen_jax.inference.retrieval_policy import (choose_retrieval, device_kb_budget,
                                                    make_policy, task_footprint, task_table)

@@ -1,6 +1,6 @@
 """Ahead-of-time compilation of the device decode loop for a TPU slice (libtpu, no TPU attached).
 
-What is compiled is the engine's own call (device_loop.compiled_loop: the same bound and static
+What is compiled is the engine's own call (device_decode.compiled_loop: the same bound and static
 arguments, the cache donated), lowered with abstract arguments (ShapeDtypeStructs carrying
 NamedShardings on a mesh over the slice's devices), so a user sees whether a model, its KV cache
 and an entity-linking KB of N keys fit a slice before renting it; nothing is allocated:
@@ -35,7 +35,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from onegen_jax import sharding
 from onegen_jax.checkpoint import restore_target
 from onegen_jax.data.tasks import get_task
-from onegen_jax.inference.device_loop import Rows, compiled_loop, loop_width, records_per_call
+from onegen_jax.inference.device_decode import Rows, compiled_loop, loop_width, records_per_call
 from onegen_jax.inference.retrieval_policy import make_policy
 from onegen_jax.inference.run_dir import generation_config
 from onegen_jax.inference.slots import list_width
@@ -124,7 +124,7 @@ def abstract_cache(config: ModelConfig, batch: int, capacity: int, mesh: Mesh) -
 
 
 def abstract_rows(batch: int, width: int, records: int, mesh: Mesh) -> Rows:
-  """The Rows of a call (device_loop.Rows' fields): B rows, chunks of W, no penalties (history
+  """The Rows of a call (device_decode.Rows' fields): B rows, chunks of W, no penalties (history
   [B, 0]), forced tokens [B, F] and EL candidates [B, R, C] with F = C = list_width(0);
   replicated on `mesh`, as jit places the engine's host arrays."""
   spec = lambda shape, dtype=np.int32: jax.ShapeDtypeStruct(

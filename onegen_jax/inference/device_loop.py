@@ -1,56 +1,35 @@
-"""The engine's device path: up to N decode steps per compiled call, retrieval inside the loop.
+"""The host half of the engine's device path (the compiled half, up to N decode steps per call
+with retrieval inside the loop: device_decode.py).
 
-One `lax.while_loop` over the engine's KV cache and rows (it exits early once every row has
-stopped): each iteration feeds every running row's pending tokens (a prompt or an inserted document:
-a chunk of static width W, while the other rows feed their one token in the same `extend`; an
-iteration where every row feeds one token runs at width 1, a `lax.cond`), picks the next token as
-the host step does (`step.next_token`: penalties, greedy or seeded sampling, forced tokens) and
-stops a row on EOS, max_new_tokens, max_retrievals and capacity. A row that fed the query RET token
-of its output stream is searched in the same iteration (`policy.device_search` over the `DeviceKB`,
-its hidden state as the query; EL requests' candidates as `CandidateRows`) and its insertion
-(`policy.device_follow`: EL's forced token, RAG's document tokens from the KB's token table) becomes
-what it feeds next. Retrievals are recorded on device in fixed-size arrays (row ids, scores, query
-vectors, positions, inserted tokens: R per row and call) and come back with the generated tokens.
-
-Between calls the host (`DeviceLoop.dispatch`) admits requests, builds the rows' inputs from the
-engine's slots and replays each row's recorded events through the engine's own bookkeeping: the
-same RequestOutput and Retrieval objects as the host step, and the host-only stops (stop strings,
-the n-gram loop) checked after each replayed token. A row that such a stop ends inside a call ran
-on up to N - 1 steps more on the device: what it did after its stop is dropped, and its slot is
-reused from the next call (its cache entries past the kept length are never attended).
-`GenerationConfig.steps_per_dispatch` is N.
+Between calls the host (`DeviceLoop.dispatch`) admits requests, builds the rows' inputs
+(device_decode.Rows) from the engine's slots and replays each row's recorded events through the
+engine's own bookkeeping: the same RequestOutput and Retrieval objects as the host step, and the
+host-only stops (stop strings, the n-gram loop) checked after each replayed token. A row that such
+a stop ends inside a call ran on up to N - 1 steps more on the device: what it did after its stop
+is dropped, and its slot is reused from the next call (its cache entries past the kept length are
+never attended). `GenerationConfig.steps_per_dispatch` is N.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
+from onegen_jax.inference.device_decode import (ENDED, IDLE, RETRIEVED, STOPS, Rows,
+                                                compiled_loop, loop_width, records_per_call)
 from onegen_jax.inference.feeding import PENALTIES, penalty_inputs
-from onegen_jax.inference.slots import cache_window, chunk_width, history_width, list_width
-from onegen_jax.inference.step import next_token, row_keys
+from onegen_jax.inference.slots import cache_window, history_width, list_width
 from onegen_jax.inference.stopping import stop_reason
-from onegen_jax.inference.types import GenerationConfig, Retrieval, TaskTokens
-from onegen_jax.model.decoder import Decoder
+from onegen_jax.inference.types import Retrieval
 from onegen_jax.retrieval import device_kb
 from onegen_jax.retrieval.candidates import RankPrior
 
 if TYPE_CHECKING:
   from onegen_jax.inference.engine import Engine
-
-# A row's stop inside the loop (index: its code; 0: none); the host finds "eos" and
-# "max_new_tokens" again when it replays the tokens.
-STOPS = ("", "eos", "max_new_tokens", "max_retrievals", "capacity", "error")
-EOS, MAX_NEW, MAX_RETRIEVALS, CAPACITY, ERROR = range(1, len(STOPS))
-# What a row did in an iteration: nothing fed, fed and took an output token, fed a query and
-# retrieved, fed a query and stopped (max_retrievals, or RAG without a document).
-IDLE, OUTPUT, RETRIEVED, ENDED = range(4)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,195 +44,9 @@ class DeviceRetrieval:
   prior: RankPrior | None = None
 
 
-@functools.partial(jax.tree_util.register_dataclass,
-                   data_fields=("pending", "count", "is_output", "length", "steps", "seeds",
-                                "sampling", "penalties", "history", "history_len", "output_from",
-                                "force", "force_count", "stream_len", "max_new", "retrievals",
-                                "candidates"), meta_fields=())
-@dataclasses.dataclass(frozen=True)
-class Rows:
-  """The rows' state entering a call (B rows, from the engine's slots): pending int32 [B, W] and
-  count int32 [B] (the tokens to feed next, 0-padded; 0: idle row), is_output bool [B] (pending is
-  the row's last output-stream token: a query RET token there is searched), length int32 [B]
-  (cached entries), steps int32 [B] and seeds int32 [B] (the sampling key's counters), sampling
-  float32 [B, 2], penalties float32 [B, 3], history int32 [B, H] (H: 0, or room for a whole cache
-  row), history_len int32 [B], output_from int32 [B] (as step_fn takes them), force int32 [B, F]
-  and force_count int32 [B] (forced output tokens left), stream_len and max_new int32 [B] (output
-  tokens so far, and the row's max_new_tokens), retrievals int32 [B] (so far), candidates (EL):
-  CandidateRows with rows [B, R, C] and restricted [B, R], the row's next R queries."""
-
-  pending: jax.Array
-  count: jax.Array
-  is_output: jax.Array
-  length: jax.Array
-  steps: jax.Array
-  seeds: jax.Array
-  sampling: jax.Array
-  penalties: jax.Array
-  history: jax.Array
-  history_len: jax.Array
-  output_from: jax.Array
-  force: jax.Array
-  force_count: jax.Array
-  stream_len: jax.Array
-  max_new: jax.Array
-  retrievals: jax.Array
-  candidates: device_kb.CandidateRows | None
-
-
-def decode_loop(model, vocab_size, seed, watch, policy, query, eos, capacity, max_retrievals,
-                params, kb, cache, rows: Rows, steps, window, k, records):
-  """Up to `steps` (N, static) iterations over `rows` (Rows) and the donated cache, attending to
-  `window` entries; k: hits searched per query; records (R): retrievals recorded per row.
-  Returns (the records, the new cache): per iteration i and row b, event int32 [N, B] (IDLE,
-  OUTPUT, RETRIEVED, ENDED), token int32 [N, B], log_prob float32 [N, B], watched float32
-  [N, B, w]; per row, the j-th retrieval's hit rows int32 [B, R, k] (-1: none), scores float32
-  [B, R, k], query vector float32 [B, R, D], position int32 [B, R] and inserted tokens int32
-  [B, R, L] with their count [B, R]; stop int32 [B] (STOPS' code), first_vector float32 [B, D]
-  (the hidden state of a row's first fed chunk), iterations and fed (tokens fed) int32 []."""
-  batch, width = rows.pending.shape
-  b = jnp.arange(batch)
-  follow_width = policy.follow_width(kb)
-  dim = model.config.hidden_size
-  zeros = lambda shape, dtype=jnp.int32, fill=0: jnp.full(shape, fill, dtype)
-  out = dict(event=zeros((steps, batch)), token=zeros((steps, batch), fill=-1),
-             log_prob=zeros((steps, batch), jnp.float32),
-             watched=zeros((steps, batch, len(watch)), jnp.float32),
-             hits=zeros((batch, records, k), fill=-1),
-             scores=zeros((batch, records, k), jnp.float32, -jnp.inf),
-             vector=zeros((batch, records, dim), jnp.float32), position=zeros((batch, records)),
-             inserted=zeros((batch, records, follow_width)), inserted_len=zeros((batch, records)),
-             stop=zeros((batch,)), first_vector=zeros((batch, dim), jnp.float32),
-             iterations=zeros(()), fed=zeros(()))
-  state = dict(pending=rows.pending, count=rows.count, is_output=rows.is_output,
-               length=rows.length, steps=rows.steps, history=rows.history,
-               history_len=rows.history_len, forced_so_far=zeros((batch,)),
-               stream_len=rows.stream_len, retrievals=rows.retrievals, made=zeros((batch,)),
-               active=rows.count > 0)
-
-  def feed(chunk: int):
-    def run(s, cache):
-      hidden, cache = model.apply({"params": params}, s["pending"][:, :chunk], s["length"], cache,
-                                  window, method=Decoder.extend)
-      return hidden[b, jnp.maximum(s["count"] - 1, 0) if chunk > 1 else 0], cache
-    return run
-
-  def feed_at_width(wide, s, cache):
-    """feed(width) when `wide`, else feed(1), as two loops of 0 or 1 trips rather than a
-    lax.cond: XLA keeps a loop's carried cache in place, where a cond's branches copied it."""
-    hidden = jax.eval_shape(feed(1), s, cache)[0]
-    final = jnp.zeros(hidden.shape, hidden.dtype)
-    for chunk, take in ((width, wide), (1, ~wide)):
-      run = feed(chunk)
-      _, final, cache = jax.lax.while_loop(
-          lambda c: c[0], lambda c, run=run: (False, *run(s, c[2])), (take, final, cache))
-    return final, cache
-
-  def search(queries, made):
-    candidates = None
-    if rows.candidates is not None:
-      at = jnp.minimum(made, records - 1)
-      candidates = device_kb.CandidateRows(rows.candidates.rows[b, at],
-                                           rows.candidates.restricted[b, at],
-                                           rows.candidates.bonus)
-    hits, scores = policy.device_search(kb, queries, k, candidates)
-    return (hits, scores, *policy.device_follow(kb, hits[:, 0]))
-
-  def no_search(queries, made):
-    del queries, made
-    return (zeros((batch, k), fill=-1), zeros((batch, k), jnp.float32, -jnp.inf),
-            zeros((batch, follow_width)), zeros((batch,)))
-
-  def body(carry):
-    i, s, cache, out = carry
-    full = s["active"] & (s["length"] + s["count"] > capacity)
-    stop = jnp.where(full, CAPACITY, out["stop"])
-    active = s["active"] & ~full
-    count = jnp.where(active, s["count"], 0)
-    s = dict(s, count=count)
-    final, cache = feed_at_width(jnp.any(count > 1), s, cache)
-    forced_at = jnp.minimum(s["forced_so_far"], rows.force.shape[1] - 1)
-    forced = jnp.where(s["forced_so_far"] < rows.force_count, rows.force[b, forced_at], -1)
-    sampled, vector, log_prob, watched = next_token(
-        model, vocab_size, watch, params, final,
-        row_keys(seed, jnp.stack([rows.seeds, s["steps"]], axis=1)), rows.sampling, forced,
-        rows.penalties, s["history"], rows.output_from)
-    first_vector = jnp.where((active & (s["steps"] == 0))[:, None], vector, out["first_vector"])
-    length = s["length"] + count
-    querying = active & s["is_output"] & (count == 1) & (s["pending"][:, 0] == query)
-    over = querying & (s["retrievals"] >= max_retrievals)
-    searching = querying & ~over
-    hits, scores, inserted, inserted_len = jax.lax.cond(
-        jnp.any(searching), search, no_search, vector, s["made"])
-    missing = searching & (inserted_len == 0)  # RAG without a document
-    retrieved = searching & ~missing
-    output = active & ~querying
-    token = jnp.where(forced >= 0, forced, sampled)
-    stream_len = s["stream_len"] + output
-    eos_stop = output & (token == eos)
-    new_stop = output & ~eos_stop & (stream_len >= rows.max_new)
-    for code, rows_stopping in ((MAX_RETRIEVALS, over), (ERROR, missing), (EOS, eos_stop),
-                                (MAX_NEW, new_stop)):
-      stop = jnp.where(rows_stopping, code, stop)
-    # The j-th retrieval of row b goes to slot (b, j); rows that did not retrieve write nowhere.
-    slot = (b, jnp.where(retrieved, s["made"], records))
-    put = lambda name, value: out[name].at[slot].set(value, mode="drop")
-    out = dict(
-        out, stop=stop, first_vector=first_vector, iterations=i + 1, fed=out["fed"] + count.sum(),
-        event=out["event"].at[i].set(jnp.select([output, retrieved, querying],
-                                                [OUTPUT, RETRIEVED, ENDED], IDLE)),
-        token=out["token"].at[i].set(jnp.where(output, token, -1)),
-        log_prob=out["log_prob"].at[i].set(log_prob), watched=out["watched"].at[i].set(watched),
-        hits=put("hits", hits), scores=put("scores", scores), vector=put("vector", vector),
-        position=put("position", length - 1), inserted=put("inserted", inserted),
-        inserted_len=put("inserted_len", inserted_len))
-    next_pending = jnp.zeros_like(s["pending"]).at[:, 0].set(token)
-    history = s["history"]
-    if history.shape[1]:
-      history = history.at[b, jnp.where(output, s["history_len"], history.shape[1])].set(
-          token, mode="drop")
-    s = dict(
-        pending=jnp.where(retrieved[:, None],
-                          jnp.pad(inserted, ((0, 0), (0, width - follow_width))),
-                          jnp.where(output[:, None], next_pending, s["pending"])),
-        count=jnp.where(retrieved, inserted_len, jnp.where(output, 1, count)),
-        is_output=jnp.where(retrieved, False, s["is_output"] | output),
-        length=length, steps=s["steps"] + active, history=history,
-        history_len=s["history_len"] + output,
-        forced_so_far=s["forced_so_far"] + (output & (forced >= 0)), stream_len=stream_len,
-        retrievals=s["retrievals"] + retrieved, made=s["made"] + retrieved,
-        active=active & ~(over | missing | eos_stop | new_stop))
-    return i + 1, s, cache, out
-
-  going = lambda carry: (carry[0] < steps) & jnp.any(carry[1]["active"])
-  _, _, cache, out = jax.lax.while_loop(going, body, (jnp.int32(0), state, cache, out))
-  return out, cache
-
-
-def compiled_loop(model, vocab_size, config: GenerationConfig, policy, tokens: TaskTokens):
-  """decode_loop jitted as the engine runs it: config's seed, watch, capacity and max_retrievals
-  and the tokens' query and EOS bound; the cache donated; steps, window, k, records static."""
-  return jax.jit(functools.partial(decode_loop, model, vocab_size, config.seed,
-                                   tuple(config.watch), policy, tokens.query, tokens.eos,
-                                   config.capacity, config.max_retrievals),
-                 donate_argnames="cache", static_argnames=("steps", "window", "k", "records"))
-
-
-def loop_width(follow_width: int) -> int:
-  """W, the chunk of every call: an insertion's width (`follow_width`), at least 16 (chunk_width
-  of 2), so one compiled loop serves calls with and without chunks; a wider turn is fed by the
-  host step (DeviceLoop.feeds)."""
-  return chunk_width(max(2, follow_width))
-
-
-def records_per_call(config: GenerationConfig) -> int:
-  """R: the retrievals a row may make in one call of N steps (one per two steps at most)."""
-  return max(1, min((config.steps_per_dispatch + 1) // 2, config.max_retrievals))
-
-
 class DeviceLoop:
   """The engine's device path: builds each call's Rows from the engine's slots, runs
-  `decode_loop` and replays its records into the engine's outputs (`dispatch`)."""
+  `device_decode.decode_loop` and replays its records into the engine's outputs (`dispatch`)."""
 
   def __init__(self, engine: Engine, vocab_size: int | None, retrieval: DeviceRetrieval):
     if engine.query_vectors is not None:
