@@ -94,8 +94,7 @@ def make_engine(args, model: Decoder, params, mesh, work: Workload, steps: int) 
   if steps > 1:
     table = (device_kb.insertion_table(work.uids, work.insertion_tokens)
              if work.mode == "rag" else None)
-    device = DeviceRetrieval(device_kb.build(work.keys, work.uids, mesh, table=table), work.uids,
-                             table.documents if table else [])
+    device = DeviceRetrieval.place(work.keys, work.uids, mesh, table)
   search = index.search_documents if work.mode == "rag" else index.search
   return Engine(model, params, task_tokens(model.config.vocab_size), search,
                 work.insertion_tokens, config, work.mode, mesh=mesh, device=device)

@@ -225,8 +225,7 @@ def onegen_kb(setup: dict) -> DeviceRetrieval:
   (the Engine's `documents`) in its token table."""
   uids = list(setup["documents"])
   table = device_kb.insertion_table(uids, setup["inserted"].__getitem__)
-  kb = device_kb.build(setup["onegen_vectors"], uids, setup["mesh"], table=table)
-  return DeviceRetrieval(kb, uids, table.documents)
+  return DeviceRetrieval.place(setup["onegen_vectors"], uids, setup["mesh"], table)
 
 
 def round_tokens(args, query_len: int, retrievals: int) -> tuple[int, int, int]:

@@ -87,8 +87,7 @@ def test_abstract_rows_are_the_engines():
   config = GenerationConfig(batch_size=4, capacity=128, steps_per_dispatch=8,
                             max_retrievals=1 << 30)
   engine = Engine(Decoder(preset("tiny")), None, TaskTokens(5, 2, 6), None, None, config, "el",
-                  mesh=mesh, device=DeviceRetrieval(device_kb.build(np.zeros((3, 64)), uids,
-                                                                    mesh), uids))
+                  mesh=mesh, device=DeviceRetrieval.place(np.zeros((3, 64)), uids, mesh))
   engine.submit(Request(list(range(10, 26))))
   engine._admit()  # pylint: disable=protected-access
   records = records_per_call(config)

@@ -76,10 +76,8 @@ def _engines(setup, mode, steps, **config):
       documents=lambda uid: tokens.insertion_tokens(texts[uid]),
       search_candidates=CandidateScorer(vectors, UIDS).search, decode=_decode)
   table = device_kb.insertion_table(UIDS, common["documents"]) if mode == "rag" else None
-  kb = device_kb.build(vectors, UIDS, mesh, table=table)
-  documents = table.documents if table else []
   device = Engine(config=dataclasses.replace(config, steps_per_dispatch=steps),
-                  device=DeviceRetrieval(kb, UIDS, documents), **common)
+                  device=DeviceRetrieval.place(vectors, UIDS, mesh, table), **common)
   return Engine(config=config, **common), device
 
 

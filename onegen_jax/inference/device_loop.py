@@ -43,6 +43,15 @@ class DeviceRetrieval:
   documents: Sequence[str] = ()
   prior: RankPrior | None = None
 
+  @classmethod
+  def place(cls, vectors: np.ndarray, uids: Sequence[str], mesh,
+            table: device_kb.InsertionTable | None = None,
+            prior: RankPrior | None = None) -> DeviceRetrieval:
+    """The KB of `vectors` [keys, D] (key rows `uids`) placed on `mesh`, with RAG's insertion
+    `table` (its documents: device_kb.insertion_table) and EL's candidate `prior`."""
+    kb = device_kb.build(vectors, uids, mesh, table=table)
+    return cls(kb, list(uids), [] if table is None else table.documents, prior)
+
 
 class DeviceLoop:
   """The engine's device path: builds each call's Rows from the engine's slots, runs

@@ -217,11 +217,9 @@ def choose_retrieval(run: LoadedRun, index: Index, texts: dict[str, str], vector
         f"takes {footprint.total / device_kb.MIB:.1f} MiB per device, over the budget of "
         f"{budget / device_kb.MIB:.1f} MiB per device (--device_kb_budget_mib): raise the budget "
         f"or run --steps_per_dispatch=1 (the host's {host})")
-  kb = device_kb.build(vectors, index.ids, run.mesh, table=table)
   line = (f"retrieval: on the devices, in the decode loop (--steps_per_dispatch="
           f"{steps_per_dispatch}); {footprint.summary(budget)}")
-  return line, DeviceRetrieval(kb, list(index.ids), [] if table is None else table.documents,
-                               prior)
+  return line, DeviceRetrieval.place(vectors, index.ids, run.mesh, table, prior)
 
 
 def task_retrieval(run: LoadedRun, index: Index, texts: dict[str, str],
