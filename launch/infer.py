@@ -85,6 +85,29 @@ _KB_BUDGET = flags.DEFINE_integer("device_kb_budget_mib", 0, BUDGET_HELP)
 flags.mark_flags_as_required(["workdir", "index", "input", "output"])
 
 
+def _read_requests(run) -> tuple:
+  """--input's lines (read_input), their prompts' tokens and each line's forced answer-prefix
+  tokens; app.UsageError naming the line for a prompt over --max_prompt_len, a prefix over
+  --max_new_tokens, or a per-line setting or prefix that Self-RAG's procedure does not take."""
+  inputs = read_input(_INPUT.value)
+  forced = [answer_prefix_tokens(run.tokenizer, p) if p is not None else []
+            for p in inputs.prefixes]
+  too_long = [f"{_INPUT.value}:{n}: answer_prefix: {len(f)} tokens, over --max_new_tokens="
+              f"{_MAX_NEW.value}"
+              for n, f in zip(inputs.numbers, forced) if len(f) > _MAX_NEW.value]
+  if too_long or (_SELFRAG_MODE.value and any(p is not None for p in inputs.prefixes)):
+    raise app.UsageError("\n".join(too_long)
+                         or "answer_prefix: Self-RAG's --selfrag_mode takes none")
+  if _SELFRAG_MODE.value and any(inputs.settings):
+    raise app.UsageError(f"{', '.join(SETTINGS)}: Self-RAG's --selfrag_mode takes none per line")
+  try:
+    prompts = prompt_tokens(run, inputs.prompts, _MAX_PROMPT.value,
+                            names=[f"{_INPUT.value}:{n}" for n in inputs.numbers])
+  except ValueError as e:
+    raise app.UsageError(f"{e}\n(--max_prompt_len={_MAX_PROMPT.value})") from e
+  return inputs, prompts, forced
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
@@ -109,22 +132,7 @@ def main(argv):
                   frequency_penalty=_FREQUENCY.value, repetition_penalty=_REPETITION.value,
                   loop_repeats=_LOOP_REPEATS.value, steps_per_dispatch=_STEPS_PER_DISPATCH.value)
   config = generation_config(run.task, _MAX_RETRIEVALS.value, **settings)
-  inputs = read_input(_INPUT.value)
-  forced = [answer_prefix_tokens(run.tokenizer, p) if p is not None else []
-            for p in inputs.prefixes]
-  too_long = [f"{_INPUT.value}:{n}: answer_prefix: {len(f)} tokens, over --max_new_tokens="
-              f"{_MAX_NEW.value}"
-              for n, f in zip(inputs.numbers, forced) if len(f) > _MAX_NEW.value]
-  if too_long or (_SELFRAG_MODE.value and any(p is not None for p in inputs.prefixes)):
-    raise app.UsageError("\n".join(too_long)
-                         or "answer_prefix: Self-RAG's --selfrag_mode takes none")
-  if _SELFRAG_MODE.value and any(inputs.settings):
-    raise app.UsageError(f"{', '.join(SETTINGS)}: Self-RAG's --selfrag_mode takes none per line")
-  try:
-    prompts = prompt_tokens(run, inputs.prompts, _MAX_PROMPT.value,
-                            names=[f"{_INPUT.value}:{n}" for n in inputs.numbers])
-  except ValueError as e:
-    raise app.UsageError(f"{e}\n(--max_prompt_len={_MAX_PROMPT.value})") from e
+  inputs, prompts, forced = _read_requests(run)
   if _SELFRAG_MODE.value:
     selfrag = selfrag_runner(run, index, texts, host_step(config))(SelfRagConfig(
         _SELFRAG_MODE.value, _THRESHOLD.value, _NDOCS.value, _W_REL.value, _W_SUP.value,

@@ -218,6 +218,37 @@ def grads_and_sums(model, loss_cfg, params, batch, accum_steps: int, frozen=None
   return grads, sums
 
 
+def _train_step(model: Decoder, tx: optax.GradientTransformation, schedule: optax.Schedule,
+                loss_cfg: LossConfig, accum_steps: int, nan_policy: str, dropout_seed: int | None):
+  """train_step(state, batch) -> (the next TrainState, metrics): one optimizer step over the
+  batch's accum_steps micro-batches. nan_policy "skip": a step whose loss or gradient norm is not
+  finite keeps the parameters and optimizer state (metric `skipped`). dropout_seed (None: no
+  dropout) with the step number seeds the adapters' dropout masks."""
+
+  def train_step(state: TrainState, batch: dict):
+    rng = (None if dropout_seed is None
+           else jax.random.fold_in(jax.random.key(dropout_seed), state.step))
+    grads, sums = grads_and_sums(model, loss_cfg, state.params, batch, accum_steps, state.frozen,
+                                 rng)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    metrics = losses.metrics(sums)
+    metrics["loss"] = losses.combine(sums, sums.gen_count, sums.ret_count, loss_cfg.lambda_gen,
+                                     loss_cfg.lambda_ret)
+    metrics["grad_norm"] = optax.tree.norm(grads)
+    metrics["learning_rate"] = schedule(state.step)
+    new_state = TrainState(state.step + 1, params, opt_state, state.frozen)
+    if nan_policy == "skip":
+      finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(metrics["grad_norm"])
+      kept = lambda x: x.replace(frozen=None)  # the frozen base passes through untouched
+      new_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), kept(new_state),
+                               kept(state.replace(step=state.step + 1))).replace(frozen=state.frozen)
+      metrics["skipped"] = 1.0 - finite.astype(jnp.float32)
+    return new_state, metrics
+
+  return train_step
+
+
 def build_train_program(model: Decoder, tx: optax.GradientTransformation, schedule: optax.Schedule,
                         loss_cfg: LossConfig, mesh: Mesh, batch_spec: dict,
                         accum_steps: int = 1, nan_policy: str = "stop",
@@ -248,29 +279,10 @@ def build_train_program(model: Decoder, tx: optax.GradientTransformation, schedu
     abstract_params = jax.eval_shape(lambda: init_params(jax.random.key(0)))
   state_shardings = sharding.logical_to_sharding(nn.get_partition_spec(abstract), mesh)
   params_shardings = sharding.logical_to_sharding(nn.get_partition_spec(abstract_params), mesh)
-  dropout = lora is not None and lora.dropout > 0
   abstract_state = sharding.with_shardings(nn.unbox(abstract), state_shardings)
   init = jax.jit(lambda rng: nn.unbox(init_boxed(rng)), out_shardings=state_shardings)
-
-  def train_step(state: TrainState, batch: dict):
-    rng = jax.random.fold_in(jax.random.key(dropout_seed), state.step) if dropout else None
-    grads, sums = grads_and_sums(model, loss_cfg, state.params, batch, accum_steps, state.frozen,
-                                 rng)
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
-    metrics = losses.metrics(sums)
-    metrics["loss"] = losses.combine(sums, sums.gen_count, sums.ret_count, loss_cfg.lambda_gen,
-                                     loss_cfg.lambda_ret)
-    metrics["grad_norm"] = optax.tree.norm(grads)
-    metrics["learning_rate"] = schedule(state.step)
-    new_state = TrainState(state.step + 1, params, opt_state, state.frozen)
-    if nan_policy == "skip":
-      finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(metrics["grad_norm"])
-      kept = lambda x: x.replace(frozen=None)  # the frozen base passes through untouched
-      new_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), kept(new_state),
-                               kept(state.replace(step=state.step + 1))).replace(frozen=state.frozen)
-      metrics["skipped"] = 1.0 - finite.astype(jnp.float32)
-    return new_state, metrics
+  dropout_seed = dropout_seed if lora is not None and lora.dropout > 0 else None
+  train_step = _train_step(model, tx, schedule, loss_cfg, accum_steps, nan_policy, dropout_seed)
 
   def eval_step(params: dict, batch: dict):
     gen_total, ret_total = losses.batch_totals(batch)
