@@ -255,3 +255,27 @@ def test_the_prior_arm_evaluates_onegen_infonces_own_training_run():
   plain, prior = cli.study_arms(args)
   assert _paths(args, "el", prior)[1] == _paths(args, "el", plain)[1]
   assert _paths(args, "el", prior)[0] != _paths(args, "el", plain)[0]
+
+
+def test_the_loop_stop_reevaluates_an_arm_apart_from_its_plain_evaluation():
+  """--loop_repeats changes only the evaluation: the training directory is the plain run's, the
+  result file and fingerprint are their own; off (0) it leaves every fingerprint as it was before
+  the flag existed (the flag is left out of the hash, as if absent)."""
+  from benchmarks.quality.__main__ import _paths
+  plain = _args("--arms=onegen_infonce")
+  looped = _args("--arms=onegen_infonce", "--loop_repeats=3")
+  arm = _arm(plain, "onegen_infonce")
+  assert _paths(looped, "el", arm)[1] == _paths(plain, "el", arm)[1]
+  assert _paths(looped, "el", arm)[0] != _paths(plain, "el", arm)[0]
+  assert cli.fingerprint(looped, "el", arm) != cli.fingerprint(plain, "el", arm)
+  assert (cli.fingerprint(looped, "el", arm, training=True)
+          == cli.fingerprint(plain, "el", arm, training=True))
+  absent = _args("--arms=onegen_infonce")
+  del absent.loop_repeats
+  assert cli.fingerprint(absent, "el", arm) == cli.fingerprint(plain, "el", arm)
+
+
+def test_the_loops_column_counts_what_the_loop_stop_ended_when_it_was_on():
+  assert report._loops(Generation(ran_to_limit=10)) == "10"  # pylint: disable=protected-access
+  assert (report._loops(Generation(ran_to_limit=2, loop_stopped=8))  # pylint: disable=protected-access
+          == "2 (+8 ended by the loop stop)")

@@ -78,7 +78,9 @@ Evaluation (evaluation.py, ranking.py), for every arm and baseline alike:
                 R@1 and R@--recall_k; RAG also per dev set.
   generated     free greedy one-pass generation searching the pool: RAG EM/F1 (SQuAD
                 normalisation) and end-to-end R@1/@k of score_rag; EL micro-F1 of the reference
-                scorer and of GERBIL strong match; query RET tokens emitted vs the gold answers'.
+                scorer and of GERBIL strong match; query RET tokens emitted vs the gold answers';
+                requests run to max_new_tokens, and with --loop_repeats=N (the engine's n-gram
+                loop stop; evaluation only, results kept apart as ARM-loopN) those it ended.
 
 Resumable: OUT/results/MODE/ARM.json holds a finished arm (with the fingerprint of the flags that
 decide its figures); a rerun with the same flags skips it, resumes an unfinished training run from
@@ -88,7 +90,8 @@ finished arm rewrites its task's section of benchmarks/RESULTS.md in place (--re
 "cpu").
 
 The CPU study (issue 13; sizes "cpu", the default on a CPU backend), one command per task, each
-resumable (run them with nothing else heavy beside them, the same --out for both; NOT YET RUN):
+resumable (run them with nothing else heavy beside them, the same --out for both; the figures
+and the exact commands run are in benchmarks/RESULTS.md):
   .venv/bin/python -m benchmarks.quality --out=runs/quality_cpu --tasks=el    # ~3 h
   .venv/bin/python -m benchmarks.quality --out=runs/quality_cpu --tasks=rag   # ~3-4.5 h
 Estimates, from the 124-147 tokens/s measured for a SmolLM2-135M train step on this 2-core machine

@@ -108,9 +108,11 @@ def _start(args: argparse.Namespace) -> Study:
 
 
 def _paths(args: argparse.Namespace, mode: str, arm: Arm) -> tuple[str, str, str]:
-  """(result file, training run directory, evaluation directory) of an arm."""
-  return (os.path.join(args.out, "results", mode, f"{arm.key}.json"), _train_dir(args, mode, arm),
-          os.path.join(args.out, "eval", mode, arm.key))
+  """(result file, training run directory, evaluation directory) of an arm; an evaluation with
+  the loop stop (--loop_repeats=N) keeps its own (ARM-loopN)."""
+  key = arm.key + (f"-loop{args.loop_repeats}" if args.loop_repeats else "")
+  return (os.path.join(args.out, "results", mode, f"{key}.json"), _train_dir(args, mode, arm),
+          os.path.join(args.out, "eval", mode, key))
 
 
 def _train_dir(args: argparse.Namespace, mode: str, arm: Arm) -> str:

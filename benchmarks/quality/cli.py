@@ -58,7 +58,9 @@ _NOT_FINGERPRINTED = ("out", "tasks", "arms", "budget_s", "cache_dir", "record",
 # Flags that change only the evaluation (left out of the training fingerprint).
 _EVAL_ONLY = ("rag_dev_limit", "el_dev_limit", "el_dev_max_tokens", "rag_max_new_tokens",
               "el_max_new_tokens", "force_first_query", "recall_k", "el_whole_kb",
-              "rag_pool_distractors", "el_prior_fit_pieces")
+              "rag_pool_distractors", "el_prior_fit_pieces", "loop_repeats")
+# Flags added after runs were recorded: fingerprinted only when set, so those runs keep theirs.
+_FINGERPRINTED_WHEN_SET = ("loop_repeats",)
 _OTHER_TASK = {"rag": ("el_",), "el": ("rag_", "qa_")}
 
 
@@ -183,6 +185,10 @@ def _eval_flags(a) -> None:
   a("--el_whole_kb", default=None, action=argparse.BooleanOptionalAction,
     help="Also rank gold mentions against the whole KB (encodes every entity per arm).")
   a("--gen_batch", type=int, default=None, help="Requests decoded together.")
+  a("--loop_repeats", type=int, default=0, help="The engine's n-gram loop stop in free "
+    "generation (GenerationConfig.loop_repeats; 0: off): a request whose output ends in one span "
+    "repeated this many times ends (counted in the loops column). Evaluation only: the arms' "
+    "training runs are reused, their results kept apart (results/MODE/ARM-loopN.json).")
   a("--force_first_query", action="store_true", help="Smoke runs only: the first generated "
     "token of every request is forced to the query RET token, so retrieval during generation "
     "runs even with a model too briefly trained to emit it (not quality figures).")
@@ -263,7 +269,8 @@ def fingerprint(args: argparse.Namespace, mode: str, arm: Arm, training: bool = 
   fingerprint."""
   skip = _NOT_FINGERPRINTED + LEVERS + (_EVAL_ONLY if training else ())
   values = {k: v for k, v in sorted(vars(args).items())
-            if k not in skip and not k.startswith(_OTHER_TASK[mode])}
+            if k not in skip and not k.startswith(_OTHER_TASK[mode])
+            and not (k in _FINGERPRINTED_WHEN_SET and not v)}
   if arm.loss is not None:
     values["arm"] = {**dataclasses.asdict(arm.loss), "n_neg": arm.n_neg,
                      "batch_scale": arm.batch_scale,

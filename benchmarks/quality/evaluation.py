@@ -229,7 +229,7 @@ def _generation_config(eval_set: EvalSet, prompts: list[list[int]], max_new: int
   return GenerationConfig(max_new_tokens=max_new,
                           max_retrievals=RAG_MAX_RETRIEVALS if rag else 1 << 30,
                           retrieve_k=eval_set.k, batch_size=args.gen_batch, capacity=capacity,
-                          watch=(query,) if rag else ())
+                          watch=(query,) if rag else (), loop_repeats=args.loop_repeats)
 
 
 def _scores(eval_set: EvalSet, records: list[dict]) -> Generation:
@@ -274,6 +274,8 @@ def generate(eval_set: EvalSet, run: LoadedRun, index: Index, arm: Arm, minilm: 
     scores.first_query_p = float(np.mean([np.exp(o.watched[0][0]) for o in outputs if o.watched]))
   scores.finished = sum(o.finished for o in outputs) / max(len(outputs), 1)
   scores.ran_to_limit = sum(o.stop_reason == "max_new_tokens" for o in outputs)
+  if config.loop_repeats:
+    scores.loop_stopped = sum(o.stop_reason == "repetition" for o in outputs)
   scores.queries_emitted = sum(t == query and g for o in outputs
                                for t, g in zip(o.tokens, o.generated))
   scores.gold_queries = sum(line["messages"][-1]["content"].count(task.query_token)

@@ -62,7 +62,11 @@ def _first_query(g: Generation | None) -> str:
 
 
 def _loops(g: Generation | None) -> str:
-  return "—" if g is None or g.ran_to_limit is None else str(g.ran_to_limit)
+  """Requests run to max_new_tokens, and those the loop stop ended when it was on."""
+  if g is None or g.ran_to_limit is None:
+    return "—"
+  stopped = "" if g.loop_stopped is None else f" (+{g.loop_stopped} ended by the loop stop)"
+  return f"{g.ran_to_limit}{stopped}"
 
 
 def _rows(results: dict[str, ArmResult], figures) -> list[list[str]]:

@@ -61,6 +61,7 @@ class Generation:
   reference_recall: float | None = None
   finished: float | None = None  # fraction of requests stopped on EOS
   ran_to_limit: int | None = None  # requests that stopped at max_new_tokens (greedy loops)
+  loop_stopped: int | None = None  # requests the loop stop ended (--loop_repeats; None: off)
   queries_emitted: int = 0  # query RET tokens the model generated (each one retrieved)
   gold_queries: int = 0  # query RET tokens in the gold answers of the same requests
   first_query_p: float | None = None  # RAG: mean P(query token) as the first output token
