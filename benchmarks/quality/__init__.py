@@ -65,7 +65,8 @@ packed ahead exactly as training packs them, hold at least that many; the same f
 Each arm is a training run in OUT/train/MODE/ARM-<fingerprint> with checkpoints every
 --checkpoint_every steps, metrics.jsonl (one line per step: L_gen, L_ret, in-batch accuracy,
 queries, targets, packing) and wall.jsonl; curves.py plots each task's arms into
-OUT/quality_curves_TASK.png (and benchmarks/quality_curves_TASK.png with --record).
+OUT/quality_curves_TASK.png (and benchmarks/quality_curves_TASK.png with --record; with a
+--record_key other than cpu, quality_curves_KEY_TASK.png).
 
 Evaluation (evaluation.py, ranking.py), for every arm and baseline alike:
   gold context  each query RET token of a gold dev answer (teacher-forced as training encodes it;

@@ -160,9 +160,10 @@ def _record(study: Study) -> None:
   args = study.args
   report.write(study.run)
   for mode, dirs in study.train_dirs.items():  # one PNG per task: a task's run replaces its own
-    png = [os.path.join(args.out, report.curves_png(mode))]
+    name = report.curves_png(mode, args.record_key)
+    png = [os.path.join(args.out, name)]
     if args.record:
-      png.append(os.path.join(os.path.dirname(report.results_md.RESULTS), report.curves_png(mode)))
+      png.append(os.path.join(os.path.dirname(report.results_md.RESULTS), name))
     curves.plot({mode: dirs}, png)
   if args.record:
     for mode in study.run.results:

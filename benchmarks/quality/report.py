@@ -21,9 +21,11 @@ from benchmarks.quality.results import ArmResult, Generation, GoldRecall, TrainS
 Results = dict[str, dict[str, ArmResult]]  # mode -> arm key -> figures
 
 
-def curves_png(mode: str) -> str:
-  """The file name of a task's training curves (in OUT, and next to RESULTS.md with --record)."""
-  return f"quality_curves_{mode}.png"
+def curves_png(mode: str, record_key: str) -> str:
+  """The file name of a task's training curves (in OUT, and next to RESULTS.md with --record):
+  one per task and --record_key, so a section's image is its own run's."""
+  return f"quality_curves_{mode}.png" if record_key == "cpu" else (
+      f"quality_curves_{record_key}_{mode}.png")
 
 
 _MARK = "<!-- quality-study:{key}:{mode}:{end} -->"
@@ -221,7 +223,7 @@ def section(run: Run, mode: str) -> str:
                                                      for r in run.results[mode].values())], "",
            f"Machine: {results_md.machine(f'compute dtype {run.dtype}')}", "",
            table(mode, run.results[mode], args.recall_k), "",
-           f"Training curves: ![training curves]({curves_png(mode)})", "",
+           f"Training curves: ![training curves]({curves_png(mode, args.record_key)})", "",
            *[f"- {n}" for n in _train_lines(run.results[mode])],
            *[f"- {n}" for n in notes(args, mode, run.data_counts, run.backend, run.dtype,
                                      run.start)]]
