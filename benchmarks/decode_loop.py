@@ -103,7 +103,7 @@ def make_engine(args, model: Decoder, params, mesh, work: Workload, steps: int) 
 def run_once(engine: Engine, work: Workload) -> dict:
   """Submits every request at once and steps the engine until all ended: seconds, dispatches,
   and what the outputs must agree on (tokens, stop reason, retrieval ids per request)."""
-  start = time.perf_counter()
+  start, compiled = time.perf_counter(), engine.compiled_s
   ids = [engine.submit(Request(p, force=s)) for p, s in zip(work.prompts, work.scripts)]
   dispatches = 0
   while engine.busy:
@@ -111,7 +111,7 @@ def run_once(engine: Engine, work: Workload) -> dict:
     dispatches += 1
   seconds = time.perf_counter() - start
   outs = [engine.output(i) for i in ids]
-  return {"seconds": seconds, "dispatches": dispatches,
+  return {"seconds": seconds, "dispatches": dispatches, "compiled_s": engine.compiled_s - compiled,
           "written": sum(sum(out.generated) for out in outs),
           "retrievals": sum(len(out.retrievals) for out in outs),
           "result": [(out.tokens, out.stop_reason, [r.ids for r in out.retrievals])
@@ -137,23 +137,25 @@ def measure(args, engines: dict[int, Engine], work: Workload) -> dict[int, dict 
 
 
 def table_rows(preset: str, mode: str, runs: dict[int, dict | str]) -> list[list]:
-  """One row per N: seconds, tokens/s, retrievals/s, dispatches, tokens/s vs N = 1."""
+  """One row per N: seconds, tokens/s, retrievals/s, dispatches, tokens/s vs N = 1, and the
+  share of the time in compiled calls (dispatch included)."""
   host = runs[1]
   rows = []
   for n in sorted(runs):
     run = runs[n]
     engine = "host" if n == 1 else "device loop"
     if isinstance(run, str):
-      rows.append([preset, mode, engine, n, run, "", "", "", ""])
+      rows.append([preset, mode, engine, n, run, "", "", "", "", ""])
       continue
     ratio = (f"{host['seconds'] / run['seconds']:.2f}x" if isinstance(host, dict) else "")
+    share = f"{100 * run['compiled_s'] / run['seconds']:.0f}%"
     rows.append([preset, mode, engine, n, run["seconds"], run["written"] / run["seconds"],
-                 run["retrievals"] / run["seconds"], run["dispatches"], ratio])
+                 run["retrievals"] / run["seconds"], run["dispatches"], ratio, share])
   return rows
 
 
 HEADERS = ["preset", "workload", "engine", "N", "seconds", "tokens/s", "retrievals/s",
-           "dispatches", "tokens/s vs host"]
+           "dispatches", "tokens/s vs host", "in compiled calls"]
 
 
 def parse_args() -> argparse.Namespace:
@@ -216,11 +218,14 @@ def record(args, rows: list[list], table: str) -> None:
       f"seconds: the median of {args.repeats} timed passes after one untimed pass per engine "
       "(compiles), the engines alternating; tokens/s counts output-stream tokens (RET included, "
       "insertions not).",
+      "in compiled calls: the share of the pass from each compiled call's dispatch until its "
+      "results were on the host (Engine.compiled_s: the call's own dispatch cost included); the "
+      "rest is host work between calls (inputs, host search, bookkeeping).",
       "The machine is shared with other jobs (see the load average): compare ratios.",
   ]
   summary = []
   for row in rows:
-    preset, mode, engine, steps, seconds, *_, ratio = row
+    preset, mode, engine, steps, seconds, *_, ratio, _ = row
     if steps == n and engine == "device loop":
       goal = GOALS.get(preset)
       value = ratio or seconds  # the error text when the row is one

@@ -13,6 +13,7 @@ never attended). `GenerationConfig.steps_per_dispatch` is N.
 from __future__ import annotations
 
 import dataclasses
+import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
@@ -88,11 +89,13 @@ class DeviceLoop:
     steps = cfg.steps_per_dispatch
     records = records_per_call(cfg)
     rows, window, k = self._rows(engine, steps, records)
+    start = time.perf_counter()
     with engine._rules():  # pylint: disable=protected-access
       out, engine._cache = self._loop(  # pylint: disable=protected-access
           engine.params, self.retrieval.kb, engine._cache, rows, steps=steps, window=window,
           k=k, records=records)
       out = jax.device_get(out)
+    engine.compiled_s += time.perf_counter() - start
     engine.tokens_fed += int(out["fed"])
     ended = [self._replay(engine, r, out) for r in busy]
     return [rid for rid in ended if rid is not None]

@@ -14,6 +14,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import functools
+import time
 from collections.abc import Callable, Sequence
 
 import jax
@@ -70,6 +71,8 @@ class Engine:
     self._requests: dict[int, tuple[Request, RequestOutput]] = {}
     self._next_id = 0
     self.tokens_fed = 0  # tokens fed through the model so far (prompts, insertions, outputs)
+    # Seconds from each compiled call's dispatch until its results are on the host (the rest is
+    self.compiled_s = 0.0  # host work: building inputs, search on the host, bookkeeping)
     self._sessions: dict[int, tuple[tuple, int]] = {}  # request id -> (cache row, length)
     self._continues: dict[int, tuple[tuple, int]] = {}  # request id -> its session's (row, length)
     if device is None and config.steps_per_dispatch != 1:
@@ -210,9 +213,11 @@ class Engine:
                            self.output(s.rid).prompt, s.stream) if s else None
                           for s in self._slots]))
     apart = rows_apart(queued, width) if self.config.prefill_apart else None
+    start = time.perf_counter()
     with self._rules():
       (next_tok, vectors, log_probs, watched), self._cache = feed(
           self._step, self.params, self._cache, batch, self.config.capacity, apart)
+    self.compiled_s += time.perf_counter() - start
     self.tokens_fed += int(queued.sum())
     for r in busy:
       slot = self._slots[r]
