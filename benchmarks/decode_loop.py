@@ -136,26 +136,26 @@ def measure(args, engines: dict[int, Engine], work: Workload) -> dict[int, dict 
           for n, r in runs.items()} | errors
 
 
-def table_rows(preset: str, mode: str, runs: dict[int, dict | str]) -> list[list]:
+def table_rows(preset: str, mode: str, runs: dict[int, dict | str], dtype: str) -> list[list]:
   """One row per N: seconds, tokens/s, retrievals/s, dispatches, tokens/s vs N = 1, and the
-  share of the time in compiled calls (dispatch included)."""
+  share of the time in compiled calls (dispatch included), the compute dtype."""
   host = runs[1]
   rows = []
   for n in sorted(runs):
     run = runs[n]
     engine = "host" if n == 1 else "device loop"
     if isinstance(run, str):
-      rows.append([preset, mode, engine, n, run, "", "", "", "", ""])
+      rows.append([preset, mode, engine, n, run, "", "", "", "", "", dtype])
       continue
     ratio = (f"{host['seconds'] / run['seconds']:.2f}x" if isinstance(host, dict) else "")
     share = f"{100 * run['compiled_s'] / run['seconds']:.0f}%"
     rows.append([preset, mode, engine, n, run["seconds"], run["written"] / run["seconds"],
-                 run["retrievals"] / run["seconds"], run["dispatches"], ratio, share])
+                 run["retrievals"] / run["seconds"], run["dispatches"], ratio, share, dtype])
   return rows
 
 
 HEADERS = ["preset", "workload", "engine", "N", "seconds", "tokens/s", "retrievals/s",
-           "dispatches", "tokens/s vs host", "in compiled calls"]
+           "dispatches", "tokens/s vs host", "in compiled calls", "dtype"]
 
 
 def parse_args() -> argparse.Namespace:
@@ -166,6 +166,8 @@ def parse_args() -> argparse.Namespace:
   parser.add_argument("--steps", type=probes.parse_ints, default="1,8,32",
                       help="N per engine; 1 (the host engine, the reference) must be first")
   parser.add_argument("--workloads", default="el,rag", help="of el, rag")
+  parser.add_argument("--dtypes", default="float32", help="compute dtypes (activations, KV "
+                      "cache; parameters float32), comma-separated: e.g. float32,bfloat16")
   parser.add_argument("--requests", type=int, default=16)
   parser.add_argument("--batch_size", type=int, default=8, help="engine slots")
   parser.add_argument("--prompt_len", type=int, default=16, help="tokens per prompt")
@@ -190,12 +192,13 @@ def main():
   mesh = sharding.make_mesh(data=-1)
   rows = []
   for preset in args.presets.split(","):
-    model = Decoder(models.model_config(preset))
-    params = models.init_params(model, args.seed)
-    for mode in args.workloads.split(","):
-      work = make_workload(args, mode, model.config.vocab_size, model.config.hidden_size)
-      engines = {n: make_engine(args, model, params, mesh, work, n) for n in args.steps}
-      rows += table_rows(preset, mode, measure(args, engines, work))
+    params = models.init_params(Decoder(models.model_config(preset)), args.seed)
+    for dtype in args.dtypes.split(","):
+      model = Decoder(models.model_config(preset, dtype=dtype))
+      for mode in args.workloads.split(","):
+        work = make_workload(args, mode, model.config.vocab_size, model.config.hidden_size)
+        engines = {n: make_engine(args, model, params, mesh, work, n) for n in args.steps}
+        rows += table_rows(preset, mode, measure(args, engines, work), dtype)
   table = results_md.markdown_table(HEADERS, rows)
   print(table)
   if not args.no_record:
@@ -225,11 +228,12 @@ def record(args, rows: list[list], table: str) -> None:
   ]
   summary = []
   for row in rows:
-    preset, mode, engine, steps, seconds, *_, ratio, _ = row
+    preset, mode, engine, steps, seconds, *_, ratio, _, dtype = row
     if steps == n and engine == "device loop":
       goal = GOALS.get(preset)
       value = ratio or seconds  # the error text when the row is one
-      summary.append((f"tokens/s, device loop N={n} vs host, {mode.upper()} ({preset}, "
+      typed = "" if dtype == "float32" else f", {dtype}"
+      summary.append((f"tokens/s, device loop N={n} vs host, {mode.upper()} ({preset}{typed}, "
                       f"{jax.default_backend().upper()})",
                       f"{value}" + (f" (goal >= {goal}x)" if goal else "")))
   results_md.record("decode_loop", f"device loop vs host engine, {args.presets}", table, notes,

@@ -23,7 +23,7 @@ _MESH_FSDP = flags.DEFINE_integer("mesh_fsdp", 1, "Mesh 'fsdp' size: parameters 
 _MESH_TENSOR = flags.DEFINE_integer("mesh_tensor", 1, "Mesh 'tensor' size: heads, kv heads, mlp "
                                     "and vocab sharded (must divide them).")
 _DTYPE = flags.DEFINE_enum("dtype", None, ["bfloat16", "float32"], "Compute dtype (activations, "
-                           "KV cache). Default: bfloat16 on TPU/GPU, the run's own on CPU.")
+                           "KV cache). Default: bfloat16 on TPU/GPU, float32 on CPU.")
 
 
 def start() -> dict:

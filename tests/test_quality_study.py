@@ -276,6 +276,15 @@ def test_the_loop_stop_reevaluates_an_arm_apart_from_its_plain_evaluation():
 
 
 def test_the_loops_column_counts_what_the_loop_stop_ended_when_it_was_on():
-  assert report._loops(Generation(ran_to_limit=10)) == "10"  # pylint: disable=protected-access
-  assert (report._loops(Generation(ran_to_limit=2, loop_stopped=8))  # pylint: disable=protected-access
-          == "2 (+8 ended by the loop stop)")
+  loops = report._loops  # pylint: disable=protected-access
+  assert loops(Generation(ran_to_limit=10)) == "10"
+  assert loops(Generation(ran_to_limit=2, loop_stopped=8)) == "2 (+8 ended by the loop stop)"
+
+
+def test_the_evaluation_dtype_names_the_evaluation_not_the_training():
+  """--eval_dtype is evaluation only: the same training run, another evaluation fingerprint."""
+  arm = _arm(_args("--arms=onegen_infonce"), "onegen_infonce")
+  f32, bf16 = (_args("--arms=onegen_infonce", f"--eval_dtype={d}") for d in ("float32", "bfloat16"))
+  assert cli.fingerprint(f32, "el", arm) != cli.fingerprint(bf16, "el", arm)
+  assert (cli.fingerprint(f32, "el", arm, training=True)
+          == cli.fingerprint(bf16, "el", arm, training=True))

@@ -98,6 +98,8 @@ def _start(args: argparse.Namespace) -> Study:
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
   start, backend = time.time(), jax.default_backend()
   dtype = args.dtype or ("float32" if backend == "cpu" else "bfloat16")  # '': the old default
+  # resolved before any fingerprint: an evaluation's hash names the dtype it ran in
+  args.eval_dtype = args.eval_dtype or ("float32" if backend == "cpu" else dtype)
   os.makedirs(args.out, exist_ok=True)
   hf_dir = ensure_hf_dir(args)
   minilm = MiniLM(args.minilm_dir) if any(arm.retriever == "minilm"

@@ -58,7 +58,7 @@ _NOT_FINGERPRINTED = ("out", "tasks", "arms", "budget_s", "cache_dir", "record",
 # Flags that change only the evaluation (left out of the training fingerprint).
 _EVAL_ONLY = ("rag_dev_limit", "el_dev_limit", "el_dev_max_tokens", "rag_max_new_tokens",
               "el_max_new_tokens", "force_first_query", "recall_k", "el_whole_kb",
-              "rag_pool_distractors", "el_prior_fit_pieces", "loop_repeats")
+              "rag_pool_distractors", "el_prior_fit_pieces", "loop_repeats", "eval_dtype")
 # Flags added after runs were recorded: fingerprinted only when set, so those runs keep theirs.
 _FINGERPRINTED_WHEN_SET = ("loop_repeats",)
 _OTHER_TASK = {"rag": ("el_",), "el": ("rag_", "qa_")}
@@ -103,6 +103,9 @@ def _model_flags(a) -> None:
   a("--dtype", default=None, help="Compute dtype (preset: bfloat16; its weight matmuls and "
     "attention accumulate in float32 on CPU, model.dot_accumulation=auto). '' is the studies "
     "before 2026-12-03 evening: float32 on CPU, bfloat16 elsewhere.")
+  a("--eval_dtype", default=None, choices=("float32", "bfloat16"), help="Compute dtype of the "
+    "evaluation (encoding and generation; default: float32 on CPU, where XLA's bfloat16 dots at "
+    "decode shapes are slow, benchmarks/RESULTS.md finding 16; else --dtype's).")
   a("--scan_layers", default=None, action=argparse.BooleanOptionalAction,
     help="Layers under nn.scan (preset: accelerator) or unrolled (preset: cpu, ~1.4x the step "
     "there, benchmarks/RESULTS.md finding 9).")

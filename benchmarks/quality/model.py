@@ -182,14 +182,17 @@ def train_arm(args: argparse.Namespace, data: TaskData, run_dir: str, arm: Arm, 
 
 def arm_model(args: argparse.Namespace, data: TaskData, run_dir: str, arm: Arm, dtype: str,
               tokenizer: TaskTokenizer, workdir: str) -> tuple[LoadedRun, TrainStats, int]:
-  """The arm's model (compute dtype `dtype`): the imported run as is when arm.loss is None, else
-  the parameters after training the arm from it; its stats and planned steps."""
+  """The arm's model for its evaluation (computing in --eval_dtype): the imported run as is when
+  arm.loss is None, else the parameters after training the arm from it (in `dtype`); its stats
+  and planned steps."""
+  evaluated = lambda config: Decoder(config.replace(dtype=args.eval_dtype,
+                                                    dot_accumulation="auto"))
   if arm.loss is None:
     loaded = load_run(run_dir, task=data.task.name)
-    model = Decoder(loaded.model.config.replace(dtype=dtype, dot_accumulation="auto"))
-    return dataclasses.replace(loaded, model=model, config={}), TrainStats(), 0
+    return (dataclasses.replace(loaded, model=evaluated(loaded.model.config), config={}),
+            TrainStats(), 0)
   config = train_config(args, data, run_dir, arm, dtype)
   params, stats, steps = train_arm(args, data, run_dir, arm, dtype, workdir)
   say(f"{data.settings.mode}/{arm.key}: trained {stats}")
-  return LoadedRun(Decoder(model_config(config.model)), params, sharding.make_mesh(data=-1),
+  return LoadedRun(evaluated(model_config(config.model)), params, sharding.make_mesh(data=-1),
                    tokenizer, data.task, {}), stats, steps

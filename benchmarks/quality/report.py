@@ -176,7 +176,7 @@ def write(run: Run) -> str:
   """Writes OUT/quality.json and OUT/quality.md; returns the tables."""
   args = run.args
   text = tables(run.results, args.recall_k)
-  machine = results_md.machine(f"compute dtype {run.dtype}")
+  machine = results_md.machine(_dtypes(run))
   record = {"command": command(), "machine": machine,
             "date": f"{datetime.datetime.now().astimezone():%Y-%m-%d %H:%M %Z}",
             "args": dict(vars(args)), "backend": run.backend, "dtype": run.dtype,
@@ -215,13 +215,20 @@ def _train_lines(results: dict[str, ArmResult]) -> list[str]:
   return out
 
 
+def _dtypes(run: Run) -> str:
+  """The compute dtypes of training and evaluation, for the machine line (a study recorded
+  before --eval_dtype evaluated in its training dtype)."""
+  evaluation = getattr(run.args, "eval_dtype", None) or run.dtype
+  return f"compute dtype {run.dtype} (training), {evaluation} (evaluation)"
+
+
 def section(run: Run, mode: str) -> str:
   """The task's RESULTS.md section: commands, machine, date, table, curves, notes."""
   args, date = run.args, f"{datetime.datetime.now().astimezone():%Y-%m-%d %H:%M %Z}"
   lines = [f"#### quality study: {_TITLES[mode]} (recorded {date})", "",
            *[f"Command: `{c}`" for c in dict.fromkeys(r.command or command()
                                                      for r in run.results[mode].values())], "",
-           f"Machine: {results_md.machine(f'compute dtype {run.dtype}')}", "",
+           f"Machine: {results_md.machine(_dtypes(run))}", "",
            table(mode, run.results[mode], args.recall_k), "",
            f"Training curves: ![training curves]({curves_png(mode, args.record_key)})", "",
            *[f"- {n}" for n in _train_lines(run.results[mode])],

@@ -50,7 +50,7 @@ def load_run(workdir: str, step: int | None = None, mesh: Mesh | None = None,
   it by the training logical rules (vocab, heads, kv, mlp over 'tensor'; embed over 'fsdp').
   Default: a data-only mesh over all devices (every device holds all parameters).
   dtype: the compute dtype (activations, KV cache); default `compute_dtype`: bfloat16 on TPU and
-  GPU, the run's own on CPU. Parameters keep their stored dtype. A LoRA run is loaded merged
+  GPU, float32 on CPU. Parameters keep their stored dtype. A LoRA run is loaded merged
   into its base (checkpoint.restore_merged), as a plain Decoder in its param_dtype.
   The tokenizer is WORKDIR/tokenizer when present (an import), else the run's data.tokenizer_path.
   """
@@ -59,7 +59,7 @@ def load_run(workdir: str, step: int | None = None, mesh: Mesh | None = None,
   if step is None:
     raise FileNotFoundError(f"no complete checkpoint in {workdir}")
   model_config = model_config_from_json(ckpt.restore_json(step, "model"))
-  model_config = model_config.replace(dtype=dtype or compute_dtype(model_config.dtype))
+  model_config = model_config.replace(dtype=dtype or compute_dtype())
   config = ckpt.restore_json(step, "config")
   mesh = sharding.make_mesh(data=-1) if mesh is None else mesh
   if model_config.lora is None:
@@ -79,10 +79,11 @@ def load_run(workdir: str, step: int | None = None, mesh: Mesh | None = None,
                    task_obj, config)
 
 
-def compute_dtype(stored: str) -> str:
-  """The inference compute dtype of a run whose model config says `stored`: bfloat16 on TPU and
-  GPU, `stored` on CPU (where bfloat16 matmuls are slow)."""
-  return "bfloat16" if jax.default_backend() in ("tpu", "gpu") else stored
+def compute_dtype() -> str:
+  """The inference compute dtype: bfloat16 on TPU and GPU, float32 on CPU, whatever the run
+  trained in (XLA:CPU's bfloat16 dots at decode shapes are slow: SmolLM2-135M generates 5.7x the
+  tokens/s in float32, benchmarks/RESULTS.md finding 16)."""
+  return "bfloat16" if jax.default_backend() in ("tpu", "gpu") else "float32"
 
 
 def document_encoder(run: LoadedRun, rows: int | None = None, seq_len: int | None = None
