@@ -62,7 +62,8 @@ _REPETITION = flags.DEFINE_float("repetition_penalty", 1.0, "HF's: the logit of 
                                  "prompt or output / this if positive, x this if not; 1: off.")
 _LOOP_REPEATS = flags.DEFINE_integer("loop_repeats", 0, "End a request whose output ends in one "
                                      "span (of at most GenerationConfig.loop_max_span tokens) "
-                                     "repeated this many times (stop_reason \"repetition\"); "
+                                     "repeated this many times, its copies covering at least "
+                                     "loop_min_tokens (16) tokens (stop_reason \"repetition\"); "
                                      "0: off.")
 _PRIOR = flags.DEFINE_string("candidate_prior", "", "EL: a prior written by launch.fit_prior; "
                              "searches among a line's candidates then rank by cosine + weight x "

@@ -35,7 +35,8 @@ from tests.test_device_kb import _key_uids
 QUERY, EOS, CONTINUE = 5, 2, 6
 TOKENS = TaskTokens(query=QUERY, eos=EOS, force_after_query=CONTINUE)
 CONFIG = GenerationConfig(max_new_tokens=20, batch_size=4, capacity=128, retrieve_k=3,
-                          max_retrievals=3, watch=(EOS, QUERY), prefill_apart=False)
+                          max_retrievals=3, watch=(EOS, QUERY), prefill_apart=False,
+                          loop_min_tokens=0)  # a 2 x 2-token loop (request 4) stops
 # (prefill_apart off: fewer programs for the host reference to compile; tests/test_engine.py
 # checks that it changes nothing)
 N_KEYS = 37  # not a multiple of the 8 shards

@@ -259,20 +259,29 @@ def test_stop_strings_need_an_engine_that_decodes(run, prompts):
 
 
 # -- the loop stop -----------------------------------------------------------------------------
-@pytest.mark.parametrize("stream, repeats, max_span, want", [
-    ([5, 7, 7, 7], 3, 32, 1),  # span 1, three times
-    ([7, 7], 3, 32, 0),  # two of three
-    ([9, 1, 2, 3, 1, 2, 3, 1, 2, 3], 3, 32, 3),  # span 3
-    ([9, 1, 2, 3, 1, 2, 3], 3, 32, 0),  # N - 1 repeats
-    ([9, 1, 2, 3, 1, 2, 3], 2, 32, 3),  # N repeats exactly
-    ([1, 2, 3, 1, 2, 3, 1, 2, 3], 3, 2, 0),  # longer than max_span
-    ([1, 2, 3, 1, 2, 4, 1, 2, 3], 3, 32, 0),  # not a loop
-    ([4, 4, 4, 4, 4, 4], 3, 32, 1),  # the shortest span
-    ([2, 1, 2, 1, 2, 1, 2], 3, 32, 2),
-    ([], 2, 32, 0),
+@pytest.mark.parametrize("stream, repeats, max_span, min_tokens, want", [
+    ([5, 7, 7, 7], 3, 32, 0, 1),  # span 1, three times
+    ([7, 7], 3, 32, 0, 0),  # two of three
+    ([9, 1, 2, 3, 1, 2, 3, 1, 2, 3], 3, 32, 0, 3),  # span 3
+    ([9, 1, 2, 3, 1, 2, 3], 3, 32, 0, 0),  # N - 1 repeats
+    ([9, 1, 2, 3, 1, 2, 3], 2, 32, 0, 3),  # N repeats exactly
+    ([1, 2, 3, 1, 2, 3, 1, 2, 3], 3, 2, 0, 0),  # longer than max_span
+    ([1, 2, 3, 1, 2, 4, 1, 2, 3], 3, 32, 0, 0),  # not a loop
+    ([4, 4, 4, 4, 4, 4], 3, 32, 0, 1),  # the shortest span
+    ([2, 1, 2, 1, 2, 1, 2], 3, 32, 0, 2),
+    ([], 2, 32, 0, 0),
+    # the copies must cover min_tokens: a short span repeats ceil(min_tokens / span) times
+    ([5, 0, 0, 0], 3, 32, 16, 0),  # the zeros of "2000" (an EL output the stop cut at N = 3)
+    ([5] + [0] * 16, 3, 32, 16, 1),
+    ([0] * 15, 3, 32, 16, 0),
+    ([1, 2, 3] * 5, 3, 32, 16, 0),  # span 3 needs 6 copies
+    ([9] + [1, 2, 3] * 6, 3, 32, 16, 3),
+    (list(range(8)) * 3, 3, 32, 16, 8),  # a long span: `repeats` copies already cover 16
+    (list(range(8)) * 2, 3, 32, 16, 0),
+    ([], 3, 32, 16, 0),
 ])
-def test_loop_span_finds_a_span_repeated_to_the_end(stream, repeats, max_span, want):
-  assert loop_span(stream, repeats, max_span) == want
+def test_loop_span_finds_a_span_repeated_to_the_end(stream, repeats, max_span, min_tokens, want):
+  assert loop_span(stream, repeats, max_span, min_tokens) == want
 
 
 def test_a_looping_greedy_output_ends_with_repetition(run, prompts):
@@ -280,7 +289,7 @@ def test_a_looping_greedy_output_ends_with_repetition(run, prompts):
   plain = engine.run([engine.submit(Request(p)) for p in prompts])
   # The first (request, output-stream length) where three copies of a span end the stream.
   loops = [(i, n) for i, out in enumerate(plain) for n in range(1, len(_stream(out)) + 1)
-           if loop_span(_stream(out)[:n], 3, CONFIG.loop_max_span)]
+           if loop_span(_stream(out)[:n], 3, CONFIG.loop_max_span, CONFIG.loop_min_tokens)]
   assert loops, "no greedy output loops"
   i, n = min(loops, key=lambda x: x[1])
   assert n < 96

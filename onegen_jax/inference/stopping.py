@@ -28,20 +28,24 @@ def stop_found(decode: Callable[[Sequence[int]], str], tokens: Sequence[int],
   return any(s in text for s in stop)
 
 
-def loop_span(stream: Sequence[int], repeats: int, max_span: int) -> int:
-  """The shortest span s (1 <= s <= max_span) of which `repeats` copies in a row end `stream`
-  (output-stream token ids), or 0 when none does. Span s repeats when each of the stream's last
-  s x (repeats - 1) tokens equals the token s before it: checked for every s at once on a
-  [max_span, max_span x (repeats - 1)] grid."""
-  tail = np.asarray(stream[-repeats * max_span:], np.int64)
+def loop_span(stream: Sequence[int], repeats: int, max_span: int, min_tokens: int = 0) -> int:
+  """The shortest span s (1 <= s <= max_span) of which c_s copies in a row end `stream`
+  (output-stream token ids), or 0 when none does; c_s = max(repeats, ceil(min_tokens / s)): the
+  copies cover at least min_tokens tokens, so a short span must repeat more often. Span s
+  repeats c_s times when each of the stream's last s x (c_s - 1) tokens equals the token s
+  before it: checked for every s at once on a [max_span, J] grid."""
+  spans = np.arange(1, max_span + 1)  # [S]
+  copies = np.maximum(repeats, -(-min_tokens // spans))  # c_s [S]
+  tail = np.asarray(stream[-int((spans * copies).max()):], np.int64)
   n = len(tail)
   if n < repeats:
     return 0
-  spans = np.arange(1, max_span + 1)[:, None]  # [S, 1]
-  back = np.arange(1, (repeats - 1) * max_span + 1)[None]  # [1, J]: 1 is the last token
-  needed = back <= spans * (repeats - 1)
-  here, before = np.clip(n - back, 0, None), np.clip(n - back - spans, 0, None)
-  repeated = np.all((tail[here] == tail[before]) | ~needed, axis=1) & (spans[:, 0] * repeats <= n)
+  compared = spans * (copies - 1)  # [S]: the last tokens each equal to the one s before them
+  back = np.arange(1, int(compared.max()) + 1)[None]  # [1, J]: 1 is the last token
+  here = np.clip(n - back, 0, None)
+  before = np.clip(n - back - spans[:, None], 0, None)
+  repeated = (np.all((tail[here] == tail[before]) | (back > compared[:, None]), axis=1)
+              & (spans * copies <= n))
   return int(np.argmax(repeated)) + 1 if repeated.any() else 0
 
 
@@ -72,7 +76,7 @@ def stop_reason(request: Request, config: GenerationConfig, out: RequestOutput,
   if request.stop and stop_found(decode, out.tokens, out.generated, request.stop):
     return "stop"
   repeats = request.setting("loop_repeats", config)
-  if repeats and loop_span(stream, repeats, config.loop_max_span):
+  if repeats and loop_span(stream, repeats, config.loop_max_span, config.loop_min_tokens):
     return "repetition"
   if len(stream) >= request.setting("max_new_tokens", config):
     return "max_new_tokens"

@@ -43,6 +43,9 @@ class GenerationConfig:
   loop_repeats: int = 0  # >= 2: a request whose output ends in one span (of at most
   # loop_max_span tokens) repeated this many times ends ("repetition"); 0: off
   loop_max_span: int = 32
+  # ... and whose copies cover at least this many tokens: a short span must repeat more often
+  # (span 1: 16 times), so the "0 0 0" of "2000" is no loop (stopping.loop_span)
+  loop_min_tokens: int = 16
   max_retrievals: int = 5  # per request; a query RET token beyond it ends the request
   batch_size: int = 8  # slots (cache rows)
   capacity: int = 2048  # cache entries per slot: prompt + inserted + generated tokens
