@@ -93,6 +93,19 @@ def test_lora_arm_trains_adapters_over_the_imported_base_with_the_same_batches()
                                   _arm(_args("--arms=onegen_infonce"), "onegen_infonce"))
 
 
+def test_the_fast_lora_arm_differs_from_the_lora_arm_by_its_learning_rate_only():
+  args = _args("--arms=onegen_infonce_lora,onegen_infonce_lora_lr10")
+  task = data.TaskData(cli.TaskSettings.from_args(args, "el"), "train.jsonl", "dev.jsonl",
+                       "db.jsonl", "pool.jsonl", "", [], {})
+  lora, fast = (train_config(args, task, "/tmp/run", arm, "bfloat16")
+                for arm in cli.study_arms(args))
+  assert fast.optim.lr == 10 * lora.optim.lr == 10 * args.lr
+  fast.optim.lr = lora.optim.lr
+  assert fast.to_dict() == lora.to_dict()
+  assert (cli.fingerprint(args, "el", _arm(args, "onegen_infonce_lora"))
+          != cli.fingerprint(args, "el", _arm(args, "onegen_infonce_lora_lr10")))
+
+
 def test_rag_dev_keeps_multi_hop_questions_and_trains_the_others():
   single, double = _line(("p1", ["n1"])), _line(("p2", ["n2"]), ("p3", ["n3"]))
   train, dev = data.multi_hop_dev([_line(("p0", ["n0"]))], [single, double])

@@ -27,6 +27,8 @@ questions / documents:
   onegen_infonce_lora  OneGen-InfoNCE as LoRA (rank 16, alpha 32, every linear projection, the
                   task tokens' embedding rows) over the imported model frozen in bf16; same
                   batches and steps as onegen_infonce (issue 26)
+  onegen_infonce_lora_lr10  the same at 10x --lr (adapters starting at B = 0 commonly train at
+                  several times a full fine-tune's rate)
   onegen_infonce_prior  EL: onegen_infonce's model; among a mention's candidates, cosine + the
                   candidate prior (RankPrior: weight x log P(gold at rank), fit on
                   --el_prior_fit_pieces training pieces, never dev), as launch.infer

@@ -132,7 +132,7 @@ def _run_arm(study: Study, task: TaskRun, arm: Arm) -> ArmResult:
   run, stats, steps = None, None, 0
   if arm.model:
     run, stats, steps = arm_model(args, task.eval_set.data, task.run_dir, arm, study.run.dtype,
-                                  task.tokenizer, train_dir)
+                                  train_dir)
   eval_start = time.time()
   gold, generation = evaluate_arm(task.eval_set, arm, run, study.minilm, args, eval_dir)
   done = time.time()

@@ -38,6 +38,7 @@ class Arm:
   # InfoNCE negatives across the micro-batches (the GradCache-style step), steps / batch_scale.
   batch_scale: int = 1
   lora_rank: int = 0  # > 0: LoRA adapters of this rank over the frozen base (full fine-tune: 0)
+  lr_scale: float = 1.0  # its learning rate: --lr x this
 
   def __post_init__(self):
     if self.retriever not in RETRIEVERS:
@@ -74,6 +75,8 @@ ARMS = (
         "micro-batches)", Loss("infonce", 1.0, 1.0), batch_scale=4),
     Arm("onegen_infonce_lora", "OneGen, InfoNCE, LoRA rank 16 (adapters and task-token rows over "
         "a bf16 base)", Loss("infonce", 1.0, 1.0), lora_rank=16),
+    Arm("onegen_infonce_lora_lr10", "OneGen, InfoNCE, LoRA rank 16, 10x the learning rate",
+        Loss("infonce", 1.0, 1.0), lora_rank=16, lr_scale=10.0),
     Arm("onegen_infonce_prior", "OneGen, InfoNCE + candidate prior (weight fit on training "
         "mentions)", Loss("infonce", 1.0, 1.0), "self_prior", writes=False, tasks=("el",),
         model_of="onegen_infonce"),

@@ -23,16 +23,15 @@ from benchmarks.quality.arms import Arm
 from benchmarks.quality.cli import say
 from benchmarks.quality.data import TaskData
 from benchmarks.quality.results import TrainStats, read_json_lines
-from onegen_jax import hf, sharding
+from onegen_jax import hf
 from onegen_jax.checkpoint import Checkpointer
-from onegen_jax.data.encoding import TaskTokenizer
 from onegen_jax.data.tasks import Task
 from onegen_jax.inference.run_dir import LoadedRun, load_run
 from onegen_jax.model.decoder import Decoder
 from onegen_jax.train import loop
 from onegen_jax.train.config import base_config
 from onegen_jax.train.data import TrainData, make_train_data
-from onegen_jax.train.program import batch_shape, model_config
+from onegen_jax.train.program import batch_shape
 
 PAD_VOCAB_TO = 128
 # Per micro-batch budgets, generous: a query takes at least ~8 tokens of its example (EL markup:
@@ -100,7 +99,7 @@ def train_config(args: argparse.Namespace, data: TaskData, run_dir: str, arm: Ar
   c.mesh.update(data=-1, fsdp=1)
   c.loss.update(negatives_across_micro_batches=arm.batch_scale > 1,
                 **dataclasses.asdict(arm.loss))
-  c.optim.update(lr=args.lr, schedule=args.schedule, warmup_steps=args.warmup_steps)
+  c.optim.update(lr=args.lr * arm.lr_scale, schedule=args.schedule, warmup_steps=args.warmup_steps)
   c.batch.update(rows=s.rows * arm.batch_scale, seq_len=s.seq_len,
                  accum_steps=args.accum_steps * arm.batch_scale,
                  num_queries=max(micro_tokens // TOKENS_PER_QUERY, s.n_pos),
@@ -155,8 +154,9 @@ def train_stats(workdir: str, rows: int, seq_len: int) -> TrainStats:
 
 
 def train_arm(args: argparse.Namespace, data: TaskData, run_dir: str, arm: Arm, dtype: str,
-              workdir: str) -> tuple[dict, TrainStats, int]:
-  """(parameters, stats, planned steps) after training the arm in `workdir` (resumed there)."""
+              workdir: str) -> tuple[TrainStats, int]:
+  """(stats, planned steps) after training the arm in `workdir` (resumed there; its final
+  checkpoint saved)."""
   config = train_config(args, data, run_dir, arm, dtype)
   train_data = make_train_data(config, batch_shape(config))
   if not config.train.steps:
@@ -166,9 +166,7 @@ def train_arm(args: argparse.Namespace, data: TaskData, run_dir: str, arm: Arm, 
   metrics = read_json_lines(os.path.join(workdir, "metrics.jsonl"))
   first = max((m["step"] for m in metrics), default=0)
   start = time.time()
-  state, final = loop.fit(config, workdir, data=train_data)
-  params = jax.block_until_ready(state.params)
-  del state
+  _, final = loop.fit(config, workdir, data=train_data)
   last = final.get("preempted_at_step", config.train.steps)
   with open(os.path.join(workdir, "wall.jsonl"), "a") as f:
     f.write(json.dumps({"from_step": first, "to_step": last,
@@ -177,22 +175,20 @@ def train_arm(args: argparse.Namespace, data: TaskData, run_dir: str, arm: Arm, 
     say(f"{data.settings.mode}/{arm.key}: stopped at step {last} of {config.train.steps} "
         f"(SIGTERM; checkpoint saved in {workdir}); rerun the same command to resume")
     raise SystemExit(0)
-  return params, train_stats(workdir, config.batch.rows, data.settings.seq_len), config.train.steps
+  return train_stats(workdir, config.batch.rows, data.settings.seq_len), config.train.steps
 
 
 def arm_model(args: argparse.Namespace, data: TaskData, run_dir: str, arm: Arm, dtype: str,
-              tokenizer: TaskTokenizer, workdir: str) -> tuple[LoadedRun, TrainStats, int]:
-  """The arm's model for its evaluation (computing in --eval_dtype): the imported run as is when
-  arm.loss is None, else the parameters after training the arm from it (in `dtype`); its stats
+              workdir: str) -> tuple[LoadedRun, TrainStats, int]:
+  """The arm's model for its evaluation, computing in --eval_dtype, as launch.infer would load
+  it: the imported run as is when arm.loss is None, else the arm's final checkpoint after
+  training it from the imported run in `dtype` (a LoRA arm's merged into its base); its stats
   and planned steps."""
-  evaluated = lambda config: Decoder(config.replace(dtype=args.eval_dtype,
-                                                    dot_accumulation="auto"))
-  if arm.loss is None:
-    loaded = load_run(run_dir, task=data.task.name)
-    return (dataclasses.replace(loaded, model=evaluated(loaded.model.config), config={}),
-            TrainStats(), 0)
-  config = train_config(args, data, run_dir, arm, dtype)
-  params, stats, steps = train_arm(args, data, run_dir, arm, dtype, workdir)
-  say(f"{data.settings.mode}/{arm.key}: trained {stats}")
-  return LoadedRun(evaluated(model_config(config.model)), params, sharding.make_mesh(data=-1),
-                   tokenizer, data.task, {}), stats, steps
+  stats, steps = TrainStats(), 0
+  if arm.loss is not None:
+    stats, steps = train_arm(args, data, run_dir, arm, dtype, workdir)
+    say(f"{data.settings.mode}/{arm.key}: trained {stats}")
+  loaded = load_run(run_dir if arm.loss is None else workdir, task=data.task.name)
+  evaluated = Decoder(loaded.model.config.replace(dtype=args.eval_dtype,
+                                                  dot_accumulation="auto"))
+  return dataclasses.replace(loaded, model=evaluated, config={}), stats, steps

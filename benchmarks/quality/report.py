@@ -148,7 +148,7 @@ def _settings_note(args: argparse.Namespace, mode: str) -> str:
           f"{args.doc_rows}.")
 
 
-def notes(args: argparse.Namespace, mode: str, data_counts: dict, backend: str, dtype: str,
+def notes(args: argparse.Namespace, mode: str, data_counts: dict, backend: str,
           start: float) -> list[str]:
   out = [_settings_note(args, mode),
          f"Data: {json.dumps(data_counts.get(mode, {}))} (after subsetting; *_all before).",
@@ -163,7 +163,7 @@ def notes(args: argparse.Namespace, mode: str, data_counts: dict, backend: str, 
          f"Baseline query texts: the question + the sub-question (RAG); the mention + {WINDOW} "
          "characters of source text either side (EL). BM25: bm25s, stop words removed, ties "
          "broken by uid. Prior: the first REL candidate in the KB.",
-         f"Run {time.time() - start:.0f} s on {backend}, compute dtype {dtype}."]
+         f"Run {time.time() - start:.0f} s on {backend} (compute dtypes: the machine line)."]
   if args.force_first_query:
     out.append("--force_first_query: the first generated token of every request was forced to "
                "the query RET token; the generation metrics are not quality figures.")
@@ -184,7 +184,7 @@ def write(run: Run) -> str:
             "results": {mode: {name: r.to_json() for name, r in arms.items()}
                         for mode, arms in run.results.items()},
             "wall_s": time.time() - run.start,
-            "notes": {mode: notes(args, mode, run.data_counts, run.backend, run.dtype, run.start)
+            "notes": {mode: notes(args, mode, run.data_counts, run.backend, run.start)
                       for mode in run.results}}
   with open(os.path.join(args.out, "quality.json"), "w") as f:
     json.dump(record, f, indent=2, default=float)
@@ -232,7 +232,7 @@ def section(run: Run, mode: str) -> str:
            table(mode, run.results[mode], args.recall_k), "",
            f"Training curves: ![training curves]({curves_png(mode, args.record_key)})", "",
            *[f"- {n}" for n in _train_lines(run.results[mode])],
-           *[f"- {n}" for n in notes(args, mode, run.data_counts, run.backend, run.dtype,
+           *[f"- {n}" for n in notes(args, mode, run.data_counts, run.backend,
                                      run.start)]]
   return "\n".join(lines)
 
