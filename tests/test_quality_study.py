@@ -17,6 +17,14 @@ def _arm(args, name):
   return {arm.name: arm for arm in cli.study_arms(args)}[name]
 
 
+def _train_configs(args, mode, dtype="float32"):
+  """{arm name: its training config} of the args' arms on `mode`'s (empty) data."""
+  task = data.TaskData(cli.TaskSettings.from_args(args, mode), "train.jsonl", "dev.jsonl",
+                       "db.jsonl", "pool.jsonl", "", [], {})
+  return {arm.name: train_config(args, task, "/tmp/run", arm, dtype)
+          for arm in cli.study_arms(args)}
+
+
 def _line(*hops):
   """A RAG line with one query per hop: (positive, negatives)."""
   return {"messages": [{"role": "user", "content": "q"},
@@ -49,10 +57,7 @@ def test_lever_flags_reach_only_the_arms_that_train_with_them():
 def test_in_batch_arm_trains_without_own_negatives():
   """onegen_infonce_in_batch samples no own negative (n_neg 0); the other arms keep the task's."""
   args = _args("--arms=onegen_infonce,onegen_infonce_in_batch", "--rag_n_neg=2")
-  task = data.TaskData(cli.TaskSettings.from_args(args, "rag"), "train.jsonl", "dev.jsonl",
-                       "db.jsonl", "pool.jsonl", "", [], {})
-  configs = {arm.name: train_config(args, task, "/tmp/run", arm, "float32")
-             for arm in cli.study_arms(args)}
+  configs = _train_configs(args, "rag")
   assert configs["onegen_infonce_in_batch"].data.n_neg_per_pos == 0
   assert configs["onegen_infonce"].data.n_neg_per_pos == 2
   assert configs["onegen_infonce"].batch.num_negatives == 2
@@ -64,10 +69,7 @@ def test_in_batch_arm_trains_without_own_negatives():
 
 def test_wide_arm_trains_four_micro_batches_per_step_with_shared_negatives():
   args = _args("--arms=onegen_infonce,onegen_infonce_wide")
-  task = data.TaskData(cli.TaskSettings.from_args(args, "rag"), "train.jsonl", "dev.jsonl",
-                       "db.jsonl", "pool.jsonl", "", [], {})
-  plain, wide = (train_config(args, task, "/tmp/run", arm, "float32")
-                 for arm in cli.study_arms(args))
+  plain, wide = _train_configs(args, "rag").values()
   assert (wide.batch.rows, wide.batch.accum_steps) == (4 * plain.batch.rows, 4)
   assert wide.batch.num_queries == plain.batch.num_queries  # per micro-batch, unchanged
   assert wide.loss.negatives_across_micro_batches and not plain.loss.negatives_across_micro_batches
@@ -78,10 +80,7 @@ def test_lora_arm_trains_adapters_over_the_imported_base_with_the_same_batches()
   task tokens' rows trained, every other setting onegen_infonce's; its own fingerprint, and the
   full arms' fingerprints do not move (their finished runs stay reusable)."""
   args = _args("--arms=onegen_infonce,onegen_infonce_lora")
-  task = data.TaskData(cli.TaskSettings.from_args(args, "el"), "train.jsonl", "dev.jsonl",
-                       "db.jsonl", "pool.jsonl", "", [], {})
-  full, lora = (train_config(args, task, "/tmp/run", arm, "bfloat16")
-                for arm in cli.study_arms(args))
+  full, lora = _train_configs(args, "el", "bfloat16").values()
   assert not full.lora.enabled and lora.model.init_from == "/tmp/run"
   assert (lora.lora.enabled, lora.lora.rank, lora.lora.base_dtype) == (True, 16, "bfloat16")
   assert lora.lora.trainable_tokens == "added"
@@ -95,10 +94,7 @@ def test_lora_arm_trains_adapters_over_the_imported_base_with_the_same_batches()
 
 def test_the_fast_lora_arm_differs_from_the_lora_arm_by_its_learning_rate_only():
   args = _args("--arms=onegen_infonce_lora,onegen_infonce_lora_lr10")
-  task = data.TaskData(cli.TaskSettings.from_args(args, "el"), "train.jsonl", "dev.jsonl",
-                       "db.jsonl", "pool.jsonl", "", [], {})
-  lora, fast = (train_config(args, task, "/tmp/run", arm, "bfloat16")
-                for arm in cli.study_arms(args))
+  lora, fast = _train_configs(args, "el", "bfloat16").values()
   assert fast.optim.lr == 10 * lora.optim.lr == 10 * args.lr
   fast.optim.lr = lora.optim.lr
   assert fast.to_dict() == lora.to_dict()
