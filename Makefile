@@ -4,7 +4,10 @@
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
-MESH_FLAGS := XLA_FLAGS=--xla_force_host_platform_device_count=8
+# CPU only: the test extra installs libtpu (for TPU AOT compiles), whose probe for a TPU prints
+# errors on a machine without one.
+CPU := JAX_PLATFORMS=cpu
+MESH_FLAGS := $(CPU) XLA_FLAGS=--xla_force_host_platform_device_count=8
 
 .PHONY: demo test test-processes install clean real-model serve
 
@@ -22,9 +25,9 @@ demo: install
 
 serve: install
 	@test -d runs/demo || { echo "no runs/demo: run make demo first"; exit 1; }
-	test -f runs/demo-index/index.json || $(PY) -m launch.build_index --workdir=runs/demo \
+	test -f runs/demo-index/index.json || $(CPU) $(PY) -m launch.build_index --workdir=runs/demo \
 	    --db=runs/demo-data/el/db.jsonl --out=runs/demo-index
-	$(PY) -m launch.serve --workdir=runs/demo --index=runs/demo-index --port=8000
+	$(CPU) $(PY) -m launch.serve --workdir=runs/demo --index=runs/demo-index --port=8000
 
 # --capture=sys: output written straight to file descriptors (XLA's own C++ log) reaches the
 # terminal, so a native abort (one in CI, not reproduced) leaves its reason in the log.
