@@ -184,11 +184,12 @@ def arm_model(args: argparse.Namespace, data: TaskData, run_dir: str, arm: Arm, 
   it: the imported run as is when arm.loss is None, else the arm's final checkpoint after
   training it from the imported run in `dtype` (a LoRA arm's merged into its base); its stats
   and planned steps."""
-  stats, steps = TrainStats(), 0
+  stats, steps, source = TrainStats(), 0, run_dir
   if arm.loss is not None:
     stats, steps = train_arm(args, data, run_dir, arm, dtype, workdir)
     say(f"{data.settings.mode}/{arm.key}: trained {stats}")
-  loaded = load_run(run_dir if arm.loss is None else workdir, task=data.task.name)
+    source = workdir
+  loaded = load_run(source, task=data.task.name)
   evaluated = Decoder(loaded.model.config.replace(dtype=args.eval_dtype,
                                                   dot_accumulation="auto"))
   return dataclasses.replace(loaded, model=evaluated, config={}), stats, steps
