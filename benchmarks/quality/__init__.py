@@ -21,6 +21,9 @@ questions / documents:
   rit_infonce     retrieval only with InfoNCE: joint vs retrieval-only for the loss that works
   onegen_infonce_in_batch  OneGen-InfoNCE without own negatives (n_neg 0): the batch's other keys
                   only, so the same tokens hold more queries
+  onegen_infonce_docs_ctx  OneGen-InfoNCE with the packed documents as context: their text is
+                  no GEN target (the reference trains it: L_gen averages over document rows
+                  too), so L_gen is the examples' answers alone; same batches
   onegen_infonce_wide  OneGen-InfoNCE with 4x the rows per optimizer step as 4 accumulation
                   micro-batches, negatives across them (the GradCache-style step): 4x the
                   in-batch keys per query, a quarter of the steps, same tokens

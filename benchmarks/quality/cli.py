@@ -278,7 +278,8 @@ def fingerprint(args: argparse.Namespace, mode: str, arm: Arm, training: bool = 
     values["arm"] = {**dataclasses.asdict(arm.loss), "n_neg": arm.n_neg,
                      "batch_scale": arm.batch_scale,
                      **({"lora_rank": arm.lora_rank} if arm.lora_rank else {}),
-                     **({"lr_scale": arm.lr_scale} if arm.lr_scale != 1.0 else {})}
+                     **({"lr_scale": arm.lr_scale} if arm.lr_scale != 1.0 else {}),
+                     **({} if arm.document_text_loss else {"document_text_loss": False})}
   return hashlib.sha256(json.dumps(values, sort_keys=True, default=str).encode()).hexdigest()[:10]
 
 

@@ -112,7 +112,8 @@ def train_config(args: argparse.Namespace, data: TaskData, run_dir: str, arm: Ar
   c.checkpoint.update(every_steps=args.checkpoint_every, keep=1)
   c.data.update(train_path=data.train_path, db_path=data.db_path, dev_path="",
                 tokenizer_path=os.path.join(run_dir, "tokenizer"), max_len=s.seq_len,
-                seed=args.seed, n_pos_per_sent=s.n_pos, n_neg_per_pos=n_neg)
+                seed=args.seed, n_pos_per_sent=s.n_pos, n_neg_per_pos=n_neg,
+                document_text_loss=arm.document_text_loss)
   return c
 
 

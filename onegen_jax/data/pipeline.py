@@ -10,6 +10,8 @@ config.data keys:
   prepared_dir          TFDS data_dir: prepare once in array_record and read from it; "" or None
                         tokenises in memory (tests, demos)
   n_pos_per_sent, n_neg_per_pos   override the task's sampling
+  document_text_loss    True (default, the reference): packed documents' assistant text is
+                        trained as generation; False: documents are context (tokenized.Database)
 """
 
 from __future__ import annotations
@@ -99,7 +101,7 @@ def build_data(config: Mapping, shape: BatchShape, seed: int = 0, process_index:
     raise ValueError(f"n_neg_per_pos={sampling.n_neg_per_pos} exceeds batch num_negatives="
                      f"{shape.num_negatives}")
   host = Host(process_index, process_count)
-  db = Database(db_records)
+  db = Database(db_records, bool(config.get("document_text_loss", True)))
   train = TrainIterator(splits.get("train", []), db, shape, sampling, host, seed)
   dev_sampling = Sampling(sampling.n_pos_per_sent, sampling.n_neg_per_pos, seed, _DEV_STREAM)
   dev = heldout_batches(dev_records, db, shape, dev_sampling, host)
