@@ -3,10 +3,12 @@ split and pool, per-set figures. No model, no data files: each test builds its f
 
 import numpy as np
 
-from benchmarks.quality import cli, data, ranking, report
+from benchmarks.quality import cli, data, paired, ranking, report
 from benchmarks.quality.arms import BY_NAME, label
 from benchmarks.quality.model import train_config
 from benchmarks.quality.results import ArmResult, Generation, GoldRecall
+from onegen_jax.data.records import write_jsonl
+from onegen_jax.eval.scoring import score_rag
 
 
 def _args(*flags):
@@ -100,6 +102,43 @@ def test_the_fast_lora_arm_differs_from_the_lora_arm_by_its_learning_rate_only()
   assert fast.to_dict() == lora.to_dict()
   assert (cli.fingerprint(args, "el", _arm(args, "onegen_infonce_lora"))
           != cli.fingerprint(args, "el", _arm(args, "onegen_infonce_lora_lr10")))
+
+
+def test_the_documents_as_context_arm_differs_from_onegen_infonce_by_that_flag_only():
+  """onegen_infonce_docs_ctx trains the same batches with data.document_text_loss off, under its
+  own fingerprint."""
+  args = _args("--arms=onegen_infonce,onegen_infonce_docs_ctx")
+  plain, ctx = _train_configs(args, "rag").values()
+  assert plain.data.document_text_loss and not ctx.data.document_text_loss
+  ctx.data.document_text_loss = True
+  assert ctx.to_dict() == plain.to_dict()
+  assert (cli.fingerprint(args, "rag", _arm(args, "onegen_infonce"))
+          != cli.fingerprint(args, "rag", _arm(args, "onegen_infonce_docs_ctx")))
+
+
+def test_paired_bootstrap_scores_each_question_as_the_study_scores_them_all(tmp_path):
+  """Per-question scores average to score_rag's figures of the whole file; a difference that is
+  the same on every question has a zero-width interval at that value."""
+  gold = [{"messages": [{"role": "user", "content": "q"},
+                        {"role": "assistant", "content": f"<FINAL-ANSWER>{a}</FINAL-ANSWER>",
+                         "positive": ["d1", "d2"], "negative": [["d3"], ["d4"]]}]}
+          for a in ("Paris", "the red fox", "1066")]
+  texts = ["<FINAL-ANSWER>Paris</FINAL-ANSWER>", "<FINAL-ANSWER>a red dog</FINAL-ANSWER>", "no"]
+  retrieved = [[["d1"], ["d3"]], [["d2"], ["d1"]], [["d4"], ["d3"]]]
+  predictions = [{"text": t, "retrievals": [{"ids": ids} for ids in r]}
+                 for t, r in zip(texts, retrieved)]
+  (tmp_path / "data" / "rag").mkdir(parents=True)
+  (tmp_path / "eval" / "rag" / "a").mkdir(parents=True)
+  write_jsonl(str(tmp_path / "data" / "rag" / "dev.jsonl"), gold)
+  write_jsonl(str(tmp_path / "eval" / "rag" / "a" / "predictions.jsonl"), predictions)
+  scores = paired.per_question(str(tmp_path), "a", gold)
+  whole = score_rag(predictions, gold, ks=(1,))
+  for name, _ in paired.FIGURES:
+    assert np.isclose(scores[name].mean(), whole[name])
+  np.testing.assert_allclose(scores["recall@1"], [0.5, 1.0, 0.0])
+  assert paired.bootstrap(np.full(5, 0.25), 200, 0) == (0.25, 0.25, 0.0)
+  low, high, p_le0 = paired.bootstrap(np.array([-1.0, 1.0] * 20), 2000, 0)
+  assert low < 0 < high and 0.3 < p_le0 < 0.7
 
 
 def test_rag_dev_keeps_multi_hop_questions_and_trains_the_others():

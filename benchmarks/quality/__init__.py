@@ -124,5 +124,7 @@ Smoke proof of every path (2-layer truncation, a few steps; proves the code, not
 Modules: cli (flags, size presets, fingerprints), arms, sources (chunking and capping of the raw
 data), data (conversion, subsets, pool), model (import, training runs), minilm and lexical (the
 baselines' retrievers and query texts), ranking and evaluation (figures), results, report
-(tables, RESULTS.md sections), curves (the PNG), __main__ (the run).
+(tables, RESULTS.md sections), curves (the PNG), __main__ (the run), paired (after a run: a
+paired bootstrap of two RAG arms' per-question EM, F1 and generated R@1, to read a difference
+against the dev set's noise; `python -m benchmarks.quality.paired --out=OUT BASE ARM ...`).
 """
