@@ -56,12 +56,12 @@ def _segments(batch, row):
 @settings(max_examples=60, deadline=None)
 @given(seed=st.integers(0, 2**31), num_docs=st.integers(1, 8), num_examples=st.integers(1, 12),
        rows=st.integers(3, 5), n_pos=st.integers(1, 3), n_neg=st.integers(0, 3),
-       text_loss=st.booleans())
+       text_weight=st.sampled_from([1.0, 0.0, 0.25]))
 def test_packing_keeps_tokens_and_points_at_the_right_ret_tokens(seed, num_docs, num_examples,
-                                                                 rows, n_pos, n_neg, text_loss):
+                                                                 rows, n_pos, n_neg, text_weight):
   rng = np.random.default_rng(seed)
   docs = _documents(rng, num_docs)
-  db = Database(docs, text_loss)  # text_loss=False: documents' tokens are no GEN targets
+  db = Database(docs, text_weight)  # documents' GEN targets weigh text_weight
   examples = _examples(rng, num_examples, len(db))
   shape = BatchShape(rows, 64, num_queries=4, num_keys=64, num_negatives=3)
   sampling = Sampling(n_pos, n_neg, seed=seed)
@@ -78,7 +78,7 @@ def test_packing_keeps_tokens_and_points_at_the_right_ret_tokens(seed, num_docs,
         kind, index = ("example", tokens[1] - 100) if tokens[0] == EXAMPLE else ("doc", tokens[1] - 200)
         source = (examples if kind == "example" else docs)[index]
         np.testing.assert_array_equal(tokens, source["tokens"])  # the whole sequence, uncut
-        trained = source["is_target"][1:] if kind == "example" or text_loss else 0
+        trained = source["is_target"][1:] * (1.0 if kind == "example" else text_weight)
         np.testing.assert_array_equal(b["loss_weight"][row, start:stop - 1], trained)
         assert b["loss_weight"][row, stop - 1] == 0 and b["targets"][row, stop - 1] == 0
         (seen if kind == "example" else docs_here).append(index)

@@ -104,16 +104,17 @@ def test_the_fast_lora_arm_differs_from_the_lora_arm_by_its_learning_rate_only()
           != cli.fingerprint(args, "el", _arm(args, "onegen_infonce_lora_lr10")))
 
 
-def test_the_documents_as_context_arm_differs_from_onegen_infonce_by_that_flag_only():
-  """onegen_infonce_docs_ctx trains the same batches with data.document_text_loss off, under its
-  own fingerprint."""
-  args = _args("--arms=onegen_infonce,onegen_infonce_docs_ctx")
-  plain, ctx = _train_configs(args, "rag").values()
-  assert plain.data.document_text_loss and not ctx.data.document_text_loss
-  ctx.data.document_text_loss = True
-  assert ctx.to_dict() == plain.to_dict()
-  assert (cli.fingerprint(args, "rag", _arm(args, "onegen_infonce"))
-          != cli.fingerprint(args, "rag", _arm(args, "onegen_infonce_docs_ctx")))
+def test_the_document_text_arms_differ_from_onegen_infonce_by_that_weight_only():
+  """onegen_infonce_docs_ctx (weight 0) and _docs_tenth (0.1) train the same batches with
+  data.document_text_weight changed, each under its own fingerprint."""
+  names = ("onegen_infonce", "onegen_infonce_docs_ctx", "onegen_infonce_docs_tenth")
+  args = _args("--arms=" + ",".join(names))
+  configs = _train_configs(args, "rag")
+  assert [configs[n].data.document_text_weight for n in names] == [1.0, 0.0, 0.1]
+  for name in names[1:]:
+    configs[name].data.document_text_weight = 1.0
+    assert configs[name].to_dict() == configs["onegen_infonce"].to_dict()
+  assert len({cli.fingerprint(args, "rag", _arm(args, n)) for n in names}) == 3
 
 
 def test_paired_bootstrap_scores_each_question_as_the_study_scores_them_all(tmp_path):

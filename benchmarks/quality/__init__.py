@@ -24,6 +24,8 @@ questions / documents:
   onegen_infonce_docs_ctx  OneGen-InfoNCE with the packed documents as context: their text is
                   no GEN target (the reference trains it: L_gen averages over document rows
                   too), so L_gen is the examples' answers alone; same batches
+  onegen_infonce_docs_tenth  the same with the documents' text at loss weight 0.1 (L_gen the
+                  weighted mean: on RAG's batches the answers' share of it goes from ~7% to ~40%)
   onegen_infonce_wide  OneGen-InfoNCE with 4x the rows per optimizer step as 4 accumulation
                   micro-batches, negatives across them (the GradCache-style step): 4x the
                   in-batch keys per query, a quarter of the steps, same tokens

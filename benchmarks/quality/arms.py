@@ -39,8 +39,8 @@ class Arm:
   batch_scale: int = 1
   lora_rank: int = 0  # > 0: LoRA adapters of this rank over the frozen base (full fine-tune: 0)
   lr_scale: float = 1.0  # its learning rate: --lr x this
-  # False: packed documents are context, their text no GEN target (config.data.document_text_loss)
-  document_text_loss: bool = True
+  # The loss weight of packed documents' text (config.data.document_text_weight; 0: context)
+  document_text_weight: float = 1.0
 
   def __post_init__(self):
     if self.retriever not in RETRIEVERS:
@@ -74,7 +74,9 @@ ARMS = (
     Arm("onegen_infonce_in_batch", "OneGen, InfoNCE, in-batch negatives only",
         Loss("infonce", 1.0, 1.0), n_neg=0),
     Arm("onegen_infonce_docs_ctx", "OneGen, InfoNCE, documents as context (no L_gen on their "
-        "text)", Loss("infonce", 1.0, 1.0), document_text_loss=False),
+        "text)", Loss("infonce", 1.0, 1.0), document_text_weight=0.0),
+    Arm("onegen_infonce_docs_tenth", "OneGen, InfoNCE, documents' text at 0.1 loss weight",
+        Loss("infonce", 1.0, 1.0), document_text_weight=0.1),
     Arm("onegen_infonce_wide", "OneGen, InfoNCE, 4x wider steps (negatives across 4 "
         "micro-batches)", Loss("infonce", 1.0, 1.0), batch_scale=4),
     Arm("onegen_infonce_lora", "OneGen, InfoNCE, LoRA rank 16 (adapters and task-token rows over "

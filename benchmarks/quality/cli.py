@@ -279,7 +279,8 @@ def fingerprint(args: argparse.Namespace, mode: str, arm: Arm, training: bool = 
                      "batch_scale": arm.batch_scale,
                      **({"lora_rank": arm.lora_rank} if arm.lora_rank else {}),
                      **({"lr_scale": arm.lr_scale} if arm.lr_scale != 1.0 else {}),
-                     **({} if arm.document_text_loss else {"document_text_loss": False})}
+                     **({"document_text_weight": arm.document_text_weight}
+                        if arm.document_text_weight != 1.0 else {})}
   return hashlib.sha256(json.dumps(values, sort_keys=True, default=str).encode()).hexdigest()[:10]
 
 

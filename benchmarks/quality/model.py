@@ -113,7 +113,7 @@ def train_config(args: argparse.Namespace, data: TaskData, run_dir: str, arm: Ar
   c.data.update(train_path=data.train_path, db_path=data.db_path, dev_path="",
                 tokenizer_path=os.path.join(run_dir, "tokenizer"), max_len=s.seq_len,
                 seed=args.seed, n_pos_per_sent=s.n_pos, n_neg_per_pos=n_neg,
-                document_text_loss=arm.document_text_loss)
+                document_text_weight=arm.document_text_weight)
   return c
 
 

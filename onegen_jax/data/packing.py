@@ -70,12 +70,14 @@ class Segment:
 
   tokens: int32 [n]. is_target: bool [n], True where the token is a GEN target, i.e. its
   prediction from the previous position is trained (is_target[0] is never used).
+  target_weight: the loss weight of each of its GEN targets (L_gen is their weighted mean).
   """
 
   tokens: np.ndarray
   is_target: np.ndarray
   queries: tuple[Query, ...] = ()
   keys: tuple[Key, ...] = ()
+  target_weight: float = 1.0
 
   def __post_init__(self):
     if self.tokens.ndim != 1 or not len(self.tokens):
@@ -213,7 +215,7 @@ class BatchPacker:
         n = len(seq)
         write_segment(batch, row, offset, segment, seq.tokens)
         batch["targets"][row, offset:offset + n - 1] = seq.tokens[1:]
-        batch["loss_weight"][row, offset:offset + n - 1] = seq.is_target[1:]
+        batch["loss_weight"][row, offset:offset + n - 1] = seq.is_target[1:] * seq.target_weight
         offset += n
     key_slot: dict[str, int] = {}
     for doc_id, (row, offset) in self._doc_place.items():

@@ -10,8 +10,8 @@ config.data keys:
   prepared_dir          TFDS data_dir: prepare once in array_record and read from it; "" or None
                         tokenises in memory (tests, demos)
   n_pos_per_sent, n_neg_per_pos   override the task's sampling
-  document_text_loss    True (default, the reference): packed documents' assistant text is
-                        trained as generation; False: documents are context (tokenized.Database)
+  document_text_weight  loss weight of packed documents' GEN targets (their assistant text):
+                        1 (default) the reference, 0 documents as context (tokenized.Database)
 """
 
 from __future__ import annotations
@@ -101,7 +101,7 @@ def build_data(config: Mapping, shape: BatchShape, seed: int = 0, process_index:
     raise ValueError(f"n_neg_per_pos={sampling.n_neg_per_pos} exceeds batch num_negatives="
                      f"{shape.num_negatives}")
   host = Host(process_index, process_count)
-  db = Database(db_records, bool(config.get("document_text_loss", True)))
+  db = Database(db_records, float(config.get("document_text_weight", 1.0)))
   train = TrainIterator(splits.get("train", []), db, shape, sampling, host, seed)
   dev_sampling = Sampling(sampling.n_pos_per_sent, sampling.n_neg_per_pos, seed, _DEV_STREAM)
   dev = heldout_batches(dev_records, db, shape, dev_sampling, host)

@@ -165,19 +165,19 @@ class Database:
   """The documents in memory: a packing.Corpus plus key tables for sampling.
 
   key_uids[i]: uid of key id i; doc_first_key / doc_num_keys int [D]: each document's key ids.
-  text_loss: whether a packed document's assistant text is a GEN target, as its roles say (the
-  reference: L_gen averages over document rows too); False packs documents as context, so only
-  their keys train (L_ret) and L_gen averages over the examples' targets alone.
+  text_weight: the loss weight of a packed document's GEN targets (its assistant text, as its
+  roles say). 1 is the reference: L_gen averages over document rows as over examples; 0 packs
+  documents as context, so only their keys train (L_ret) and L_gen is the examples' alone.
   """
 
-  def __init__(self, doc_records: list[dict], text_loss: bool = True):
+  def __init__(self, doc_records: list[dict], text_weight: float = 1.0):
     docs = {}
     self.key_uids: list[str] = []
     for r in doc_records:
       uid = str(r["uid"].decode() if isinstance(r["uid"], bytes) else r["uid"])
       keys = tuple(Key(int(p), key_uid(uid, k)) for k, p in enumerate(r["positions"]))
-      targets = np.asarray(r["is_target"]) if text_loss else np.zeros(len(r["tokens"]), bool)
-      docs[uid] = Segment(np.asarray(r["tokens"]), targets, keys=keys)
+      docs[uid] = Segment(np.asarray(r["tokens"]), np.asarray(r["is_target"]), keys=keys,
+                          target_weight=text_weight)
       self.key_uids += [k.uid for k in keys]
     self.corpus = Corpus(docs)
     counts = np.array([len(d.keys) for d in docs.values()], np.int64)
