@@ -141,6 +141,8 @@ def test_a_missing_data_file_is_named_by_its_config_key(tmp_path):
     with pytest.raises(ConfigError) as info:
       build_data(data_config("el", **{key: value}), SHAPE)
     assert str(info.value) == f"data.{key}: {problem}"
+  with pytest.raises(ConfigError, match=r"^data\.document_text_weight: -1\.0 is negative"):
+    build_data(data_config("el", document_text_weight=-1), SHAPE)
   d = generated("el")
   run = subprocess.run(
       [sys.executable, "-m", "launch.train", "--config=configs/el.py:demo",

@@ -62,6 +62,14 @@ def source_from_config(config: Mapping, seq_len: int, task: Task | None = None) 
                 max_bad_lines=int(_get(config, "max_bad_lines", 0)))
 
 
+def _document_text_weight(config: Mapping) -> float:
+  weight = float(config.get("document_text_weight", 1.0))
+  if weight < 0:
+    raise ConfigError(f"data.document_text_weight: {weight} is negative (1: the reference, "
+                      "0: documents as context)")
+  return weight
+
+
 class BuiltData(NamedTuple):
   train: TrainIterator  # endless host-local train batches
   dev: list[dict]  # this host's held-out batches
@@ -76,12 +84,13 @@ def build_data(config: Mapping, shape: BatchShape, seed: int = 0, process_index:
   database, held-out records).
 
   shape: the global micro-batch shape; each host packs rows/P rows, Q/P queries, K/P keys.
-  Raises ConfigError for a missing input, then records.DataError (every bad line as
+  Raises ConfigError for a missing input or a negative document_text_weight, then records.DataError (every bad line as
   FILE:LINE: field: problem), before anything else.
   stats: counts (examples, tokens, anchors, truncation, ...), warnings, vocab_size, special_ids,
   prepare_s, dev_packing_efficiency.
   """
   source = source_from_config(config, shape.seq_len, task)
+  text_weight = _document_text_weight(config)
   prepared_dir = _get(config, "prepared_dir")
   if prepared_dir:
     splits, metadata = prepare(source, prepared_dir)
@@ -101,7 +110,7 @@ def build_data(config: Mapping, shape: BatchShape, seed: int = 0, process_index:
     raise ValueError(f"n_neg_per_pos={sampling.n_neg_per_pos} exceeds batch num_negatives="
                      f"{shape.num_negatives}")
   host = Host(process_index, process_count)
-  db = Database(db_records, float(config.get("document_text_weight", 1.0)))
+  db = Database(db_records, text_weight)
   train = TrainIterator(splits.get("train", []), db, shape, sampling, host, seed)
   dev_sampling = Sampling(sampling.n_pos_per_sent, sampling.n_neg_per_pos, seed, _DEV_STREAM)
   dev = heldout_batches(dev_records, db, shape, dev_sampling, host)
