@@ -84,8 +84,8 @@ def build_data(config: Mapping, shape: BatchShape, seed: int = 0, process_index:
   database, held-out records).
 
   shape: the global micro-batch shape; each host packs rows/P rows, Q/P queries, K/P keys.
-  Raises ConfigError for a missing input or a negative document_text_weight, then records.DataError (every bad line as
-  FILE:LINE: field: problem), before anything else.
+  Raises ConfigError for a missing input or a negative document_text_weight, then
+  records.DataError (every bad line as FILE:LINE: field: problem), before anything else.
   stats: counts (examples, tokens, anchors, truncation, ...), warnings, vocab_size, special_ids,
   prepare_s, dev_packing_efficiency.
   """
