@@ -296,14 +296,17 @@ def test_a_saved_arm_is_reused_only_under_its_fingerprint(tmp_path):
   assert load_arm(str(tmp_path / "missing.json"), "abc") is None
 
 
-def test_the_prior_arm_evaluates_onegen_infonces_own_training_run():
-  """onegen_infonce_prior trains nothing of its own: its training directory is onegen_infonce's
-  (same loss, same fingerprint); its results file is its own."""
+def test_the_prior_and_minilm_arms_evaluate_onegen_infonces_own_training_run():
+  """onegen_infonce_prior (EL) and onegen_infonce_with_minilm (RAG, with a lever) train nothing
+  of their own: their training directory is onegen_infonce's (same loss, same fingerprint);
+  their results files are their own."""
   from benchmarks.quality.__main__ import _paths
-  args = _args("--arms=onegen_infonce,onegen_infonce_prior")
-  plain, prior = cli.study_arms(args)
-  assert _paths(args, "el", prior)[1] == _paths(args, "el", plain)[1]
-  assert _paths(args, "el", prior)[0] != _paths(args, "el", plain)[0]
+  for mode, other, flags in (("el", "onegen_infonce_prior", ()),
+                             ("rag", "onegen_infonce_with_minilm", ("--lambda_ret=0.03",))):
+    args = _args(f"--arms=onegen_infonce,{other}", *flags)
+    plain, arm = cli.study_arms(args)
+    assert _paths(args, mode, arm)[1] == _paths(args, mode, plain)[1]
+    assert _paths(args, mode, arm)[0] != _paths(args, mode, plain)[0]
 
 
 def test_the_loop_stop_reevaluates_an_arm_apart_from_its_plain_evaluation():

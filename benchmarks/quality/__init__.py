@@ -34,6 +34,9 @@ questions / documents:
                   batches and steps as onegen_infonce (issue 26)
   onegen_infonce_lora_lr10  the same at 10x --lr (adapters starting at B = 0 commonly train at
                   several times a full fine-tune's rate)
+  onegen_infonce_with_minilm  onegen_infonce's model (no training of its own) writing with
+                  MiniLM-L6 as its retriever, exactly as git_pipeline: the writing of the two
+                  models compared on the same retrieval
   onegen_infonce_prior  EL: onegen_infonce's model; among a mention's candidates, cosine + the
                   candidate prior (RankPrior: weight x log P(gold at rank), fit on
                   --el_prior_fit_pieces training pieces, never dev), as launch.infer

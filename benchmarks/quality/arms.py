@@ -83,6 +83,9 @@ ARMS = (
         "a bf16 base)", Loss("infonce", 1.0, 1.0), lora_rank=16),
     Arm("onegen_infonce_lora_lr10", "OneGen, InfoNCE, LoRA rank 16, 10x the learning rate",
         Loss("infonce", 1.0, 1.0), lora_rank=16, lr_scale=10.0),
+    Arm("onegen_infonce_with_minilm", "OneGen, InfoNCE's model writing with MiniLM-L6 retrieval "
+        "(the pipeline's queries)", Loss("infonce", 1.0, 1.0), "minilm",
+        model_of="onegen_infonce"),
     Arm("onegen_infonce_prior", "OneGen, InfoNCE + candidate prior (weight fit on training "
         "mentions)", Loss("infonce", 1.0, 1.0), "self_prior", writes=False, tasks=("el",),
         model_of="onegen_infonce"),
