@@ -84,13 +84,13 @@ def base_config(task: str) -> ConfigDict:
   # prepared_dir: prepare once into TFDS array_record files there (else tokenise in memory);
   # max_len: truncation length of an example (0: batch.seq_len); n_pos_per_sent / n_neg_per_pos:
   # None keeps the task's values; num_shards: data shards (0: one per process); generate: "el" or
-  # "multihop" writes the project's generated dataset to train_path's directory if missing.
+  # "multihop" writes the project's generated dataset to train_path's directory if missing;
   # document_text_weight: loss weight of packed documents' text (1: the reference; 0: context).
   c.data = ConfigDict(dict(kind="jsonl", task=task, train_path="", db_path="", dev_path="",
                            tokenizer_path="", prepared_dir="", max_len=0, max_bad_lines=0, seed=0,
-                           n_pos_per_sent=config_dict.placeholder(int),
-                           n_neg_per_pos=config_dict.placeholder(int), num_shards=0, generate="",
-                           num_train=0, num_heldout=0, document_text_weight=1.0))
+                           n_pos_per_sent=config_dict.placeholder(int), num_shards=0, generate="",
+                           n_neg_per_pos=config_dict.placeholder(int), num_train=0,
+                           num_heldout=0, document_text_weight=1.0))
   return c
 
 
