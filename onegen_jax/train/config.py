@@ -46,8 +46,7 @@ def base_config(task: str) -> ConfigDict:
                             dot_accumulation="native", init_from=""))
   # Mesh axis sizes; -1 fills the remaining devices.
   c.mesh = ConfigDict(dict(data=1, fsdp=-1, tensor=1))
-  # lambda_gen * L_gen + lambda_ret * L_ret; "bpr" (the reference's setting) or "infonce"
-  # (temperature applies to InfoNCE only).
+  # lambda_gen * L_gen + lambda_ret * L_ret; "bpr" (the reference's) or "infonce" (temperature).
   # gen_chunks: L_gen over this many sequence chunks, each chunk's [rows, S/c, V] logits made and
   # dropped in turn (large vocabularies: Qwen2 152k, Llama-3.1 128k); 1 = whole logits at once.
   # negatives_across_micro_batches (InfoNCE, batch.accum_steps > 1): each query scored against
