@@ -65,6 +65,8 @@ _LOOP_REPEATS = flags.DEFINE_integer("loop_repeats", 0, "End a request whose out
                                      "repeated this many times, its copies covering at least "
                                      "loop_min_tokens (16) tokens (stop_reason \"repetition\"); "
                                      "0: off.")
+_NOVEL = flags.DEFINE_bool("novel_documents", False, "RAG: a retrieval inserts the best document "
+                           "its request has not inserted yet (the host step only).")
 _PRIOR = flags.DEFINE_string("candidate_prior", "", "EL: a prior written by launch.fit_prior; "
                              "searches among a line's candidates then rank by cosine + weight x "
                              "log P(gold at the candidate's rank).")
@@ -131,7 +133,8 @@ def main(argv):
                   top_p=_TOP_P.value, batch_size=_BATCH.value, capacity=_CAPACITY.value,
                   retrieve_k=_RETRIEVE_K.value, presence_penalty=_PRESENCE.value,
                   frequency_penalty=_FREQUENCY.value, repetition_penalty=_REPETITION.value,
-                  loop_repeats=_LOOP_REPEATS.value, steps_per_dispatch=_STEPS_PER_DISPATCH.value)
+                  loop_repeats=_LOOP_REPEATS.value, steps_per_dispatch=_STEPS_PER_DISPATCH.value,
+                  novel_documents=_NOVEL.value)
   config = generation_config(run.task, _MAX_RETRIEVALS.value, **settings)
   inputs, prompts, forced = _read_requests(run)
   if _SELFRAG_MODE.value:

@@ -18,6 +18,7 @@ from onegen_jax.data.tasks import get_task
 from onegen_jax.inference.engine import Engine, GenerationConfig, Request, TaskTokens
 from onegen_jax.inference.feeding import NO_PENALTY, PENALTIES
 from onegen_jax.inference.requests import output_text, prompt_tokens, read_input
+from onegen_jax.inference.retrieval_policy import make_policy
 from onegen_jax.inference.run_dir import LoadedRun, make_engine
 from onegen_jax.inference.step import penalise
 from onegen_jax.inference.stopping import loop_span
@@ -235,6 +236,31 @@ def test_a_stop_string_across_tokens_ends_the_request_at_the_token_completing_it
   assert stop in output_text(tokenizer, stopped.tokens)
   assert stop not in output_text(tokenizer, stopped.tokens[-1:])  # it spans tokens
   assert (other.tokens, other.stop_reason) == (first[1].tokens, first[1].stop_reason)
+
+
+class RankedDocuments:
+  """Every search ranks d0, d1, d2 in that order."""
+
+  def search_documents(self, queries: np.ndarray, k: int):
+    ids = ["d0", "d1", "d2"][:k]
+    return [ids] * len(queries), np.tile(np.arange(1.0, 1.0 - len(ids) / 10, -0.1), (len(queries), 1))
+
+
+@pytest.mark.parametrize("novel, want", [(False, [["d0", "d1"], ["d0", "d1"]]),
+                                         (True, [["d0", "d1"], ["d1", "d2"]])])
+def test_novel_documents_inserts_what_the_request_has_not_inserted_yet(run, prompts, novel, want):
+  """Two forced query tokens retrieve with the same ranking: the second inserts d0 again, or with
+  novel_documents the best document not inserted yet (d1), its kept results d1, d2."""
+  texts = {"d0": DOCUMENT, "d1": "Lyon is a city too.", "d2": "Nice is by the sea."}
+  query = run.tokenizer.ids[run.task.query_token]
+  engine = make_engine(run, RankedDocuments(), texts, dataclasses.replace(
+      CONFIG, max_new_tokens=3, retrieve_k=2, novel_documents=novel))
+  [out] = engine.run([engine.submit(Request(prompts[0], force=[query, query]))])
+  assert [r.ids for r in out.retrievals[:2]] == want
+  inserted = [t for t, g in zip(out.tokens, out.generated) if not g]
+  assert inserted == [t for ids in want for t in run.tokenizer.insertion_tokens(texts[ids[0]])]
+  with pytest.raises(ValueError, match="novel_documents is RAG's"):
+    make_policy("el", None, None, 7, novel=True)
 
 
 def test_a_stop_string_in_an_inserted_document_does_not_stop(run, prompts):

@@ -2,6 +2,7 @@
 split and pool, per-set figures. No model, no data files: each test builds its few lines."""
 
 import numpy as np
+import pytest
 
 from benchmarks.quality import cli, data, paired, ranking, report
 from benchmarks.quality.arms import BY_NAME, label
@@ -309,22 +310,26 @@ def test_the_prior_and_minilm_arms_evaluate_onegen_infonces_own_training_run():
     assert _paths(args, mode, arm)[0] != _paths(args, mode, plain)[0]
 
 
-def test_the_loop_stop_reevaluates_an_arm_apart_from_its_plain_evaluation():
-  """--loop_repeats changes only the evaluation: the training directory is the plain run's, the
-  result file and fingerprint are their own; off (0) it leaves every fingerprint as it was before
-  the flag existed (the flag is left out of the hash, as if absent)."""
+@pytest.mark.parametrize("flag, name", [("--loop_repeats=3", "loop_repeats"),
+                                        ("--novel_documents", "novel_documents")])
+def test_an_evaluation_flag_reevaluates_an_arm_apart_from_its_plain_evaluation(flag, name):
+  """--loop_repeats and --novel_documents change only the evaluation: the training directory is
+  the plain run's, the result file, evaluation directory and fingerprint are their own; off they
+  leave every fingerprint as it was before the flag existed (left out of the hash, as if
+  absent)."""
   from benchmarks.quality.__main__ import _paths
   plain = _args("--arms=onegen_infonce")
-  looped = _args("--arms=onegen_infonce", "--loop_repeats=3")
+  other = _args("--arms=onegen_infonce", flag)
   arm = _arm(plain, "onegen_infonce")
-  assert _paths(looped, "el", arm)[1] == _paths(plain, "el", arm)[1]
-  assert _paths(looped, "el", arm)[0] != _paths(plain, "el", arm)[0]
-  assert cli.fingerprint(looped, "el", arm) != cli.fingerprint(plain, "el", arm)
-  assert (cli.fingerprint(looped, "el", arm, training=True)
-          == cli.fingerprint(plain, "el", arm, training=True))
+  assert _paths(other, "rag", arm)[1] == _paths(plain, "rag", arm)[1]
+  assert _paths(other, "rag", arm)[0] != _paths(plain, "rag", arm)[0]
+  assert _paths(other, "rag", arm)[2] != _paths(plain, "rag", arm)[2]
+  assert cli.fingerprint(other, "rag", arm) != cli.fingerprint(plain, "rag", arm)
+  assert (cli.fingerprint(other, "rag", arm, training=True)
+          == cli.fingerprint(plain, "rag", arm, training=True))
   absent = _args("--arms=onegen_infonce")
-  del absent.loop_repeats
-  assert cli.fingerprint(absent, "el", arm) == cli.fingerprint(plain, "el", arm)
+  delattr(absent, name)
+  assert cli.fingerprint(absent, "rag", arm) == cli.fingerprint(plain, "rag", arm)
 
 
 def test_the_loops_column_counts_what_the_loop_stop_ended_when_it_was_on():

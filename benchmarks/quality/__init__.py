@@ -92,6 +92,8 @@ Evaluation (evaluation.py, ranking.py), for every arm and baseline alike:
                 scorer and of GERBIL strong match; query RET tokens emitted vs the gold answers';
                 requests run to max_new_tokens, and with --loop_repeats=N (the engine's n-gram
                 loop stop; evaluation only, results kept apart as ARM-loopN) those it ended.
+                --novel_documents (RAG, evaluation only, ARM-novel): each retrieval inserts the
+                best paragraph its question has not inserted yet.
 
 Resumable: OUT/results/MODE/ARM.json holds a finished arm (with the fingerprint of the flags that
 decide its figures); a rerun with the same flags skips it, resumes an unfinished training run from

@@ -111,8 +111,9 @@ def _start(args: argparse.Namespace) -> Study:
 
 def _paths(args: argparse.Namespace, mode: str, arm: Arm) -> tuple[str, str, str]:
   """(result file, training run directory, evaluation directory) of an arm; an evaluation with
-  the loop stop (--loop_repeats=N) keeps its own (ARM-loopN)."""
-  key = arm.key + (f"-loop{args.loop_repeats}" if args.loop_repeats else "")
+  the loop stop (--loop_repeats=N) keeps its own (ARM-loopN), --novel_documents too (ARM-novel)."""
+  key = (arm.key + (f"-loop{args.loop_repeats}" if args.loop_repeats else "")
+         + ("-novel" if args.novel_documents else ""))
   return (os.path.join(args.out, "results", mode, f"{key}.json"), _train_dir(args, mode, arm),
           os.path.join(args.out, "eval", mode, key))
 

@@ -58,9 +58,10 @@ _NOT_FINGERPRINTED = ("out", "tasks", "arms", "budget_s", "cache_dir", "record",
 # Flags that change only the evaluation (left out of the training fingerprint).
 _EVAL_ONLY = ("rag_dev_limit", "el_dev_limit", "el_dev_max_tokens", "rag_max_new_tokens",
               "el_max_new_tokens", "force_first_query", "recall_k", "el_whole_kb",
-              "rag_pool_distractors", "el_prior_fit_pieces", "loop_repeats", "eval_dtype")
+              "rag_pool_distractors", "el_prior_fit_pieces", "loop_repeats", "eval_dtype",
+              "novel_documents")
 # Flags added after runs were recorded: fingerprinted only when set, so those runs keep theirs.
-_FINGERPRINTED_WHEN_SET = ("loop_repeats",)
+_FINGERPRINTED_WHEN_SET = ("loop_repeats", "novel_documents")
 _OTHER_TASK = {"rag": ("el_",), "el": ("rag_", "qa_")}
 
 
@@ -192,6 +193,9 @@ def _eval_flags(a) -> None:
     "generation (GenerationConfig.loop_repeats; 0: off): a request whose output ends in one span "
     "repeated this many times ends (counted in the loops column). Evaluation only: the arms' "
     "training runs are reused, their results kept apart (results/MODE/ARM-loopN.json).")
+  a("--novel_documents", action="store_true", help="RAG's free generation: a retrieval inserts "
+    "the best paragraph its question has not inserted yet (GenerationConfig.novel_documents). "
+    "Evaluation only: results kept apart (results/rag/ARM-novel.json).")
   a("--force_first_query", action="store_true", help="Smoke runs only: the first generated "
     "token of every request is forced to the query RET token, so retrieval during generation "
     "runs even with a model too briefly trained to emit it (not quality figures).")

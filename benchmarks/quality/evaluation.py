@@ -229,7 +229,8 @@ def _generation_config(eval_set: EvalSet, prompts: list[list[int]], max_new: int
   return GenerationConfig(max_new_tokens=max_new,
                           max_retrievals=RAG_MAX_RETRIEVALS if rag else 1 << 30,
                           retrieve_k=eval_set.k, batch_size=args.gen_batch, capacity=capacity,
-                          watch=(query,) if rag else (), loop_repeats=args.loop_repeats)
+                          watch=(query,) if rag else (), loop_repeats=args.loop_repeats,
+                          novel_documents=args.novel_documents and rag)
 
 
 def _scores(eval_set: EvalSet, records: list[dict]) -> Generation:

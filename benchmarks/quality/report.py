@@ -167,6 +167,9 @@ def notes(args: argparse.Namespace, mode: str, data_counts: dict, backend: str,
   if args.force_first_query:
     out.append("--force_first_query: the first generated token of every request was forced to "
                "the query RET token; the generation metrics are not quality figures.")
+  if args.novel_documents and mode == "rag":
+    out.append("--novel_documents: in free generation a retrieval inserted the best paragraph its "
+               "question had not inserted yet (the R@k columns count what was inserted).")
   if args.num_layers:
     out.append(f"--num_layers={args.num_layers}: only the first layers of the model (debugging).")
   return out + args.note

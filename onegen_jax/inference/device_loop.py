@@ -59,9 +59,9 @@ class DeviceLoop:
   `device_decode.decode_loop` and replays its records into the engine's outputs (`dispatch`)."""
 
   def __init__(self, engine: Engine, vocab_size: int | None, retrieval: DeviceRetrieval):
-    if engine.query_vectors is not None:
-      raise ValueError("query_vectors (a pipeline's own query encoder) needs the host step: "
-                       "the device loop searches the hidden states")
+    if engine.query_vectors is not None or engine.config.novel_documents:
+      raise ValueError("query_vectors (a pipeline's own query encoder) and novel_documents need "
+                       "the host step: the device loop searches the hidden states")
     policy = engine.policy
     self.retrieval = retrieval
     self.names = list(retrieval.documents if policy.mode == "rag" else retrieval.key_uids)

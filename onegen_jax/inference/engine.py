@@ -25,7 +25,8 @@ from jax.sharding import Mesh
 from onegen_jax import sharding
 from onegen_jax.inference.device_loop import DeviceLoop, DeviceRetrieval
 from onegen_jax.inference.feeding import PENALTIES, Feed, feed, penalty_inputs, rows_apart
-from onegen_jax.inference.retrieval_policy import CandidateSearchFn, SearchFn, make_policy
+from onegen_jax.inference.retrieval_policy import (CandidateSearchFn, SearchFn, first_k,
+                                                   make_policy)
 from onegen_jax.inference.slots import Slot, cache_window, chunk_width, restore_row, save_row
 from onegen_jax.inference.step import step_fn
 from onegen_jax.inference.stopping import check_request, stop_reason
@@ -57,7 +58,8 @@ class Engine:
     step is then one call of the device loop (inference/device_loop.py) of up to
     config.steps_per_dispatch decode steps, searching and inserting on the devices (search and
     documents unused); without it, config.steps_per_dispatch must be 1."""
-    self.policy = make_policy(mode, search, documents, tokens.force_after_query, search_candidates)
+    self.policy = make_policy(mode, search, documents, tokens.force_after_query, search_candidates,
+                              config.novel_documents)
     self.model, self.params, self.tokens, self.config = model, params, tokens, config
     self.query_vectors = query_vectors
     self.mesh, self.decode = mesh, decode
@@ -234,16 +236,14 @@ class Engine:
     replace request i's first output-stream choices."""
     if force is not None and len(force) != len(prompts):
       raise ValueError(f"{len(force)} forced continuations for {len(prompts)} prompts")
-    ids = [self.submit(Request(p, force[i] if force is not None else ()))
-           for i, p in enumerate(prompts)]
+    ids = [self.submit(Request(p, f)) for p, f in zip(prompts, force or [()] * len(prompts))]
     return self.run(ids, progress)
 
   def run(self, ids: Sequence[int], progress: bool = False) -> list[RequestOutput]:
     """Steps until the given requests ended; their outputs in order."""
-    bar = tqdm.tqdm(total=len(ids), disable=not progress, unit="request")
-    while not all(self.output(i).done for i in ids):
-      bar.update(sum(i in ids for i in self.step()))
-    bar.close()
+    with tqdm.tqdm(total=len(ids), disable=not progress, unit="request") as bar:
+      while not all(self.output(i).done for i in ids):
+        bar.update(sum(i in ids for i in self.step()))
     return [self.output(i) for i in ids]
 
   # -- internals -----------------------------------------------------------------------------------
@@ -321,29 +321,29 @@ class Engine:
 
   def _retrieve(self, rows: list[int], vectors: np.ndarray) -> list[int]:
     """Searches the query vectors of `rows` at once and queues what follows each retrieval;
-    returns the requests that failed (an exception acting on their own retrieval: stop_reason
-    "error", the others go on)."""
+    returns the requests whose own retrieval raised (stop_reason "error"; the others go on)."""
     if not rows:
       return []
     outs = [self.output(self._slots[r].rid) for r in rows]
     queries = vectors[rows] if self.query_vectors is None else self.query_vectors(outs, vectors[rows])
     ks = [self._setting(self._slots[r].rid, "retrieve_k") for r in rows]
-    found = list(zip(*self.policy.search(queries, max(ks))))  # (ids, scores) per row
+    extra = max(len(o.retrievals) for o in outs) if self.config.novel_documents else 0
+    found = list(zip(*self.policy.search(queries, max(ks) + extra)))  # (ids, scores) per row
     failed = []
     for i, r in enumerate(rows):
       slot, out = self._slots[r], outs[i]
       try:
         candidates = self._requests[slot.rid][0].candidates_for(len(out.retrievals))
         if candidates is not None:
-          found[i] = self.policy.search_among(queries[i], candidates, ks[i])
-        ids, scores = list(found[i][0])[:ks[i]], list(found[i][1])[:ks[i]]
+          found[i] = self.policy.search_among(queries[i], candidates, ks[i] + extra)
+        ids, scores = first_k(*found[i], ks[i], {x.ids[0] for x in out.retrievals}
+                              if self.config.novel_documents else ())
         queued = self.policy.follow(ids)
       except Exception as e:  # pylint: disable=broad-except  (that request fails, not the batch)
         out.error = f"{type(e).__name__}: {e}"
         failed.append(self._end(r, "error"))
         continue
-      out.retrievals.append(Retrieval(slot.length - 1, ids, [float(s) for s in scores],
-                                      np.asarray(queries[i])))
+      out.retrievals.append(Retrieval(slot.length - 1, ids, scores, np.asarray(queries[i])))
       slot.queue = queued
       out.tokens += queued
       out.generated += [False] * len(queued)

@@ -23,7 +23,7 @@ compiled decode loop), the two giving the same ids and tokens (tests/test_device
 from __future__ import annotations
 
 import abc
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from typing import TYPE_CHECKING
 
 import jax
@@ -50,6 +50,14 @@ DEVICE_KB_FRACTION = 0.25
 BUDGET_HELP = ("MiB per device the device KB (--steps_per_dispatch > 1: the index's keys and "
                f"RAG's token table on the mesh) may take; 0: {DEVICE_KB_FRACTION:.0%} of a "
                "device's memory (CPU: of the host RAM per local device).")
+
+
+def first_k(ids: Sequence[str], scores: Sequence[float], k: int,
+            inserted: Collection[str] = ()) -> tuple[list[str], list[float]]:
+  """The first k of a search's ids and scores (best first), every uid in `inserted` (documents
+  the request inserted already: GenerationConfig.novel_documents) moved after the others."""
+  order = sorted(range(len(ids)), key=lambda i: ids[i] in inserted)  # stable: rank kept
+  return [ids[i] for i in order[:k]], [float(scores[i]) for i in order[:k]]
 
 
 class RetrievalPolicy(abc.ABC):
@@ -151,12 +159,14 @@ class InsertDocument(RetrievalPolicy):
 
 
 def make_policy(mode: str, search: SearchFn, documents: Callable[[str], Sequence[int]] | None,
-                force: int | None, search_candidates: CandidateSearchFn | None = None
-                ) -> RetrievalPolicy:
+                force: int | None, search_candidates: CandidateSearchFn | None = None,
+                novel: bool = False) -> RetrievalPolicy:
   """The policy of `mode` ("rag" or "el"); force: EL's token after the query token."""
   if mode not in MODES:
     raise ValueError(f"mode={mode!r}; expected 'rag' or 'el'")
   if mode == "el":
+    if novel:
+      raise ValueError("novel_documents is RAG's: entity linking may link an entity again")
     if force is None:
       raise ValueError("entity linking needs the token forced after the query token")
     return LinkEntity(force, search, search_candidates)
