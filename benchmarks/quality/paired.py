@@ -14,7 +14,6 @@ which it is <= 0.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 
 import numpy as np
@@ -30,8 +29,7 @@ def per_question(out: str, arm: str, gold: list[dict]) -> dict[str, np.ndarray]:
   path = os.path.join(out, "eval", "rag", arm, "predictions.jsonl")
   if not os.path.isfile(path):
     raise SystemExit(f"{path}: no such file (arm {arm!r} has no RAG predictions in {out})")
-  with open(path) as f:
-    predictions = [json.loads(line) for line in f]
+  predictions = read_jsonl(path)
   if len(predictions) != len(gold):
     raise SystemExit(f"{path}: {len(predictions)} predictions for {len(gold)} dev questions")
   scores = [score_rag([p], [g], ks=(1,)) for p, g in zip(predictions, gold)]
@@ -47,7 +45,7 @@ def bootstrap(diff: np.ndarray, samples: int, seed: int) -> tuple[float, float, 
 
 
 def table(out: str, base: str, arms: list[str], samples: int, seed: int) -> str:
-  gold = list(read_jsonl(os.path.join(out, "data", "rag", "dev.jsonl")))
+  gold = read_jsonl(os.path.join(out, "data", "rag", "dev.jsonl"))
   base_scores = per_question(out, base, gold)
   lines = [f"Paired bootstrap over {len(gold)} dev questions ({samples:,} resamples, x100): "
            f"each arm minus {base}.", "",

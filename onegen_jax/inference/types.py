@@ -48,10 +48,7 @@ class GenerationConfig:
   loop_min_tokens: int = 16
   max_retrievals: int = 5  # per request; a query RET token beyond it ends the request
   # RAG, host engine: a retrieval inserts the best document its request has not inserted yet
-  # (retrieval_policy.first_k); False: the best, even again
-  novel_documents: bool = False
-  # RAG: a retrieval inserts the best document not yet inserted into its request (when every
-  # document found was, the best); False: the best, even again (host engine only)
+  # (when every one found was: the best; retrieval_policy.first_k); False: the best, even again
   novel_documents: bool = False
   batch_size: int = 8  # slots (cache rows)
   capacity: int = 2048  # cache entries per slot: prompt + inserted + generated tokens
