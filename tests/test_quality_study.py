@@ -118,6 +118,27 @@ def test_the_document_text_arms_differ_from_onegen_infonce_by_that_weight_only()
   assert len({cli.fingerprint(args, "rag", _arm(args, n)) for n in names}) == 3
 
 
+def test_the_document_text_weight_flag_is_a_lever_of_the_joint_arms():
+  """--document_text_weight sets a joint arm's weight (its key, config and fingerprint), leaves
+  the generation-only arm alone, and at an arm's own value changes nothing (same key and
+  fingerprint as without the flag); a negative weight is refused."""
+  names = "--arms=onegen_infonce,git_pipeline,onegen_infonce_docs_tenth"
+  plain, third, tenth = _args(names), _args(names, "--document_text_weight=0.3"), _args(
+      names, "--document_text_weight=0.1")
+  joint = _arm(third, "onegen_infonce")
+  assert joint.key == "onegen_infonce@document_text_weight=0.3"
+  assert label(joint.key) == "OneGen, InfoNCE (document_text_weight=0.3)"
+  assert _train_configs(third, "rag")["onegen_infonce"].data.document_text_weight == 0.3
+  fp = lambda args, name: cli.fingerprint(args, "rag", _arm(args, name))
+  assert fp(third, "onegen_infonce") != fp(plain, "onegen_infonce")
+  assert _arm(third, "git_pipeline") == _arm(plain, "git_pipeline")
+  assert fp(third, "git_pipeline") == fp(plain, "git_pipeline")
+  assert _arm(tenth, "onegen_infonce_docs_tenth") == _arm(plain, "onegen_infonce_docs_tenth")
+  assert fp(tenth, "onegen_infonce_docs_tenth") == fp(plain, "onegen_infonce_docs_tenth")
+  with pytest.raises(SystemExit):
+    _args(names, "--document_text_weight=-1")
+
+
 def test_paired_bootstrap_scores_each_question_as_the_study_scores_them_all(tmp_path):
   """Per-question scores average to score_rag's figures of the whole file; a difference that is
   the same on every question has a zero-width interval at that value."""

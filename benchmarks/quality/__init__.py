@@ -41,7 +41,8 @@ questions / documents:
                   candidate prior (RankPrior: weight x log P(gold at rank), fit on
                   --el_prior_fit_pieces training pieces, never dev), as launch.infer
                   --candidate_prior links
-Lever flags: --lambda_gen / --lambda_ret set the joint arms' loss weights, --temperature the
+Lever flags: --lambda_gen / --lambda_ret set the joint arms' loss weights,
+--document_text_weight their weight of the packed documents' text, --temperature the
 InfoNCE arms'; a value away from an arm's own is part of its key (onegen_infonce@lambda_ret=0.5:
 its own results file, training run and table row), so several values share one --out and table.
 

@@ -1,5 +1,6 @@
 """The arms of the comparison: what each trains (its loss), how it retrieves, what it is scored
-on; and the lever flags (--lambda_gen, --lambda_ret, --temperature) applied to them."""
+on; and the lever flags (--lambda_gen, --lambda_ret, --temperature, --document_text_weight)
+applied to them."""
 
 from __future__ import annotations
 
@@ -8,8 +9,9 @@ import dataclasses
 # self_prior: its own RET hidden states combined with the candidate prior among candidates
 # (onegen_jax.retrieval.candidates.RankPrior, fit on training mentions).
 RETRIEVERS = ("self", "minilm", "bm25", "prior", "self_prior")
-# The loss fields the lever flags set (the flags share their names).
+# The loss fields the lever flags set (the flags share their names), and the Arm fields.
 LEVERS = ("lambda_gen", "lambda_ret", "temperature")
+ARM_LEVERS = ("document_text_weight",)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -93,20 +95,25 @@ ARMS = (
 BY_NAME = {arm.name: arm for arm in ARMS}
 
 
-def with_levers(arm: Arm, lambda_gen: float, lambda_ret: float, temperature: float) -> Arm:
-  """The arm as the lever flags train it: a joint arm (both weights > 0) takes lambda_gen and
-  lambda_ret, an InfoNCE arm the temperature; generation-only and retrieval-only arms keep their
-  zero weight. A value away from the arm's own shows in `levers` (its key and label)."""
+def with_levers(arm: Arm, lambda_gen: float, lambda_ret: float, temperature: float,
+                document_text_weight: float | None = None) -> Arm:
+  """The arm as the lever flags train it: a joint arm (both weights > 0) takes lambda_gen,
+  lambda_ret and the documents' text weight (None: the arm's own), an InfoNCE arm the
+  temperature; generation-only and retrieval-only arms keep theirs. A value away from the arm's
+  own shows in `levers` (its key and label)."""
   if arm.loss is None:
     return arm
-  loss = arm.loss
+  loss, text_weight = arm.loss, arm.document_text_weight
   if loss.lambda_gen and loss.lambda_ret:
     loss = dataclasses.replace(loss, lambda_gen=lambda_gen, lambda_ret=lambda_ret)
+    text_weight = text_weight if document_text_weight is None else document_text_weight
   if loss.loss_type == "infonce":
     loss = dataclasses.replace(loss, temperature=temperature)
-  levers = ",".join(f"{f}={getattr(loss, f):g}" for f in LEVERS
-                    if getattr(loss, f) != getattr(arm.loss, f))
-  return dataclasses.replace(arm, loss=loss, levers=levers)
+  levers = [f"{f}={getattr(loss, f):g}" for f in LEVERS if getattr(loss, f) != getattr(arm.loss, f)]
+  if text_weight != arm.document_text_weight:
+    levers.append(f"document_text_weight={text_weight:g}")
+  return dataclasses.replace(arm, loss=loss, levers=",".join(levers),
+                             document_text_weight=text_weight)
 
 
 def label(key: str) -> str:

@@ -18,7 +18,7 @@ import time
 import jax
 
 import benchmarks.quality as package
-from benchmarks.quality.arms import ARMS, BY_NAME, LEVERS, Arm, with_levers
+from benchmarks.quality.arms import ARM_LEVERS, ARMS, BY_NAME, LEVERS, Arm, with_levers
 from onegen_jax.data.tasks import EL, MULTIHOP, Task
 
 # The benchmark's tasks, named by their inference mode (the --tasks values, the flag prefixes).
@@ -178,6 +178,9 @@ def _train_flags(a) -> None:
     "A lever away from an arm's own value is part of its key (e.g. onegen_infonce@lambda_ret=0.5"
     ": its own results file, training run and table row), so runs of several values share one "
     "--out and one table.")
+  a("--document_text_weight", type=float, default=None, help="The joint arms' loss weight of "
+    "packed documents' text (config.data.document_text_weight; default: the arm's own, 1 for "
+    "onegen_infonce, 0.1 for onegen_infonce_docs_tenth). A lever like --lambda_ret.")
   a("--checkpoint_every", type=int, default=50, help="Steps between checkpoints (resume).")
   a("--seed", type=int, default=0)
 
@@ -233,8 +236,8 @@ def qa_set_dirs(qa_sets: str) -> list[str]:
 
 def study_arms(args: argparse.Namespace) -> list[Arm]:
   """The --arms in order, each with the lever flags applied (arms.with_levers)."""
-  return [with_levers(BY_NAME[name], args.lambda_gen, args.lambda_ret, args.temperature)
-          for name in args.arms]
+  return [with_levers(BY_NAME[name], args.lambda_gen, args.lambda_ret, args.temperature,
+                      args.document_text_weight) for name in args.arms]
 
 
 def _apply_sizes(args: argparse.Namespace) -> None:
@@ -263,6 +266,8 @@ def parse_args(argv=None) -> argparse.Namespace:
   for name in args.arms:
     if name not in BY_NAME:
       p.error(f"unknown arm {name!r}; known: {tuple(BY_NAME)}")
+  if args.document_text_weight is not None and args.document_text_weight < 0:
+    p.error(f"--document_text_weight={args.document_text_weight:g}: must be >= 0")
   _apply_sizes(args)
   if not args.record_from:
     _check_paths(p, args)
@@ -274,7 +279,7 @@ def fingerprint(args: argparse.Namespace, mode: str, arm: Arm, training: bool = 
   training only): the task's flags, and of the lever flags only what the arm trains with (its
   loss and negatives). A finished arm is reused, and a training run resumed, only under the same
   fingerprint."""
-  skip = _NOT_FINGERPRINTED + LEVERS + (_EVAL_ONLY if training else ())
+  skip = _NOT_FINGERPRINTED + LEVERS + ARM_LEVERS + (_EVAL_ONLY if training else ())
   values = {k: v for k, v in sorted(vars(args).items())
             if k not in skip and not k.startswith(_OTHER_TASK[mode])
             and not (k in _FINGERPRINTED_WHEN_SET and not v)}
