@@ -1,10 +1,10 @@
 """Generation controls (issue 25): presence, frequency and repetition penalties inside the
-compiled step, stop strings and the n-gram loop stop on the host, and launch.infer's per-line
-settings and refusal of a too-long prompt. A tiny random model over the generated multihop
-data's byte-level BPE tokenizer, wired by make_engine as launch.infer wires it."""
+compiled step, stop strings and the n-gram loop stop on the host, and launch.infer's refusal
+of a too-long prompt (the pure rules without a model: test_generation_rules.py). A tiny random
+model over the generated multihop data's byte-level BPE tokenizer, wired by make_engine as
+launch.infer wires it."""
 
 import dataclasses
-import json
 
 import jax
 import jax.numpy as jnp
@@ -17,7 +17,7 @@ from onegen_jax.data.records import Message
 from onegen_jax.data.tasks import get_task
 from onegen_jax.inference.engine import Engine, GenerationConfig, Request, TaskTokens
 from onegen_jax.inference.feeding import NO_PENALTY, PENALTIES
-from onegen_jax.inference.requests import output_text, prompt_tokens, read_input
+from onegen_jax.inference.requests import output_text, prompt_tokens
 from onegen_jax.inference.retrieval_policy import make_policy
 from onegen_jax.inference.run_dir import LoadedRun, make_engine
 from onegen_jax.inference.step import penalise
@@ -285,31 +285,6 @@ def test_stop_strings_need_an_engine_that_decodes(run, prompts):
 
 
 # -- the loop stop -----------------------------------------------------------------------------
-@pytest.mark.parametrize("stream, repeats, max_span, min_tokens, want", [
-    ([5, 7, 7, 7], 3, 32, 0, 1),  # span 1, three times
-    ([7, 7], 3, 32, 0, 0),  # two of three
-    ([9, 1, 2, 3, 1, 2, 3, 1, 2, 3], 3, 32, 0, 3),  # span 3
-    ([9, 1, 2, 3, 1, 2, 3], 3, 32, 0, 0),  # N - 1 repeats
-    ([9, 1, 2, 3, 1, 2, 3], 2, 32, 0, 3),  # N repeats exactly
-    ([1, 2, 3, 1, 2, 3, 1, 2, 3], 3, 2, 0, 0),  # longer than max_span
-    ([1, 2, 3, 1, 2, 4, 1, 2, 3], 3, 32, 0, 0),  # not a loop
-    ([4, 4, 4, 4, 4, 4], 3, 32, 0, 1),  # the shortest span
-    ([2, 1, 2, 1, 2, 1, 2], 3, 32, 0, 2),
-    ([], 2, 32, 0, 0),
-    # the copies must cover min_tokens: a short span repeats ceil(min_tokens / span) times
-    ([5, 0, 0, 0], 3, 32, 16, 0),  # the zeros of "2000" (an EL output the stop cut at N = 3)
-    ([5] + [0] * 16, 3, 32, 16, 1),
-    ([0] * 15, 3, 32, 16, 0),
-    ([1, 2, 3] * 5, 3, 32, 16, 0),  # span 3 needs 6 copies
-    ([9] + [1, 2, 3] * 6, 3, 32, 16, 3),
-    (list(range(8)) * 3, 3, 32, 16, 8),  # a long span: `repeats` copies already cover 16
-    (list(range(8)) * 2, 3, 32, 16, 0),
-    ([], 3, 32, 16, 0),
-])
-def test_loop_span_finds_a_span_repeated_to_the_end(stream, repeats, max_span, min_tokens, want):
-  assert loop_span(stream, repeats, max_span, min_tokens) == want
-
-
 def test_a_looping_greedy_output_ends_with_repetition(run, prompts):
   engine = _engine(run, max_new_tokens=96)
   plain = engine.run([engine.submit(Request(p)) for p in prompts])
@@ -337,25 +312,3 @@ def test_a_prompt_over_the_limit_is_refused_naming_its_line(run):
   assert str(e.value).splitlines() == [
       f"in.jsonl:{n}: the prompt has {lengths[1]} tokens, over the limit of {lengths[1] - 1}"
       for n in (1, 4)]
-
-
-def test_input_lines_carry_stop_strings_and_penalties_checked_by_field(tmp_path):
-  user = {"messages": [{"role": "user", "content": "Who?"}]}
-  path = tmp_path / "in.jsonl"
-  path.write_text("".join(json.dumps({**user, **s}) + "\n" for s in [
-      {}, {"stop": "\n\n", "presence_penalty": 1, "frequency_penalty": -0.5},
-      {"stop": ["a", "b"], "repetition_penalty": 1.2, "loop_repeats": 3}]))
-  assert read_input(str(path)).settings == [
-      {}, {"stop": ("\n\n",), "presence_penalty": 1.0, "frequency_penalty": -0.5},
-      {"stop": ("a", "b"), "repetition_penalty": 1.2, "loop_repeats": 3}]
-  path.write_text("".join(json.dumps({**user, **s}) + "\n" for s in [
-      {"stop": ["a", ""]}, {"presence_penalty": "1"}, {"repetition_penalty": 0},
-      {"loop_repeats": 1, "frequency_penalty": True}]))
-  with pytest.raises(ValueError) as e:
-    read_input(str(path))
-  assert str(e.value).splitlines() == [
-      f'{path}:1: stop: expected a non-empty string or a list of them, got ["a", ""]',
-      f'{path}:2: presence_penalty: expected a number, got "1"',
-      f"{path}:3: repetition_penalty: expected a positive number, got 0",
-      f"{path}:4: frequency_penalty: expected a number, got true",
-      f"{path}:4: loop_repeats: expected 0 (off) or an integer from 2, got 1"]
