@@ -91,7 +91,7 @@ def test_abstract_rows_are_the_engines():
   engine.submit(Request(list(range(10, 26))))
   engine._admit()  # pylint: disable=protected-access
   records = records_per_call(config)
-  rows, window, _ = engine._device._rows(engine, 8, records)  # pylint: disable=protected-access
+  rows, window, _ = engine._device._rows(engine, records)  # pylint: disable=protected-access
   described = lambda tree: jax.tree.map(lambda x: (x.shape, np.dtype(x.dtype)), tree)
   assert window == 128
   assert engine._device.feeds(engine)  # pylint: disable=protected-access

@@ -166,6 +166,30 @@ def test_device_loop_equals_the_host_engine(setup, mode, sampled):
       assert calls * 4 < host_calls, (calls, host_calls)
 
 
+def test_a_call_ends_where_its_window_does(setup):
+  """Capacity 512, so calls attend to 256 entries until a row needs more: a 245-token prompt
+  (fed by a host step) whose retrievals' insertions carry it past 256 inside a call of N = 32,
+  beside a short request. The call ends before that feed and the next one attends to 512; the
+  outputs equal the host engine's (attending to too few entries would change them)."""
+  rng = np.random.default_rng(2)
+  requests = [Request([int(t) for t in rng.integers(20, 500, n)], [QUERY, 30, QUERY, 31, QUERY, 32],
+                      max_new_tokens=12) for n in (245, 5)]
+  host, device = _engines(setup, "rag", 32, capacity=512)
+  windows = []
+  rows = device._device._rows  # pylint: disable=protected-access
+
+  def recorded(engine, records):
+    out = rows(engine, records)
+    windows.append(out[1])
+    return out
+
+  device._device._rows = recorded  # pylint: disable=protected-access
+  for want, got in zip(_drain(host, requests)[0], _drain(device, requests)[0]):
+    _same(want, got)
+    assert len(got.retrievals) == 3
+  assert windows[0] == 256 and 512 in windows, windows
+
+
 def test_penalties_and_sessions(setup):
   """At N = 7: sampled and greedy requests with penalties (the token history grows on device)
   beside ones without; a kept session continued over its cache."""

@@ -12,6 +12,10 @@ its hidden state as the query; EL requests' candidates as `CandidateRows`) and i
 (`policy.device_follow`: EL's forced token, RAG's document tokens from the KB's token table) becomes
 what it feeds next. Retrievals are recorded on device in fixed-size arrays (row ids, scores, query
 vectors, positions, inserted tokens: R per row and call) and come back with the generated tokens.
+The loop attends to a static window of the cache (the rows' use when the call starts, bucketed as
+the host step's) and ends early, before an iteration whose feed would pass it: the host's next
+call has the wider window. (A window sized for the call's worst-case growth instead made RAG calls
+attend to twice the entries, and on CPU a decode step's attention costs in proportion.)
 """
 
 from __future__ import annotations
@@ -76,7 +80,9 @@ class Rows:
 def decode_loop(model, vocab_size, seed, watch, policy, query, eos, capacity, max_retrievals,
                 params, kb, cache, rows: Rows, steps, window, k, records):
   """Up to `steps` (N, static) iterations over `rows` (Rows) and the donated cache, attending to
-  `window` entries; k: hits searched per query; records (R): retrievals recorded per row.
+  `window` entries (the call ends before a feed that would pass them, unless the feed passes the
+  capacity too: that row stops, as the host step stops it); k: hits searched per query; records
+  (R): retrievals recorded per row.
   Returns (the records, the new cache): per iteration i and row b, event int32 [N, B] (IDLE,
   OUTPUT, RETRIEVED, ENDED), token int32 [N, B], log_prob float32 [N, B], watched float32
   [N, B, w]; per row, the j-th retrieval's hit rows int32 [B, R, k] (-1: none), scores float32
@@ -126,7 +132,12 @@ def decode_loop(model, vocab_size, seed, watch, policy, query, eos, capacity, ma
     out = _record(out, i, s["made"], it, found, log_prob, watched)
     return i + 1, _advance(s, it, found, width), cache, out
 
-  going = lambda carry: (carry[0] < steps) & jnp.any(carry[1]["active"])
+  def going(carry):
+    s = carry[1]
+    reach = s["length"] + s["count"]
+    outgrown = s["active"] & (reach > window) & (reach <= capacity)
+    return (carry[0] < steps) & jnp.any(s["active"]) & ~jnp.any(outgrown)
+
   _, _, cache, out = jax.lax.while_loop(going, body, (jnp.int32(0), state, cache, out))
   return out, cache
 

@@ -88,7 +88,7 @@ class DeviceLoop:
     busy = [r for r, s in enumerate(slots) if s is not None]
     steps = cfg.steps_per_dispatch
     records = records_per_call(cfg)
-    rows, window, k = self._rows(engine, steps, records)
+    rows, window, k = self._rows(engine, records)
     start = time.perf_counter()
     with engine._rules():  # pylint: disable=protected-access
       out, engine._cache = self._loop(  # pylint: disable=protected-access
@@ -100,7 +100,7 @@ class DeviceLoop:
     ended = [self._replay(engine, r, out) for r in busy]
     return [rid for rid in ended if rid is not None]
 
-  def _rows(self, engine: Engine, steps: int, records: int) -> tuple[Rows, int, int]:
+  def _rows(self, engine: Engine, records: int) -> tuple[Rows, int, int]:
     """(Rows, window, k) of a call over the engine's slots."""
     cfg, slots = engine.config, engine._slots  # pylint: disable=protected-access
     outs = [engine.output(s.rid) if s else None for s in slots]
@@ -140,8 +140,8 @@ class DeviceLoop:
         max_new=array(per_row(lambda r, s: setting(s, "max_new_tokens"), 0)),
         retrievals=array(per_row(lambda r, s: len(outs[r].retrievals), 0)),
         candidates=self._candidates(engine, outs, records))
-    grown = max(s.length + len(s.queue) for s in slots if s) + steps + records * self.follow_width
-    window = min(cfg.capacity, cache_window(grown))
+    # The rows' use now: the loop ends its call before a feed passes it (device_decode).
+    window = min(cfg.capacity, cache_window(max(s.length + len(s.queue) for s in slots if s)))
     k = max(setting(s, "retrieve_k") for s in slots if s)
     return rows, window, k
 
