@@ -132,14 +132,23 @@ def decode_loop(model, vocab_size, seed, watch, policy, query, eos, capacity, ma
     out = _record(out, i, s["made"], it, found, log_prob, watched)
     return i + 1, _advance(s, it, found, width), cache, out
 
+  going = _going(steps, window, capacity)
+  _, _, cache, out = jax.lax.while_loop(going, body, (jnp.int32(0), state, cache, out))
+  return out, cache
+
+
+def _going(steps, window, capacity):
+  """The loop's condition on its carry (iteration, rows' state, ...): fewer than `steps`
+  iterations, some row active, and no active row's next feed passing the window (a feed that
+  passes the capacity too stops its row inside the iteration instead)."""
+
   def going(carry):
     s = carry[1]
     reach = s["length"] + s["count"]
     outgrown = s["active"] & (reach > window) & (reach <= capacity)
     return (carry[0] < steps) & jnp.any(s["active"]) & ~jnp.any(outgrown)
 
-  _, _, cache, out = jax.lax.while_loop(going, body, (jnp.int32(0), state, cache, out))
-  return out, cache
+  return going
 
 
 def _empty_records(steps, batch, records, k, dim, follow_width, watched) -> dict:
