@@ -11,7 +11,9 @@ Workloads (per preset, random-initialised weights: benchmarks/models.py): --requ
 submitted at once over --batch_size slots, prompts of --prompt_len tokens, each output a forced
 script (`Request.force`) of --output_len content tokens ending in EOS with --retrievals query
 RET tokens spread over it (every step still computes logits and samples; the script replaces the
-sample). EL: each query searches the --num_docs entity keys and the forced token follows it;
+sample). --mixed staggers them: each request writes between half and all of --output_len tokens
+with its RET tokens at random places, so prompts are admitted and documents inserted while other
+rows decode (continuous batching's usual state). EL: each query searches the --num_docs entity keys and the forced token follows it;
 RAG: each query inserts the best document's --doc_tokens tokens (the token table on device).
 Every N runs the same requests; each pass's outputs (tokens, stop reasons, retrieval ids) must
 equal the N = 1 run's, else the row is an error and is not timed. One untimed pass per engine
@@ -71,8 +73,11 @@ def make_workload(args, mode: str, vocab: int, dim: int) -> Workload:
   prompts, scripts = [], []
   for _ in range(args.requests):
     prompts.append(content(args.prompt_len))
-    written = content(args.output_len - 1) + [tokens.eos]
-    before = {i * args.output_len // args.retrievals for i in range(args.retrievals)}
+    length = int(rng.integers(args.output_len // 2, args.output_len + 1)) if args.mixed else (
+        args.output_len)
+    written = content(length - 1) + [tokens.eos]
+    before = ({int(i) for i in rng.choice(length - 1, args.retrievals, replace=False)}
+              if args.mixed else {i * length // args.retrievals for i in range(args.retrievals)})
     scripts.append([t for i, w in enumerate(written)
                     for t in ([tokens.query, w] if i in before else [w])])
   keys = rng.standard_normal((args.num_docs, dim)).astype(np.float32)
@@ -173,6 +178,8 @@ def parse_args() -> argparse.Namespace:
   parser.add_argument("--prompt_len", type=int, default=16, help="tokens per prompt")
   parser.add_argument("--output_len", type=int, default=64, help="written tokens per request")
   parser.add_argument("--retrievals", type=int, default=2, help="query RET tokens per request")
+  parser.add_argument("--mixed", action="store_true", help="staggered requests: output lengths "
+                      "from half to all of --output_len, RET tokens at random places")
   parser.add_argument("--doc_tokens", type=int, default=16, help="tokens of an inserted document")
   parser.add_argument("--num_docs", type=int, default=256, help="keys (and RAG documents)")
   parser.add_argument("--k", type=int, default=3, help="hits kept per retrieval")
@@ -182,8 +189,8 @@ def parse_args() -> argparse.Namespace:
   args = parser.parse_args()
   if args.steps[0] != 1:
     parser.error("--steps must start with 1 (the host engine every N is checked against)")
-  if not 1 <= args.retrievals <= args.output_len:
-    parser.error("--retrievals must be in 1..--output_len")
+  if not 1 <= args.retrievals < (args.output_len // 2 if args.mixed else args.output_len + 1):
+    parser.error("--retrievals must be in 1..--output_len (with --mixed: under half of it)")
   return args
 
 
@@ -210,8 +217,10 @@ def record(args, rows: list[list], table: str) -> None:
   n = max(args.steps)
   notes = [
       f"Random-initialised weights; {args.requests} requests at once over {args.batch_size} "
-      f"slots; prompts of {args.prompt_len} tokens; forced scripts of {args.output_len} written "
-      f"tokens (EOS last) with {args.retrievals} query RET tokens each; greedy; "
+      f"slots; prompts of {args.prompt_len} tokens; forced scripts of "
+      f"{f'{args.output_len // 2} to ' if args.mixed else ''}{args.output_len} written "
+      f"tokens (EOS last) with {args.retrievals} query RET tokens each"
+      f"{' at random places' if args.mixed else ''}; greedy; "
       f"{args.num_docs} unit random keys, k={args.k}; RAG inserts {args.doc_tokens}-token "
       "documents; EL feeds its forced token.",
       "N = 1: the host engine (one dispatch per step, ExactIndex search on the host); N > 1: the "
@@ -232,7 +241,7 @@ def record(args, rows: list[list], table: str) -> None:
     if steps == n and engine == "device loop":
       goal = GOALS.get(preset)
       value = ratio or seconds  # the error text when the row is one
-      typed = "" if dtype == "float32" else f", {dtype}"
+      typed = ("" if dtype == "float32" else f", {dtype}") + (", mixed" if args.mixed else "")
       summary.append((f"tokens/s, device loop N={n} vs host, {mode.upper()} ({preset}{typed}, "
                       f"{jax.default_backend().upper()})",
                       f"{value}" + (f" (goal >= {goal}x)" if goal else "")))
