@@ -20,13 +20,13 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from onegen_jax import sharding
 from onegen_jax.checkpoint import restore_target
 from onegen_jax.inference import aot
-from onegen_jax.inference.device_decode import compiled_loop, records_per_call
+from onegen_jax.inference.device_decode import _feeder, compiled_loop, records_per_call
 from onegen_jax.inference.device_loop import DeviceRetrieval
 from onegen_jax.inference.engine import Engine, GenerationConfig, Request, TaskTokens
 from onegen_jax.inference.retrieval_policy import (choose_retrieval, device_kb_budget,
                                                    make_policy, task_footprint, task_table)
 from onegen_jax.model.config import preset
-from onegen_jax.model.decoder import Decoder
+from onegen_jax.model.decoder import Decoder, init_cache
 from onegen_jax.retrieval import device_kb
 from onegen_jax.retrieval.candidates import CandidateScorer
 from onegen_jax.retrieval.index import ExactIndex
@@ -78,7 +78,8 @@ def _engines(setup, mode, steps, **config):
       documents=lambda uid: tokens.insertion_tokens(texts[uid]),
       search_candidates=CandidateScorer(vectors, UIDS).search, decode=_decode)
   table = device_kb.insertion_table(UIDS, common["documents"]) if mode == "rag" else None
-  device = Engine(config=dataclasses.replace(config, steps_per_dispatch=steps),
+  # The loop feeds chunk rows apart (the default): its reference is the host step without.
+  device = Engine(config=dataclasses.replace(config, steps_per_dispatch=steps, prefill_apart=True),
                   device=DeviceRetrieval.place(vectors, UIDS, mesh, table), **common)
   return Engine(config=config, **common), device
 
@@ -164,6 +165,30 @@ def test_device_loop_equals_the_host_engine(setup, mode, sampled):
       assert calls == host_calls
     if steps == 32:
       assert calls * 4 < host_calls, (calls, host_calls)
+
+
+def test_chunk_rows_fed_apart_equal_one_wide_pass(setup):
+  """The loop's feed with P = 1 (one row feeding a chunk beside rows feeding one token: every
+  row at width 1, then that row alone at width W) against P = 0 (every row at width W): the same
+  hidden states and the same cache entries up to each row's new length, and past them only the
+  narrower pass's writes."""
+  model, params = setup[:2]
+  cache = model.apply({"params": params}, jnp.arange(4 * 20).reshape(4, 20) % 300 + 10,
+                      jnp.zeros(4, jnp.int32), init_cache(model.config, 4, 64),
+                      method=Decoder.extend)[1]
+  count = jnp.array([1, 5, 1, 0], jnp.int32)
+  s = dict(pending=jnp.arange(4 * 16).reshape(4, 16) % 200 + 30, count=count,
+           length=jnp.array([20, 17, 9, 3], jnp.int32))
+  (want, want_cache), (got, got_cache) = (
+      jax.jit(_feeder(model, params, 64, 16, apart))(s, cache) for apart in (0, 1))
+  np.testing.assert_allclose(got[:3], want[:3], atol=1e-5)
+  # The apart pass ran: at width W row 0 wrote W entries past its length, apart only one.
+  past = slice(21, 36)
+  np.testing.assert_array_equal(got_cache[0][:, 0, past], cache[0][:, 0, past])
+  assert not np.array_equal(want_cache[0][:, 0, past], cache[0][:, 0, past])
+  for row, end in enumerate(np.asarray(s["length"] + count)):
+    for a, b in zip(got_cache, want_cache):
+      np.testing.assert_allclose(a[:, row, :end], b[:, row, :end], atol=1e-5)
 
 
 def test_a_call_ends_where_its_window_does(setup):

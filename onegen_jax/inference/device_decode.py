@@ -26,7 +26,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from onegen_jax.inference.slots import chunk_width
+from onegen_jax.inference.slots import chunk_width, put_rows, take_rows
 from onegen_jax.inference.step import next_token, row_keys
 from onegen_jax.inference.types import GenerationConfig, TaskTokens
 from onegen_jax.model.decoder import Decoder
@@ -78,11 +78,11 @@ class Rows:
 
 
 def decode_loop(model, vocab_size, seed, watch, policy, query, eos, capacity, max_retrievals,
-                params, kb, cache, rows: Rows, steps, window, k, records):
+                apart, params, kb, cache, rows: Rows, steps, window, k, records):
   """Up to `steps` (N, static) iterations over `rows` (Rows) and the donated cache, attending to
   `window` entries (the call ends before a feed that would pass them, unless the feed passes the
   capacity too: that row stops, as the host step stops it); k: hits searched per query; records
-  (R): retrievals recorded per row.
+  (R): retrievals recorded per row; apart: P of `apart_rows` (0: off).
   Returns (the records, the new cache): per iteration i and row b, event int32 [N, B] (IDLE,
   OUTPUT, RETRIEVED, ENDED), token int32 [N, B], log_prob float32 [N, B], watched float32
   [N, B, w]; per row, the j-th retrieval's hit rows int32 [B, R, k] (-1: none), scores float32
@@ -99,7 +99,7 @@ def decode_loop(model, vocab_size, seed, watch, policy, query, eos, capacity, ma
                length=rows.length, steps=rows.steps, history=rows.history,
                history_len=rows.history_len, forced_so_far=zeros, stream_len=rows.stream_len,
                retrievals=rows.retrievals, made=zeros, active=rows.count > 0)
-  feed = _feeder(model, params, window, width)
+  feed = _feeder(model, params, window, width, apart)
   search = _searcher(policy, kb, rows.candidates, k, records, follow_width)
 
   def body(carry):
@@ -165,28 +165,49 @@ def _empty_records(steps, batch, records, k, dim, follow_width, watched) -> dict
               first_vector=zeros((batch, dim), jnp.float32), iterations=zeros(()), fed=zeros(()))
 
 
-def _feeder(model, params, window, width):
+def _feeder(model, params, window, width, apart):
   """feed(s, cache) -> (the hidden state after each row's last fed token [B, D], the cache): the
-  rows' pending tokens in one `extend`, at width W when some row feeds more than one token, else
-  at width 1; as two loops of 0 or 1 trips rather than a lax.cond: XLA keeps a loop's carried
-  cache in place, where a cond's branches copied it."""
+  rows' pending tokens through `extend`. Every row at width 1 when each feeds one token at most;
+  when some row feeds a chunk, every row at width W, or, with `apart` = P > 0 and at most P rows
+  feeding chunks beside rows feeding one token, every row at width 1 and then the chunk rows
+  alone at width W (P rows gathered from the cache and written back, the host step's
+  prefill_apart). Each pass is a loop of 0 or 1 trips rather than a lax.cond: XLA keeps a loop's
+  carried cache in place, where a cond's branches copied it."""
 
-  def at_width(chunk: int):
-    def run(s, cache):
-      hidden, cache = model.apply({"params": params}, s["pending"][:, :chunk], s["length"], cache,
-                                  window, method=Decoder.extend)
-      last = jnp.maximum(s["count"] - 1, 0) if chunk > 1 else 0
-      return hidden[jnp.arange(hidden.shape[0]), last], cache
+  def extend(tokens, length, cache):
+    return model.apply({"params": params}, tokens, length, cache, window, method=Decoder.extend)
+
+  def last_of(hidden, count):
+    return hidden[jnp.arange(hidden.shape[0]), jnp.maximum(count - 1, 0)]
+
+  def every_row(chunk: int):
+    def run(s, final, cache):
+      del final
+      hidden, cache = extend(s["pending"][:, :chunk], s["length"], cache)
+      return last_of(hidden, jnp.minimum(s["count"], chunk)), cache
     return run
 
+  def chunk_rows(s, final, cache):
+    chunked = s["count"] > 1
+    rows = jnp.argsort(~chunked, stable=True)[:apart]  # the chunk rows first
+    kept = jnp.where(chunked[rows], rows, chunked.shape[0])  # other rows: written nowhere
+    hidden, part = extend(s["pending"][rows], s["length"][rows], take_rows(cache, rows, window))
+    cache = put_rows(cache, kept, part)
+    return final.at[kept].set(last_of(hidden, s["count"][rows]), mode="drop"), cache
+
   def feed(s, cache):
-    wide = jnp.any(s["count"] > 1)
-    hidden = jax.eval_shape(at_width(1), s, cache)[0]
+    chunked = s["count"] > 1
+    wide = jnp.any(chunked)
+    apart_now = (wide & jnp.any(s["count"] == 1) & (chunked.sum() <= apart) if apart
+                 else jnp.zeros((), bool))
+    passes = [(every_row(width), wide & ~apart_now), (every_row(1), ~wide | apart_now)]
+    if apart:
+      passes.append((chunk_rows, apart_now))
+    hidden = jax.eval_shape(every_row(1), s, None, cache)[0]
     final = jnp.zeros(hidden.shape, hidden.dtype)
-    for chunk, take in ((width, wide), (1, ~wide)):
-      run = at_width(chunk)
+    for run, take in passes:
       _, final, cache = jax.lax.while_loop(
-          lambda c: c[0], lambda c, run=run: (False, *run(s, c[2])), (take, final, cache))
+          lambda c: c[0], lambda c, run=run: (False, *run(s, c[1], c[2])), (take, final, cache))
     return final, cache
 
   return feed
@@ -267,7 +288,7 @@ def compiled_loop(model, vocab_size, config: GenerationConfig, policy, tokens: T
   and the tokens' query and EOS bound; the cache donated; steps, window, k, records static."""
   return jax.jit(functools.partial(decode_loop, model, vocab_size, config.seed,
                                    tuple(config.watch), policy, tokens.query, tokens.eos,
-                                   config.capacity, config.max_retrievals),
+                                   config.capacity, config.max_retrievals, apart_rows(config)),
                  donate_argnames="cache", static_argnames=("steps", "window", "k", "records"))
 
 
@@ -276,6 +297,12 @@ def loop_width(follow_width: int) -> int:
   of 2), so one compiled loop serves calls with and without chunks; a wider turn is fed by the
   host step (DeviceLoop.feeds)."""
   return chunk_width(max(2, follow_width))
+
+
+def apart_rows(config: GenerationConfig) -> int:
+  """P: the most rows feeding chunks that an iteration feeds apart from the rows decoding beside
+  them (a quarter of the rows, at least 1; 0 without prefill_apart or with one row)."""
+  return max(1, config.batch_size // 4) if config.prefill_apart and config.batch_size > 1 else 0
 
 
 def records_per_call(config: GenerationConfig) -> int:
