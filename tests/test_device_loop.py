@@ -300,10 +300,11 @@ def test_the_kb_is_weighed_against_the_budget(setup):
 
 def test_the_compiled_loop_keeps_the_cache_in_place():
   """The compiled loop (tiny model, EL, on the 8-device mesh, as inference/aot.py lowers it) holds
-  no copy of the KV cache: the feed's two widths run as loops of 0 or 1 trips. As a lax.cond
-  they copied the whole cache 6 times per iteration (RESULTS.md finding 15)."""
+  no copy of the KV cache: the feed's passes (every row at width W or 1, the chunk rows apart)
+  run as loops of 0 or 1 trips. As a lax.cond they copied the whole cache 6 times per iteration
+  (RESULTS.md finding 15)."""
   config, mesh = preset("tiny"), sharding.make_mesh(data=-1)
-  generation = dataclasses.replace(CONFIG, batch_size=8, steps_per_dispatch=8)
+  generation = dataclasses.replace(CONFIG, batch_size=8, steps_per_dispatch=8, prefill_apart=True)
   cache = aot.abstract_cache(config, 8, generation.capacity, mesh)
   records = records_per_call(generation)
   loop = compiled_loop(Decoder(config), None, generation,
