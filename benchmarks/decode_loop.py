@@ -13,8 +13,9 @@ script (`Request.force`) of --output_len content tokens ending in EOS with --ret
 RET tokens spread over it (every step still computes logits and samples; the script replaces the
 sample). --mixed staggers them: each request writes between half and all of --output_len tokens
 with its RET tokens at random places, so prompts are admitted and documents inserted while other
-rows decode (continuous batching's usual state). EL: each query searches the --num_docs entity keys and the forced token follows it;
-RAG: each query inserts the best document's --doc_tokens tokens (the token table on device).
+rows decode (continuous batching's usual state). EL: each query searches the --num_docs entity
+keys and the forced token follows it; RAG: each query inserts the best document's --doc_tokens
+tokens (the token table on device).
 Every N runs the same requests; each pass's outputs (tokens, stop reasons, retrieval ids) must
 equal the N = 1 run's, else the row is an error and is not timed. One untimed pass per engine
 (compiles), then --repeats timed passes, the engines' order alternating; the median is reported.
